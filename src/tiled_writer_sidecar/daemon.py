@@ -1,0 +1,179 @@
+"""`tiled-writer-sidecar run`: the receiver loop, supervising the uploader.
+
+The receiver runs in this process's main thread and is never blocked by
+Tiled. The uploader runs as a child OS process (`upload_process`) that this
+process restarts with backoff whenever it dies. The metrics endpoint is a
+thread here. Under systemd: READY once the spool is open and the socket
+subscribed, WATCHDOG from the main loop only while the uploader child is
+alive and its status is fresh, STATUS with the backlog, STOPPING on SIGTERM.
+
+Shutdown (SIGTERM/SIGINT, or the injected `shutdown` event in tests): stop
+receiving, fsync and close every open run's log, then SIGTERM the uploader
+and give it ``UPLOADER_STOP_SECONDS`` before killing it. Nothing is lost
+either way: a run whose upload was interrupted is rewritten on the next
+start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+
+from .config import Config
+from .errors import ConfigError
+from .metrics import MetricsServer
+from .receiver import Receiver
+from .sdnotify import Notifier
+from .spool.directory import SpoolDir
+from .spool.index import read_json
+from .stats import ReceiverStats
+
+log = logging.getLogger(__name__)
+
+UPLOADER_STOP_SECONDS = 20.0
+UPLOADER_STALE_SECONDS = 600.0
+STATUS_INTERVAL_S = 5.0
+
+
+class UploaderSupervisor:
+    """Keeps one uploader child process running; restarts it with backoff."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._next_start = 0.0
+        self._delay = 1.0
+
+    def check(self) -> None:
+        if self.process is not None:
+            code = self.process.poll()
+            if code is None:
+                return
+            log.error("uploader exited with code %s; restarting in %.0f s", code, self._delay)
+            self.process = None
+            self._next_start = time.monotonic() + self._delay
+            self._delay = min(self._delay * 2, 60.0)
+            self.restarts += 1
+        if time.monotonic() >= self._next_start:
+            self.start()
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tiled_writer_sidecar.upload_process",
+            "--config-json",
+            json.dumps(self.config.as_dict()),
+        ]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self._started = time.monotonic()
+        log.info("uploader started pid=%d", self.process.pid)
+
+    def healthy_started(self) -> bool:
+        """Reset the restart backoff once a child has stayed up for a minute."""
+        if self.process is not None and time.monotonic() - self._started > 60:
+            self._delay = 1.0
+        return self.process is not None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("uploader did not stop within %.0f s; killing it", timeout)
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
+    """Run until `shutdown` is set or SIGTERM/SIGINT arrives; return the exit code."""
+    shutdown = shutdown or threading.Event()
+    notifier = Notifier()
+    os.umask(0o077)
+    spool = SpoolDir(config.spool_dir)
+    spool.lock("receiver")
+    stats = ReceiverStats()
+    receiver = Receiver(config, spool, stats)
+    metrics: MetricsServer | None = None
+    if config.metrics.address:
+        try:
+            metrics = MetricsServer(config.metrics.address, stats, spool)
+        except OSError as err:
+            receiver.close()
+            raise ConfigError(f"cannot serve metrics on {config.metrics.address}: {err.strerror}") from None
+        metrics.start()
+    supervisor = UploaderSupervisor(config)
+    supervisor.start()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        shutdown.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    log.info(
+        "sidecar running zmq=%s spool=%s tiled=%s metrics=%s",
+        config.zmq.address,
+        spool.root,
+        config.tiled.uri,
+        f"http://{config.metrics.address}" if metrics else "off",
+    )
+    notifier.ready("receiving")
+    last_status = 0.0
+    try:
+        while not shutdown.is_set():
+            receiver.poll_once(100)
+            supervisor.check()
+            supervisor.healthy_started()
+            now = time.monotonic()
+            if metrics is not None:
+                metrics.loop_beat = time.time()
+            if _uploader_fresh(spool, supervisor):
+                notifier.watchdog()
+            if now - last_status >= STATUS_INTERVAL_S:
+                last_status = now
+                notifier.status(_status_line(stats, spool))
+    finally:
+        notifier.stopping()
+        log.info("shutting down: closing the spool, stopping the uploader")
+        receiver.close()
+        supervisor.stop(UPLOADER_STOP_SECONDS)
+        if metrics is not None:
+            metrics.stop()
+        spool.unlock()
+        log.info("stopped")
+    return 0
+
+
+def _uploader_fresh(spool: SpoolDir, supervisor: UploaderSupervisor) -> bool:
+    """The uploader child is alive (or being restarted) and not wedged."""
+    if not supervisor.alive():
+        return supervisor.restarts < 10
+    status = read_json(spool.root / "uploader.json")
+    if status is None or "updated" not in status:
+        return True
+    return time.time() - float(status["updated"]) < UPLOADER_STALE_SECONDS
+
+
+def _status_line(stats: ReceiverStats, spool: SpoolDir) -> str:
+    uploader = read_json(spool.root / "uploader.json") or {}
+    return (
+        f"received {sum(stats.documents.values())} docs, spool {stats.spool_bytes} bytes, "
+        f"tiled {uploader.get('tiled', 'unknown')}"
+    )

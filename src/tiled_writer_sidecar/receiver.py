@@ -1,0 +1,390 @@
+"""The receiver: 0MQ frames in, durable per-run logs out. Never waits on Tiled.
+
+One loop reads messages from the proxy as fast as they come (high receive
+HWM, non-blocking reads), decodes them safely, validates them, routes each
+document to its run and appends it to that run's log. Everything else it does
+is cheap bookkeeping between messages: group-commit fsync, saving each run's
+``received.json`` about once a second, closing runs idle for too long.
+
+Routing follows the run structure: a start opens a run; descriptors,
+resources and stream_resources name their run (``run_start``); events and
+stream_datums name their descriptor, datums their resource. A document that
+cannot be placed (an event before its descriptor, a stop for an unknown run,
+a repeated start) is rejected with a reason and quarantined; nothing valid is
+lost because of it. Gaps are found here: seq_num holes per descriptor and,
+at stop, ``num_events`` per stream (see `index.Received.gaps`).
+
+On start-up the receiver reopens the runs that were still open (their stop
+had not arrived) by reading their logs back, so a restart mid-run goes on
+appending to the same run and reports what was missed as an exact gap.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from .config import Config
+from .errors import RejectedMessage, ValidationError
+from .spool.codec import pack_document, unpack_document
+from .spool.directory import SpoolDir, is_safe_uid
+from .spool.index import Received
+from .spool.record import HEADER_SIZE
+from .spool.segment import FsyncPolicy, LogReader, LogWriter
+from .stats import ReceiverStats
+from .validation import validate_document
+from .wire import decode_message
+
+log = logging.getLogger(__name__)
+
+SAVE_INTERVAL_S = 1.0
+SPOOL_SIZE_INTERVAL_S = 2.0
+CLOSED_RUN_MEMORY = 1000
+# Documents small and vital enough to be kept even over the spool size limit.
+CONTROL_DOCUMENTS = frozenset({"start", "descriptor", "stop", "resource", "stream_resource"})
+
+
+@dataclass
+class OpenRun:
+    received: Received
+    writer: LogWriter | None
+    streams: dict[str, str] = field(default_factory=dict)  # descriptor uid -> stream name
+    last_seq: dict[str, int] = field(default_factory=dict)  # descriptor uid -> last seq_num
+    dirty: bool = True
+
+
+class Receiver:
+    """Subscribes to the proxy and spools what arrives; see the module docstring."""
+
+    def __init__(
+        self, config: Config, spool: SpoolDir, stats: ReceiverStats, *, subscribe: bool = True
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.stats = stats
+        self.fsync = FsyncPolicy(
+            config.spool.fsync, config.spool.fsync_interval_ms / 1000, config.spool.fsync_records
+        )
+        self.prefix = config.zmq.prefix.encode()
+        self.runs: dict[str, OpenRun] = {}
+        self.run_of_descriptor: dict[str, str] = {}
+        self.run_of_resource: dict[str, str] = {}
+        self.closed_runs: dict[str, None] = {}
+        self._last_save = 0.0
+        self._last_size_check = 0.0
+        self._spool_full = False
+        self._context = zmq.Context()
+        self.socket = self._make_socket() if subscribe else None
+        self._reopen_runs()
+
+    # ----------------------------------------------------------------- socket
+    def _make_socket(self) -> zmq.Socket[bytes]:
+        socket: zmq.Socket[bytes] = self._context.socket(zmq.SUB)
+        socket.setsockopt(zmq.RCVHWM, self.config.zmq.rcvhwm)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.config.zmq.max_message_bytes)
+        socket.setsockopt(zmq.RCVBUF, 8 * 2**20)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self.config.zmq.curve_secret_key_file:
+            from .curve import apply_client_curve
+
+            apply_client_curve(socket, self.config.zmq)
+        socket.setsockopt(zmq.SUBSCRIBE, self.prefix + b" " if self.prefix else b"")
+        socket.connect(self.config.zmq.address)
+        return socket
+
+    def close(self) -> None:
+        for run in self.runs.values():
+            self._save(run)
+            if run.writer is not None:
+                run.writer.close()
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        self._context.term()
+
+    # ------------------------------------------------------------- main loop
+    def poll_once(self, timeout_ms: int = 100) -> int:
+        """Receive everything waiting (or wait up to `timeout_ms`); return how many."""
+        count = 0
+        socket = self.socket
+        assert socket is not None, "a Receiver made with subscribe=False has no socket"
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                if count or not socket.poll(timeout_ms):
+                    break
+                continue
+            self.handle(frames)
+            count += 1
+            if count >= 10_000:
+                break
+        self.tick()
+        return count
+
+    def handle(self, frames: list[bytes]) -> None:
+        """Decode, validate, route and spool one message."""
+        size = sum(len(f) for f in frames)
+        self.stats.messages += 1
+        self.stats.bytes += size
+        self.stats.last_message = time.time()
+        try:
+            name, doc = decode_message(
+                frames,
+                serializer=self.config.zmq.serializer,
+                prefix=self.prefix,
+                max_bytes=self.config.zmq.max_message_bytes,
+            )
+            self.accept(name, doc)
+        except RejectedMessage as rejected:
+            if rejected.reason == "prefix-mismatch":
+                return
+            self._reject(rejected, b"".join(frames))
+
+    def accept(self, name: str, doc: dict[str, Any]) -> None:
+        """Validate, route and spool one decoded document (raises RejectedMessage)."""
+        validate_document(name, doc)
+        self._route(name, doc)
+
+    def _reject(self, rejected: RejectedMessage, raw: bytes) -> None:
+        self.stats.rejected[rejected.reason] += 1
+        count = self.stats.rejected[rejected.reason]
+        if count == 1 or count % 1000 == 0:
+            log.warning(
+                "message rejected reason=%s count=%d bytes=%d detail=%s",
+                rejected.reason,
+                count,
+                len(raw),
+                rejected.detail[:200],
+            )
+        self.spool.quarantine(rejected.reason, raw)
+
+    # --------------------------------------------------------------- routing
+    def _route(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            self._open_run(doc)
+            return
+        run = self._run_for(name, doc)
+        if name == "descriptor":
+            run.streams[doc["uid"]] = doc.get("name", "primary")
+            self.run_of_descriptor[doc["uid"]] = run.received.uid
+        elif name in ("resource", "stream_resource"):
+            self.run_of_resource[doc["uid"]] = run.received.uid
+        elif name == "event":
+            self._count_events(run, doc["descriptor"], [doc["seq_num"]])
+        elif name == "event_page":
+            self._count_events(run, doc["descriptor"], list(doc["seq_num"]))
+        self._append(run, name, doc)
+        if name == "stop":
+            run.received.stop_received = True
+            run.received.exit_status = doc.get("exit_status")
+            run.received.expected_events = dict(doc.get("num_events") or {})
+            self._close_run(run, "stop")
+
+    def _run_for(self, name: str, doc: dict[str, Any]) -> OpenRun:
+        """The open run a non-start document belongs to, or a ValidationError."""
+        if name in ("descriptor", "stop", "resource", "stream_resource"):
+            uid = doc.get("run_start")
+            if uid is None and len(self.runs) >= 1:
+                uid = next(reversed(self.runs))  # legacy resources may lack run_start
+        elif name in ("event", "event_page", "stream_datum"):
+            uid = self.run_of_descriptor.get(doc["descriptor"])
+            if uid is None:
+                raise ValidationError(f"{name}-before-descriptor", f"descriptor {doc['descriptor']}")
+        elif name == "datum":
+            uid = self.run_of_resource.get(doc["resource"])
+            if uid is None:
+                raise ValidationError("datum-before-resource", f"resource {doc['resource']}")
+        elif name == "datum_page":
+            uid = self.run_of_resource.get(doc["resource"])
+            if uid is None:
+                raise ValidationError("datum-before-resource", f"resource {doc['resource']}")
+        else:
+            raise ValidationError("unknown-document", name)
+        run = self.runs.get(uid) if isinstance(uid, str) else None
+        if run is None:
+            reason = "after-stop" if uid in self.closed_runs else f"{name}-for-unknown-run"
+            raise ValidationError(reason, f"run {uid}")
+        return run
+
+    def _count_events(self, run: OpenRun, descriptor: str, seq_nums: list[int]) -> None:
+        stream = run.streams[descriptor]
+        events = run.received.events
+        events[stream] = events.get(stream, 0) + len(seq_nums)
+        last = run.last_seq.get(descriptor, 0)
+        for seq in seq_nums:
+            if seq > last + 1:
+                missing = seq - last - 1
+                run.received.missing[stream] = run.received.missing.get(stream, 0) + missing
+                self.stats.gaps += missing
+                log.warning(
+                    "gap run=%s stream=%s missing=%d seq_num %d..%d",
+                    run.received.uid,
+                    stream,
+                    missing,
+                    last + 1,
+                    seq - 1,
+                )
+            last = max(last, seq)
+        run.last_seq[descriptor] = last
+
+    def _open_run(self, doc: dict[str, Any]) -> None:
+        uid = doc["uid"]
+        if not is_safe_uid(uid):
+            raise ValidationError("unsafe-uid", repr(uid)[:80])
+        run_dir = self.spool.run_dir(uid)
+        if uid in self.runs or uid in self.closed_runs or run_dir.exists():
+            raise ValidationError("repeated-start", uid)
+        received = Received(
+            uid=uid,
+            scan_id=doc.get("scan_id"),
+            plan_name=doc.get("plan_name"),
+            start_time=doc.get("time"),
+        )
+        try:
+            writer = LogWriter(run_dir, self.config.spool.segment_bytes, self.fsync)
+            received.save(run_dir)
+        except OSError as err:
+            self._spool_trouble(err)
+            self.stats.dropped += 1
+            return
+        run = OpenRun(received, writer)
+        self.runs[uid] = run
+        self.stats.runs_started += 1
+        log.info("run start uid=%s scan_id=%s plan=%s", uid, received.scan_id, received.plan_name)
+        self._append(run, "start", doc)
+
+    def _append(self, run: OpenRun, name: str, doc: dict[str, Any]) -> None:
+        payload = pack_document(name, doc)
+        received = run.received
+        limit = self.config.spool.max_bytes
+        if limit and name not in CONTROL_DOCUMENTS and self.stats.spool_bytes + len(payload) > limit:
+            self._drop(run, f"spool is at its max_bytes limit ({limit} bytes)")
+            return
+        assert run.writer is not None
+        try:
+            written = run.writer.append(payload)
+        except OSError as err:
+            self._spool_trouble(err)
+            self._drop(run, f"spool write failed: {err.strerror}")
+            return
+        if self._spool_full:
+            self._spool_full = False
+            self.stats.spool_writable = True
+            log.warning("spool writable again; spooling resumed")
+        received.documents += 1
+        received.bytes += written
+        received.last_received = time.time()
+        run.dirty = True
+        self.stats.documents[name] += 1
+        self.stats.spool_bytes += written
+
+    def _drop(self, run: OpenRun, why: str) -> None:
+        run.received.dropped += 1
+        run.dirty = True
+        self.stats.dropped += 1
+        if not self._spool_full:
+            self._spool_full = True
+            self.stats.spool_writable = False
+            log.error("SPOOL FULL: dropping documents run=%s: %s", run.received.uid, why)
+
+    def _spool_trouble(self, err: OSError) -> None:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            log.error("spool write error: %s", err)
+
+    def close_open_runs(self, reason: str) -> None:
+        for run in list(self.runs.values()):
+            self._close_run(run, reason)
+
+    def _close_run(self, run: OpenRun, reason: str) -> None:
+        run.received.closed = True
+        run.received.close_reason = reason
+        if run.writer is not None:
+            run.writer.close()
+            run.writer = None
+        self._save(run)
+        uid = run.received.uid
+        del self.runs[uid]
+        self.closed_runs[uid] = None
+        while len(self.closed_runs) > CLOSED_RUN_MEMORY:
+            del self.closed_runs[next(iter(self.closed_runs))]
+        self.run_of_descriptor = {d: r for d, r in self.run_of_descriptor.items() if r != uid}
+        self.run_of_resource = {d: r for d, r in self.run_of_resource.items() if r != uid}
+        problems = run.received.problems()
+        log.info(
+            "run closed uid=%s documents=%d %s",
+            uid,
+            run.received.documents,
+            "problems=" + "; ".join(problems) if problems else "complete",
+        )
+
+    def _save(self, run: OpenRun) -> None:
+        if not run.dirty:
+            return
+        try:
+            run.received.save(self.spool.run_dir(run.received.uid))
+            run.dirty = False
+        except OSError as err:
+            self._spool_trouble(err)
+
+    # ------------------------------------------------------------ upkeep
+    def tick(self) -> None:
+        """Periodic bookkeeping between messages."""
+        for run in self.runs.values():
+            if run.writer is not None:
+                try:
+                    run.writer.maybe_sync()
+                except OSError as err:
+                    self._spool_trouble(err)
+        now = time.monotonic()
+        if now - self._last_save >= SAVE_INTERVAL_S:
+            self._last_save = now
+            timeout = self.config.spool.run_timeout_seconds
+            for run in list(self.runs.values()):
+                if timeout and time.time() - run.received.last_received > timeout:
+                    self._close_run(run, f"no document for {timeout:.0f} s")
+                else:
+                    self._save(run)
+        if now - self._last_size_check >= SPOOL_SIZE_INTERVAL_S:
+            self._last_size_check = now
+            self.stats.spool_bytes = self.spool.total_bytes()
+
+    def _reopen_runs(self) -> None:
+        """Reopen runs whose stop had not arrived when the last receiver stopped."""
+        for view in self.spool.runs():
+            if view.received.closed:
+                self.closed_runs[view.uid] = None
+                continue
+            received = view.received
+            run = OpenRun(received, None)
+            received.documents = 0
+            received.bytes = 0
+            received.events = {}
+            received.missing = {}
+            reader = LogReader(view.directory)
+            for payload in reader.read():
+                name, doc = unpack_document(payload)
+                received.documents += 1
+                received.bytes += len(payload) + HEADER_SIZE
+                if name == "descriptor":
+                    run.streams[doc["uid"]] = doc.get("name", "primary")
+                    self.run_of_descriptor[doc["uid"]] = received.uid
+                elif name in ("resource", "stream_resource"):
+                    self.run_of_resource[doc["uid"]] = received.uid
+                elif name in ("event", "event_page"):
+                    seqs = [doc["seq_num"]] if name == "event" else list(doc["seq_num"])
+                    self._count_events(run, doc["descriptor"], seqs)
+            run.writer = LogWriter(view.directory, self.config.spool.segment_bytes, self.fsync)
+            if run.writer.truncated_bytes:
+                log.warning(
+                    "run %s: truncated a torn tail of %d bytes left by a crash",
+                    received.uid,
+                    run.writer.truncated_bytes,
+                )
+            self.runs[received.uid] = run
+            self._save(run)
+            log.info("run reopened uid=%s documents=%d", received.uid, received.documents)
