@@ -48,8 +48,13 @@ def run_demo(keep: bool = False) -> int:
 
 
 def _demo(console: Console, workdir: Path) -> int:
-    import bluesky.plans as bp
-    from ophyd.sim import det, motor
+    try:
+        import bluesky.plans as bp
+        from ophyd.sim import det, motor
+    except ImportError as err:
+        raise SidecarError(
+            f"the demo needs the test extras ({err.name} is missing): pip install 'tiled-writer-sidecar[test]'"
+        ) from None
 
     from .testing import Acquisition, TiledServer, ZmqProxy
     from .testing.acquisition import expected_rows
@@ -70,6 +75,7 @@ def _demo(console: Console, workdir: Path) -> int:
         console.print(f"bluesky-0MQ-proxy   in {proxy.in_address}  out {proxy.out_address}")
         console.print(f"sidecar             spool {sidecar.spool_dir}  health {sidecar.health_url}")
         acq.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+        sidecar.wait_uploader_connected()
 
         console.rule("1. A scan, written to Tiled by the sidecar")
         (uid1,) = acq.run(bp.scan([det], motor, -5, 5, 10))
@@ -97,8 +103,10 @@ def _demo(console: Console, workdir: Path) -> int:
         console.rule("3. Tiled is back; the backlog drains by itself")
         started = time.time()
         tiled.start()
+        answered = time.time()
+        console.print(f"Tiled restarted (answering after {answered - started:.1f} s)")
         sidecar.wait_drained([uid1, uid2], timeout=180)
-        console.print(f"backlog drained {time.time() - started:.1f} s after Tiled came back")
+        console.print(f"backlog drained {time.time() - answered:.1f} s after Tiled answered again")
         client = tiled.client()
         ok = True
         for uid in (uid1, uid2):
@@ -115,9 +123,19 @@ def _demo(console: Console, workdir: Path) -> int:
 
 
 def _print_frame(console: Console, frame: Any, title: str) -> None:
+    """The table as the tutorial shows it, without the per-key timestamp columns."""
+    columns = [c for c in frame.columns if not str(c).startswith("ts_")]
     table = Table(title=title)
-    for column in frame.columns:
-        table.add_column(str(column))
-    for row in frame.itertuples(index=False):
-        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    for column in columns:
+        table.add_column(str(column), justify="right")
+    for row in frame[columns].itertuples(index=False):
+        cells = []
+        for column, value in zip(columns, row, strict=True):
+            if column == "time":
+                cells.append(time.strftime("%H:%M:%S", time.localtime(value)) + f"{value % 1:.3f}"[1:])
+            elif isinstance(value, float):
+                cells.append(f"{value:.4f}")
+            else:
+                cells.append(str(value))
+        table.add_row(*cells)
     console.print(table)

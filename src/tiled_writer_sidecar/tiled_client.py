@@ -34,10 +34,15 @@ def delete_run(client: Any, uid: str) -> None:
     client.delete_contents(uid, recursive=True, external_only=False)
 
 
+def _plain(node: Any) -> Any:
+    """The plain Tiled container under a bluesky-tiled-plugins client wrapper."""
+    return getattr(node, "base", node)
+
+
 def internal_table(client: Any, uid: str, stream: str) -> Any | None:
     """The stream's `internal` table (or the first part of a split one)."""
     try:
-        stream_node = client[uid][stream]
+        stream_node = _plain(_plain(client[uid])[stream])
     except KeyError:
         return None
     for key in ("internal", "internal_0"):

@@ -56,6 +56,10 @@ class Transient(Exception):
     """Tiled is unreachable or answered 5xx/429/auth: wait and retry."""
 
 
+class VerificationFailed(Transient):
+    """Tiled's rows for a run differ from what was fed: rewrite the run."""
+
+
 class RunRejected(Exception):
     """This run cannot be written (a 4xx from Tiled, a bad document)."""
 
@@ -311,7 +315,7 @@ class Uploader:
         if seq is None:
             if expected == 0:
                 return 0
-            raise Transient(f"run {uid} stream {stream}: no table in Tiled after upload")
+            raise VerificationFailed(f"run {uid} stream {stream}: no table in Tiled after upload")
         if len(seq) != expected or len(set(seq)) != len(seq):
             raise VerificationFailed(
                 f"run {uid} stream {stream}: Tiled holds {len(seq)} rows "
@@ -330,21 +334,23 @@ class Uploader:
 
     # ------------------------------------------------------------- failures
     def _on_failure(self, err: Exception) -> None:
-        """Tiled failed: forget in-flight runs (they will be rewritten), back off."""
-        if isinstance(err, VerificationFailed):
-            log.warning("%s; rewriting the run", err)
+        """Forget in-flight runs (they will be rewritten), then back off and retry."""
         abandoned = list(self.active.values())
         self.active.clear()
         for run in abandoned:
             if run.view.uploaded.attempts >= MAX_ATTEMPTS_BEFORE_QUARANTINE:
                 self._quarantine(run, f"gave up after {run.view.uploaded.attempts} attempts: {one_line(err)}")
-        if classify(err) is RunRejected and not isinstance(err, VerificationFailed):
-            if self._tiled_reachable():
-                log.exception("unexpected error while uploading; runs will be retried")
-        self.client = None
-        state = "unauthorized" if _is_auth_error(err) else "down"
-        self._set_tiled(state, one_line(err))
         self.status.retries += 1
+        if isinstance(err, VerificationFailed):
+            log.warning("%s; rewriting the run", err)
+        elif _is_auth_error(err):
+            self.client = None
+            self._set_tiled("unauthorized", one_line(err))
+        elif self._tiled_reachable():
+            log.exception("upload failed, Tiled is reachable; in-flight runs will be rewritten")
+        else:
+            self.client = None
+            self._set_tiled("down", one_line(err))
         self._write_status(force=True)
         now = time.monotonic()
         self._failing_since = self._failing_since or now
@@ -401,10 +407,6 @@ class Uploader:
             log.info("run %s: upload interrupted by shutdown; it will be rewritten", uid)
         self.active.clear()
         self._write_status(force=True)
-
-
-class VerificationFailed(Transient):
-    """Tiled's rows for a run differ from what was fed: rewrite the run."""
 
 
 def _is_auth_error(err: BaseException) -> bool:

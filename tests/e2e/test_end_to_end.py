@@ -97,6 +97,7 @@ def test_slow_scan_is_visible_within_a_batch_period(
         settings={"tiled": {"batch_seconds": 0.5}},
     ) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+        sidecar.wait_uploader_connected()
         seen_live: list[int] = []
 
         def watch(name: str, doc: dict) -> None:  # type: ignore[type-arg]

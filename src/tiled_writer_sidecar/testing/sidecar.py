@@ -97,6 +97,18 @@ class SidecarProcess:
         data: dict[str, Any] = response.json()
         return data
 
+    def wait_uploader_connected(self, timeout: float = 90.0) -> None:
+        """Poll /healthz until the uploader child reports Tiled as up (it imports slowly)."""
+
+        def connected() -> bool:
+            self._alive()
+            try:
+                return bool(self.health()["tiled"]["state"] == "up")
+            except (httpx.HTTPError, KeyError, ValueError):
+                return False
+
+        wait_until(connected, timeout, interval=0.2, what="the sidecar's uploader to reach Tiled")
+
     def messages_seen(self) -> int:
         try:
             return int(self.health()["receiver"]["messages"])

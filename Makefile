@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck pytest bench bench-smoke clean
+
+$(BIN)/tiled-writer-sidecar: pyproject.toml uv.lock
+	scripts/bootstrap.sh
+	@touch $@
+
+demo: $(BIN)/tiled-writer-sidecar
+	$(BIN)/tiled-writer-sidecar demo
+
+test: $(BIN)/tiled-writer-sidecar
+	scripts/system-deps.sh
+	$(MAKE) lint typecheck pytest
+
+lint:
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck:
+	$(BIN)/mypy
+
+pytest:
+	$(BIN)/pytest
+
+bench: $(BIN)/tiled-writer-sidecar
+	$(BIN)/python -m benchmarks.run
+
+bench-smoke: $(BIN)/tiled-writer-sidecar
+	$(BIN)/python -m benchmarks.run --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
