@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log.level, config.log.format, role="receiver" if args.command == "run" else "")
         return _dispatch(args, config, console)
     except SidecarError as err:
-        console.print(f"{PROG}: error: {err}", markup=False, highlight=False)
+        console.print(f"{PROG}: error: {err}", markup=False, highlight=False, soft_wrap=True)
         return err.exit_code
     except KeyboardInterrupt:
         return 130

@@ -23,6 +23,8 @@ DEFAULT_CONFIG_PATHS = (Path("/etc/tiled-writer-sidecar/tiled-writer-sidecar.tom
 API_KEY_ENV = "TILED_API_KEY"
 FSYNC_POLICIES = ("always", "batch", "never")
 SERIALIZERS = ("auto", "pickle", "msgpack", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,10 @@ class Config:
             raise ConfigError(f"[spool] fsync must be one of {FSYNC_POLICIES}, not {self.spool.fsync!r}")
         if self.zmq.serializer not in SERIALIZERS:
             raise ConfigError(f"[zmq] serializer must be one of {SERIALIZERS}, not {self.zmq.serializer!r}")
+        if self.log.level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"[log] level must be one of {LOG_LEVELS}, not {self.log.level!r}")
+        if self.log.format not in LOG_FORMATS:
+            raise ConfigError(f"[log] format must be one of {LOG_FORMATS}, not {self.log.format!r}")
         if self.tiled.batch_rows < 1:
             raise ConfigError("[tiled] batch_rows must be at least 1")
         if self.tiled.batch_seconds <= 0:
@@ -117,7 +123,7 @@ class Config:
             return key.strip()
         if not self.tiled.api_key_file:
             return None
-        path = Path(self.tiled.api_key_file)
+        path = _key_path(self.tiled.api_key_file)
         try:
             mode = path.stat().st_mode
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -141,6 +147,19 @@ class Config:
                 lines.append(f"{item.name} = {_toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
+
+
+def _key_path(value: str) -> Path:
+    """`credential:NAME` is NAME in systemd's $CREDENTIALS_DIRECTORY (LoadCredential=)."""
+    if not value.startswith("credential:"):
+        return Path(value)
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ConfigError(
+            f"api_key_file {value!r} needs $CREDENTIALS_DIRECTORY (set by systemd's LoadCredential=); "
+            "outside systemd use TILED_API_KEY or a file path"
+        )
+    return Path(directory) / value.removeprefix("credential:")
 
 
 def _toml_value(value: object) -> str:
@@ -178,7 +197,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     for name, data in raw.items():
         if name not in sections:
             raise ConfigError(f"unknown section [{name}] in {source}; known sections: {', '.join(sections)}")
-        section_type = sections[name].default_factory  # type: ignore[misc]
+        section_type: type[Any] = type(getattr(Config(), name))
         values[name] = _section_from_dict(section_type, name, data)
     config = Config(**values)
     config.check()

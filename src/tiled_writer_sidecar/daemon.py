@@ -4,8 +4,10 @@ The receiver runs in this process's main thread and is never blocked by
 Tiled. The uploader runs as a child OS process (`upload_process`) that this
 process restarts with backoff whenever it dies. The metrics endpoint is a
 thread here. Under systemd: READY once the spool is open and the socket
-subscribed, WATCHDOG from the main loop only while the uploader child is
-alive and its status is fresh, STATUS with the backlog, STOPPING on SIGTERM.
+subscribed, WATCHDOG from the receiver loop (a wedged uploader is killed and
+restarted by its supervisor instead: restarting the whole service would
+lose what 0MQ delivers meanwhile), STATUS with the backlog, STOPPING on
+SIGTERM.
 
 Shutdown (SIGTERM/SIGINT, or the injected `shutdown` event in tests): stop
 receiving, fsync and close every open run's log, then SIGTERM the uploader
@@ -25,14 +27,14 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 from .config import Config
 from .errors import ConfigError
-from .metrics import MetricsServer
+from .metrics import MetricsServer, health_snapshot
 from .receiver import Receiver
 from .sdnotify import Notifier
 from .spool.directory import SpoolDir
-from .spool.index import read_json
 from .stats import ReceiverStats
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class UploaderSupervisor:
         self.config = config
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self._started = 0.0
         self._next_start = 0.0
         self._delay = 1.0
 
@@ -73,15 +76,26 @@ class UploaderSupervisor:
             "--config-json",
             json.dumps(self.config.as_dict()),
         ]
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        # Only the main process talks to systemd (NotifyAccess=main).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
         self._started = time.monotonic()
         log.info("uploader started pid=%d", self.process.pid)
 
-    def healthy_started(self) -> bool:
+    def healthy_started(self) -> None:
         """Reset the restart backoff once a child has stayed up for a minute."""
         if self.process is not None and time.monotonic() - self._started > 60:
             self._delay = 1.0
-        return self.process is not None
+            self.restarts = 0
+
+    def kill_if_stale(self, status_age: float | None) -> None:
+        """A wedged uploader (no status for too long) is killed; `check` restarts it."""
+        running_for = time.monotonic() - self._started
+        stale = status_age is not None and min(status_age, running_for) > UPLOADER_STALE_SECONDS
+        if self.alive() and stale:
+            assert self.process is not None
+            log.error("uploader wedged: no progress report for %.0f s; killing it", status_age)
+            self.process.kill()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -144,13 +158,17 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
             now = time.monotonic()
             if metrics is not None:
                 metrics.loop_beat = time.time()
-            if _uploader_fresh(spool, supervisor):
-                notifier.watchdog()
+            # The receiver loop is alive (we are in it); the uploader is watched by
+            # its supervisor, so a wedged uploader is restarted, never the receiver.
+            notifier.watchdog()
             if now - last_status >= STATUS_INTERVAL_S:
                 last_status = now
-                notifier.status(_status_line(stats, spool))
+                snapshot = health_snapshot(stats, spool, time.time())
+                supervisor.kill_if_stale(snapshot["upload"]["status_age_seconds"])
+                notifier.status(_status_line(snapshot))
     finally:
         notifier.stopping()
+        notifier.close()
         log.info("shutting down: closing the spool, stopping the uploader")
         receiver.close()
         supervisor.stop(UPLOADER_STOP_SECONDS)
@@ -161,19 +179,9 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
     return 0
 
 
-def _uploader_fresh(spool: SpoolDir, supervisor: UploaderSupervisor) -> bool:
-    """The uploader child is alive (or being restarted) and not wedged."""
-    if not supervisor.alive():
-        return supervisor.restarts < 10
-    status = read_json(spool.root / "uploader.json")
-    if status is None or "updated" not in status:
-        return True
-    return time.time() - float(status["updated"]) < UPLOADER_STALE_SECONDS
-
-
-def _status_line(stats: ReceiverStats, spool: SpoolDir) -> str:
-    uploader = read_json(spool.root / "uploader.json") or {}
+def _status_line(snapshot: dict[str, Any]) -> str:
+    spool, receiver = snapshot["spool"], snapshot["receiver"]
     return (
-        f"received {sum(stats.documents.values())} docs, spool {stats.spool_bytes} bytes, "
-        f"tiled {uploader.get('tiled', 'unknown')}"
+        f"received {receiver['documents']} docs; backlog {spool['backlog_documents']} docs in "
+        f"{spool['backlog_runs']} run(s); tiled {snapshot['tiled']['state']}"
     )

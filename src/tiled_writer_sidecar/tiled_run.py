@@ -66,11 +66,16 @@ class TiledRun:
             self.oldest_unflushed = None
 
     def buffered_rows(self) -> int:
+        """Rows and stream datums TiledWriter holds but has not written yet."""
+        if self.stopped:
+            return 0  # stop wrote everything (it leaves its caches filled, but done)
         rows = sum(len(cache) for cache in self.writer._internal_data_cache.values())
         return rows + len(self.writer._external_data_cache)
 
     def flush(self) -> float | None:
         """Write every buffered row now; return the age of the oldest one flushed."""
+        if self.stopped:
+            return None
         writer = self.writer
         for desc_name, cache in writer._internal_data_cache.items():
             if cache:

@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -124,6 +125,7 @@ class ActiveRun:
     tiled: TiledRun
     reader: LogReader
     fed: int = 0
+    rows_counted: int = 0
     first_buffered: float | None = None
     last_status_save: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -264,6 +266,7 @@ class Uploader:
         run.first_buffered = None
         self.status.flushes += 1
         self.status.rows += rows
+        run.rows_counted += rows
         if lag is not None:
             self.status.last_lag_seconds = lag
             self.status.lag_seconds.append(lag)
@@ -283,9 +286,8 @@ class Uploader:
             run.view.uploaded.damage.append(str(tail))
         if not run.tiled.stopped:
             run.tiled.finish_without_stop()
-        else:
-            self.status.rows += run.tiled.buffered_rows()
         rows = {stream: self._verify(uid, stream, n) for stream, n in run.tiled.events.items()}
+        self.status.rows += sum(rows.values()) - run.rows_counted
         uploaded = run.view.uploaded
         uploaded.state = "uploaded"
         uploaded.documents = run.fed
@@ -361,8 +363,9 @@ class Uploader:
         self.stop_event.wait(self.backoff.next_delay())
 
     def _tiled_reachable(self) -> bool:
+        server = urlsplit(self.config.tiled.uri)
         try:
-            response = httpx.get(self.config.tiled.uri.rstrip("/") + "/api/v1/", timeout=5)
+            response = httpx.get(f"{server.scheme}://{server.netloc}/api/v1/", timeout=5)
         except httpx.HTTPError:
             return False
         return response.status_code < 500

@@ -1,0 +1,672 @@
+"""`tiled-writer-sidecar monitor`: a live view of acquisition and of the sidecar.
+
+A second subscriber on the proxy's out-address, independent of the sidecar
+(either one runs without the other). Three threads, so a slow terminal never
+makes the monitor fall behind:
+
+- decode (`Subscriber`): reads 0MQ frames (high receive HWM), decodes them
+  with `wire.decode_message` and feeds `monitor_state.MonitorState`; all
+  counting happens here. A socket monitor turns ZMTP events into the
+  connection state (connecting / connected / disconnected); 0MQ reconnects
+  by itself when the proxy starts late or restarts.
+- health (`HealthPoller`): polls the sidecar's ``/healthz`` once a second;
+  a refused connection or a timeout is shown as "sidecar down", not raised.
+- main: renders `MonitorState.snapshot()` with rich at a fixed frame rate
+  (`FRAMES_PER_SECOND`); if the terminal blocks, only frames are skipped.
+
+``--once`` listens for ``--seconds`` (or until SIGINT/SIGTERM), then prints
+one snapshot (``--json``: the snapshot dict) and exits 0. In that mode run
+starts/stops and connection changes are also logged to stderr, which lets
+scripts wait for them. Expected trouble never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+import httpx
+import zmq
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .config import Config, ZmqConfig
+from .errors import ConfigError, RejectedMessage
+from .monitor_state import MonitorState
+
+log = logging.getLogger(__name__)
+
+FRAMES_PER_SECOND = 4.0
+HEALTH_INTERVAL_S = 1.0
+HEALTH_TIMEOUT_S = 2.0
+RECONNECT_IVL_MS = 200
+RECONNECT_IVL_MAX_MS = 2000
+
+Decoder = Callable[..., tuple[str, dict[str, Any]]]
+
+_ZMQ_EVENTS: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: "connected",
+    zmq.EVENT_DISCONNECTED: "disconnected",
+    zmq.EVENT_CONNECT_RETRIED: "retry",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth-failed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol-failed",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake-failed",
+}
+
+
+def health_url(sidecar: str | None, metrics_address: str) -> str:
+    """The /healthz URL from `--sidecar` (URL or host:port) or `[metrics] address`."""
+    url = sidecar or metrics_address
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--sidecar must look like http://HOST:PORT, not {sidecar or url!r}")
+    if parts.path in ("", "/"):
+        url = url.rstrip("/") + "/healthz"
+    return url
+
+
+# ------------------------------------------------------------------ threads
+class Subscriber:
+    """The decode thread: SUB socket -> decode -> `MonitorState.feed`."""
+
+    def __init__(self, config: ZmqConfig, state: MonitorState, decode: Decoder | None = None) -> None:
+        if decode is None:
+            from .wire import decode_message
+
+            decode = decode_message
+        self.config = config
+        self.state = state
+        self.decode = decode
+        self.prefix = config.prefix.encode()
+        self.stopping = threading.Event()
+        self._got_message = False
+        self._connected = False
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            self.socket = self._make_socket()
+        except BaseException:
+            self.context.destroy(linger=0)
+            raise
+        self.thread = threading.Thread(target=self._run, name="monitor-decode", daemon=True)
+
+    def _make_socket(self) -> zmq.Socket[bytes]:
+        socket: zmq.Socket[bytes] = self.context.socket(zmq.SUB)
+        socket.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        if self.config.curve_secret_key_file:
+            from .curve import apply_client_curve
+
+            apply_client_curve(socket, self.config)
+        socket.setsockopt(zmq.SUBSCRIBE, self.prefix + b" " if self.prefix else b"")
+        mask = 0
+        for event in _ZMQ_EVENTS:
+            mask |= event
+        self.events = socket.get_monitor_socket(mask)
+        try:
+            socket.connect(self.config.address)
+        except zmq.ZMQError as err:
+            raise ConfigError(f"cannot subscribe to {self.config.address}: {err}") from None
+        return socket
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.ident is not None:
+            self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.socket.disable_monitor()
+            self.events.close(linger=0)
+            self.socket.close(linger=0)
+            self.context.term()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.events, zmq.POLLIN)
+        while not self.stopping.is_set():
+            try:
+                ready = dict(poller.poll(100))
+                if self.events in ready:
+                    self._drain_events()
+                if self.socket in ready:
+                    self._drain_messages()
+            except Exception as err:  # noqa: BLE001 - the view must outlive any surprise
+                self.state.error(f"decode thread: {type(err).__name__}: {err}")
+                log.warning("monitor decode thread: %s: %s", type(err).__name__, err)
+                self.stopping.wait(0.1)
+
+    def _drain_events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.events.poll(0):
+            event = recv_monitor_message(self.events)
+            kind = _ZMQ_EVENTS.get(int(event["event"]))
+            address = self.config.address
+            if kind == "connected":
+                self._connected = True
+                self._got_message = False
+                self.state.set_connection("connected")
+                log.info("connected to proxy %s", address)
+            elif kind == "disconnected":
+                self._connected = False
+                self.state.set_connection("disconnected", "proxy went away; reconnecting")
+                log.warning("proxy %s went away; reconnecting", address)
+            elif kind == "retry" and not self._connected:
+                if self.state.connection != "disconnected":
+                    self.state.set_connection(
+                        "connecting", "nothing listens there yet (is bluesky-0MQ-proxy running?)"
+                    )
+            elif kind is not None and kind.endswith("failed"):
+                self.state.set_connection("error", f"{kind} (check the CURVE keys)")
+                log.warning("proxy %s: %s", address, kind)
+
+    def _drain_messages(self) -> None:
+        for _ in range(10_000):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle(frames)
+
+    def handle(self, frames: list[bytes]) -> None:
+        """Decode one message and account for it (never raises for bad input)."""
+        self.state.note_message(sum(len(f) for f in frames))
+        if not self._got_message:
+            self._got_message = True
+            log.info("receiving from proxy %s", self.config.address)
+        try:
+            name, doc = self.decode(
+                frames,
+                serializer=self.config.serializer,
+                prefix=self.prefix,
+                max_bytes=self.config.max_message_bytes,
+            )
+        except RejectedMessage as rejected:
+            if rejected.reason != "prefix-mismatch":
+                self.state.reject(rejected.reason)
+            return
+        self.state.feed(name, doc)
+        if name in ("start", "stop"):
+            self._log_run(name, doc)
+
+    def _log_run(self, name: str, doc: Mapping[str, Any]) -> None:
+        if name == "start":
+            log.info(
+                "run start uid=%s scan_id=%s plan=%s",
+                doc.get("uid"),
+                doc.get("scan_id"),
+                doc.get("plan_name"),
+            )
+        else:
+            log.info(
+                "run stop uid=%s exit_status=%s num_events=%s",
+                doc.get("run_start"),
+                doc.get("exit_status"),
+                doc.get("num_events"),
+            )
+
+
+class HealthPoller:
+    """The health thread: GET the sidecar's /healthz every `interval` seconds."""
+
+    def __init__(
+        self,
+        url: str,
+        state: MonitorState,
+        *,
+        interval: float = HEALTH_INTERVAL_S,
+        timeout: float = HEALTH_TIMEOUT_S,
+    ) -> None:
+        self.url = url
+        self.state = state
+        self.interval = interval
+        self.timeout = timeout
+        self.stopping = threading.Event()
+        self.polled = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="monitor-health", daemon=True)
+        self._last_state = ""
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.ident is not None:
+            self.thread.join(timeout=self.timeout + 5)
+
+    def _run(self) -> None:
+        with self._client() as client:
+            while True:
+                self._poll_safely(client)
+                if self.stopping.wait(self.interval):
+                    return
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(timeout=self.timeout, trust_env=False)
+
+    def poll_now(self) -> None:
+        """One poll in the calling thread (the final one of `--once`)."""
+        with self._client() as client:
+            self._poll_safely(client)
+
+    def _poll_safely(self, client: httpx.Client) -> None:
+        try:
+            self.poll_once(client)
+        except Exception as err:  # noqa: BLE001 - shown on screen, never raised
+            self.state.set_health(None, f"{type(err).__name__}: {err}")
+        self.polled.set()
+
+    def poll_once(self, client: httpx.Client) -> None:
+        try:
+            response = client.get(self.url)
+        except httpx.ConnectError:
+            self._down("nothing listens there (sidecar not running?)")
+            return
+        except httpx.TimeoutException:
+            self._down(f"no answer within {self.timeout:g} s")
+            return
+        except httpx.HTTPError as err:
+            self._down(f"{type(err).__name__}: {err}")
+            return
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            self._down(f"HTTP {response.status_code}: not a sidecar /healthz answer")
+            return
+        self.state.set_health(body)
+        self._transition("up" if body.get("status") == "ok" else "unhealthy", str(body.get("reasons", "")))
+
+    def _down(self, error: str) -> None:
+        self.state.set_health(None, error)
+        self._transition("down", error)
+
+    def _transition(self, state: str, detail: str) -> None:
+        if state != self._last_state:
+            self._last_state = state
+            log.info("sidecar %s at %s%s", state, self.url, f": {detail}" if state != "up" else "")
+
+
+# ---------------------------------------------------------------- rendering
+BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float], width: int, height: int = 1) -> list[str]:
+    """The last `width` values as `height` rows of block characters (top row first)."""
+    values = list(values)[-width:] if width > 0 else []
+    if not values:
+        return [""] * height
+    lo, hi = min(values), max(values)
+    steps = 8 * height
+    levels = [steps // 2 if hi == lo else 1 + round((v - lo) / (hi - lo) * (steps - 1)) for v in values]
+    rows = []
+    for row in range(height):
+        base = (height - 1 - row) * 8
+        rows.append("".join(BLOCKS[max(0, min(8, level - base))] for level in levels))
+    return rows
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}:{s % 60:02d}"
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _clock(epoch: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+_STATE_STYLE = {
+    "connected": "green",
+    "up": "green",
+    "success": "green",
+    "running": "cyan",
+    "connecting": "yellow",
+    "unknown": "yellow",
+    "unhealthy": "red",
+    "down": "red",
+    "disconnected": "red",
+    "error": "red",
+    "abort": "yellow",
+    "unauthorized": "red",
+    "fail": "red",
+}
+
+
+def _badge(state: str) -> Text:
+    return Text(f"● {state}", style=_STATE_STYLE.get(state, "white"))
+
+
+def render_header(snap: Mapping[str, Any]) -> RenderableType:
+    z = snap["zmq"]
+    line = Text.assemble(
+        ("tiled-writer-sidecar monitor  ", "bold"),
+        f"proxy {z['address']} ",
+        _badge(z["connection"]),
+        f" for {_duration(snap['time'] - z['since'])}",
+    )
+    if z["connection"] != "connected" and z["detail"]:
+        line.append(f" — {z['detail']}", style="yellow")
+    rejected = sum(z["rejected"].values())
+    line.append(f"   {z['messages']:,} messages, {_size(z['bytes'])}")
+    if rejected:
+        reasons = ", ".join(f"{n} {r}" for r, n in z["rejected"].items())
+        line.append(f", rejected: {reasons}", style="yellow")
+    if z["orphans"]:
+        line.append(f", {z['orphans']} from runs started before the monitor", style="dim")
+    if z["errors"]:
+        line.append(f", monitor errors: {z['errors']} ({z['last_error']})", style="red")
+    return line
+
+
+def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
+    run = snap["run"]
+    if run is None:
+        return Panel(Text("waiting for a run to start…", style="dim"), title="run")
+    parts: list[RenderableType] = []
+    parts.append(
+        Text.assemble(
+            ("scan_id ", "dim"),
+            (str(run["scan_id"]), "bold"),
+            ("   plan ", "dim"),
+            str(run["plan_name"]),
+            ("   uid ", "dim"),
+            str(run["uid"]),
+        )
+    )
+    status = Text.assemble(
+        ("started ", "dim"),
+        _clock(run["start_time"]),
+        ("   elapsed ", "dim"),
+        _duration(run["elapsed_seconds"]),
+        "   ",
+        _badge(run["state"]),
+    )
+    if run["reason"]:
+        status.append(f"  {run['reason']}", style="yellow")
+    parts.append(status)
+
+    streams = Table(box=None, pad_edge=False, expand=False)
+    for column, justify in (
+        ("stream", "left"),
+        ("events", "right"),
+        ("rate/s", "right"),
+        ("last seq_num", "right"),
+        ("gaps", "right"),
+    ):
+        streams.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for name, s in run["streams"].items():
+        rate = s["rate"] if run["state"] == "running" else s["mean_rate"]
+        gaps = Text(str(s["gaps"]), style="bold red" if s["gaps"] else "")
+        streams.add_row(name, str(s["events"]), _rate(rate), str(s["last_seq_num"]), gaps)
+    parts.append(streams)
+
+    latest = [(k, v) for s in run["streams"].values() for k, v in s.get("latest", {}).items()]
+    if latest:
+        grid = Table.grid(padding=(0, 2))
+        per_row = 4
+        for _ in range(per_row):
+            grid.add_column()
+        for i in range(0, len(latest[:24]), per_row):
+            cells = [Text.assemble((f"{k} ", "dim"), _value(v)) for k, v in latest[i : i + per_row]]
+            grid.add_row(*cells)
+        parts.append(grid)
+
+    plot = snap["plot"]
+    if plot["key"] and plot["values"]:
+        values = plot["values"]
+        rows = sparkline(values, plot_width, height=3)
+        parts.append(
+            Text.assemble(
+                ("plot ", "dim"),
+                (str(plot["key"]), "bold"),
+                f"  last {_value(values[-1])}  min {_value(min(values))}  max {_value(max(values))}",
+                (f"  ({plot['count']} points)", "dim"),
+            )
+        )
+        parts.append(Text("\n".join(rows), style="cyan"))
+    elif plot["key"]:
+        parts.append(Text(f"plot {plot['key']}: no values yet", style="dim"))
+    return Panel(Group(*parts), title="run", title_align="left")
+
+
+def render_sidecar(snap: Mapping[str, Any]) -> RenderableType:
+    side = snap["sidecar"]
+    lines: list[Text] = [Text(side["url"], style="dim")]
+    state = side["state"]
+    since = side["since"]
+    head = Text.assemble(("sidecar ", "bold"), _badge(state))
+    if since is not None:
+        head.append(f" since {_clock(since)} ({_duration(snap['time'] - since)})")
+    lines.append(head)
+    health = side["health"]
+    if state == "down":
+        lines.append(Text(side["error"] or "no answer", style="red"))
+    if health is not None:
+        if health.get("reasons"):
+            lines.append(Text("; ".join(map(str, health["reasons"])), style="red"))
+        tiled = health.get("tiled") or {}
+        tiled_state = str(tiled.get("state", "unknown"))
+        tiled_line = Text.assemble(("Tiled ", "dim"), _badge(tiled_state))
+        if isinstance(tiled.get("since"), (int, float)):
+            tiled_line.append(f" since {_clock(tiled['since'])} ({_duration(snap['time'] - tiled['since'])})")
+        lines.append(tiled_line)
+        spool = health.get("spool") or {}
+        lines.append(
+            Text.assemble(
+                ("backlog ", "dim"),
+                f"{spool.get('backlog_documents', 0):,} documents, {_size(spool.get('backlog_bytes'))}"
+                f" in {spool.get('backlog_runs', 0)} run(s); oldest "
+                f"{_duration(spool.get('oldest_unuploaded_age_seconds'))}",
+            )
+        )
+        upload = health.get("upload") or {}
+        lines.append(
+            Text.assemble(
+                ("upload ", "dim"),
+                f"{_rate(side['upload_rows_per_second'])} rows/s, "
+                f"{_rate(side['upload_documents_per_second'])} docs/s "
+                f"({upload.get('documents', 0):,} documents, {upload.get('rows', 0):,} rows in total)",
+            )
+        )
+        lines.append(Text.assemble(("event→Tiled lag ", "dim"), _duration(upload.get("last_lag_seconds"))))
+        receiver = health.get("receiver") or {}
+        lines.append(
+            Text.assemble(
+                ("receiver ", "dim"),
+                f"{receiver.get('messages', 0):,} messages, gaps {receiver.get('gaps', 0)}, "
+                f"dropped {receiver.get('dropped', 0)}",
+            )
+        )
+        error = tiled.get("last_error")
+        lines.append(
+            Text.assemble(("last error ", "dim"), (str(error) if error else "-", "red" if error else ""))
+        )
+    return Panel(Group(*lines), title="sidecar", title_align="left")
+
+
+def render_runs(snap: Mapping[str, Any], limit: int = 8, *, wide: bool = True) -> RenderableType:
+    sidecar_runs = {}
+    health = snap["sidecar"]["health"]
+    if health and isinstance(health.get("runs"), list):
+        sidecar_runs = {r.get("uid"): r for r in health["runs"] if isinstance(r, dict)}
+    table = Table(box=None, pad_edge=False, expand=True)
+    columns = [
+        ("scan_id", "right"),
+        ("uid", "left"),
+        ("plan", "left"),
+        ("started", "left"),
+        ("duration", "right"),
+        ("exit", "left"),
+        ("events", "left"),
+        ("gaps", "right"),
+        ("sidecar", "left"),
+    ]
+    if not wide:
+        columns = [c for c in columns if c[0] not in ("started", "duration")]
+    for column, justify in columns:
+        table.add_column(column, justify=justify, no_wrap=column != "events")  # type: ignore[arg-type]
+    for run in snap["runs"][:limit]:
+        events = " ".join(f"{k}={v}" for k, v in run["events"].items())
+        gaps = sum(run["gaps"].values())
+        spooled = sidecar_runs.get(run["uid"])
+        sidecar = (
+            f"{spooled.get('state')} {spooled.get('uploaded_documents', 0)}/{spooled.get('documents', 0)}"
+            if spooled
+            else "-"
+        )
+        cells: list[RenderableType] = [str(run["scan_id"]), str(run["uid"])[:8], str(run["plan_name"])]
+        if wide:
+            cells += [_clock(run["start_time"]), _duration(run["elapsed_seconds"])]
+        cells += [
+            Text(run["state"], style=_STATE_STYLE.get(run["state"], "")),
+            events,
+            Text(str(gaps), style="bold red" if gaps else ""),
+            sidecar,
+        ]
+        table.add_row(*cells)
+    return Panel(table, title="last runs", title_align="left")
+
+
+#: Below this many columns the run and sidecar panels are stacked, not side by side.
+SIDE_BY_SIDE_WIDTH = 110
+
+
+def render(snap: Mapping[str, Any], width: int = 120) -> RenderableType:
+    """The whole screen for one snapshot, laid out for a terminal `width` columns wide."""
+    if width >= SIDE_BY_SIDE_WIDTH:
+        grid = Table.grid(expand=True, padding=(0, 1))
+        grid.add_column(ratio=3)
+        grid.add_column(ratio=2)
+        grid.add_row(render_run(snap, plot_width=width * 3 // 5 - 6), render_sidecar(snap))
+        top: RenderableType = grid
+    else:
+        top = Group(render_run(snap, plot_width=max(10, width - 4)), render_sidecar(snap))
+    footer = Text(
+        f"gaps detected: {snap['gaps']}   ·   Ctrl+C quits   ·   {_clock(snap['time'])}",
+        style="bold red" if snap["gaps"] else "dim",
+    )
+    return Group(render_header(snap), top, render_runs(snap, wide=width >= 100), footer)
+
+
+# ---------------------------------------------------------------- entry
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM set `stop` instead of raising (main thread only)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_monitor(config: Config, args: argparse.Namespace) -> int:
+    """The `monitor` command; returns the exit code."""
+    once = bool(getattr(args, "once", False))
+    as_json = bool(getattr(args, "json", False))
+    seconds = float(getattr(args, "seconds", 2.0))
+    if as_json and not once:
+        raise ConfigError("--json needs --once")
+    if seconds < 0:
+        raise ConfigError("--seconds must not be negative")
+    url = health_url(getattr(args, "sidecar", None), config.metrics.address)
+    state = MonitorState(address=config.zmq.address, plot_key=getattr(args, "plot", None), sidecar_url=url)
+    subscriber = Subscriber(config.zmq, state)
+    poller = HealthPoller(url, state)
+    console = Console()
+    if not once:
+        _quiet_logging(console)
+    subscriber.start()
+    poller.start()
+    stop = threading.Event()
+    try:
+        with _stop_on_signals(stop):
+            if once:
+                stop.wait(seconds)
+            else:
+                _live(state, stop, console)
+    finally:
+        subscriber.stop()
+        poller.stop()
+    if once:
+        poller.poll_now()  # the snapshot shows the sidecar as it is now
+        snap = state.snapshot()
+        if as_json:
+            print(json.dumps(snap, indent=2, default=str))
+        else:
+            console.print(render(snap, console.width))
+    return 0
+
+
+def _quiet_logging(console: Console) -> None:
+    """In the live view, only warnings reach the screen (printed above the view)."""
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    root.handlers[:] = [RichHandler(console=console, show_path=False)]
+    log.setLevel(logging.WARNING)
+
+
+def _live(state: MonitorState, stop: threading.Event, console: Console) -> None:
+    frame = 1.0 / FRAMES_PER_SECOND
+    with Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
+        while not stop.is_set():
+            started = time.monotonic()
+            live.update(render(state.snapshot(), console.width), refresh=True)
+            stop.wait(max(0.0, frame - (time.monotonic() - started)))
+
+
+__all__ = ["HealthPoller", "Subscriber", "health_url", "render", "run_monitor", "sparkline"]

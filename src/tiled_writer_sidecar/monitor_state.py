@@ -1,0 +1,538 @@
+"""What `monitor` knows, as a pure model fed one decoded document at a time.
+
+`MonitorState.feed(name, doc)` is called by the decode thread for every
+message; it only updates small counters and bounded buffers (the last
+`MAX_RUNS` runs, the last `PLOT_POINTS` values of the plotted key, rate
+buckets), so it keeps up with the proxy whatever the terminal does. The
+render thread calls `snapshot()`, which copies everything it shows into one
+JSON-able dict under the same lock; rendering never touches live state.
+
+Per run it tracks identity (scan_id, uid, plan, start time), events per
+stream with a recent rate, the latest value of every scalar data key, gaps
+(`seq_num` holes per descriptor, then `stop.num_events` shortfalls) and the
+exit status. The plotted key is `plot_key` if given, else the first hinted
+scalar numeric field of the first detector in the primary stream. Sidecar
+health (`/healthz` bodies or the error of the last poll) and the 0MQ
+connection state are stored here too, so `snapshot()` is the whole screen.
+No clock is read implicitly: `clock` (monotonic, for rates) and `wall`
+(epoch seconds, for ages) are injectable.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Finished runs kept for the "last runs" table (open runs are always kept).
+MAX_RUNS = 20
+#: Values of the plotted key kept for the live plot.
+PLOT_POINTS = 240
+#: Scalar data keys whose latest value is kept, per stream.
+MAX_LATEST_KEYS = 64
+#: Longest string value kept for display.
+MAX_STRING = 80
+#: Window and resolution of the recent-rate meters, in seconds.
+RATE_WINDOW = 5.0
+RATE_RESOLUTION = 0.5
+
+SCALAR_DTYPES = frozenset({"number", "integer", "boolean", "string"})
+NUMERIC_DTYPES = frozenset({"number", "integer"})
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar (anything with `.item()`) as plain Python; strings shortened."""
+    item = getattr(value, "item", None)
+    if callable(item) and not isinstance(value, (list, tuple, dict)):
+        try:
+            value = item()
+        except (TypeError, ValueError):
+            return repr(value)[:MAX_STRING]
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        return value[: MAX_STRING - 1] + "…"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str)) and not isinstance(value, bytes)
+
+
+class RateMeter:
+    """Events per second over the last `window` seconds, in `resolution` buckets."""
+
+    def __init__(self, window: float = RATE_WINDOW, resolution: float = RATE_RESOLUTION) -> None:
+        self.window = window
+        self.resolution = resolution
+        self._buckets: deque[list[float]] = deque()  # [bucket start, count]
+        self._first: float | None = None
+
+    def add(self, count: int, now: float) -> None:
+        start = math.floor(now / self.resolution) * self.resolution
+        if self._first is None:
+            self._first = now
+        if self._buckets and self._buckets[-1][0] == start:
+            self._buckets[-1][1] += count
+        else:
+            self._buckets.append([start, float(count)])
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        while self._buckets and self._buckets[0][0] + self.resolution <= now - self.window:
+            self._buckets.popleft()
+
+    def rate(self, now: float) -> float:
+        self._prune(now)
+        if not self._buckets or self._first is None:
+            return 0.0
+        span = min(self.window, max(self.resolution, now - self._first))
+        return sum(b[1] for b in self._buckets) / span
+
+
+@dataclass
+class StreamState:
+    name: str
+    events: int = 0
+    gaps: int = 0
+    duplicates: int = 0
+    last_seq_num: int = 0
+    first_arrival: float | None = None
+    last_arrival: float | None = None
+    rate: RateMeter = field(default_factory=RateMeter)
+    scalar_keys: dict[str, str] = field(default_factory=dict)  # key -> dtype
+    latest: dict[str, Any] = field(default_factory=dict)
+
+    def mean_rate(self) -> float | None:
+        if self.first_arrival is None or self.last_arrival is None or self.events < 2:
+            return None
+        span = self.last_arrival - self.first_arrival
+        return (self.events - 1) / span if span > 0 else None
+
+
+@dataclass
+class RunState:
+    uid: str
+    scan_id: Any = None
+    plan_name: str | None = None
+    start_time: float | None = None
+    detectors: list[str] = field(default_factory=list)
+    documents: int = 0
+    streams: dict[str, StreamState] = field(default_factory=dict)
+    descriptors: dict[str, str] = field(default_factory=dict)  # descriptor uid -> stream
+    last_seq: dict[str, int] = field(default_factory=dict)  # descriptor uid -> last seq_num
+    stopped: bool = False
+    exit_status: str | None = None
+    reason: str | None = None
+    stop_time: float | None = None
+    num_events: dict[str, int] = field(default_factory=dict)
+    shortfall: dict[str, int] = field(default_factory=dict)  # stop.num_events minus received
+    plot_stream: str | None = None
+    plot_key: str | None = None
+    plot_values: deque[float] = field(default_factory=lambda: deque(maxlen=PLOT_POINTS))
+    plot_count: int = 0
+
+    def stream(self, name: str) -> StreamState:
+        stream = self.streams.get(name)
+        if stream is None:
+            stream = self.streams[name] = StreamState(name)
+        return stream
+
+    def gaps(self) -> dict[str, int]:
+        """Events missing per stream: seq_num holes plus stop.num_events shortfalls."""
+        gaps = {name: s.gaps for name, s in self.streams.items() if s.gaps}
+        for name, n in self.shortfall.items():
+            gaps[name] = gaps.get(name, 0) + n
+        return gaps
+
+    @property
+    def state(self) -> str:
+        if not self.stopped:
+            return "running"
+        return self.exit_status or "stopped"
+
+
+def _hinted_fields(descriptor: Mapping[str, Any], detector: str) -> list[str]:
+    hints = descriptor.get("hints")
+    if isinstance(hints, Mapping):
+        entry = hints.get(detector)
+        if isinstance(entry, Mapping) and isinstance(entry.get("fields"), list):
+            return [f for f in entry["fields"] if isinstance(f, str)]
+    return []
+
+
+def default_plot_key(start: Mapping[str, Any] | None, descriptor: Mapping[str, Any]) -> str | None:
+    """The first detector's first hinted (else first) scalar numeric data key, or None."""
+    data_keys = descriptor.get("data_keys")
+    if not isinstance(data_keys, Mapping):
+        return None
+
+    def numeric(key: str) -> bool:
+        spec = data_keys.get(key)
+        return (
+            isinstance(spec, Mapping)
+            and spec.get("dtype") in NUMERIC_DTYPES
+            and not spec.get("shape")
+            and "external" not in spec
+        )
+
+    object_keys = descriptor.get("object_keys")
+    object_keys = object_keys if isinstance(object_keys, Mapping) else {}
+    detectors = (start or {}).get("detectors")
+    for detector in detectors if isinstance(detectors, list) else []:
+        if not isinstance(detector, str):
+            continue
+        owned = object_keys.get(detector)
+        candidates = _hinted_fields(descriptor, detector) + (owned if isinstance(owned, list) else [])
+        for key in candidates:
+            if isinstance(key, str) and numeric(key):
+                return key
+    # No detector listed (or none numeric): any hinted field, then any numeric key.
+    hints = descriptor.get("hints")
+    for obj in hints if isinstance(hints, Mapping) else {}:
+        for key in _hinted_fields(descriptor, obj):
+            if numeric(key):
+                return key
+    return next((key for key in data_keys if isinstance(key, str) and numeric(key)), None)
+
+
+class MonitorState:
+    """Everything the monitor shows; thread-safe; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        address: str = "",
+        plot_key: str | None = None,
+        sidecar_url: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.lock = threading.Lock()
+        self.clock = clock
+        self.wall = wall
+        self.address = address
+        self.requested_plot_key = plot_key
+        self.started = wall()
+        # 0MQ side
+        self.connection = "connecting"
+        self.connection_detail = ""
+        self.connection_since = self.started
+        self.connects = 0
+        self.messages = 0
+        self.bytes = 0
+        self.documents: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.orphans = 0  # documents of runs that started before the monitor
+        self.errors = 0
+        self.last_error: str | None = None
+        self.runs: OrderedDict[str, RunState] = OrderedDict()
+        self.run_of_descriptor: dict[str, str] = {}
+        # sidecar side
+        self.sidecar_url = sidecar_url
+        self.sidecar_state = "unknown"
+        self.sidecar_since: float | None = None
+        self.sidecar_error: str | None = None
+        self.sidecar_polls = 0
+        self.health: dict[str, Any] | None = None
+        self._upload_samples: deque[tuple[float, int, int]] = deque(maxlen=16)
+
+    # ---------------------------------------------------------- 0MQ side
+    def set_connection(self, state: str, detail: str = "") -> None:
+        """`state`: connecting, connected, disconnected (or error)."""
+        with self.lock:
+            if state == "connected":
+                self.connects += 1
+            if state != self.connection:
+                self.connection = state
+                self.connection_since = self.wall()
+            self.connection_detail = detail
+
+    def note_message(self, size: int) -> None:
+        with self.lock:
+            self.messages += 1
+            self.bytes += size
+
+    def reject(self, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] += 1
+
+    def error(self, message: str) -> None:
+        with self.lock:
+            self.errors += 1
+            self.last_error = message[:300]
+
+    def feed(self, name: str, doc: Mapping[str, Any]) -> None:
+        """Account for one decoded document; never raises for a malformed one."""
+        now = self.clock()
+        with self.lock:
+            self.documents[name] += 1
+            try:
+                self._feed(name, doc, now)
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                self.rejected["monitor-malformed"] += 1
+                self.last_error = f"{name}: {type(err).__name__}: {err}"[:300]
+
+    def _feed(self, name: str, doc: Mapping[str, Any], now: float) -> None:
+        if name == "start":
+            self._start(doc)
+            return
+        run: RunState | None
+        if name == "descriptor":
+            run = self.runs.get(str(doc.get("run_start")))
+            if run is None:
+                self.orphans += 1
+                return
+            self._descriptor(run, doc)
+        elif name in ("event", "event_page"):
+            uid = self.run_of_descriptor.get(str(doc.get("descriptor")))
+            run = self.runs.get(uid) if uid is not None else None
+            if run is None:
+                self.orphans += 1
+                return
+            if name == "event":
+                self._events(run, doc, [doc["seq_num"]], [doc["data"]], now)
+            else:
+                seq_nums = list(doc["seq_num"])
+                data = doc["data"]
+                rows = [{k: v[i] for k, v in data.items()} for i in range(len(seq_nums))]
+                self._events(run, doc, seq_nums, rows, now)
+        elif name == "stop":
+            run = self.runs.get(str(doc.get("run_start")))
+            if run is None:
+                self.orphans += 1
+                return
+            self._stop(run, doc)
+        else:
+            return  # resources, datums, stream_resources: counted only
+        run.documents += 1
+
+    def _start(self, doc: Mapping[str, Any]) -> None:
+        uid = str(doc["uid"])
+        detectors = doc.get("detectors")
+        run = RunState(
+            uid=uid,
+            scan_id=plain(doc.get("scan_id")),
+            plan_name=plain(doc.get("plan_name")),
+            start_time=float(doc["time"]) if isinstance(doc.get("time"), (int, float)) else None,
+            detectors=[d for d in detectors if isinstance(d, str)] if isinstance(detectors, list) else [],
+            documents=1,
+        )
+        self.runs[uid] = run
+        self._evict()
+
+    def _evict(self) -> None:
+        finished = [uid for uid, run in self.runs.items() if run.stopped]
+        while len(self.runs) > MAX_RUNS and finished:
+            self._forget(finished.pop(0))
+        while len(self.runs) > 4 * MAX_RUNS:  # open runs whose stop never came
+            self._forget(next(iter(self.runs)))
+
+    def _forget(self, uid: str) -> None:
+        run = self.runs.pop(uid)
+        for descriptor in run.descriptors:
+            self.run_of_descriptor.pop(descriptor, None)
+
+    def _descriptor(self, run: RunState, doc: Mapping[str, Any]) -> None:
+        uid = str(doc["uid"])
+        stream_name = str(doc.get("name") or "primary")
+        run.descriptors[uid] = stream_name
+        self.run_of_descriptor[uid] = run.uid
+        stream = run.stream(stream_name)
+        data_keys = doc.get("data_keys")
+        for key, spec in (data_keys if isinstance(data_keys, Mapping) else {}).items():
+            if len(stream.scalar_keys) >= MAX_LATEST_KEYS:
+                break
+            if (
+                isinstance(spec, Mapping)
+                and spec.get("dtype") in SCALAR_DTYPES
+                and not spec.get("shape")
+                and "external" not in spec
+            ):
+                stream.scalar_keys[str(key)] = str(spec["dtype"])
+        if run.plot_key is None:
+            wanted = self.requested_plot_key
+            if wanted is not None:
+                if isinstance(data_keys, Mapping) and wanted in data_keys:
+                    run.plot_key, run.plot_stream = wanted, stream_name
+            elif stream_name == "primary":
+                key = default_plot_key({"detectors": run.detectors}, doc)
+                if key is not None:
+                    run.plot_key, run.plot_stream = key, stream_name
+
+    def _events(
+        self,
+        run: RunState,
+        doc: Mapping[str, Any],
+        seq_nums: list[Any],
+        rows: Sequence[Mapping[str, Any]],
+        now: float,
+    ) -> None:
+        descriptor = str(doc["descriptor"])
+        stream = run.stream(run.descriptors[descriptor])
+        last = run.last_seq.get(descriptor, 0)
+        for seq in seq_nums:
+            seq = int(seq)
+            if seq > last + 1:
+                stream.gaps += seq - last - 1
+            elif seq <= last:
+                stream.duplicates += 1
+            last = max(last, seq)
+        run.last_seq[descriptor] = last
+        stream.last_seq_num = last
+        stream.events += len(seq_nums)
+        stream.rate.add(len(seq_nums), now)
+        if stream.first_arrival is None:
+            stream.first_arrival = now
+        stream.last_arrival = now
+        if rows:
+            latest = rows[-1]
+            for key in stream.scalar_keys:
+                if key in latest:
+                    stream.latest[key] = latest[key]  # made plain() in snapshot()
+        if run.plot_key is not None and run.plot_stream == stream.name:
+            for row in rows:
+                value = plain(row.get(run.plot_key))
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    run.plot_values.append(float(value))
+                    run.plot_count += 1
+
+    def _stop(self, run: RunState, doc: Mapping[str, Any]) -> None:
+        run.stopped = True
+        run.exit_status = plain(doc.get("exit_status"))
+        run.reason = plain(doc.get("reason")) or None
+        run.stop_time = float(doc["time"]) if isinstance(doc.get("time"), (int, float)) else None
+        num_events = doc.get("num_events")
+        run.num_events = {
+            str(k): int(v) for k, v in (num_events if isinstance(num_events, Mapping) else {}).items()
+        }
+        for stream_name, expected in run.num_events.items():
+            stream = run.streams.get(stream_name)
+            received = stream.events - stream.duplicates if stream else 0
+            missing = expected - received - (stream.gaps if stream else 0)
+            if missing > 0:
+                run.shortfall[stream_name] = missing
+        self._evict()
+
+    # ------------------------------------------------------- sidecar side
+    def set_health(self, health: Mapping[str, Any] | None, error: str | None = None) -> None:
+        """Record one poll of the sidecar's /healthz: its body, or why there is none."""
+        with self.lock:
+            self.sidecar_polls += 1
+            if health is None:
+                state = "down"
+                self.sidecar_error = error or "no answer"
+            else:
+                state = "up" if health.get("status") == "ok" else "unhealthy"
+                self.sidecar_error = None
+                upload = health.get("upload")
+                if isinstance(upload, Mapping):
+                    rows, docs = upload.get("rows"), upload.get("documents")
+                    if isinstance(rows, int) and isinstance(docs, int):
+                        self._upload_samples.append((self.clock(), rows, docs))
+            if state != self.sidecar_state:
+                self.sidecar_state = state
+                self.sidecar_since = self.wall()
+                if state == "down":
+                    self._upload_samples.clear()
+            self.health = dict(health) if health is not None else None
+
+    def _upload_rates(self) -> tuple[float | None, float | None]:
+        samples = self._upload_samples
+        if len(samples) < 2:
+            return None, None
+        (t0, rows0, docs0), (t1, rows1, docs1) = samples[0], samples[-1]
+        if t1 <= t0:
+            return None, None
+        return max(0, rows1 - rows0) / (t1 - t0), max(0, docs1 - docs0) / (t1 - t0)
+
+    # ------------------------------------------------------------ snapshot
+    def snapshot(self) -> dict[str, Any]:
+        """Everything on screen as one JSON-able dict (a copy; see module docstring)."""
+        now, wall = self.clock(), self.wall()
+        with self.lock:
+            runs = [self._run_dict(run, now, wall, latest=False) for run in reversed(self.runs.values())]
+            current = next(reversed(self.runs.values()), None)
+            rows_rate, docs_rate = self._upload_rates()
+            return {
+                "time": wall,
+                "monitor_started": self.started,
+                "zmq": {
+                    "address": self.address,
+                    "connection": self.connection,
+                    "detail": self.connection_detail,
+                    "since": self.connection_since,
+                    "connects": self.connects,
+                    "messages": self.messages,
+                    "bytes": self.bytes,
+                    "documents": dict(self.documents),
+                    "rejected": dict(self.rejected),
+                    "orphans": self.orphans,
+                    "errors": self.errors,
+                    "last_error": self.last_error,
+                },
+                "run": self._run_dict(current, now, wall, latest=True) if current else None,
+                "runs": runs,
+                "plot": self._plot_dict(current),
+                "gaps": sum(sum(run.gaps().values()) for run in self.runs.values()),
+                "sidecar": {
+                    "url": self.sidecar_url,
+                    "state": self.sidecar_state,
+                    "since": self.sidecar_since,
+                    "error": self.sidecar_error,
+                    "polls": self.sidecar_polls,
+                    "upload_rows_per_second": rows_rate,
+                    "upload_documents_per_second": docs_rate,
+                    "health": self.health,
+                },
+            }
+
+    def _plot_dict(self, run: RunState | None) -> dict[str, Any]:
+        if run is None:
+            return {"key": self.requested_plot_key, "stream": None, "values": [], "count": 0}
+        return {
+            "key": run.plot_key or self.requested_plot_key,
+            "stream": run.plot_stream,
+            "values": list(run.plot_values),
+            "count": run.plot_count,
+        }
+
+    def _run_dict(self, run: RunState, now: float, wall: float, *, latest: bool) -> dict[str, Any]:
+        end = run.stop_time if run.stopped else wall
+        streams = {}
+        for name, s in run.streams.items():
+            entry: dict[str, Any] = {
+                "events": s.events,
+                "rate": round(s.rate.rate(now), 3),
+                "mean_rate": s.mean_rate(),
+                "last_seq_num": s.last_seq_num,
+                "gaps": s.gaps + run.shortfall.get(name, 0),
+                "duplicates": s.duplicates,
+            }
+            if latest:
+                entry["latest"] = {k: plain(v) for k, v in s.latest.items()}
+            streams[name] = entry
+        return {
+            "uid": run.uid,
+            "scan_id": run.scan_id,
+            "plan_name": run.plan_name,
+            "start_time": run.start_time,
+            "elapsed_seconds": (end - run.start_time) if end is not None and run.start_time else None,
+            "state": run.state,
+            "exit_status": run.exit_status,
+            "reason": run.reason,
+            "documents": run.documents,
+            "events": {name: s.events for name, s in run.streams.items()},
+            "num_events": run.num_events or None,
+            "gaps": run.gaps(),
+            "streams": streams,
+        }
+
+
+__all__ = ["MonitorState", "RateMeter", "default_plot_key", "plain"]

@@ -1,0 +1,38 @@
+"""Real processes for tests and the `demo` command.
+
+A Tiled server on SQLite storage (`TiledServer`), bluesky's own
+`bluesky-0MQ-proxy` (`ZmqProxy`), and a RunEngine publishing through it
+(`Acquisition`), each a context manager that cleans up its process group;
+plus what Tiled must then contain (`expected_rows`) and what it does
+contain (`read_stream`, `tree_summary`). Nothing here is mocked.
+"""
+
+from .acquisition import (
+    Acquisition,
+    DocumentRecorder,
+    expected_rows,
+    plain,
+    run_uids,
+)
+from .ports import free_port, wait_until
+from .proxy import PROBE_PREFIX, ZmqProxy, is_probe, probe_message
+from .tiled_readback import frame_rows, read_stream, tree_summary
+from .tiled_server import TiledServer
+
+__all__ = [
+    "PROBE_PREFIX",
+    "Acquisition",
+    "DocumentRecorder",
+    "TiledServer",
+    "ZmqProxy",
+    "expected_rows",
+    "frame_rows",
+    "free_port",
+    "is_probe",
+    "plain",
+    "probe_message",
+    "read_stream",
+    "run_uids",
+    "tree_summary",
+    "wait_until",
+]

@@ -1,0 +1,133 @@
+"""One child process in its own process group, with its output in a log file.
+
+Every service fixture (Tiled, the 0MQ proxy, the sidecar itself) is a
+`ManagedProcess`: started with `start_new_session=True`, so a signal sent
+to its process group also reaches anything it spawned, and a Ctrl+C in the
+terminal does not reach it behind our back. Its stdout and stderr go to a
+log file that is appended to across restarts (each start writes a header
+line), so a failing test can show it. Each live process is registered, and
+an `atexit` hook SIGKILLs whatever a crashed test or an interrupted demo
+left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+_LIVE: set[ManagedProcess] = set()
+
+
+def _kill_leftovers() -> None:
+    for process in list(_LIVE):
+        process.kill()
+
+
+atexit.register(_kill_leftovers)
+
+
+class ManagedProcess:
+    """A subprocess whose whole process group is signalled and reaped."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.cwd = cwd
+        # Unbuffered, so the log file is current while the child runs.
+        self.env = {**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"}
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id (and process group id) of the running child."""
+        return self._popen.pid if self._popen is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the child has not exited (a stopped child is running)."""
+        return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once the child is gone; negative for a signal."""
+        return self._popen.poll() if self._popen is not None else None
+
+    def spawn(self) -> None:
+        """Start the child; it must not be running already."""
+        if self.running:
+            raise RuntimeError(f"{self.argv[0]} is already running (pid {self.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"==== {stamp} start: {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self._popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,
+            )
+        _LIVE.add(self)
+
+    def signal_group(self, signum: int) -> None:
+        """Send `signum` to the child's process group while the child is unreaped.
+
+        An unreaped child (alive or zombie) still owns its pid, so the group
+        id cannot have been recycled for an unrelated process.
+        """
+        if self._popen is None or self._popen.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._popen.pid, signum)
+
+    def terminate(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the group, SIGKILL it after `timeout` s; return the exit status."""
+        if self._popen is None:
+            return None
+        if self._popen.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            # A paused (SIGSTOPped) process only acts on SIGTERM once continued.
+            self.signal_group(signal.SIGCONT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout)
+        return self.kill()
+
+    def kill(self) -> int | None:
+        """SIGKILL the group (children too) and reap the child."""
+        _LIVE.discard(self)
+        if self._popen is None:
+            return None
+        self.signal_group(signal.SIGKILL)
+        return self._popen.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP the group: sockets stay open, nothing is answered."""
+        self.signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the group."""
+        self.signal_group(signal.SIGCONT)
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last `lines` lines of the log file ('' if there is none yet)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])

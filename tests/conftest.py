@@ -1,0 +1,64 @@
+"""Fixtures that start real processes: Tiled, bluesky-0MQ-proxy, a RunEngine.
+
+Every fixture but `shared_tiled_server` is function-scoped; each cleans up
+its process group in teardown (also after a failure or Ctrl+C). When a test fails, the tail of
+each service's log is attached to the report as its own section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy
+
+#: Fixture names whose values have a `log_tail()` worth showing on failure.
+_LOGGED_FIXTURES = ("tiled_server", "shared_tiled_server", "proxy")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        for name in _LOGGED_FIXTURES:
+            service = funcargs.get(name)
+            if service is not None:
+                report.sections.append((f"{name} log (tail of {service.log_path})", service.log_tail()))
+    return report
+
+
+@pytest.fixture
+def tiled_server(tmp_path: Path) -> Iterator[TiledServer]:
+    """A fresh Tiled server (SQLite catalog and tables) in tmp_path/tiled."""
+    with TiledServer(tmp_path / "tiled") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def shared_tiled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServer]:
+    """One Tiled server for the whole session (a cold start costs 10-20 s).
+
+    For tests that only write and read their own runs (uids are unique).
+    Never stop, kill, pause or restart it, nor count every run in it.
+    """
+    with TiledServer(tmp_path_factory.mktemp("shared-tiled")) as server:
+        yield server
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[ZmqProxy]:
+    """bluesky-0MQ-proxy on two free 127.0.0.1 ports, proven to forward."""
+    with ZmqProxy(log_path=tmp_path / "proxy.log") as running:
+        yield running
+
+
+@pytest.fixture
+def acquisition(proxy: ZmqProxy) -> Iterator[Acquisition]:
+    """A RunEngine publishing to `proxy` and recording what it emitted."""
+    with Acquisition.for_proxy(proxy) as acq:
+        yield acq

@@ -1,0 +1,558 @@
+"""`tiled-writer-sidecar monitor`: live view and `--once --json`, with real processes.
+
+The monitor runs as the console script in a subprocess, subscribed to a real
+`bluesky-0MQ-proxy` fed by a real RunEngine (ophyd.sim devices, bluesky's
+`Publisher`). Its sidecar panel reads a real `metrics.MetricsServer` (over a
+real spool) or the real daemon; "sidecar down" is a port nothing listens on.
+The live screen is read from tmux (`capture-pane`) or from a pseudo-terminal.
+Readiness is always polled with a deadline: the monitor logs "receiving
+from proxy" (to stderr, in `--once` mode) when its first message arrives, so
+`Acquisition.wait_subscribers` knows its subscription is in effect.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import shlex
+import shutil
+import signal
+import struct
+import subprocess
+import termios
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import bluesky.plans as bp
+import bluesky.preprocessors as bpp
+import pytest
+from ophyd.sim import det, det1, motor, motor1
+from rich.console import Console
+
+from tiled_writer_sidecar.config import ZmqConfig
+from tiled_writer_sidecar.errors import ConfigError
+from tiled_writer_sidecar.metrics import MetricsServer
+from tiled_writer_sidecar.monitor import Subscriber, health_url, render, sparkline
+from tiled_writer_sidecar.monitor_state import MonitorState
+from tiled_writer_sidecar.spool.directory import SpoolDir
+from tiled_writer_sidecar.spool.index import Received, atomic_write_json
+from tiled_writer_sidecar.stats import ReceiverStats
+from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy, free_port, wait_until
+from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command
+
+Document = tuple[str, dict[str, Any]]
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]|\r")
+
+
+# ----------------------------------------------------------------- helpers
+class MonitorProcess:
+    """`tiled-writer-sidecar monitor ARGS` with stdout and stderr in files."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "monitor.toml"
+        config.write_text('[log]\nlevel = "INFO"\n')
+        self.stdout_path = directory / "monitor.out"
+        self.stderr_path = directory / "monitor.err"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.popen = subprocess.Popen(
+                [*sidecar_command(), "monitor", "--config", str(config), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
+        def seen() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"monitor exited ({self.popen.returncode}):\n{self.log()}")
+            return self.log().count(text) >= count
+
+        wait_until(seen, timeout, what=f"{text!r} x{count} in the monitor's log")
+
+    def finish(self, timeout: float = 30.0) -> tuple[int, str, str]:
+        """SIGINT (ends `--once` early), wait; return (exit code, stdout, stderr)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+        code = self.popen.wait(timeout)
+        return code, self.stdout_path.read_text(), self.log()
+
+    def snapshot(self, timeout: float = 30.0) -> dict[str, Any]:
+        code, out, err = self.finish(timeout)
+        assert code == 0, err
+        assert "Traceback" not in err
+        data: dict[str, Any] = json.loads(out)
+        return data
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+
+@pytest.fixture
+def monitor(tmp_path: Path) -> Iterator[Callable[..., MonitorProcess]]:
+    """Start monitors with `monitor(*args)`; all are killed in teardown."""
+    started: list[MonitorProcess] = []
+
+    def start(*args: str) -> MonitorProcess:
+        process = MonitorProcess(tmp_path / f"monitor{len(started)}", *args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+@pytest.fixture
+def health_server(tmp_path: Path) -> Iterator[MetricsServer]:
+    """The daemon's real /healthz over a spool holding one unuploaded run, Tiled down."""
+    spool = SpoolDir(tmp_path / "spool")
+    run_dir = spool.run_dir("backlog-run")
+    run_dir.mkdir()
+    Received(uid="backlog-run", scan_id=7, documents=5, bytes=2048, closed=True).save(run_dir)
+    atomic_write_json(
+        spool.root / "uploader.json",
+        {
+            "tiled": "down",
+            "since": 1.0e9,
+            "last_error": "ConnectError: connection refused",
+            "documents": 40,
+            "rows": 30,
+            "last_lag_seconds": 0.25,
+            "updated": 1.0e9,
+        },
+    )
+    server = MetricsServer(f"127.0.0.1:{free_port()}", ReceiverStats(), spool)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def nobody_listens() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def run_documents(docs: list[Document], uid: str) -> list[Document]:
+    """The documents of run `uid`, in order."""
+    descriptors = {d["uid"] for n, d in docs if n == "descriptor" and d["run_start"] == uid}
+    return [
+        (name, doc)
+        for name, doc in docs
+        if (name == "start" and doc["uid"] == uid)
+        or (name in ("descriptor", "stop") and doc["run_start"] == uid)
+        or (name in ("event", "event_page") and doc["descriptor"] in descriptors)
+    ]
+
+
+def sent_events(docs: list[Document], uid: str) -> dict[str, int]:
+    """Events per stream name that the RunEngine emitted for run `uid`."""
+    mine = run_documents(docs, uid)
+    streams = {d["uid"]: d["name"] for n, d in mine if n == "descriptor"}
+    return dict(Counter(streams[d["descriptor"]] for n, d in mine if n == "event"))
+
+
+def stream_values(docs: list[Document], uid: str, stream: str, key: str) -> list[Any]:
+    """The values of data key `key` in the events of `stream` of run `uid`, in order."""
+    mine = run_documents(docs, uid)
+    descriptors = {d["uid"] for n, d in mine if n == "descriptor" and d["name"] == stream}
+    return [d["data"][key] for n, d in mine if n == "event" and d["descriptor"] in descriptors]
+
+
+def assert_run_matches(seen: dict[str, Any], docs: list[Document], uid: str) -> None:
+    mine = run_documents(docs, uid)
+    start = mine[0][1]
+    stop = mine[-1][1]
+    assert seen["uid"] == uid
+    assert seen["scan_id"] == start["scan_id"]
+    assert seen["plan_name"] == start["plan_name"]
+    assert seen["events"] == sent_events(docs, uid)
+    assert seen["events"] == stop["num_events"]
+    assert seen["exit_status"] == stop["exit_status"]
+    assert seen["documents"] == len(mine)
+    assert seen["gaps"] == {}
+
+
+# ------------------------------------------------------------ pure parts
+def test_health_url_accepts_host_port_and_full_urls() -> None:
+    """--sidecar HOST:PORT, a base URL or a full /healthz URL; [metrics] address when absent."""
+    assert health_url(None, "127.0.0.1:9478") == "http://127.0.0.1:9478/healthz"
+    assert health_url("10.0.0.5:9000", "x") == "http://10.0.0.5:9000/healthz"
+    assert health_url("http://h:1/", "x") == "http://h:1/healthz"
+    assert health_url("https://h:1/custom/health", "x") == "https://h:1/custom/health"
+    with pytest.raises(ConfigError, match="--sidecar"):
+        health_url("ftp://h:1", "x")
+
+
+def test_sparkline_puts_the_minimum_at_the_bottom_and_the_maximum_at_the_top() -> None:
+    """Three rows: the minimum is one eighth of a block in the bottom row, the maximum a full column."""
+    rows = sparkline([0.0, 5.0, 10.0], width=10, height=3)
+    assert rows[0][0] == " " and rows[2][0] == "▁"
+    assert [row[2] for row in rows] == ["█", "█", "█"]
+    assert sparkline([1.0] * 50, width=20)[0] == "▄" * 20  # flat: mid-height, last `width` values
+
+
+def test_render_shows_the_run_the_plot_and_a_down_sidecar() -> None:
+    """The screen for a finished scan: scan_id, stream counts, plot key, last runs, sidecar down."""
+    with Acquisition(None, md={"scan_id": 6}) as acq:
+        (uid,) = acq.run(bp.scan([det1], motor, 0, 1, 9))
+        state = MonitorState(address="tcp://127.0.0.1:5578", sidecar_url="http://127.0.0.1:9/healthz")
+        for name, doc in acq.documents:
+            state.feed(name, doc)
+    state.set_health(None, "nothing listens there (sidecar not running?)")
+    console = Console(record=True, width=140, force_terminal=False)
+    console.print(render(state.snapshot(), 140))
+    text = console.export_text()
+    assert re.search(r"scan_id 7\b", text)
+    assert re.search(r"primary\s+9\s", text)
+    assert "plot det1" in text
+    assert uid in text and uid[:8] in text.split("last runs")[1]
+    assert "sidecar ● down" in text and "nothing listens there" in text
+
+
+def test_json_without_once_is_a_usage_error() -> None:
+    """`monitor --json` alone exits 2 with a one-line reason, before subscribing to anything."""
+    done = subprocess.run(
+        [*sidecar_command(), "monitor", "--json", "--zmq", "tcp://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["tiled-writer-sidecar: error: --json needs --once"]
+
+
+def test_undecodable_messages_are_counted_as_rejected_not_raised() -> None:
+    """Garbage and a forbidden pickle from the wire are counted by reason; no document is made."""
+    state = MonitorState()
+    subscriber = Subscriber(ZmqConfig(address=f"tcp://127.0.0.1:{free_port()}"), state)
+    try:
+        subscriber.handle([b"no-spaces-here"])
+        subscriber.handle(
+            [b" start \x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93."]
+        )
+    finally:
+        subscriber.stop()
+    zmq_part = state.snapshot()["zmq"]
+    assert zmq_part["messages"] == 2
+    assert sum(zmq_part["rejected"].values()) == 2
+    assert zmq_part["documents"] == {}
+
+
+# ------------------------------------------------------ real processes
+def test_once_json_matches_what_the_run_engine_sent(
+    proxy: ZmqProxy,
+    acquisition: Acquisition,
+    health_server: MetricsServer,
+    monitor: Callable[..., MonitorProcess],
+) -> None:
+    """--once --json while a count and a scan-with-baseline run: scan_id, uid, per-stream counts,
+    exit status and document totals equal what the RunEngine emitted; the sidecar panel is the
+    health endpoint's (backlog, Tiled down since, last error)."""
+    mon = monitor(
+        "--zmq",
+        proxy.out_address,
+        "--sidecar",
+        f"http://127.0.0.1:{health_server.port}",
+        "--once",
+        "--json",
+        "--seconds",
+        "120",
+    )
+    acquisition.wait_subscribers(lambda: "receiving from proxy" in mon.log())
+    acquisition.RE.md["scan_id"] = 500
+    (count_uid,) = acquisition.run(bp.count([det], 23))
+    with_baseline = bpp.baseline_wrapper(bp.scan([det1], motor, -1, 1, 11), [motor1])  # type: ignore[no-untyped-call]
+    (scan_uid,) = acquisition.run(with_baseline)
+    mon.wait_log(f"run stop uid={scan_uid}")
+    snap = mon.snapshot()
+
+    docs = acquisition.documents
+    assert snap["run"]["uid"] == scan_uid
+    assert snap["run"]["scan_id"] == 502
+    assert snap["run"]["events"] == {"baseline": 2, "primary": 11}
+    runs = {run["uid"]: run for run in snap["runs"]}
+    assert list(runs) == [scan_uid, count_uid]
+    assert_run_matches(runs[count_uid], docs, count_uid)
+    assert_run_matches(runs[scan_uid], docs, scan_uid)
+    assert runs[count_uid]["events"] == {"primary": 23}
+    assert snap["zmq"]["documents"] == dict(Counter(name for name, _ in docs))
+    probes = snap["zmq"]["rejected"].pop("unknown-document", 0)  # wait_subscribers' probes
+    assert snap["zmq"]["rejected"] == {}
+    assert snap["zmq"]["messages"] == len(docs) + probes
+    assert snap["zmq"]["connection"] == "connected"
+    assert snap["gaps"] == 0
+    assert snap["plot"]["key"] == "det1"
+    assert snap["plot"]["values"] == stream_values(docs, scan_uid, "primary", "det1")
+
+    sidecar = snap["sidecar"]
+    assert sidecar["state"] == "up"
+    assert sidecar["health"]["spool"]["backlog_documents"] == 5
+    assert sidecar["health"]["spool"]["backlog_bytes"] == 2048
+    assert sidecar["health"]["tiled"] == {
+        "state": "down",
+        "since": 1.0e9,
+        "last_error": "ConnectError: connection refused",
+    }
+    assert sidecar["health"]["upload"]["last_lag_seconds"] == 0.25
+
+
+def test_once_without_proxy_or_sidecar_says_so_and_exits_0(
+    tmp_path: Path, monitor: Callable[..., MonitorProcess]
+) -> None:
+    """Nothing listens on the 0MQ address nor on the sidecar URL: exit 0, no traceback, and the
+    snapshot (JSON and text) says the proxy is not there yet and the sidecar is down."""
+    zmq_address = f"tcp://127.0.0.1:{free_port()}"
+    url = nobody_listens()
+    mon = monitor("--zmq", zmq_address, "--sidecar", url, "--once", "--json", "--seconds", "1")
+    code, out, err = mon.popen.wait(30), mon.stdout_path.read_text(), mon.log()
+    assert code == 0, err
+    assert "Traceback" not in err
+    snap = json.loads(out)
+    assert snap["zmq"]["connection"] == "connecting"
+    assert "bluesky-0MQ-proxy" in snap["zmq"]["detail"]
+    assert snap["run"] is None
+    assert snap["sidecar"]["state"] == "down"
+    assert snap["sidecar"]["url"] == url + "/healthz"
+    assert "nothing listens" in snap["sidecar"]["error"]
+
+    text_mon = monitor("--zmq", zmq_address, "--sidecar", url, "--once", "--seconds", "0.5")
+    assert text_mon.popen.wait(30) == 0
+    screen = text_mon.stdout_path.read_text()
+    assert "● connecting" in screen
+    assert "waiting for a run" in screen
+    assert "sidecar ● down" in screen
+
+
+def test_monitor_started_before_the_proxy_follows_it_through_a_restart(
+    tmp_path: Path, monitor: Callable[..., MonitorProcess]
+) -> None:
+    """Monitor first, proxy later, then a proxy restart between two scans: it reconnects by itself
+    and both runs are complete in the snapshot."""
+    proxy = ZmqProxy(log_path=tmp_path / "proxy.log")
+    mon = monitor(
+        "--zmq", proxy.out_address, "--sidecar", nobody_listens(), "--once", "--json", "--seconds", "120"
+    )
+    try:
+        with proxy, Acquisition.for_proxy(proxy) as acq:
+            mon.wait_log("connected to proxy")
+            acq.wait_subscribers(lambda: "receiving from proxy" in mon.log())
+            (first,) = acq.run(bp.count([det], 5))
+            mon.wait_log(f"run stop uid={first}")
+
+            proxy.restart()
+            mon.wait_log("went away")
+            mon.wait_log("connected to proxy", count=2)
+            acq.wait_subscribers(lambda: mon.log().count("receiving from proxy") >= 2)
+            (second,) = acq.run(bp.scan([det], motor, 0, 1, 6))
+            mon.wait_log(f"run stop uid={second}")
+            docs = acq.documents
+    finally:
+        proxy.close()
+    snap = mon.snapshot()
+    runs = {run["uid"]: run for run in snap["runs"]}
+    assert_run_matches(runs[first], docs, first)
+    assert_run_matches(runs[second], docs, second)
+    assert snap["zmq"]["connects"] == 2
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """`tmux(*args)` runs tmux on a private server socket; the server is killed in teardown."""
+    if shutil.which("tmux") is None:
+        pytest.fail("tmux is needed for the live-screen test: apt-get install -y tmux")
+    socket = tmp_path / "tmux.sock"
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            ["tmux", "-S", str(socket), *args], capture_output=True, text=True, timeout=30, check=True
+        )
+        return done.stdout
+
+    yield run
+    subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True, timeout=30)
+
+
+def test_live_screen_in_tmux_shows_scan_id_event_count_and_sidecar_down(
+    proxy: ZmqProxy, acquisition: Acquisition, tmux: Callable[..., str], tmp_path: Path
+) -> None:
+    """The live view in a 140x45 tmux pane shows the scan's scan_id, its event count, the plot and
+    'sidecar down'; Ctrl+C ends it with status 0 and no traceback."""
+    config = tmp_path / "monitor.toml"
+    config.write_text("")
+    monitor_command = shlex.join(
+        [*sidecar_command(), "monitor", "--config", str(config), "--zmq", proxy.out_address,
+         "--sidecar", nobody_listens()]
+    )  # fmt: skip
+    # The pane's shell outlives the monitor (`trap :` lets Ctrl+C reach only the monitor's exit
+    # path) and prints its exit status. `env -u`: a COLUMNS inherited by the tmux server would pin
+    # rich's width to it.
+    command = f'trap : INT; env -u COLUMNS -u LINES {monitor_command}; echo "monitor exit status $?"'
+    tmux("new-session", "-d", "-s", "mon", "-x", "140", "-y", "45", command,
+         ";", "set-option", "-t", "mon", "remain-on-exit", "on")  # fmt: skip
+
+    def screen() -> str:
+        return tmux("capture-pane", "-p", "-t", "mon")
+
+    def messages_on_screen() -> int:
+        found = re.search(r"([\d,]+) messages", screen())
+        return int(found.group(1).replace(",", "")) if found else 0
+
+    acquisition.wait_subscribers(lambda: messages_on_screen() > 0)
+    acquisition.RE.md["scan_id"] = 4100
+    (uid,) = acquisition.run(bp.count([det], 37))
+
+    def shows_the_scan() -> bool:
+        text = screen()
+        return all(
+            (
+                re.search(r"scan_id 4101\b", text),
+                re.search(r"primary\s+37\s", text),
+                "● success" in text,
+                "sidecar ● down" in text,
+            )
+        )
+
+    try:
+        wait_until(shows_the_scan, 30, what="scan_id 4101, 37 events and 'sidecar down' on the screen")
+    except TimeoutError:
+        pytest.fail("screen was:\n" + screen())
+    text = screen()
+    assert uid in text
+    assert "plot det" in text
+    assert "nothing listens there" in text
+    assert "● connected" in text
+
+    tmux("send-keys", "-t", "mon", "C-c")
+
+    def exit_status() -> str | None:
+        found = re.search(r"monitor exit status (\d+)", screen())
+        return found.group(1) if found else None
+
+    assert wait_until(exit_status, 30, what="the monitor to exit after Ctrl+C") == "0"
+    assert "Traceback" not in screen()
+
+
+def test_a_slow_terminal_loses_no_events(proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path) -> None:
+    """Nobody reads the monitor's pseudo-terminal while 3000 events are published, so rendering blocks
+    on a full pty; once the terminal is read again the screen shows all 3000 events, no gap."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 45, 140, 0, 0))
+    config = tmp_path / "monitor.toml"
+    config.write_text("")
+    process = subprocess.Popen(
+        [
+            *sidecar_command(),
+            "monitor",
+            "--config",
+            str(config),
+            "--zmq",
+            proxy.out_address,
+            "--sidecar",
+            nobody_listens(),
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "140", "LINES": "45"},
+    )
+    os.close(slave)
+    output = bytearray()
+
+    def read_available() -> str:
+        while select.select([master], [], [], 0)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output.extend(chunk)
+        return ANSI.sub("", output[-20000:].decode(errors="replace"))
+
+    try:
+
+        def messages_seen() -> bool:
+            found = re.findall(r"([\d,]+) messages", read_available())
+            return bool(found) and int(found[-1].replace(",", "")) > 0
+
+        acquisition.wait_subscribers(messages_seen)
+        read_available()
+        # Stop reading: the pty fills up and the monitor's renderer blocks on write.
+        (uid,) = acquisition.run(bp.count([det], 3000))
+        pending = struct.unpack("i", fcntl.ioctl(master, termios.FIONREAD, b"\0\0\0\0"))[0]
+        assert pending >= 4095, "the pty's line buffer (4095 bytes) should be full"
+        assert process.poll() is None
+
+        def shows_all() -> bool:
+            return re.search(r"primary\s+3000\s", read_available()) is not None
+
+        wait_until(shows_all, 60, what="3000 events on the screen")
+        text = read_available()
+        assert "gaps detected: 0" in text
+        assert uid[:8] in text
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        os.close(master)
+
+
+def test_sidecar_panel_from_the_real_daemon(
+    tiled_server: TiledServer,
+    proxy: ZmqProxy,
+    acquisition: Acquisition,
+    tmp_path: Path,
+    monitor: Callable[..., MonitorProcess],
+) -> None:
+    """Real proxy, RunEngine, sidecar daemon and Tiled: the monitor sees the scan and, from /healthz,
+    Tiled up, the run uploaded, an empty backlog and the uploaded document count."""
+    with SidecarProcess(
+        tmp_path / "sidecar",
+        zmq_address=proxy.out_address,
+        tiled_uri=tiled_server.uri,
+        api_key=tiled_server.api_key,
+    ) as sidecar:
+        mon = monitor(
+            "--zmq",
+            proxy.out_address,
+            "--sidecar",
+            sidecar.health_url,
+            "--once",
+            "--json",
+            "--seconds",
+            "120",
+        )
+        acquisition.wait_subscribers(
+            lambda: sidecar.messages_seen() > 0 and "receiving from proxy" in mon.log()
+        )
+        (uid,) = acquisition.run(bp.count([det], 25))
+        sidecar.wait_drained([uid])
+        # uploader.json (behind /healthz) is rewritten about once a second: wait for its counters.
+        sent = len(run_documents(acquisition.documents, uid))
+        wait_until(lambda: sidecar.health()["upload"]["documents"] >= sent, 30, what="/healthz counters")
+        mon.wait_log(f"run stop uid={uid}")
+        snap = mon.snapshot()
+    assert_run_matches(snap["runs"][0], acquisition.documents, uid)
+    health = snap["sidecar"]["health"]
+    assert snap["sidecar"]["state"] == "up"
+    assert health["tiled"]["state"] == "up"
+    assert health["spool"]["backlog_documents"] == 0
+    assert health["upload"]["documents"] == sent
+    uploaded = {run["uid"]: run for run in health["runs"]}
+    assert uploaded[uid]["state"] == "uploaded"
+    assert uploaded[uid]["uploaded_documents"] == len(run_documents(acquisition.documents, uid))
