@@ -72,14 +72,12 @@ def abstract_systemd(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSystemd]:
 def notifiers() -> Iterator[list[Notifier]]:
     """Notifiers made by a test, closed afterwards.
 
-    Notifier has no close() of its own (the daemon keeps one for its whole
-    life); closing its socket here keeps ResourceWarning out of the tests.
+    Closing them keeps ResourceWarning out of the tests.
     """
     made: list[Notifier] = []
     yield made
     for notifier in made:
-        if notifier._socket is not None:
-            notifier._socket.close()
+        notifier.close()
 
 
 @pytest.fixture

@@ -149,7 +149,7 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
         f"http://{config.metrics.address}" if metrics else "off",
     )
     notifier.ready("receiving")
-    last_status = 0.0
+    last_status = last_ping = 0.0
     try:
         while not shutdown.is_set():
             receiver.poll_once(100)
@@ -160,7 +160,9 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
                 metrics.loop_beat = time.time()
             # The receiver loop is alive (we are in it); the uploader is watched by
             # its supervisor, so a wedged uploader is restarted, never the receiver.
-            notifier.watchdog()
+            if notifier.watchdog_interval and now - last_ping >= notifier.watchdog_interval / 4:
+                last_ping = now
+                notifier.watchdog()
             if now - last_status >= STATUS_INTERVAL_S:
                 last_status = now
                 snapshot = health_snapshot(stats, spool, time.time())

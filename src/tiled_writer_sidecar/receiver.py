@@ -21,7 +21,6 @@ appending to the same run and reports what was missed as an exact gap.
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from dataclasses import dataclass, field
@@ -77,7 +76,6 @@ class Receiver:
         self.closed_runs: dict[str, None] = {}
         self._last_save = 0.0
         self._last_size_check = 0.0
-        self._spool_full = False
         self._context = zmq.Context()
         self.socket = self._make_socket() if subscribe else None
         self._reopen_runs()
@@ -249,7 +247,7 @@ class Receiver:
             writer = LogWriter(run_dir, self.config.spool.segment_bytes, self.fsync)
             received.save(run_dir)
         except OSError as err:
-            self._spool_trouble(err)
+            self._spool_trouble(f"cannot create run {uid} in the spool: {err.strerror}")
             self.stats.dropped += 1
             return
         run = OpenRun(received, writer)
@@ -269,11 +267,9 @@ class Receiver:
         try:
             written = run.writer.append(payload)
         except OSError as err:
-            self._spool_trouble(err)
             self._drop(run, f"spool write failed: {err.strerror}")
             return
-        if self._spool_full:
-            self._spool_full = False
+        if not self.stats.spool_writable:
             self.stats.spool_writable = True
             log.warning("spool writable again; spooling resumed")
         received.documents += 1
@@ -287,14 +283,13 @@ class Receiver:
         run.received.dropped += 1
         run.dirty = True
         self.stats.dropped += 1
-        if not self._spool_full:
-            self._spool_full = True
-            self.stats.spool_writable = False
-            log.error("SPOOL FULL: dropping documents run=%s: %s", run.received.uid, why)
+        self._spool_trouble(f"dropping documents of run {run.received.uid}: {why}")
 
-    def _spool_trouble(self, err: OSError) -> None:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            log.error("spool write error: %s", err)
+    def _spool_trouble(self, why: str) -> None:
+        """Say loudly, once per episode, that documents are being lost."""
+        if self.stats.spool_writable:
+            self.stats.spool_writable = False
+            log.error("SPOOL NOT WRITABLE: %s; free space or fix the spool, spooling resumes by itself", why)
 
     def close_open_runs(self, reason: str) -> None:
         for run in list(self.runs.values()):
@@ -329,7 +324,7 @@ class Receiver:
             run.received.save(self.spool.run_dir(run.received.uid))
             run.dirty = False
         except OSError as err:
-            self._spool_trouble(err)
+            self._spool_trouble(f"cannot save the state of run {run.received.uid}: {err.strerror}")
 
     # ------------------------------------------------------------ upkeep
     def tick(self) -> None:
@@ -339,7 +334,7 @@ class Receiver:
                 try:
                     run.writer.maybe_sync()
                 except OSError as err:
-                    self._spool_trouble(err)
+                    self._spool_trouble(f"fsync failed: {err.strerror}")
         now = time.monotonic()
         if now - self._last_save >= SAVE_INTERVAL_S:
             self._last_save = now

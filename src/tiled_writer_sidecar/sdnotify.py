@@ -18,6 +18,9 @@ class Notifier:
         self._socket: socket.socket | None = None
         if self._address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        # systemd advises pinging at half the watchdog timeout.
+        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() else None
 
     @property
     def enabled(self) -> bool:
