@@ -19,11 +19,11 @@ from pathlib import Path
 os.environ.setdefault("TILED_RETRY_ATTEMPTS", "2")
 os.environ.setdefault("TILED_RETRY_TIMEOUT", "5")
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from .config import Config, load_config  # noqa: E402
-from .errors import ConfigError, SidecarError  # noqa: E402
-from .logs import setup_logging  # noqa: E402
+from .config import Config, load_config
+from .errors import ConfigError, SidecarError
+from .logs import setup_logging
 
 PROG = "tiled-writer-sidecar"
 

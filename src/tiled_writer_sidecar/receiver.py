@@ -193,11 +193,7 @@ class Receiver:
             uid = self.run_of_descriptor.get(doc["descriptor"])
             if uid is None:
                 raise ValidationError(f"{name}-before-descriptor", f"descriptor {doc['descriptor']}")
-        elif name == "datum":
-            uid = self.run_of_resource.get(doc["resource"])
-            if uid is None:
-                raise ValidationError("datum-before-resource", f"resource {doc['resource']}")
-        elif name == "datum_page":
+        elif name == "datum" or name == "datum_page":
             uid = self.run_of_resource.get(doc["resource"])
             if uid is None:
                 raise ValidationError("datum-before-resource", f"resource {doc['resource']}")

@@ -39,9 +39,9 @@ from .config import Config
 from .errors import TiledUnauthorizedError, TiledUnavailableError
 from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
-from .spool.index import Received, RunView, Uploaded, atomic_write_json
+from .spool.index import Received, RunView, atomic_write_json
 from .spool.segment import LogReader
-from .tiled_client import connect, run_exists, delete_run, read_seq_nums
+from .tiled_client import connect, delete_run, read_seq_nums, run_exists
 from .tiled_run import TiledRun
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,10 @@ class Uploader:
             if view.uid not in self.active and len(self.active) < MAX_ACTIVE_RUNS:
                 self._activate(view)
         progressed = False
-        for uid, run in list(self.active.items()):
+        for run in list(self.active.values()):
             try:
                 progressed |= self._pump(run)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 if classify(err) is RunRejected and self._tiled_reachable():
                     self._quarantine(run, one_line(err))
                     continue

@@ -64,7 +64,10 @@ def test_metrics_count_what_was_sent_and_healthz_reports_tiled(
 ) -> None:
     """/metrics counts exactly the documents of a known run; /healthz is 200 with Tiled up."""
     with SidecarProcess(
-        tmp_path / "sidecar", zmq_address=proxy.out_address, tiled_uri=tiled_server.uri, api_key=tiled_server.api_key
+        tmp_path / "sidecar",
+        zmq_address=proxy.out_address,
+        tiled_uri=tiled_server.uri,
+        api_key=tiled_server.api_key,
     ) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         (uid,) = acquisition.run(bp.count([det], 10))
@@ -72,11 +75,13 @@ def test_metrics_count_what_was_sent_and_healthz_reports_tiled(
         text = httpx.get(sidecar.metrics_url, timeout=10).text
         sent = [name for name, doc in acquisition.documents]
         for kind in ("start", "descriptor", "event", "stop"):
-            assert _metric(text, "tiled_writer_sidecar_documents_received_total", f'kind="{kind}"') == sent.count(
-                kind
-            )
+            assert _metric(
+                text, "tiled_writer_sidecar_documents_received_total", f'kind="{kind}"'
+            ) == sent.count(kind)
         assert _metric(text, "tiled_writer_sidecar_backlog_documents") == 0
-        wait_until(lambda: "tiled_writer_sidecar_uploaded_rows_total 10.0" in httpx.get(sidecar.metrics_url).text, 10)
+        wait_until(
+            lambda: "tiled_writer_sidecar_uploaded_rows_total 10.0" in httpx.get(sidecar.metrics_url).text, 10
+        )
         health = httpx.get(sidecar.health_url, timeout=10)
         assert health.status_code == 200
         assert health.json()["tiled"]["state"] == "up"
@@ -87,7 +92,10 @@ def test_healthz_is_503_while_the_spool_cannot_be_written_and_recovers(
 ) -> None:
     """An unwritable spool (immutable runs/ directory) makes /healthz 503 with the reason; fixed, it is 200."""
     with SidecarProcess(
-        tmp_path / "sidecar", zmq_address=proxy.out_address, tiled_uri=tiled_server.uri, api_key=tiled_server.api_key
+        tmp_path / "sidecar",
+        zmq_address=proxy.out_address,
+        tiled_uri=tiled_server.uri,
+        api_key=tiled_server.api_key,
     ) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         runs = sidecar.spool_dir / "runs"
@@ -104,7 +112,9 @@ def test_healthz_is_503_while_the_spool_cannot_be_written_and_recovers(
         finally:
             subprocess.run(["chattr", "-i", str(runs)], check=True)
         (uid,) = acquisition.run(bp.count([det], 3))
-        wait_until(lambda: httpx.get(sidecar.health_url, timeout=10).status_code == 200, 20, what="/healthz 200")
+        wait_until(
+            lambda: httpx.get(sidecar.health_url, timeout=10).status_code == 200, 20, what="/healthz 200"
+        )
         sidecar.wait_drained([uid])
         assert "SPOOL NOT WRITABLE" in sidecar.log_tail(200)
 
@@ -135,7 +145,9 @@ def test_wrong_api_key_says_unauthorized_keeps_data_and_uploads_after_fix(
 ) -> None:
     """A wrong key: one clear 'unauthorized' line, data stays spooled; with the right key it uploads."""
     directory = tmp_path / "sidecar"
-    sidecar = SidecarProcess(directory, zmq_address=proxy.out_address, tiled_uri=tiled_server.uri, api_key="wrong")
+    sidecar = SidecarProcess(
+        directory, zmq_address=proxy.out_address, tiled_uri=tiled_server.uri, api_key="wrong"
+    )
     with sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         (uid,) = acquisition.run(bp.count([det], 5))

@@ -61,7 +61,7 @@ def test_writer_truncates_a_torn_tail_on_open(tmp_path: Path) -> None:
     assert writer.truncated_bytes > 0
     writer.append(b"after restart")
     writer.close()
-    assert list(LogReader(tmp_path).read()) == PAYLOADS[:9] + [b"after restart"]
+    assert list(LogReader(tmp_path).read()) == [*PAYLOADS[:9], b"after restart"]
 
 
 def test_corruption_is_reported_with_segment_and_offset(tmp_path: Path) -> None:
