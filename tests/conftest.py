@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy
+from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
 
 #: Fixture names whose values have a `log_tail()` worth showing on failure.
-_LOGGED_FIXTURES = ("tiled_server", "shared_tiled_server", "proxy")
+_LOGGED_FIXTURES = ("tiled_server", "shared_tiled_server", "tiled_container", "proxy")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -48,6 +48,12 @@ def shared_tiled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ti
     """
     with TiledServer(tmp_path_factory.mktemp("shared-tiled")) as server:
         yield server
+
+
+@pytest.fixture
+def tiled_container(shared_tiled_server: TiledServer, tmp_path: Path) -> TiledContainer:
+    """A fresh container in the session's Tiled server, for tests that never stop Tiled."""
+    return TiledContainer(shared_tiled_server, tmp_path.name)
 
 
 @pytest.fixture

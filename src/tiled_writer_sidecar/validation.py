@@ -2,25 +2,23 @@
 
 Design:
 
-- event-model's own JSON schemas (``event_model.schemas``, draft 2020-12),
-  compiled once per document kind, lazily, with fastjsonschema. Compiled code
-  is ~50x faster than event-model's jsonschema validators.
-- fastjsonschema speaks drafts 4-7, so each schema is first rewritten into an
-  equivalent draft-7 form: ``prefixItems`` -> array-form ``items``;
-  ``unevaluatedProperties`` over ``allOf``/``$ref`` -> ``additionalProperties``
-  with the evaluated names listed; a ``$ref`` with sibling keywords -> ``allOf``.
-  A schema this rewrite does not understand is left to event-model's own
-  validator (slow, logged once), never validated wrongly.
-- The fast check is only allowed to say "valid". Its notion of valid is never
-  wider than event-model's (it has no custom types, fills no defaults, and
-  treats ``$`` in patterns as end-of-string), so a document it accepts
-  event-model accepts too. When it says "invalid" (for example a numpy array
-  where the schema says ``array``, which event-model allows), the document
-  goes to event-model's own validator, which decides and explains. Valid
-  documents therefore cost the fast path only; invalid ones cost what
-  event-model costs.
-- ``ValidationError("schema", detail)``: the document kind, the JSON path of
-  the failing value and event-model's message, cut to 200 characters.
+- event-model's own schemas, compiled lazily (once per kind) by fastjsonschema,
+  after a rewrite from draft 2020-12 to draft 7: ``prefixItems`` -> array
+  ``items``; ``unevaluatedProperties`` over ``allOf``/``$ref`` ->
+  ``additionalProperties`` listing the evaluated names; ``$ref`` with
+  siblings -> ``allOf``. A schema the rewrite does not understand falls back
+  to event-model's validator (slow, logged), never to a wrong one.
+- Key-only recursive defs (event-model's ``DataType``: every nested key must
+  match a pattern) are checked by `_KeyRule` at the sites `_rule_sites`
+  proves are the only ones; in generated code they cost ~200 us/descriptor.
+- The fast check may only say "valid": its types are narrower than
+  event-model's (no ndarray-as-array, no numpy ints), it fills no defaults and
+  reads ``$`` as end-of-string, so what it accepts event-model accepts. Any
+  "invalid" goes to event-model's own validator, which decides and explains
+  (numpy arrays in ``array`` positions are valid there). Valid documents cost
+  the fast path only.
+- ``ValidationError("schema", "<kind> <JSON path>: <message>")``, at most 200
+  characters of document content.
 """
 
 from __future__ import annotations

@@ -2,34 +2,25 @@
 
 Design:
 
-- Envelope: exactly one frame ``prefix b" " name b" " payload``, split like
-  ``RemoteDispatcher`` (``split(b" ", 2)``). As there, an empty configured
-  prefix accepts every sender's prefix; a non-empty one must match exactly.
-- Nothing the sender chooses is ever executed. pickle: first a C-speed opcode
-  scan (a regular expression) refuses memo indices larger than the payload
-  could need (CPython's C unpickler allocates ``index * 16`` bytes for
-  ``LONG_BINPUT``: 9 bytes can cost gigabytes), then a restricted
-  ``Unpickler`` whose ``find_class`` knows only numpy array/scalar/dtype
-  reconstruction (both ``numpy.core`` and ``numpy._core`` spellings, each
-  wrapped so it can only rebuild arrays from bytes it was given),
-  ``collections.OrderedDict`` (rebuilt as ``dict``), ``builtins.complex`` and
-  protocol-2 bytes (``_codecs.encode`` of latin-1 only). msgpack:
-  msgpack_numpy's ``{nd, type, kind, shape, data}`` maps are rebuilt here from
-  raw bytes; its pickled object arrays are refused. JSON: ``json.loads``.
-- ``auto`` looks at the first payload byte. ``0x80`` is pickle's PROTO
-  opcode (protocols 2-5) and also msgpack's empty fixmap; an empty map can
-  only be the whole payload, so ``b"\\x80"`` alone is msgpack ``{}`` and any
-  longer payload is pickle. ``(`` and ``}`` start pickles of protocol 0/1,
-  ``0x81``-``0x8f``/``0xde``/``0xdf`` msgpack maps, ``{`` (after optional JSON
-  whitespace) JSON. Anything else is ``garbage``: a document is a map.
-- Every decoded document is walked once (iteratively): str keys, only values
-  the spool codec stores (``None``, ``bool``, ``int``, ``float``, ``str``,
-  ``bytes``, ``complex``, lists, tuples, dicts, numpy arrays and scalars
-  without Python objects inside), depth <= 100, and an expanded size of at
-  most ``4 * len(payload) + 1 MiB`` (pickle can reference one object many
-  times: a "billion laughs" in a kilobyte).
-- Every failure is ``DecodeError(reason, detail)``; reasons are stable
-  (see ``REASONS``), details are short and never echo more than 200 bytes.
+- Envelope: one frame, ``prefix name payload`` split like RemoteDispatcher
+  (``split(b" ", 2)``); as there, an empty configured prefix accepts any.
+- Nothing the sender chooses runs. pickle: a regex opcode scan first refuses
+  memo indices the payload cannot need (CPython's C unpickler allocates
+  ``16 * index`` bytes for LONG_BINPUT: 9 bytes could cost 64 GiB), then an
+  Unpickler whose ``find_class`` knows only numpy array/scalar/dtype
+  rebuilding (``numpy.core`` and ``numpy._core``, wrapped to build only from
+  bytes in the pickle), OrderedDict (as dict), complex and protocol-2 bytes.
+  msgpack: msgpack_numpy's ``nd`` maps are rebuilt here, never unpickled
+  (object arrays are refused). JSON: ``json.loads``.
+- ``auto`` reads the first byte: 0x80 is pickle's PROTO and also msgpack's
+  empty map, which can only be the whole payload, so a lone ``0x80`` is ``{}``
+  and anything longer is pickle; ``(``/``}`` pickle protocol 0/1;
+  0x81-0x8f/0xde/0xdf msgpack; ``{`` (after JSON whitespace) JSON; else garbage.
+- One iterative walk checks the result: str keys; only values the spool
+  codec stores; depth <= 100; expanded size <= 4 x payload + 1 MiB (shared
+  references in a pickle can make a kilobyte expand to terabytes).
+- Failures are ``DecodeError(reason, detail)``: ``REASONS`` lists the stable
+  reasons; details are ASCII and at most ~200 characters.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import httpx
 import pytest
 from ophyd.sim import det
 
-from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 
 
@@ -25,7 +26,7 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 
 
 def test_notifies_ready_then_stopping_and_exits_zero_on_sigterm(
-    tiled_server: TiledServer, proxy: ZmqProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiled_container: TiledContainer, proxy: ZmqProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under systemd (a fake NOTIFY_SOCKET): READY=1 once receiving, WATCHDOG=1, STOPPING=1, exit 0."""
     address = str(tmp_path / "notify.sock")
@@ -45,7 +46,7 @@ def test_notifies_ready_then_stopping_and_exits_zero_on_sigterm(
 
     try:
         sidecar = SidecarProcess(
-            tmp_path / "sidecar", zmq_address=proxy.out_address, tiled_uri=tiled_server.uri, api_key="k"
+            tmp_path / "sidecar", zmq_address=proxy.out_address, tiled_uri=tiled_container.uri, api_key="k"
         )
         sidecar.start()
         wait_until(lambda: received("READY=1"), 30, what="READY=1")
@@ -60,14 +61,14 @@ def test_notifies_ready_then_stopping_and_exits_zero_on_sigterm(
 
 
 def test_metrics_count_what_was_sent_and_healthz_reports_tiled(
-    tiled_server: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """/metrics counts exactly the documents of a known run; /healthz is 200 with Tiled up."""
     with SidecarProcess(
         tmp_path / "sidecar",
         zmq_address=proxy.out_address,
-        tiled_uri=tiled_server.uri,
-        api_key=tiled_server.api_key,
+        tiled_uri=tiled_container.uri,
+        api_key=tiled_container.api_key,
     ) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         (uid,) = acquisition.run(bp.count([det], 10))
@@ -88,14 +89,14 @@ def test_metrics_count_what_was_sent_and_healthz_reports_tiled(
 
 
 def test_healthz_is_503_while_the_spool_cannot_be_written_and_recovers(
-    tiled_server: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """An unwritable spool (immutable runs/ directory) makes /healthz 503 with the reason; fixed, it is 200."""
     with SidecarProcess(
         tmp_path / "sidecar",
         zmq_address=proxy.out_address,
-        tiled_uri=tiled_server.uri,
-        api_key=tiled_server.api_key,
+        tiled_uri=tiled_container.uri,
+        api_key=tiled_container.api_key,
     ) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         runs = sidecar.spool_dir / "runs"
@@ -120,12 +121,12 @@ def test_healthz_is_503_while_the_spool_cannot_be_written_and_recovers(
 
 
 def test_api_key_never_appears_in_logs_status_or_spool(
-    tiled_server: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """The API key is used but never written anywhere: log, status, health, metrics, spool files."""
-    key = tiled_server.api_key
+    key = tiled_container.api_key
     with SidecarProcess(
-        tmp_path / "sidecar", zmq_address=proxy.out_address, tiled_uri=tiled_server.uri, api_key=key
+        tmp_path / "sidecar", zmq_address=proxy.out_address, tiled_uri=tiled_container.uri, api_key=key
     ) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         (uid,) = acquisition.run(bp.count([det], 5))
@@ -141,12 +142,12 @@ def test_api_key_never_appears_in_logs_status_or_spool(
 
 
 def test_wrong_api_key_says_unauthorized_keeps_data_and_uploads_after_fix(
-    tiled_server: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """A wrong key: one clear 'unauthorized' line, data stays spooled; with the right key it uploads."""
     directory = tmp_path / "sidecar"
     sidecar = SidecarProcess(
-        directory, zmq_address=proxy.out_address, tiled_uri=tiled_server.uri, api_key="wrong"
+        directory, zmq_address=proxy.out_address, tiled_uri=tiled_container.uri, api_key="wrong"
     )
     with sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
@@ -156,8 +157,12 @@ def test_wrong_api_key_says_unauthorized_keeps_data_and_uploads_after_fix(
         assert run["state"] in ("pending", "uploading") and run["documents"] == 8
     assert sidecar.log_tail(500).count("tiled unauthorized") == 1
     fixed = SidecarProcess(
-        directory, zmq_address=proxy.out_address, tiled_uri=tiled_server.uri, api_key=tiled_server.api_key
+        directory,
+        zmq_address=proxy.out_address,
+        tiled_uri=tiled_container.uri,
+        api_key=tiled_container.api_key,
     )
     with fixed:
         fixed.wait_drained([uid])
-    assert list(tiled_server.client()[uid]["primary"].read()["det"].values) == [1.0] * 5
+    emitted = [row["det"] for row in expected_rows(acquisition.documents, run_uid=uid)]
+    assert list(tiled_container.client()[uid]["primary"].read()["det"].values) == emitted

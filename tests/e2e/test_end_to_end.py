@@ -15,13 +15,13 @@ import bluesky.plans as bp
 import bluesky.preprocessors as bpp
 from ophyd.sim import det, det1, det2, motor, motor1
 
-from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy
+from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy
 from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 
 
-def _check_rows(tiled: TiledServer, acq: Acquisition, uid: str, stream: str = "primary") -> int:
+def _check_rows(tiled: TiledContainer, acq: Acquisition, uid: str, stream: str = "primary") -> int:
     expected = expected_rows(acq.documents, stream, run_uid=uid)
     got = frame_rows(read_stream(tiled.client(), uid, stream))
     assert got == expected
@@ -29,21 +29,21 @@ def _check_rows(tiled: TiledServer, acq: Acquisition, uid: str, stream: str = "p
 
 
 def test_count_and_scan_arrive_row_for_row(
-    tiled_server: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """bp.count(50) and bp.scan(20): every event is a row in Tiled with the emitted values."""
     with SidecarProcess(
         tmp_path / "sidecar",
         zmq_address=proxy.out_address,
-        tiled_uri=tiled_server.uri,
-        api_key=tiled_server.api_key,
+        tiled_uri=tiled_container.uri,
+        api_key=tiled_container.api_key,
     ) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         (count_uid,) = acquisition.run(bp.count([det], 50))
         (scan_uid,) = acquisition.run(bp.scan([det], motor, -1, 1, 20))
         status = sidecar.wait_drained([count_uid, scan_uid])
-        assert _check_rows(tiled_server, acquisition, count_uid) == 50
-        assert _check_rows(tiled_server, acquisition, scan_uid) == 20
+        assert _check_rows(tiled_container, acquisition, count_uid) == 50
+        assert _check_rows(tiled_container, acquisition, scan_uid) == 20
         runs = {r["uid"]: r for r in status["runs"]}
         for uid in (count_uid, scan_uid):
             sent = sum(1 for name, doc in acquisition.documents if _belongs(name, doc, uid, acquisition))
@@ -51,7 +51,7 @@ def test_count_and_scan_arrive_row_for_row(
             assert runs[uid]["documents"] == sent
             assert runs[uid]["uploaded_documents"] == sent
             assert runs[uid]["gaps"] == {}
-        client = tiled_server.client()
+        client = tiled_container.client()
         assert client[scan_uid].metadata["stop"]["exit_status"] == "success"
         assert client.values().last().metadata["start"]["uid"] == scan_uid
 
@@ -66,34 +66,34 @@ def _belongs(name: str, doc: dict, uid: str, acq: Acquisition) -> bool:  # type:
 
 
 def test_several_streams_and_runs(
-    tiled_server: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """A run with primary and baseline streams, then a monitored run: every stream's rows arrive."""
     with SidecarProcess(
         tmp_path / "sidecar",
         zmq_address=proxy.out_address,
-        tiled_uri=tiled_server.uri,
-        api_key=tiled_server.api_key,
+        tiled_uri=tiled_container.uri,
+        api_key=tiled_container.api_key,
     ) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         plan = bpp.baseline_wrapper(bp.scan([det1, det2], motor1, 0, 1, 7), [motor, det])
         (uid1,) = acquisition.run(plan)
         (uid2,) = acquisition.run(bp.count([det, det1], 5))
         sidecar.wait_drained([uid1, uid2])
-        assert _check_rows(tiled_server, acquisition, uid1, "primary") == 7
-        assert _check_rows(tiled_server, acquisition, uid1, "baseline") == 2
-        assert _check_rows(tiled_server, acquisition, uid2, "primary") == 5
+        assert _check_rows(tiled_container, acquisition, uid1, "primary") == 7
+        assert _check_rows(tiled_container, acquisition, uid1, "baseline") == 2
+        assert _check_rows(tiled_container, acquisition, uid2, "primary") == 5
 
 
 def test_slow_scan_is_visible_within_a_batch_period(
-    tiled_server: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """batch_seconds flushes rows of a live 5 Hz scan before the run ends (not only at stop)."""
     with SidecarProcess(
         tmp_path / "sidecar",
         zmq_address=proxy.out_address,
-        tiled_uri=tiled_server.uri,
-        api_key=tiled_server.api_key,
+        tiled_uri=tiled_container.uri,
+        api_key=tiled_container.api_key,
         settings={"tiled": {"batch_seconds": 0.5}},
     ) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
@@ -103,7 +103,7 @@ def test_slow_scan_is_visible_within_a_batch_period(
         def watch(name: str, doc: dict) -> None:  # type: ignore[type-arg]
             if name == "event" and doc["seq_num"] == 15:
                 # Poll Tiled while the run is still going: rows must already be there.
-                client = tiled_server.client()
+                client = tiled_container.client()
                 deadline = time.monotonic() + 5
                 while time.monotonic() < deadline:
                     try:
@@ -120,4 +120,4 @@ def test_slow_scan_is_visible_within_a_batch_period(
         (uid,) = acquisition.run(bp.count([det], 20, delay=0.2))
         assert max(seen_live) >= 5, f"rows visible while the run was live: {seen_live}"
         sidecar.wait_drained([uid])
-        assert _check_rows(tiled_server, acquisition, uid) == 20
+        assert _check_rows(tiled_container, acquisition, uid) == 20

@@ -17,12 +17,13 @@ from .acquisition import (
 from .ports import free_port, wait_until
 from .proxy import PROBE_PREFIX, ZmqProxy, is_probe, probe_message
 from .tiled_readback import frame_rows, read_stream, tree_summary
-from .tiled_server import TiledServer
+from .tiled_server import TiledContainer, TiledServer
 
 __all__ = [
     "PROBE_PREFIX",
     "Acquisition",
     "DocumentRecorder",
+    "TiledContainer",
     "TiledServer",
     "ZmqProxy",
     "expected_rows",

@@ -284,3 +284,25 @@ class TiledServer:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"TiledServer({self.uri}, {self._directory}, {state})"
+
+
+class TiledContainer:
+    """A container of its own in the shared Tiled server: where one test's sidecar writes.
+
+    `uri` points the sidecar at the container; `client()` reads it back with
+    runs as its children, exactly like a server root.
+    """
+
+    def __init__(self, server: TiledServer, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.api_key = server.api_key
+        self.uri = f"{server.uri}/api/v1/metadata/{name}"
+        self.log_path = server.log_path
+        server.client().create_container(name)
+
+    def client(self) -> Any:
+        return self.server.client()[self.name]
+
+    def log_tail(self, lines: int = 60) -> str:
+        return self.server.log_tail(lines)
