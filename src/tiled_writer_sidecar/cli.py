@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uids", nargs="*", metavar="RUN_UID", help="runs to upload (default: all pending)")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; change nothing")
     p.add_argument("--watch", action="store_true", help="keep uploading new runs as they appear")
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="exit 1 if Tiled stays unreachable this long (default 60; not with --watch)",
+    )
 
     p = sub.add_parser("import-backup", help="upload TiledWriter JSONL backup files")
     _add_common(p, tiled=True)
@@ -133,7 +140,14 @@ def _dispatch(args: argparse.Namespace, config: Config, console: Console) -> int
     if command == "replay":
         from .replay import replay
 
-        return replay(config, args.uids, dry_run=args.dry_run, watch=args.watch, console=console)
+        return replay(
+            config,
+            args.uids,
+            dry_run=args.dry_run,
+            watch=args.watch,
+            console=console,
+            give_up_after=args.give_up_after,
+        )
     if command == "import-backup":
         from .replay import import_backup
 

@@ -41,5 +41,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text", role: str = "") -> Non
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # The Tiled client logs every HTTP request at INFO; keep the journal readable.
-    for noisy in ("httpx", "httpcore", "tiled", "bluesky_tiled_plugins"):
+    for noisy in ("httpx", "httpcore", "tiled", "bluesky_tiled_plugins", "numexpr"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -87,8 +87,19 @@ def _int(value: int) -> Any:
     return msgpack.ExtType(_BIGINT, value.to_bytes(size, "little", signed=True))
 
 
+#: numpy's fixed-size number types -> their ext header (their dtype never varies).
+_NUMBER_HEADERS: Final = {
+    kind: np.dtype(kind).str.encode() + b"\0"
+    for kind in set(np.sctypeDict.values())
+    if issubclass(kind, (np.number, np.bool_)) and not issubclass(kind, (np.datetime64, np.timedelta64))
+}
+
+
 def _default(obj: Any) -> Any:
     """Called by msgpack (strict types) for everything it does not pack itself."""
+    header = _NUMBER_HEADERS.get(type(obj))
+    if header is not None:  # the fast path for event data: np.float64 & co
+        return msgpack.ExtType(_SCALAR, header + obj.tobytes())
     if isinstance(obj, np.ndarray):
         if obj.dtype.hasobject:
             return obj.tolist()

@@ -1,0 +1,19 @@
+"""`tiled-writer-sidecar demo` (the README's first command) runs to "demo passed" and cleans up."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tiled_writer_sidecar.testing.sidecar import sidecar_command
+
+
+def test_demo_passes_and_leaves_no_process_behind() -> None:
+    """The demo runs both scans, survives the outage, proves the rows, exits 0, and kills its services."""
+    result = subprocess.run(
+        [*sidecar_command(), "demo"], capture_output=True, text=True, timeout=600, env={"COLUMNS": "120", "PATH": ""}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "identical row for row" in result.stdout and "demo passed" in result.stdout
+    assert "DIFFERENT" not in result.stdout
+    leftovers = subprocess.run(["pgrep", "-f", "tiled serve catalog.*tiled-writer-sidecar-demo"], capture_output=True)
+    assert leftovers.returncode == 1, leftovers.stdout
