@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from tiled_writer_sidecar.testing.sidecar import sidecar_command
@@ -10,7 +11,11 @@ from tiled_writer_sidecar.testing.sidecar import sidecar_command
 def test_demo_passes_and_leaves_no_process_behind() -> None:
     """The demo runs both scans, survives the outage, proves the rows, exits 0, and kills its services."""
     result = subprocess.run(
-        [*sidecar_command(), "demo"], capture_output=True, text=True, timeout=600, env={"COLUMNS": "120", "PATH": ""}
+        [*sidecar_command(), "demo"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "120"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "identical row for row" in result.stdout and "demo passed" in result.stdout

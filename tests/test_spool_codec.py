@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import enum
-import math
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -193,16 +192,12 @@ def test_object_arrays_are_stored_as_lists_of_their_elements() -> None:
     """Object arrays (no dtype to keep) become nested lists of their elements."""
     array = np.array([["a", 1], [None, 2.5]], dtype=object)
     assert identical([["a", 1], [None, 2.5]], round_trip({"o": array})["o"])
+    assert identical([], round_trip({"o": np.array([], dtype=object)})["o"])
 
 
-@pytest.mark.parametrize(
-    "value", [{1, 2}, object(), np.array([1], dtype=object)[0:1].astype(object)[0:0].view()]
-)
+@pytest.mark.parametrize("value", [{1, 2}, frozenset(), object(), range(2)])
 def test_values_no_document_holds_cannot_be_packed(value: Any) -> None:
     """Sets and arbitrary objects are a TypeError at pack time (the wire decoder never lets them in)."""
-    if isinstance(value, np.ndarray):  # an empty object array is fine: it is an empty list
-        assert round_trip({"v": value})["v"] == []
-        return
     with pytest.raises(TypeError, match="cannot store"):
         pack_document("event", {"v": value})
 
@@ -326,4 +321,4 @@ def test_well_formed_msgpack_that_is_not_a_record_is_refused(payload: bytes, rea
     with pytest.raises(DecodeError) as caught:
         unpack_document(payload)
     assert caught.value.reason == reason
-    assert math.isfinite(len(caught.value.detail))
+    assert len(caught.value.detail) <= 200

@@ -12,6 +12,7 @@ import pickle
 import pickletools
 import struct
 import subprocess
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -345,8 +346,6 @@ def test_anything_but_a_dict_with_str_keys_is_not_a_document(payload: bytes, rea
 
 def test_allowed_objects_pass_object_arrays_of_plain_values_and_ordered_dicts() -> None:
     """Object arrays of plain values, OrderedDict (-> dict), complex and protocol-2 bytes decode."""
-    from collections import OrderedDict
-
     doc = {
         "o": np.array(["a", 1, None], dtype=object),
         "od": OrderedDict(b=1, a=2),
