@@ -55,6 +55,7 @@ class SpoolDir:
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise SpoolError(f"spool directory {root} is writable by group or others; run: chmod 700 {root}")
         self._locks: list[int] = []
+        self._quarantined: int | None = None  # files in quarantine/, counted lazily
 
     @property
     def runs_dir(self) -> Path:
@@ -133,10 +134,13 @@ class SpoolDir:
                 shutil.rmtree(old.directory, ignore_errors=True)
 
     def quarantine(self, reason: str, payload: bytes) -> Path | None:
-        """Keep a rejected message for inspection (bounded in count)."""
-        existing = sorted(self.quarantine_dir.iterdir())
-        for old in existing[: max(0, len(existing) - QUARANTINE_MAX_FILES + 1)]:
-            old.unlink(missing_ok=True)
+        """Keep a rejected message for inspection (the newest QUARANTINE_MAX_FILES)."""
+        if self._quarantined is None or self._quarantined >= QUARANTINE_MAX_FILES:
+            existing = sorted(self.quarantine_dir.iterdir())
+            for old in existing[: max(0, len(existing) - QUARANTINE_MAX_FILES // 2)]:
+                old.unlink(missing_ok=True)
+            self._quarantined = min(len(existing), QUARANTINE_MAX_FILES // 2)
+        self._quarantined += 1
         safe_reason = re.sub(r"[^a-z0-9-]", "_", reason.lower())[:40]
         path = self.quarantine_dir / f"{time.time_ns():020d}-{safe_reason}.bin"
         try:

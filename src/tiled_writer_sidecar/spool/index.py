@@ -74,7 +74,6 @@ class Received:
     stop_received: bool = False
     exit_status: str | None = None
     dropped: int = 0
-    rejected: int = 0
     closed: bool = False
     close_reason: str | None = None
 
@@ -105,8 +104,6 @@ class Received:
             problems.append(f"stop never came ({self.close_reason or 'closed'})")
         if self.dropped:
             problems.append(f"{self.dropped} documents dropped (spool full)")
-        if self.rejected:
-            problems.append(f"{self.rejected} documents rejected")
         return problems
 
 
