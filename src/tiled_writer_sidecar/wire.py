@@ -142,7 +142,7 @@ def _pickle_opcode_table() -> tuple[re.Pattern[bytes], dict[int, tuple[int, bool
     tokens = [
         charset(no_arg),
         charset(short) + counted(1),
-        charset(four) + counted(4),  # protocol 2/3 strings: BINUNICODE, BINBYTES, ...
+        charset(four) + rb"(?=.\x00\x00\x00)" + counted(4),  # protocol 2/3 strings: BINUNICODE, ...
         *(charset(codes) + b".{%d}" % width for width, codes in fixed.items()),
         rb"r..[\x00-\x0f]\x00",  # LONG_BINPUT below 2**20
         rb"p[0-9]{1,6}\n",  # PUT below 10**6
