@@ -1,0 +1,181 @@
+"""Production Tiled: catalog AND appendable tables in PostgreSQL, with real processes.
+
+How facilities run Tiled: ``tiled serve catalog postgresql://.../catalog
+--init --write DIR/data --write postgresql://.../tables``, the catalog
+through asyncpg and TiledWriter's ``internal`` tables through the ADBC
+PostgreSQL driver. PostgreSQL itself is Debian's ``postgresql`` package,
+started by the test on a free port in a temporary directory
+(`PostgresServer`; as the ``postgres`` account when we are root). Then the
+real chain: RunEngine -> `Publisher` -> bluesky-0MQ-proxy ->
+``tiled-writer-sidecar run`` -> that Tiled. Every row read back from Tiled is
+compared with what the RunEngine emitted (`expected_rows`), and the rows are
+also counted in PostgreSQL directly, so the test cannot pass on some other
+storage. Skipped (with the reason) where PostgreSQL is not installed; CI
+installs it (scripts/system-deps.sh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bluesky.plans as bp
+import pytest
+from ophyd.sim import det, motor
+
+from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing.acquisition import expected_rows
+from tiled_writer_sidecar.testing.postgres import PostgresServer, PostgresTiledServer, postgres_unavailable
+from tiled_writer_sidecar.testing.sidecar import SidecarProcess
+from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
+
+#: Quick retries, so the backlog drains soon after Tiled is back.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "tiled": {"batch_seconds": 0.5, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 2.0}
+}
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of its own with databases ``catalog`` and ``tables``."""
+    reason = postgres_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with PostgresServer(tmp_path / "postgres", databases=("catalog", "tables")) as server:
+        yield server
+
+
+@pytest.fixture
+def tiled_server(postgres: PostgresServer, tmp_path: Path) -> Iterator[PostgresTiledServer]:
+    """Tiled on `postgres` (named like conftest's fixture, so its log is attached on failure)."""
+    with PostgresTiledServer(tmp_path / "tiled", postgres) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def postgres_log_on_failure(postgres: PostgresServer) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        print(f"\n---- postgres log (tail of {postgres.log_path}) ----\n{postgres.log_tail(80)}")
+        raise
+
+
+def check_rows(tiled: PostgresTiledServer, acq: Acquisition, uid: str, stream: str = "primary") -> int:
+    """The stream's rows in Tiled equal, value by value and in order, what the RunEngine emitted."""
+    expected = expected_rows(acq.documents, stream, run_uid=uid)
+    got = frame_rows(read_stream(tiled.client(), uid, stream))
+    assert got == expected
+    return len(got)
+
+
+def documents_of(acq: Acquisition, uid: str) -> int:
+    """How many documents the RunEngine emitted for run `uid` (start, descriptors, events, stop)."""
+    descriptors = {d["uid"] for n, d in acq.documents if n == "descriptor" and d["run_start"] == uid}
+    count = 0
+    for name, doc in acq.documents:
+        if name == "start":
+            count += doc["uid"] == uid
+        elif name in ("descriptor", "stop"):
+            count += doc["run_start"] == uid
+        elif name in ("event", "event_page"):
+            count += doc["descriptor"] in descriptors
+    return count
+
+
+def run_status(sidecar: SidecarProcess, uid: str) -> dict[str, Any]:
+    for run in sidecar.status()["runs"]:
+        if run["uid"] == uid:
+            return dict(run)
+    raise AssertionError(f"run {uid} is not in the spool")
+
+
+def assert_uploaded(status: dict[str, Any], acq: Acquisition, uids: list[str]) -> None:
+    runs = {r["uid"]: r for r in status["runs"]}
+    for uid in uids:
+        sent = documents_of(acq, uid)
+        assert runs[uid]["state"] == "uploaded", runs[uid]
+        assert runs[uid]["documents"] == sent
+        assert runs[uid]["uploaded_documents"] == sent
+        assert runs[uid]["gaps"] == {}
+
+
+def rows_in_postgres(postgres: PostgresServer) -> int:
+    """Rows of every table Tiled made in the ``tables`` database, counted by PostgreSQL."""
+    tables = postgres.query(
+        "SELECT quote_ident(table_name) FROM information_schema.tables"
+        " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+        database="tables",
+    )
+    return sum(
+        int(postgres.query(f"SELECT count(*) FROM {name}", database="tables")[0][0]) for (name,) in tables
+    )
+
+
+def runs_in_catalog(postgres: PostgresServer, uids: list[str]) -> set[str]:
+    """Which of `uids` are nodes in the PostgreSQL catalog (``nodes.key``)."""
+    keys = ", ".join(f"'{uid}'" for uid in uids)
+    rows = postgres.query(f"SELECT key FROM nodes WHERE key IN ({keys})", database="catalog")
+    return {key for (key,) in rows}
+
+
+def test_catalog_and_tables_in_postgresql_survive_a_tiled_restart(
+    postgres: PostgresServer,
+    tiled_server: PostgresTiledServer,
+    proxy: ZmqProxy,
+    acquisition: Acquisition,
+    tmp_path: Path,
+) -> None:
+    """count(30) and scan(20) land row for row; a scan made while Tiled is stopped drains after it restarts."""
+    tiled = tiled_server
+    assert not (tiled.directory / "catalog.db").exists()
+    assert not (tiled.directory / "tables.db").exists()
+    with (
+        postgres_log_on_failure(postgres),
+        SidecarProcess(
+            tmp_path / "sidecar",
+            zmq_address=proxy.out_address,
+            tiled_uri=tiled.uri,
+            api_key=tiled.api_key,
+            settings=SETTINGS,
+        ) as sidecar,
+    ):
+        acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+
+        # 1. Tiled up: both runs arrive whole.
+        (count_uid,) = acquisition.run(bp.count([det], 30))
+        (scan_uid,) = acquisition.run(bp.scan([det], motor, -1, 1, 20))
+        assert_uploaded(sidecar.wait_drained([count_uid, scan_uid]), acquisition, [count_uid, scan_uid])
+        assert check_rows(tiled, acquisition, count_uid) == 30
+        assert check_rows(tiled, acquisition, scan_uid) == 20
+        assert tiled.client()[scan_uid].metadata["stop"]["exit_status"] == "success"
+        # ... and they are in PostgreSQL, not somewhere else.
+        assert runs_in_catalog(postgres, [count_uid, scan_uid]) == {count_uid, scan_uid}
+        assert rows_in_postgres(postgres) == 30 + 20
+
+        # 2. Tiled stopped (SIGTERM): the RunEngine goes on, the sidecar spools.
+        tiled.stop()
+        assert not tiled.running
+        (backlog_uid,) = acquisition.run(bp.scan([det], motor, 0, 1, 15))
+        sent = documents_of(acquisition, backlog_uid)
+        pending = wait_until(
+            lambda: (run := run_status(sidecar, backlog_uid))["documents"] == sent and run,
+            30,
+            interval=0.25,
+            what="the backlog run fully spooled",
+        )
+        assert pending["state"] == "pending", pending
+        assert pending["uploaded_documents"] == 0
+
+        # 3. Tiled started again on the same PostgreSQL: the backlog drains, nothing is lost or doubled.
+        tiled.start()
+        assert_uploaded(sidecar.wait_drained([backlog_uid]), acquisition, [count_uid, scan_uid, backlog_uid])
+        assert check_rows(tiled, acquisition, backlog_uid) == 15
+        assert check_rows(tiled, acquisition, count_uid) == 30
+        assert check_rows(tiled, acquisition, scan_uid) == 20
+        uids = [count_uid, scan_uid, backlog_uid]
+        assert runs_in_catalog(postgres, uids) == set(uids)
+        assert rows_in_postgres(postgres) == 30 + 20 + 15
+        assert len(tiled.startup_times) == 2
