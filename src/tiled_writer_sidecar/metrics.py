@@ -44,10 +44,13 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
         reasons.append(f"receiver loop stalled for {now - loop_beat:.0f} s")
     if not stats.spool_writable:
         reasons.append("spool is not writable or full; documents are being dropped")
+    if stats.subscription_problem:
+        reasons.append(stats.subscription_problem)
     return {
         "status": "unhealthy" if reasons else "ok",
         "reasons": reasons,
         "receiver": {
+            "connected": stats.connected,
             "messages": stats.messages,
             "documents": sum(stats.documents.values()),
             "rejected": dict(stats.rejected),

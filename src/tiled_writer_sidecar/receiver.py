@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .config import Config
 from .errors import RejectedMessage, ValidationError
@@ -46,6 +47,13 @@ SPOOL_SIZE_INTERVAL_S = 2.0
 CLOSED_RUN_MEMORY = 1000
 # Documents small and vital enough to be kept even over the spool size limit.
 CONTROL_DOCUMENTS = frozenset({"start", "descriptor", "stop", "resource", "stream_resource"})
+
+
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (wrong server key?)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake protocol error (CURVE on one side only?)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication refused (client key not admitted?)",
+}
 
 
 @dataclass
@@ -74,9 +82,11 @@ class Receiver:
         self.run_of_descriptor: dict[str, str] = {}
         self.run_of_resource: dict[str, str] = {}
         self.closed_runs: dict[str, None] = {}
+        self.closed_descriptors: dict[str, str] = {}  # descriptor uid -> its closed run
         self._last_save = 0.0
         self._last_size_check = 0.0
         self._context = zmq.Context()
+        self._monitor: zmq.Socket[bytes] | None = None
         self.socket = self._make_socket() if subscribe else None
         self._reopen_runs()
 
@@ -84,7 +94,9 @@ class Receiver:
     def _make_socket(self) -> zmq.Socket[bytes]:
         socket: zmq.Socket[bytes] = self._context.socket(zmq.SUB)
         socket.setsockopt(zmq.RCVHWM, self.config.zmq.rcvhwm)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.config.zmq.max_message_bytes)
+        # No ZMQ_MAXMSGSIZE: libzmq treats a larger message as a protocol error and
+        # drops the connection to the proxy for good. decode_message enforces
+        # max_message_bytes instead (counted and quarantined like any bad message).
         socket.setsockopt(zmq.RCVBUF, 8 * 2**20)
         socket.setsockopt(zmq.LINGER, 0)
         if self.config.zmq.curve_secret_key_file:
@@ -92,8 +104,28 @@ class Receiver:
 
             apply_client_curve(socket, self.config.zmq)
         socket.setsockopt(zmq.SUBSCRIBE, self.prefix + b" " if self.prefix else b"")
+        self._monitor = socket.get_monitor_socket()
         socket.connect(self.config.zmq.address)
         return socket
+
+    def _watch_connection(self) -> None:
+        """Log connection changes and refused handshakes (CURVE) once each; keep the state for /healthz."""
+        while self._monitor is not None and self._monitor.poll(0):
+            event = zmq.Event(recv_monitor_message(self._monitor)["event"])
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED or (
+                event == zmq.EVENT_CONNECTED and not self.config.zmq.curve_secret_key_file
+            ):
+                if self.stats.subscription_problem or not self.stats.connected:
+                    log.info("subscribed to the proxy at %s", self.config.zmq.address)
+                self.stats.connected, self.stats.subscription_problem = True, None
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.stats.connected = False
+                log.warning("proxy at %s disconnected; reconnecting", self.config.zmq.address)
+            elif event in _HANDSHAKE_FAILURES:
+                problem = f"the proxy refused the subscription: {_HANDSHAKE_FAILURES[event]}"
+                if problem != self.stats.subscription_problem:
+                    log.error("%s (check the CURVE keys in [zmq])", problem)
+                self.stats.subscription_problem = problem
 
     def close(self) -> None:
         for run in self.runs.values():
@@ -101,6 +133,9 @@ class Receiver:
             if run.writer is not None:
                 run.writer.close()
         if self.socket is not None:
+            self.socket.disable_monitor()
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
             self.socket.close(linger=0)
         self._context.term()
 
@@ -191,6 +226,8 @@ class Receiver:
                 uid = next(reversed(self.runs))  # legacy resources may lack run_start
         elif name in ("event", "event_page", "stream_datum"):
             uid = self.run_of_descriptor.get(doc["descriptor"])
+            if uid is None and doc["descriptor"] in self.closed_descriptors:
+                raise ValidationError("after-stop", f"run {self.closed_descriptors[doc['descriptor']]}")
             if uid is None:
                 raise ValidationError(f"{name}-before-descriptor", f"descriptor {doc['descriptor']}")
         elif name == "datum" or name == "datum_page":
@@ -303,8 +340,13 @@ class Receiver:
         self.closed_runs[uid] = None
         while len(self.closed_runs) > CLOSED_RUN_MEMORY:
             del self.closed_runs[next(iter(self.closed_runs))]
+        # Documents arriving late for this run will be rejected as "after-stop".
         self.run_of_descriptor = {d: r for d, r in self.run_of_descriptor.items() if r != uid}
         self.run_of_resource = {d: r for d, r in self.run_of_resource.items() if r != uid}
+        for descriptor in run.streams:
+            self.closed_descriptors[descriptor] = uid
+        while len(self.closed_descriptors) > CLOSED_RUN_MEMORY:
+            del self.closed_descriptors[next(iter(self.closed_descriptors))]
         problems = run.received.problems()
         log.info(
             "run closed uid=%s documents=%d %s",
@@ -325,6 +367,7 @@ class Receiver:
     # ------------------------------------------------------------ upkeep
     def tick(self) -> None:
         """Periodic bookkeeping between messages."""
+        self._watch_connection()
         for run in self.runs.values():
             if run.writer is not None:
                 try:

@@ -25,3 +25,5 @@ class ReceiverStats:
     spool_writable: bool = True
     started: float = field(default_factory=time.time)
     last_message: float = 0.0
+    connected: bool = False
+    subscription_problem: str | None = None

@@ -66,7 +66,14 @@ def test_replay_dry_run_then_upload_every_row_once(tiled_container: TiledContain
     assert all(uid in dry.stderr for uid in uids) and "2 run(s) would be uploaded" in dry.stderr
     assert not any(uid in tiled_container.client() for uid in uids)
 
-    done = _cli("replay", "--spool-dir", str(spool), "--tiled-uri", tiled_container.uri, api_key=tiled_container.api_key)
+    done = _cli(
+        "replay",
+        "--spool-dir",
+        str(spool),
+        "--tiled-uri",
+        tiled_container.uri,
+        api_key=tiled_container.api_key,
+    )
     assert done.returncode == 0, done.stderr
     assert "2 run(s) uploaded" in done.stderr
     for uid in uids:
@@ -75,7 +82,14 @@ def test_replay_dry_run_then_upload_every_row_once(tiled_container: TiledContain
     status = json.loads(_cli("status", "--json", "--spool-dir", str(spool)).stdout)
     assert {r["uid"]: r["state"] for r in status["runs"]} == dict.fromkeys(uids, "uploaded")
 
-    again = _cli("replay", "--spool-dir", str(spool), "--tiled-uri", tiled_container.uri, api_key=tiled_container.api_key)
+    again = _cli(
+        "replay",
+        "--spool-dir",
+        str(spool),
+        "--tiled-uri",
+        tiled_container.uri,
+        api_key=tiled_container.api_key,
+    )
     assert again.returncode == 0 and "uploading 0 run(s)" in again.stderr
     assert len(read_stream(tiled_container.client(), uids[0])) == 7
 
@@ -86,7 +100,9 @@ def test_replay_with_tiled_unreachable_is_one_clear_line(tmp_path: Path) -> None
     spool = tmp_path / "spool"
     _spool(spool, documents)
     config = tmp_path / "c.toml"
-    config.write_text(f'[spool]\ndir = "{spool}"\n[tiled]\nuri = "http://127.0.0.1:9"\nbackoff_max_seconds = 0.5\n')
+    config.write_text(
+        f'[spool]\ndir = "{spool}"\n[tiled]\nuri = "http://127.0.0.1:9"\nbackoff_max_seconds = 0.5\n'
+    )
     result = subprocess.run(
         [*sidecar_command(), "replay", "--config", str(config), "--give-up-after", "3"],
         capture_output=True,

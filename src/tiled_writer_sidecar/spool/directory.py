@@ -42,18 +42,21 @@ def is_safe_uid(uid: object) -> bool:
 class SpoolDir:
     def __init__(self, root: Path, *, create: bool = True) -> None:
         self.root = root
-        if create:
-            try:
+        try:
+            if create:
                 root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            elif not (root / "runs").is_dir():
+                raise SpoolError(f"{root} is not a spool directory (no runs/ inside)")
+            # Refuse before writing anything into a directory others may tamper with.
+            if root.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise SpoolError(
+                    f"spool directory {root} is writable by group or others; run: chmod 700 {root}"
+                )
+            if create:
                 (root / "runs").mkdir(mode=0o700, exist_ok=True)
                 (root / "quarantine").mkdir(mode=0o700, exist_ok=True)
-            except OSError as err:
-                raise SpoolError(f"cannot create spool directory {root}: {err.strerror}") from None
-        elif not (root / "runs").is_dir():
-            raise SpoolError(f"{root} is not a spool directory (no runs/ inside)")
-        mode = root.stat().st_mode
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise SpoolError(f"spool directory {root} is writable by group or others; run: chmod 700 {root}")
+        except OSError as err:
+            raise SpoolError(f"cannot create spool directory {root}: {err.strerror}") from None
         self._locks: list[int] = []
         self._quarantined: int | None = None  # files in quarantine/, counted lazily
 
