@@ -20,5 +20,7 @@ def test_demo_passes_and_leaves_no_process_behind() -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "identical row for row" in result.stdout and "demo passed" in result.stdout
     assert "DIFFERENT" not in result.stdout
-    leftovers = subprocess.run(["pgrep", "-f", "tiled serve catalog.*tiled-writer-sidecar-demo"], capture_output=True)
+    leftovers = subprocess.run(
+        ["pgrep", "-f", "tiled serve catalog.*tiled-writer-sidecar-demo"], capture_output=True
+    )
     assert leftovers.returncode == 1, leftovers.stdout
