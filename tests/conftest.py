@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
+from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 
 #: Fixture names whose values have a `log_tail()` worth showing on failure.
 _LOGGED_FIXTURES = ("tiled_server", "shared_tiled_server", "tiled_container", "proxy")
@@ -68,3 +69,18 @@ def acquisition(proxy: ZmqProxy) -> Iterator[Acquisition]:
     """A RunEngine publishing to `proxy` and recording what it emitted."""
     with Acquisition.for_proxy(proxy) as acq:
         yield acq
+
+
+@pytest.fixture
+def sidecar(
+    tmp_path: Path, proxy: ZmqProxy, tiled_container: TiledContainer, acquisition: Acquisition
+) -> Iterator[SidecarProcess]:
+    """The real daemon, default settings, writing to `tiled_container`, already subscribed to `proxy`."""
+    with SidecarProcess(
+        tmp_path / "sidecar",
+        zmq_address=proxy.out_address,
+        tiled_uri=tiled_container.uri,
+        api_key=tiled_container.api_key,
+    ) as running:
+        acquisition.wait_subscribers(lambda: running.messages_seen() > 0)
+        yield running

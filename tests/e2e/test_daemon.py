@@ -61,63 +61,47 @@ def test_notifies_ready_then_stopping_and_exits_zero_on_sigterm(
 
 
 def test_metrics_count_what_was_sent_and_healthz_reports_tiled(
-    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    acquisition: Acquisition, sidecar: SidecarProcess
 ) -> None:
     """/metrics counts exactly the documents of a known run; /healthz is 200 with Tiled up."""
-    with SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled_container.uri,
-        api_key=tiled_container.api_key,
-    ) as sidecar:
-        acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
-        (uid,) = acquisition.run(bp.count([det], 10))
-        sidecar.wait_drained([uid])
-        text = httpx.get(sidecar.metrics_url, timeout=10).text
-        sent = [name for name, doc in acquisition.documents]
-        for kind in ("start", "descriptor", "event", "stop"):
-            assert _metric(
-                text, "tiled_writer_sidecar_documents_received_total", f'kind="{kind}"'
-            ) == sent.count(kind)
-        assert _metric(text, "tiled_writer_sidecar_backlog_documents") == 0
-        wait_until(
-            lambda: "tiled_writer_sidecar_uploaded_rows_total 10.0" in httpx.get(sidecar.metrics_url).text, 10
+    (uid,) = acquisition.run(bp.count([det], 10))
+    sidecar.wait_drained([uid])
+    text = httpx.get(sidecar.metrics_url, timeout=10).text
+    sent = [name for name, doc in acquisition.documents]
+    for kind in ("start", "descriptor", "event", "stop"):
+        assert _metric(text, "tiled_writer_sidecar_documents_received_total", f'kind="{kind}"') == sent.count(
+            kind
         )
-        health = httpx.get(sidecar.health_url, timeout=10)
-        assert health.status_code == 200
-        assert health.json()["tiled"]["state"] == "up"
+    assert _metric(text, "tiled_writer_sidecar_backlog_documents") == 0
+    wait_until(
+        lambda: "tiled_writer_sidecar_uploaded_rows_total 10.0" in httpx.get(sidecar.metrics_url).text, 10
+    )
+    health = httpx.get(sidecar.health_url, timeout=10)
+    assert health.status_code == 200
+    assert health.json()["tiled"]["state"] == "up"
 
 
 def test_healthz_is_503_while_the_spool_cannot_be_written_and_recovers(
-    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    acquisition: Acquisition, sidecar: SidecarProcess
 ) -> None:
     """An unwritable spool (immutable runs/ directory) makes /healthz 503 with the reason; fixed, it is 200."""
-    with SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled_container.uri,
-        api_key=tiled_container.api_key,
-    ) as sidecar:
-        acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
-        runs = sidecar.spool_dir / "runs"
-        if subprocess.run(["chattr", "+i", str(runs)], capture_output=True).returncode != 0:
-            pytest.skip("chattr +i is not supported on this file system")
-        try:
-            acquisition.run(bp.count([det], 3))
-            response = wait_until(
-                lambda: (r := httpx.get(sidecar.health_url, timeout=10)).status_code == 503 and r,
-                20,
-                what="/healthz 503",
-            )
-            assert "spool" in " ".join(response.json()["reasons"])
-        finally:
-            subprocess.run(["chattr", "-i", str(runs)], check=True)
-        (uid,) = acquisition.run(bp.count([det], 3))
-        wait_until(
-            lambda: httpx.get(sidecar.health_url, timeout=10).status_code == 200, 20, what="/healthz 200"
+    runs = sidecar.spool_dir / "runs"
+    if subprocess.run(["chattr", "+i", str(runs)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this file system")
+    try:
+        acquisition.run(bp.count([det], 3))
+        response = wait_until(
+            lambda: (r := httpx.get(sidecar.health_url, timeout=10)).status_code == 503 and r,
+            20,
+            what="/healthz 503",
         )
-        sidecar.wait_drained([uid])
-        assert "SPOOL NOT WRITABLE" in sidecar.log_tail(200)
+        assert "spool" in " ".join(response.json()["reasons"])
+    finally:
+        subprocess.run(["chattr", "-i", str(runs)], check=True)
+    (uid,) = acquisition.run(bp.count([det], 3))
+    wait_until(lambda: httpx.get(sidecar.health_url, timeout=10).status_code == 200, 20, what="/healthz 200")
+    sidecar.wait_drained([uid])
+    assert "SPOOL NOT WRITABLE" in sidecar.log_tail(200)
 
 
 def test_api_key_never_appears_in_logs_status_or_spool(

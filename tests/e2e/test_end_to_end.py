@@ -29,31 +29,24 @@ def _check_rows(tiled: TiledContainer, acq: Acquisition, uid: str, stream: str =
 
 
 def test_count_and_scan_arrive_row_for_row(
-    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    tiled_container: TiledContainer, acquisition: Acquisition, sidecar: SidecarProcess
 ) -> None:
     """bp.count(50) and bp.scan(20): every event is a row in Tiled with the emitted values."""
-    with SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled_container.uri,
-        api_key=tiled_container.api_key,
-    ) as sidecar:
-        acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
-        (count_uid,) = acquisition.run(bp.count([det], 50))
-        (scan_uid,) = acquisition.run(bp.scan([det], motor, -1, 1, 20))
-        status = sidecar.wait_drained([count_uid, scan_uid])
-        assert _check_rows(tiled_container, acquisition, count_uid) == 50
-        assert _check_rows(tiled_container, acquisition, scan_uid) == 20
-        runs = {r["uid"]: r for r in status["runs"]}
-        for uid in (count_uid, scan_uid):
-            sent = sum(1 for name, doc in acquisition.documents if _belongs(name, doc, uid, acquisition))
-            assert runs[uid]["state"] == "uploaded"
-            assert runs[uid]["documents"] == sent
-            assert runs[uid]["uploaded_documents"] == sent
-            assert runs[uid]["gaps"] == {}
-        client = tiled_container.client()
-        assert client[scan_uid].metadata["stop"]["exit_status"] == "success"
-        assert client.values().last().metadata["start"]["uid"] == scan_uid
+    (count_uid,) = acquisition.run(bp.count([det], 50))
+    (scan_uid,) = acquisition.run(bp.scan([det], motor, -1, 1, 20))
+    status = sidecar.wait_drained([count_uid, scan_uid])
+    assert _check_rows(tiled_container, acquisition, count_uid) == 50
+    assert _check_rows(tiled_container, acquisition, scan_uid) == 20
+    runs = {r["uid"]: r for r in status["runs"]}
+    for uid in (count_uid, scan_uid):
+        sent = sum(1 for name, doc in acquisition.documents if _belongs(name, doc, uid, acquisition))
+        assert runs[uid]["state"] == "uploaded"
+        assert runs[uid]["documents"] == sent
+        assert runs[uid]["uploaded_documents"] == sent
+        assert runs[uid]["gaps"] == {}
+    client = tiled_container.client()
+    assert client[scan_uid].metadata["stop"]["exit_status"] == "success"
+    assert client.values().last().metadata["start"]["uid"] == scan_uid
 
 
 def _belongs(name: str, doc: dict, uid: str, acq: Acquisition) -> bool:  # type: ignore[type-arg]
@@ -66,23 +59,16 @@ def _belongs(name: str, doc: dict, uid: str, acq: Acquisition) -> bool:  # type:
 
 
 def test_several_streams_and_runs(
-    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+    tiled_container: TiledContainer, acquisition: Acquisition, sidecar: SidecarProcess
 ) -> None:
     """A run with primary and baseline streams, then a monitored run: every stream's rows arrive."""
-    with SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled_container.uri,
-        api_key=tiled_container.api_key,
-    ) as sidecar:
-        acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
-        plan = bpp.baseline_wrapper(bp.scan([det1, det2], motor1, 0, 1, 7), [motor, det])
-        (uid1,) = acquisition.run(plan)
-        (uid2,) = acquisition.run(bp.count([det, det1], 5))
-        sidecar.wait_drained([uid1, uid2])
-        assert _check_rows(tiled_container, acquisition, uid1, "primary") == 7
-        assert _check_rows(tiled_container, acquisition, uid1, "baseline") == 2
-        assert _check_rows(tiled_container, acquisition, uid2, "primary") == 5
+    plan = bpp.baseline_wrapper(bp.scan([det1, det2], motor1, 0, 1, 7), [motor, det])
+    (uid1,) = acquisition.run(plan)
+    (uid2,) = acquisition.run(bp.count([det, det1], 5))
+    sidecar.wait_drained([uid1, uid2])
+    assert _check_rows(tiled_container, acquisition, uid1, "primary") == 7
+    assert _check_rows(tiled_container, acquisition, uid1, "baseline") == 2
+    assert _check_rows(tiled_container, acquisition, uid2, "primary") == 5
 
 
 def test_slow_scan_is_visible_within_a_batch_period(

@@ -54,10 +54,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
-from ._process import ManagedProcess
+from ._process import ManagedProcess, Service
 from .ports import LOCALHOST, free_port, wait_until
 from .tiled_server import TiledServer, tiled_command
 
@@ -127,7 +126,7 @@ def postgres_unavailable() -> str | None:
     return None
 
 
-class PostgresServer:
+class PostgresServer(Service):
     """A PostgreSQL cluster of its own on a free 127.0.0.1 port.
 
     `uri` is ``postgresql://USER:PASSWORD@127.0.0.1:PORT/DB`` for the first
@@ -437,21 +436,6 @@ class PostgresServer:
             self._root = None
             self._initialized = False
             self._created = False
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def log_tail(self, lines: int = 60) -> str:
         """The end of ``postgres.log`` (initdb and every start), for failure reports."""

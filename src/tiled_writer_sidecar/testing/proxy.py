@@ -24,13 +24,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ._process import ManagedProcess
+from ._process import ManagedProcess, Service
 from .ports import LOCALHOST, free_port, wait_until
 
 #: First space-separated field of every probe frame (a Publisher "prefix").
@@ -64,7 +63,7 @@ def _close(context: zmq.Context[zmq.Socket[bytes]]) -> None:
     context.destroy(linger=0)
 
 
-class ZmqProxy:
+class ZmqProxy(Service):
     """A `bluesky-0MQ-proxy` process on two 127.0.0.1 ports."""
 
     def __init__(
@@ -237,21 +236,6 @@ class ZmqProxy:
             self._process.terminate()
         else:
             self._process.kill()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def log_tail(self, lines: int = 60) -> str:
         return self._process.log_tail(lines)

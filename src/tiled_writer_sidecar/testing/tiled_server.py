@@ -21,12 +21,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
-from ._process import ManagedProcess
+from ._process import ManagedProcess, Service
 from .ports import LOCALHOST, free_port, wait_until
 
 #: How long a cold start may take (tiled imports dask, pandas, numba, ...:
@@ -45,7 +44,7 @@ def tiled_command() -> list[str]:
     return [sys.executable, "-m", "tiled"]
 
 
-class TiledServer:
+class TiledServer(Service):
     """A Tiled server process serving a writable catalog in `directory`."""
 
     def __init__(
@@ -235,21 +234,6 @@ class TiledServer:
             self.stop()
         elif self._process is not None:
             self._process.kill()  # reap, drop from the leftovers registry
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- use --------------------------------------------------------------
 
