@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     except SidecarError as err:
         console.print(f"{PROG}: error: {err}", markup=False, highlight=False, soft_wrap=True)
         return err.exit_code
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        console.print(
+            f"{PROG}: error: {err.strerror or err}{where}", markup=False, highlight=False, soft_wrap=True
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
 

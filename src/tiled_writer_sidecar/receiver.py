@@ -83,6 +83,7 @@ class Receiver:
         self.run_of_resource: dict[str, str] = {}
         self.closed_runs: dict[str, None] = {}
         self.closed_descriptors: dict[str, str] = {}  # descriptor uid -> its closed run
+        self.unsaved_closed: list[OpenRun] = []  # closed, but received.json not yet saved
         self._last_save = 0.0
         self._last_size_check = 0.0
         self._context = zmq.Context()
@@ -128,7 +129,7 @@ class Receiver:
                 self.stats.subscription_problem = problem
 
     def close(self) -> None:
-        for run in self.runs.values():
+        for run in [*self.runs.values(), *self.unsaved_closed]:
             self._save(run)
             if run.writer is not None:
                 run.writer.close()
@@ -302,15 +303,15 @@ class Receiver:
         except OSError as err:
             self._drop(run, f"spool write failed: {err.strerror}")
             return
-        if not self.stats.spool_writable:
-            self.stats.spool_writable = True
-            log.warning("spool writable again; spooling resumed")
         received.documents += 1
         received.bytes += written
         received.last_received = time.time()
         run.dirty = True
         self.stats.documents[name] += 1
         self.stats.spool_bytes += written
+        if not self.stats.spool_writable and not (limit and self.stats.spool_bytes >= limit):
+            self.stats.spool_writable = True
+            log.warning("spool writable again; spooling resumed")
 
     def _drop(self, run: OpenRun, why: str) -> None:
         run.received.dropped += 1
@@ -332,9 +333,14 @@ class Receiver:
         run.received.closed = True
         run.received.close_reason = reason
         if run.writer is not None:
-            run.writer.close()
+            try:
+                run.writer.close()
+            except OSError as err:
+                self._spool_trouble(f"cannot fsync run {run.received.uid}: {err.strerror}")
             run.writer = None
         self._save(run)
+        if run.dirty:
+            self.unsaved_closed.append(run)  # retried by tick() until the disk has room
         uid = run.received.uid
         del self.runs[uid]
         self.closed_runs[uid] = None
@@ -383,6 +389,10 @@ class Receiver:
                     self._close_run(run, f"no document for {timeout:.0f} s")
                 else:
                     self._save(run)
+            for run in list(self.unsaved_closed):
+                self._save(run)
+                if not run.dirty:
+                    self.unsaved_closed.remove(run)
         if now - self._last_size_check >= SPOOL_SIZE_INTERVAL_S:
             self._last_size_check = now
             self.stats.spool_bytes = self.spool.total_bytes()

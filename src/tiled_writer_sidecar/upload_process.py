@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except SidecarError as err:
         print(f"tiled-writer-sidecar uploader: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        print(f"tiled-writer-sidecar uploader: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
+        return 1
     return 0
 
 

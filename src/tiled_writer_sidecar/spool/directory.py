@@ -85,8 +85,11 @@ class SpoolDir:
             raise SpoolLockedError(
                 f"spool {self.root} is locked: its {role} is already running (pid {holder})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:  # the pid is only for the message above; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:
+            pass
         self._locks.append(fd)
 
     def is_locked(self, role: str) -> bool:
