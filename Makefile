@@ -16,14 +16,14 @@ test: $(BIN)/tiled-writer-sidecar
 	$(MAKE) lint typecheck pytest
 
 lint:
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 
 typecheck:
 	$(BIN)/mypy
 
 pytest:
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3 --dist load
 
 bench: $(BIN)/tiled-writer-sidecar
 	$(BIN)/python -m benchmarks.run
