@@ -46,7 +46,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "sidecar_one_request_verify": {"verify": "one-request"},
     "sidecar_all_ideas": {"verify": "one-request", "batch_rows": 50_000, "threads": 2},
 }
-VOLATILE = {"created_at", "updated_at", "time_created", "time_updated"}
 
 
 class _RetryCounter(logging.Handler):
@@ -87,22 +86,19 @@ def make_backlog(root: Path, runs: int, events: int) -> dict[str, Any]:
     return {"runs": runs, "events": runs * events, "documents": documents, "accept_rate": documents / seconds}
 
 
-def _strip(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
-
-
 def parity(client: Any, ours: str, theirs: str, uids: list[str]) -> list[str]:
     """Differences between two containers' copies of `uids` (the parity test's checks)."""
-    from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream, tree_summary
+    from tiled_writer_sidecar.testing.tiled_readback import (
+        frame_rows,
+        read_stream,
+        tree_summary,
+        without_volatile,
+    )
 
     problems = []
     for uid in uids:
-        a = _strip(tree_summary(client[ours], uid))
-        b = _strip(tree_summary(client[theirs], uid))
+        a = without_volatile(tree_summary(client[ours], uid))
+        b = without_volatile(tree_summary(client[theirs], uid))
         if a != b:
             keys = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
             problems.append(f"{ours}/{uid}: tree differs in {sorted(keys)}")

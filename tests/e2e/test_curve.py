@@ -20,7 +20,6 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import bluesky.plans as bp
@@ -30,7 +29,7 @@ import zmq.auth
 from ophyd.sim import det, motor
 
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, probe_message, wait_until
-from tiled_writer_sidecar.testing._process import ManagedProcess
+from tiled_writer_sidecar.testing._process import ManagedProcess, Service
 from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port
 from tiled_writer_sidecar.testing.proxy import proxy_command
@@ -75,7 +74,7 @@ def keys(tmp_path: Path) -> Keys:
     )
 
 
-class CurveProxy:
+class CurveProxy(Service):
     """``bluesky-0MQ-proxy --out-curve-secret ... --out-curve-client-keys ...`` in its own process group.
 
     Ready once a probe published on `in` comes out of `out` to a SUB that
@@ -145,18 +144,6 @@ class CurveProxy:
 
     def log_tail(self, lines: int = 60) -> str:
         return self.process.log_tail(lines)
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 @pytest.fixture

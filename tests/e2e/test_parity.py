@@ -13,7 +13,6 @@ array node, including external data registered from legacy Resource/Datum
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import bluesky.plans as bp
 import bluesky.preprocessors as bpp
@@ -25,35 +24,13 @@ from ophyd_async.sim import PatternGenerator, SimBlobDetector
 
 from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
-from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream, tree_summary
-
-# Keys that legitimately differ between two writes of the same run.
-VOLATILE = {"created_at", "updated_at", "time_created", "time_updated"}
-
-
-def _strip(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
-
-
-def _differences(a: Any, b: Any, path: str = "") -> list[str]:
-    """Where two nested structures differ, as readable paths."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b), key=str):
-            if key not in a or key not in b:
-                out.append(f"{path}/{key}: only in {'sidecar' if key in a else 'in-process'}")
-            else:
-                out += _differences(a[key], b[key], f"{path}/{key}")
-        return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [
-            d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}[{i}]")
-        ]
-    return [] if a == b else [f"{path}: sidecar {a!r} != in-process {b!r}"]
+from tiled_writer_sidecar.testing.tiled_readback import (
+    differences,
+    frame_rows,
+    read_stream,
+    tree_summary,
+    without_volatile,
+)
 
 
 @pytest.fixture
@@ -96,7 +73,7 @@ def test_sidecar_tree_equals_in_process_tiled_writer(
     for uid in uids:
         ours = tree_summary(sidecar_root, uid)
         theirs = tree_summary(inprocess_root, uid)
-        assert _differences(_strip(ours), _strip(theirs)) == [], uid
+        assert differences(without_volatile(ours), without_volatile(theirs)) == [], uid
         for stream in theirs["streams"]:
             if theirs["streams"][stream]["columns"]:
                 assert frame_rows(read_stream(sidecar_root, uid, stream, arrays=False)) == frame_rows(

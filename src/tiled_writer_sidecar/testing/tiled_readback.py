@@ -148,3 +148,35 @@ def tree_summary(client: Any, run_uid: str) -> dict[str, Any]:
         "metadata": metadata,
         "streams": streams,
     }
+
+
+#: Keys of a tree summary that differ between two writes of the same run.
+VOLATILE_KEYS = frozenset({"created_at", "updated_at", "time_created", "time_updated"})
+
+
+def without_volatile(value: Any) -> Any:
+    """`value` (a tree summary) without the keys two writes of one run never share."""
+    if isinstance(value, dict):
+        return {k: without_volatile(v) for k, v in value.items() if k not in VOLATILE_KEYS}
+    if isinstance(value, list):
+        return [without_volatile(v) for v in value]
+    return value
+
+
+def differences(ours: Any, theirs: Any, path: str = "") -> list[str]:
+    """Where two nested structures differ, as readable paths (empty if equal)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        out = []
+        for key in sorted(set(ours) | set(theirs), key=str):
+            if key not in ours or key not in theirs:
+                out.append(f"{path}/{key}: only in {'ours' if key in ours else 'theirs'}")
+            else:
+                out += differences(ours[key], theirs[key], f"{path}/{key}")
+        return out
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(ours, theirs, strict=True))
+            for d in differences(x, y, f"{path}[{i}]")
+        ]
+    return [] if ours == theirs else [f"{path}: ours {ours!r} != theirs {theirs!r}"]
