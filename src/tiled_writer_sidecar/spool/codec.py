@@ -164,7 +164,10 @@ def _array(data: bytes, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...
         raise ValueError("array bytes do not match dtype and shape")
     if count == 0 or dtype.itemsize == 0:
         return np.zeros(shape, dtype=dtype)
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
+    out = np.empty(shape, dtype=dtype)
+    # Byte for byte: ndarray.copy() of a structured dtype skips its padding bytes.
+    out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8, len(data) - offset, offset)
+    return out
 
 
 def _text_scalar(raw: bytes, dtype: np.dtype[Any]) -> np.generic:
