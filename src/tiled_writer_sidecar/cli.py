@@ -9,18 +9,12 @@ and config errors); only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-# The Tiled client retries each request for up to 45 s by default; the
-# uploader has its own retry loop with state-change logging, so keep the
-# client's short. Must be set before tiled is imported.
-os.environ.setdefault("TILED_RETRY_ATTEMPTS", "2")
-os.environ.setdefault("TILED_RETRY_TIMEOUT", "5")
-
 from rich.console import Console
 
+from . import process_defaults
 from .config import Config, load_config
 from .errors import ConfigError, SidecarError
 from .logs import setup_logging
@@ -109,6 +103,7 @@ def effective_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process_defaults.apply()  # before tiled is imported; the uploader child inherits the environment
     console = Console(stderr=True)
     try:
         args = build_parser().parse_args(argv)

@@ -16,14 +16,17 @@ import sys
 import threading
 from types import FrameType
 
+from . import process_defaults
 from .config import config_from_dict
 from .errors import SidecarError
 from .logs import setup_logging
 from .spool.directory import SpoolDir
-from .uploader import Uploader
 
 
 def main(argv: list[str] | None = None) -> int:
+    process_defaults.apply()
+    from .uploader import Uploader  # imports tiled: after apply()
+
     parser = argparse.ArgumentParser(prog="tiled-writer-sidecar-uploader")
     parser.add_argument("--config-json", required=True)
     args = parser.parse_args(argv)
