@@ -344,3 +344,44 @@ def test_same_verdict_as_event_model_on_mutated_documents(
 def test_same_verdict_as_event_model_on_random_documents(name: str, doc: dict[str, Any]) -> None:
     """Random small documents of every kind: same accept/reject verdict as event-model."""
     assert we_accept(name, doc) == event_model_accepts(name, doc)
+
+
+# ------------------------------------------------------- plain-event fast path
+
+
+def test_events_meet_the_hand_written_check_first() -> None:
+    """event-model's event schema is the one `_plain_event` implements, so it is in use."""
+    assert isinstance(validation._compile("event"), validation._PlainFirst)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(data=st.data())
+def test_the_hand_written_event_check_only_accepts_what_event_model_accepts(
+    all_documents: list[Document], data: st.DataObject
+) -> None:
+    """Mutated real events (and any document shaped like one): `_plain_event` never says valid wrongly."""
+    events = [document for document in all_documents if document[0] == "event"]
+    _, doc = data.draw(mutated_documents(events))
+    if validation._plain_event(doc):
+        assert event_model_accepts("event", doc)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"seq_num": True},
+        {"seq_num": 1.0},
+        {"time": False},
+        {"uid": np.str_("u")},
+        {"data": []},
+        {"filled": {"x": 1}},
+        {"filled": []},
+        {"extra": 1},
+    ],
+)
+def test_the_hand_written_event_check_defers_on_anything_unusual(edit: dict[str, Any]) -> None:
+    """Types other than the exact built-ins, or unknown keys: the compiled check decides."""
+    doc = {"uid": "u", "descriptor": "d", "seq_num": 1, "time": 1.0, "data": {}, "timestamps": {}}
+    assert validation._plain_event(doc)
+    assert not validation._plain_event({**doc, **edit})
+    assert we_accept("event", {**doc, **edit}) == event_model_accepts("event", {**doc, **edit})

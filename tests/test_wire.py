@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from ophyd.sim import SynSignal, hw
 
+from tiled_writer_sidecar import wire
 from tiled_writer_sidecar.errors import DecodeError
 from tiled_writer_sidecar.spool.codec import pack_document
 from tiled_writer_sidecar.wire import DOCUMENT_NAMES, REASONS, SERIALIZERS, decode_message
@@ -668,3 +669,123 @@ def test_large_protocol_2_pickles_with_many_memo_entries_are_not_mistaken_for_bo
 def test_bytes_after_stop_are_ignored_like_pickle_loads_does() -> None:
     """pickle.loads ignores what follows STOP; so does the opcode scan (no false rejection)."""
     assert decode_message([b" start " + pickle.dumps({"a": 1}) + b"\xff\xff"]) == ("start", {"a": 1})
+
+
+# ------------------------------------------------------ pickle skeletons
+
+
+def _verdict(message: bytes) -> tuple[str, Any]:
+    """What decode_message says: the spooled bytes of the document, or the refusal reason."""
+    try:
+        name, doc = decode_message([message])
+    except DecodeError as error:
+        return "refused", error.reason
+    return "document", pack_document(name, doc)
+
+
+def _event_pickle(seq: int, protocol: int = 4) -> bytes:
+    shared = "det"
+    doc = {
+        "uid": f"{seq:036d}",
+        "time": 1.5 * seq,
+        "data": {shared: seq / 3, "motor": -seq},
+        "timestamps": {shared: 2.5 * seq, "motor": 0.5},
+        "seq_num": seq,
+        "filled": {},
+        "descriptor": "d" * 36,
+    }
+    return b" event " + pickle.dumps(doc, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_pickles_of_a_known_skeleton_decode_exactly_like_pickle_loads(
+    monkeypatch: pytest.MonkeyPatch, protocol: int
+) -> None:
+    """Events pickled alike skip the scan and the walk, and still decode to exactly what was pickled."""
+    monkeypatch.setattr(wire, "_SKELETONS", wire._Skeletons())
+    messages = [_event_pickle(seq, protocol) for seq in range(300, 400)]
+    assert len({len(m) for m in messages}) == 1
+    for message in messages:
+        assert decode_message([message])[1] == pickle.loads(message.split(b" ", 2)[2])
+    assert wire._SKELETONS.known(messages[-1].split(b" ", 2)[2])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(300, 399), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4))
+def test_a_known_skeleton_never_changes_a_verdict(seq: int, edits: list[tuple[int, int]]) -> None:
+    """Bytes overwritten in a pickle whose skeleton is known: the same verdict as with none known.
+
+    Overwritten opcodes, string lengths or memo indices (sharing bombs, LONG_BINPUT, non-ASCII text)
+    change the skeleton, so the full scan and walk decide; overwritten values decode as values.
+    """
+    learnt = wire._Skeletons()
+    base = _event_pickle(seq)
+    for message in (base, _event_pickle(seq + 1)):
+        learnt.learn(message.split(b" ", 2)[2])
+    mutated = bytearray(base)
+    for where, value in edits:
+        mutated[7 + where % (len(base) - 7)] = value
+    original = wire._SKELETONS
+    try:
+        wire._SKELETONS = wire._Skeletons()  # type: ignore[misc]
+        expected = _verdict(bytes(mutated))
+        wire._SKELETONS = learnt  # type: ignore[misc]
+        assert _verdict(bytes(mutated)) == expected
+    finally:
+        wire._SKELETONS = original  # type: ignore[misc]
+
+
+def test_a_known_skeleton_does_not_admit_a_sharing_bomb_of_the_same_length() -> None:
+    """Same length, same opcodes, but BINGET indices that nest shared lists: still too complex."""
+    skeletons = wire._Skeletons()
+    flat = b"\x80\x04]\x94(" + b"]\x94" * 30 + b"e}\x94\x8c\x01a\x94h\x00s."
+    skeletons.learn(flat)
+    bomb = bytearray(flat)
+    assert skeletons.known(bytes(flat))
+    bomb[-3] = 0x01  # the value is another memo slot: not the learnt skeleton
+    assert not skeletons.known(bytes(bomb))
+
+
+def test_non_ascii_text_and_other_opcodes_are_never_learnt() -> None:
+    """A str that is not ASCII, a global or a LONG_BINPUT makes a pickle unlearnable."""
+    for doc in ({"a": "\u00e9"}, {"a": np.float64(1.0)}, {"a": complex(1, 2)}):
+        assert wire._skeleton_positions(pickle.dumps(doc, protocol=4)) is None
+    assert wire._skeleton_positions(b"\x80\x02}r\x00\x00\x00\x00.") is None
+    assert wire._skeleton_positions(pickle.dumps({"a": "x"}, protocol=4)) is not None
+
+
+def test_skeletons_stay_few_per_length_and_in_all() -> None:
+    """However varied the pickles, a lookup compares at most PER_LENGTH skeletons, and LIMIT are kept."""
+    skeletons = wire._Skeletons()
+    for i in range(5000):
+        skeletons.learn(pickle.dumps({f"k{i % 97:02d}": [None] * (i % 7), "v": "x" * (i % 13)}, protocol=4))
+    assert all(len(entries) <= skeletons.PER_LENGTH for entries in skeletons._by_length.values())
+    assert sum(len(entries) for entries in skeletons._by_length.values()) <= skeletons.LIMIT
+
+
+def test_a_lying_frame_length_cannot_smuggle_a_memo_bomb_past_the_scan() -> None:
+    """A FRAME shorter than its contents made the file-reading C unpickler skip bytes and run a
+    LONG_BINPUT the scan had read as string contents (2**26: 1 GiB touched). It now reads in order."""
+    inner = b"\x8c\x07ab"  # the frame ends inside this 7-character string
+    hidden = b"r" + struct.pack("<I", 2**30)  # LONG_BINPUT 2**30: 16 GiB of memo
+    payload = b"\x80\x04\x95" + struct.pack("<Q", len(inner)) + inner + b"XXXXXC\x05" + hidden + b"."
+    with pytest.raises(DecodeError) as caught:
+        decode_message([b" event " + payload])
+    assert caught.value.reason == "not-a-document"  # it read `C\x05 r...` as bytes, like the scan
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(300, 399), st.integers(0, 300))
+def test_frame_lengths_never_change_what_the_restricted_unpickler_reads(seq: int, frame: int) -> None:
+    """Any FRAME length: the restricted unpickler parses like in-memory `pickle.loads` (or both fail)."""
+    payload = bytearray(_event_pickle(seq).split(b" ", 2)[2])
+    payload[3:11] = struct.pack("<Q", frame)
+    try:
+        expected: Any = pickle.loads(bytes(payload))
+    except Exception as error:  # noqa: BLE001
+        expected = type(error)
+    try:
+        got: Any = wire._restricted_loads(bytes(payload))
+    except Exception as error:  # noqa: BLE001
+        got = type(error)
+    assert repr(got) == repr(expected)

@@ -17,6 +17,11 @@ Design:
   "invalid" goes to event-model's own validator, which decides and explains
   (numpy arrays in ``array`` positions are valid there). Valid documents cost
   the fast path only.
+- Events, most of what arrives, first meet `_plain_event`: exact built-in
+  types, a few C-level checks, no schema machinery. It is used only while
+  event-model's event schema is the one it was written for
+  (`_EVENT_SCHEMA`, compared at compile time), and it too may only say
+  "valid": anything else goes on to the compiled check.
 - ``ValidationError("schema", "<kind> <JSON path>: <message>")``, at most 200
   characters of document content.
 """
@@ -221,6 +226,78 @@ class _KeyRuleSites:
                             rule.follow(item)
 
 
+#: event-model's event schema (annotations left out) that `_plain_event` implements.
+_EVENT_SCHEMA: Final = {
+    "type": "object",
+    "allOf": [{"$ref": "#/$defs/PartialEvent"}],
+    "$defs": {
+        "PartialEvent": {
+            "type": "object",
+            "properties": {
+                "data": {"type": "object", "additionalProperties": True},
+                "filled": {
+                    "type": "object",
+                    "additionalProperties": {"anyOf": [{"type": "boolean"}, {"type": "string"}]},
+                },
+                "time": {"type": "number"},
+                "timestamps": {"type": "object", "additionalProperties": True},
+            },
+            "required": ["data", "time", "timestamps"],
+        }
+    },
+    "properties": {
+        "descriptor": {"type": "string"},
+        "seq_num": {"type": "integer"},
+        "uid": {"type": "string"},
+    },
+    "required": ["descriptor", "seq_num", "uid"],
+    "unevaluatedProperties": False,
+}
+_EVENT_KEYS: Final = frozenset({"uid", "descriptor", "seq_num", "time", "data", "timestamps", "filled"})
+_EVENT_REQUIRED: Final = _EVENT_KEYS - {"filled"}
+_NO_FILLED: Final[dict[str, Any]] = {}
+
+
+def _plain_event(doc: Any) -> bool:
+    """True if `doc` is certainly a valid event per `_EVENT_SCHEMA` (False: not known)."""
+    if type(doc) is not dict:
+        return False
+    keys = doc.keys()
+    if not _EVENT_REQUIRED <= keys <= _EVENT_KEYS:
+        return False
+    filled = doc.get("filled", _NO_FILLED)
+    return (
+        type(doc["uid"]) is str
+        and type(doc["descriptor"]) is str
+        and type(doc["seq_num"]) is int
+        and type(doc["time"]) in (float, int)
+        and type(doc["data"]) is dict
+        and type(doc["timestamps"]) is dict
+        and type(filled) is dict
+        and (not filled or all(type(value) in (bool, str) for value in filled.values()))
+    )
+
+
+def _without_annotations(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_without_annotations(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    return {key: _without_annotations(value) for key, value in node.items() if key not in _ANNOTATIONS}
+
+
+class _PlainFirst:
+    """A hand-written check that may say "valid", then the compiled one (raises on failure)."""
+
+    def __init__(self, plain: Callable[[Any], bool], check: _Check) -> None:
+        self.plain = plain
+        self.check = check
+
+    def __call__(self, doc: Any) -> None:
+        if not self.plain(doc):
+            self.check(doc)
+
+
 def _compile(name: str) -> _Check:
     try:
         kind = DocumentNames(name)
@@ -232,6 +309,8 @@ def _compile(name: str) -> _Check:
     except NotImplementedError as exc:  # a future schema this rewrite does not cover
         log.warning("%s documents are validated by event-model only (slow): %s", name, exc)
         check = schema_validators[kind].validate
+    if name == "event" and _without_annotations(schemas[kind]) == _EVENT_SCHEMA:
+        check = _PlainFirst(_plain_event, check)
     _fast[name] = check
     return check
 

@@ -19,15 +19,25 @@ Design:
 - One iterative walk checks the result: str keys; only values the spool
   codec stores; depth <= 100; expanded size <= 4 x payload + 1 MiB (shared
   references in a pickle can make a kilobyte expand to terabytes).
+- Pickle skeletons (`_Skeletons`): a stream's events are pickled alike, so a
+  pickle of plain data (dicts, lists, tuples, ASCII str, bytes, int, float,
+  bool, None) that passed the opcode scan and the walk has its *skeleton*
+  remembered: its length and the bytes that decide tokenization, object
+  types and sharing (opcodes, string lengths, memo indices). A payload with
+  the same skeleton unpickles to a tree of the same shape and types with
+  strings no longer, so the scan and the walk would pass it: both are
+  skipped, and it is loaded by plain ``pickle.loads`` (no skeleton opcode
+  imports or calls anything, so there is nothing for ``find_class`` to
+  refuse). Anything else (other opcodes, a new skeleton) takes the full path.
 - Failures are ``DecodeError(reason, detail)``: ``REASONS`` lists the stable
   reasons; details are ASCII and at most ~200 characters.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
+import operator
 import pickle
 import pickletools
 import re
@@ -292,8 +302,53 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _loads_pickle(payload: bytes) -> Any:
     _scan_pickle(payload)
+    return _unpickle(payload)
+
+
+class _Sequential:
+    """The payload as a file the C unpickler reads in sequence, whatever FRAME opcodes say.
+
+    Given a file without ``peek`` (``io.BytesIO``), the C unpickler reads a
+    FRAME's declared length into its buffer and, when an argument runs past
+    it, drops the buffered bytes it had not used and reads on from the file:
+    a wrong FRAME length makes it execute bytes `_scan_pickle` took for string
+    contents (26 bytes could then allocate 64 GiB of memo). With ``peek``
+    returning everything left (a view, no copy), it consumes the file exactly
+    in order, as ``pickle.loads`` and the scan do.
+    """
+
+    def __init__(self, payload: bytes) -> None:
+        self._payload = payload
+        self._view = memoryview(payload)
+        self._pos = 0
+
+    def peek(self, size: int = 0) -> memoryview:
+        return self._view[self._pos :]
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else min(len(self._view), self._pos + size)
+        data = self._view[self._pos : end].tobytes()
+        self._pos = end
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readline(self, size: int = -1) -> bytes:
+        newline = self._payload.find(b"\n", self._pos)
+        return self.read(-1 if newline < 0 else newline + 1 - self._pos)
+
+
+def _restricted_loads(payload: bytes) -> Any:
+    return _RestrictedUnpickler(_Sequential(payload), fix_imports=False).load()
+
+
+def _unpickle(payload: bytes, loads: Callable[[bytes], Any] = _restricted_loads) -> Any:
+    """Unpickle a payload already scanned; `loads` may be plain ``pickle.loads`` for a known skeleton."""
     try:
-        return _RestrictedUnpickler(io.BytesIO(payload), fix_imports=False).load()
+        return loads(payload)
     except DecodeError:
         raise
     except (EOFError, pickle.UnpicklingError) as exc:
@@ -535,6 +590,148 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> None:
             raise DecodeError("too-complex", f"document expands beyond {budget} bytes")
 
 
+# ------------------------------------------------------------ pickle skeletons
+
+
+def _op(name: str) -> int:
+    return ord(next(op.code for op in pickletools.opcodes if op.name == name))
+
+
+#: Plain-data opcodes a skeleton may hold: opcode -> (argument width, bytes of the argument kept).
+#: Width -n is an n-byte length and that many bytes (kept: the length). The
+#: kept bytes are what decides tokenization, types and sharing; the others
+#: (a float's or an int's value, a frame's length) only change leaf values.
+_PLAIN_OPS: Final[dict[int, tuple[int, int]]] = {
+    **{
+        _op(name): (0, 0)
+        for name in [
+            "EMPTY_DICT",
+            "EMPTY_LIST",
+            "EMPTY_TUPLE",
+            "MARK",
+            "SETITEM",
+            "SETITEMS",
+            "APPEND",
+            "APPENDS",
+            "TUPLE",
+            "TUPLE1",
+            "TUPLE2",
+            "TUPLE3",
+            "NONE",
+            "NEWTRUE",
+            "NEWFALSE",
+            "MEMOIZE",
+        ]
+    },
+    **{_op(name): (width, 0) for name, width in (("BINFLOAT", 8), ("BININT1", 1), ("BININT2", 2))},
+    **{_op(name): (width, 0) for name, width in (("BININT", 4), ("FRAME", 8))},
+    **{_op(name): (1, 1) for name in ("PROTO", "BINGET", "BINPUT")},
+    **{_op(name): (-1, 1) for name in ("SHORT_BINUNICODE", "SHORT_BINBYTES")},
+    **{_op(name): (-4, 4) for name in ("BINUNICODE", "BINBYTES")},
+}
+_TEXT_OPS: Final = frozenset({_op("SHORT_BINUNICODE"), _op("BINUNICODE")})
+_STOP: Final = _op("STOP")
+
+
+def _skeleton_positions(payload: bytes) -> tuple[int, ...] | None:
+    """Offsets of the skeleton's bytes, or None if `payload` is not a plain-data pickle.
+
+    Also None if a str is not ASCII: a payload of the same skeleton may then
+    hold strings of more characters (a larger walk cost) than this one.
+    """
+    positions: list[int] = []
+    plain = _PLAIN_OPS
+    i, end = 0, len(payload)
+    while i < end:
+        op = payload[i]
+        positions.append(i)
+        if op == _STOP:
+            return tuple(positions) if i + 1 == end else None
+        arg = plain.get(op)
+        if arg is None:
+            return None
+        width, kept = arg
+        if width < 0:
+            length = int.from_bytes(payload[i + 1 : i + 1 - width], "little")
+            start = i + 1 - width
+            if op in _TEXT_OPS and not payload[start : start + length].isascii():
+                return None
+            width = length - width
+        positions.extend(range(i + 1, i + 1 + kept))
+        i += 1 + width
+    return None
+
+
+class _Skeletons:
+    """Skeletons of pickles that passed the scan and the walk (see the module docstring).
+
+    Bounded: at most `LIMIT` skeletons (then forgotten all at once) and
+    `PER_LENGTH` of one length (the oldest goes), so a lookup compares at
+    most `PER_LENGTH`; a new one is learnt when its length has none yet, else
+    on every `LEARN_EVERY`-th miss, so payloads that never repeat cost little
+    more than the full path.
+    """
+
+    LIMIT: Final = 64
+    PER_LENGTH: Final = 4
+    LEARN_EVERY: Final = 32
+
+    def __init__(self) -> None:
+        self._by_length: dict[int, list[tuple[Callable[[bytes], Any], tuple[int, ...]]]] = {}
+        self._count = 0
+        self._misses = 0
+
+    def known(self, payload: bytes) -> bool:
+        """True if `payload` has the skeleton of a pickle already accepted."""
+        for get, expected in self._by_length.get(len(payload), ()):  # noqa: SIM110  # no genexpr: hot path
+            if get(payload) == expected:
+                return True
+        return False
+
+    def learn(self, payload: bytes) -> None:
+        """Remember the skeleton of `payload`, an accepted pickle (scanned, unpickled, walked)."""
+        self._misses += 1
+        same_length = self._by_length.get(len(payload))
+        if same_length and self._misses % self.LEARN_EVERY:
+            return
+        positions = _skeleton_positions(payload)
+        if positions is None:
+            return
+        if self._count >= self.LIMIT:
+            self._by_length.clear()
+            self._count = 0
+        get = operator.itemgetter(*positions)
+        same_length = self._by_length.setdefault(len(payload), [])
+        same_length.insert(0, (get, get(payload)))
+        if len(same_length) > self.PER_LENGTH:
+            same_length.pop()
+        else:
+            self._count += 1
+
+
+_SKELETONS: Final = _Skeletons()
+
+
+def _pickle_document(payload: bytes, budget: int) -> dict[Any, Any]:
+    """A pickled document, checked: by the scan and the walk, or by a known skeleton.
+
+    A known skeleton holds plain-data opcodes only, none that imports or calls
+    anything, so the C unpickler needs no `find_class` guard for it.
+    """
+    if _SKELETONS.known(payload):
+        return _top_dict(_unpickle(payload, pickle.loads))
+    doc = _top_dict(_loads_pickle(payload))
+    _check_tree(doc, budget)
+    _SKELETONS.learn(payload)
+    return doc
+
+
+def _top_dict(doc: object) -> dict[Any, Any]:
+    if type(doc) is not dict:
+        raise DecodeError("not-a-document", f"top level is {type(doc).__name__}, not dict")
+    return doc
+
+
 # ---------------------------------------------------------------------- entry
 
 
@@ -573,8 +770,9 @@ def decode_message(
     if not payload:
         raise DecodeError("truncated", "empty payload")
     loads = _detect(payload) if serializer == "auto" else _LOADERS[serializer]
-    doc = loads(payload)
-    if type(doc) is not dict:
-        raise DecodeError("not-a-document", f"top level is {type(doc).__name__}, not dict")
-    _check_tree(doc, _EXPANSION * len(payload) + _SLACK)
+    budget = _EXPANSION * len(payload) + _SLACK
+    if loads is _loads_pickle:
+        return name, _pickle_document(payload, budget)
+    doc = _top_dict(loads(payload))
+    _check_tree(doc, budget)
     return name, doc
