@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
+import pytest
+
+from tiled_writer_sidecar.spool import segment
 from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogReader, LogWriter, list_segments
 
 
@@ -107,3 +112,60 @@ def test_large_record_bigger_than_read_chunk(tmp_path: Path) -> None:
     big = bytes(range(256)) * (5 * 2**20 // 256)
     _write(tmp_path, [b"a", big, b"b"], segment_bytes=64 * 2**20)
     assert list(LogReader(tmp_path).read()) == [b"a", big, b"b"]
+
+
+def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(segment.os, "fsync", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("mode", "records"), [("batch", 7), ("batch", 10_000), ("always", 1), ("never", 1)])
+def test_append_many_leaves_the_log_single_appends_leave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, records: int
+) -> None:
+    """Batches (of any size) roll segments and fsync exactly where record-by-record appends do."""
+    policy = FsyncPolicy(mode, records=records)
+    fsyncs = _fsyncs(monkeypatch)
+    single = LogWriter(tmp_path / "single", 4096, policy)
+    for p in PAYLOADS:
+        single.append(p)
+    single_fsyncs = len(fsyncs)
+    single.close()
+    fsyncs.clear()
+    batched = LogWriter(tmp_path / "batched", 4096, policy)
+    start = 0
+    for size in (1, 61, 3, 200, 2, 61, 1000):
+        assert batched.append_many(PAYLOADS[start : start + size]).failed == []
+        start += size
+    assert len(fsyncs) == single_fsyncs
+    batched.close()
+    single_files = [(p.name, p.read_bytes()) for p in list_segments(tmp_path / "single")]
+    assert [(p.name, p.read_bytes()) for p in list_segments(tmp_path / "batched")] == single_files
+    assert list(LogReader(tmp_path / "batched").read()) == PAYLOADS
+
+
+def test_append_many_loses_only_the_records_that_do_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed batch write is rolled back and retried record by record: exactly the refused ones are reported."""
+    real_write = os.write
+
+    def full_for_big(fd: int, data: bytes) -> int:
+        if b"BIG" in data:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(segment.os, "write", full_for_big)
+    writer = LogWriter(tmp_path, 1 << 20, FsyncPolicy("batch"))
+    payloads = [b"one", b"BIG two", b"three", b"BIG four", b"five"]
+    result = writer.append_many(payloads)
+    assert [(index, err.errno) for index, err in result.failed] == [(1, errno.ENOSPC), (3, errno.ENOSPC)]
+    writer.close()
+    assert list(LogReader(tmp_path).read()) == [b"one", b"three", b"five"]

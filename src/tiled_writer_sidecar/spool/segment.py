@@ -9,9 +9,16 @@ fsync policy: ``always`` (fsync after every record), ``batch`` (group commit:
 at most ``fsync_records`` records or ``fsync_interval_ms`` between fsyncs —
 that is the window a power loss can take) or ``never`` (the OS decides).
 
+`LogWriter.append_many` writes a batch of records with one ``write`` per
+segment and per fsync window (the receiver hands it what one wake of its
+loop received): whole records still reach readers at once, and the fsync
+policy is kept record for record (a roll, ``fsync_records`` and ``always``
+cut the batch where single appends would have fsynced or rolled).
+
 On open, the writer truncates a torn tail (a record cut short by a crash).
 A failed write (disk full) is rolled back with ``ftruncate`` so the log never
-holds half a record. `LogReader` follows a log from a position and reports
+holds half a record; a failed batch is retried record by record, so exactly
+the records that do not fit are lost, as with single appends. `LogReader` follows a log from a position and reports
 corruption with its segment and offset; a torn tail of the *last* segment is
 a record still being written and is simply not returned yet.
 """
@@ -21,10 +28,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import record
+from .record import HEADER_SIZE
 
 SUFFIX = ".seg"
 READ_CHUNK = 4 * 2**20
@@ -47,6 +55,14 @@ def log_bytes(directory: Path) -> int:
         except FileNotFoundError:
             pass
     return total
+
+
+@dataclass
+class Appended:
+    """What `LogWriter.append_many` could not do: ``(index, error)`` per record lost, a failed fsync."""
+
+    failed: list[tuple[int, OSError]] = field(default_factory=list)
+    sync_error: OSError | None = None
 
 
 @dataclass(frozen=True)
@@ -99,23 +115,91 @@ class LogWriter:
 
     def append(self, payload: bytes) -> int:
         """Append one record; return its size on disk. Raises OSError (e.g. ENOSPC)."""
-        if self._size >= self.segment_bytes:
-            self._roll()
-        frame = record.encode(payload)
+        result = self.append_many([payload])
+        if result.failed:
+            raise result.failed[0][1]
+        if result.sync_error is not None:
+            raise result.sync_error
+        return HEADER_SIZE + len(payload)
+
+    def append_many(self, payloads: list[bytes]) -> Appended:
+        """Append records in order; report those that could not be written, and a failed fsync.
+
+        Records are grouped into one ``write`` up to a segment roll or an
+        fsync the policy requires, so the log on disk (segments, fsyncs) is
+        the one single appends would have left. A failed fsync does not
+        stop the batch (the records are written; the OS may still flush them).
+        """
+        result = Appended()
+        start = 0
+        while start < len(payloads):
+            if self._size >= self.segment_bytes:
+                try:
+                    self._roll()
+                except OSError as err:
+                    result.failed.append((start, err))
+                    start += 1
+                    continue
+            end, frames = self._group(payloads, start)
+            result.failed += self._write_group(frames, start)
+            start = end
+            if self.policy.mode == "always" or (
+                self.policy.mode == "batch" and self._unsynced >= self.policy.records
+            ):
+                try:
+                    self.sync()
+                except OSError as err:
+                    result.sync_error = err
+        return result
+
+    def _group(self, payloads: list[bytes], start: int) -> tuple[int, list[bytes]]:
+        """Frames of ``payloads[start:end]``: up to the segment's end or the next due fsync."""
+        room = self.segment_bytes - self._size
+        records = 1 if self.policy.mode == "always" else self.policy.records - self._unsynced
+        if self.policy.mode == "never":
+            records = len(payloads)
+        frames: list[bytes] = []
+        size = 0
+        encode = record.encode
+        end = start
+        for payload in payloads[start : start + max(1, records)]:
+            frame = encode(payload)
+            frames.append(frame)
+            size += len(frame)
+            end += 1
+            if size >= room:
+                break
+        return end, frames
+
+    def _write_group(self, frames: list[bytes], first: int) -> list[tuple[int, OSError]]:
+        """Write `frames` with one write, or record by record if that fails; return the failures."""
+        failures: list[tuple[int, OSError]] = []
         try:
-            written = os.write(self._fd, frame)
-            if written != len(frame):
+            self._write(b"".join(frames) if len(frames) > 1 else frames[0])
+            written = len(frames)
+        except OSError as err:
+            if len(frames) == 1:
+                return [(first, err)]
+            written = 0
+            for i, frame in enumerate(frames):
+                try:
+                    self._write(frame)
+                    written += 1
+                except OSError as one:
+                    failures.append((first + i, one))
+        self._unsynced += written
+        return failures
+
+    def _write(self, data: bytes) -> None:
+        """One unbuffered write of whole records, or none of it (ftruncate) and OSError."""
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
                 raise OSError(28, "short write")
         except OSError:
             os.ftruncate(self._fd, self._size)
             raise
-        self._size += len(frame)
-        self._unsynced += 1
-        if self.policy.mode == "always" or (
-            self.policy.mode == "batch" and self._unsynced >= self.policy.records
-        ):
-            self.sync()
-        return len(frame)
+        self._size += len(data)
 
     def maybe_sync(self) -> None:
         """Group commit: fsync if the batch window has passed (call periodically)."""
