@@ -6,12 +6,10 @@ documents happen before the clock starts), and as
 for profiling one upload in a fresh interpreter.
 
 - `sidecar_upload`: ``Uploader(config, spool).run(until_idle=True)``, what the
-  daemon's uploader child and `replay` run. Options measure ideas without
-  touching the package: ``threads=k`` splits the runs over k spools each
+  daemon's uploader child and `replay` run. ``threads=k`` measures an idea
+  without touching the package: it splits the runs over k spools each
   drained by its own `Uploader` in its own thread (several runs uploaded
-  concurrently); ``verify="one-request"`` replaces the row-by-row
-  verification's four round-trips per stream (run, stream, table nodes, then
-  the column) by one ``GET /table/full/...?column=seq_num`` (same check).
+  concurrently).
 - `inprocess_upload`: ``TiledWriter(client, batch_size=N)`` called with each
   document in order, as ``RE.subscribe(TiledWriter(client))`` would.
 - `HttpTrace`: wall time of every HTTP request by method and endpoint kind,
@@ -23,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import io
 import json
 import os
 import shutil
@@ -106,28 +103,6 @@ def split_spool(source: Path, destinations: list[Path]) -> None:
         shutil.copytree(run, destinations[i % len(destinations)] / "runs" / run.name)
 
 
-def _one_request_seq_nums(client: Any, uid: str, stream: str) -> list[int] | None:
-    """The `seq_num` column in one GET (the verification `read_seq_nums` does in four)."""
-    import pyarrow.ipc
-
-    from tiled_writer_sidecar import tiled_client
-
-    base = client.item["links"]["self"].replace("/api/v1/metadata/", "/api/v1/table/full/", 1)
-    http = client.context.http_client
-    for table in ("internal", "internal_0"):
-        response = http.get(
-            f"{base.rstrip('/')}/{uid}/{stream}/{table}",
-            params={"column": "seq_num"},
-            headers={"Accept": "application/vnd.apache.arrow.file"},
-        )
-        if response.status_code == 404:
-            continue
-        response.raise_for_status()
-        column = pyarrow.ipc.open_file(io.BytesIO(response.content)).read_all()["seq_num"]
-        return [int(x) for x in column.to_pylist()]
-    return tiled_client.read_seq_nums(client, uid, stream)
-
-
 def _cpu() -> float:
     return time.process_time()
 
@@ -139,7 +114,6 @@ def sidecar_upload(
     batch_rows: int = 10_000,
     batch_seconds: float = 1.0,
     threads: int = 1,
-    verify: str = "default",
     profile: str | None = None,
     api_key: str | None = None,
 ) -> dict[str, Any]:
@@ -149,7 +123,6 @@ def sidecar_upload(
     """
     if api_key is not None:
         os.environ["TILED_API_KEY"] = api_key
-    from tiled_writer_sidecar import uploader as uploader_module
     from tiled_writer_sidecar.config import Config, SpoolConfig, TiledConfig
     from tiled_writer_sidecar.spool.directory import SpoolDir
     from tiled_writer_sidecar.uploader import Uploader
@@ -168,9 +141,6 @@ def sidecar_upload(
         spool = SpoolDir(part, create=False)
         spool.lock("uploader")
         uploaders.append((spool, Uploader(config, spool, give_up_after=60.0)))
-    original_read = uploader_module.read_seq_nums
-    if verify == "one-request":
-        uploader_module.read_seq_nums = _one_request_seq_nums
     trace = HttpTrace()
     errors: list[BaseException] = []
 
@@ -198,7 +168,6 @@ def sidecar_upload(
                 profiler.disable()
             seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
     finally:
-        uploader_module.read_seq_nums = original_read
         for spool, _ in uploaders:
             spool.unlock()
     if profiler and profile:
@@ -216,6 +185,7 @@ def sidecar_upload(
         "flushes": sum(s.flushes for s in status),
         "rewrites": sum(s.rewrites for s in status),
         "retries": sum(s.retries for s in status),
+        "append_retries": sum(s.append_retries for s in status),
         "all_uploaded": all(state == "uploaded" for state in states),
         "http_requests": trace.count,
         "http_seconds": trace.seconds,
@@ -266,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uri", required=True, help="Tiled URI (may be a container's metadata URI)")
     parser.add_argument("--batch-rows", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--verify", choices=("default", "one-request"), default="default")
     parser.add_argument("--profile", default=None)
     args = parser.parse_args(argv)
     if args.mode == "sidecar":
@@ -275,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
             args.uri,
             batch_rows=args.batch_rows,
             threads=args.threads,
-            verify=args.verify,
             profile=args.profile,
         )
     else:

@@ -11,8 +11,9 @@ the request time bound how much later than the truth a row can be seen
 
 Also recorded per scan, from the uploader's status file: upload failures
 (Tiled answered 5xx; with SQLite-backed Tiled a concurrent read of the
-table can make an append fail with "database is locked") and run rewrites,
-and the uploader's own flush lag (age of the oldest row of each flush).
+table can make an append fail with "database is locked"), how many of them
+were appends retried in place, and run rewrites, and the uploader's own
+flush lag (age of the oldest row of each flush).
 Between scans the previous run is left to finish uploading (untimed).
 
 Configurations: the product default (``batch_seconds = 1.0``) and
@@ -123,6 +124,7 @@ def _scan(tiled: Any, pipe: Any, publisher: Any, rate: float, seconds: float) ->
         "poll_seconds": sum(poller.request_seconds) / max(1, len(poller.request_seconds)) + POLL_S,
         "poll_error": poller.error,
         "upload_failures": after.get("retries", 0) - before.get("retries", 0),
+        "append_retries": after.get("append_retries", 0) - before.get("append_retries", 0),
         "rewrites": after.get("rewrites", 0) - before.get("rewrites", 0),
         "flush_lag_max": max(lags) if lags else None,
     }
@@ -181,6 +183,7 @@ def run(bench: Bench) -> dict[str, Any]:
     out: dict[str, Any] = {"scan_seconds": seconds, "variants": list(variants), "rates": list(RATES)}
     out["upload_failures"] = {k: sum(r[k]["upload_failures"] for r in reps) for k in keys}
     out["rewrites"] = {k: sum(r[k]["rewrites"] for r in reps) for k in keys}
+    out["append_retries"] = {k: sum(r[k]["append_retries"] for r in reps) for k in keys}
     for stat in ("p50", "p99", "max", "achieved_rate", "poll_seconds", "flush_lag_max"):
         out[stat] = {k: summary([r[k][stat] for r in reps if r[k][stat] is not None]) for k in keys}
     out["pooled"] = {}

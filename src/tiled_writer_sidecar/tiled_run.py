@@ -4,45 +4,185 @@
 feeding a `_RunWriter`; the sidecar already routes documents by run, so it
 builds that same per-run pair itself (exactly what `TiledWriter._factory`
 does, so what lands in Tiled is what an in-process `TiledWriter` writes).
-It needs one thing TiledWriter has no public API for: flushing rows it has
-buffered before ``batch_size`` is reached, so a slow scan shows up in Tiled
-within ``batch_seconds``. `flush` does what `_RunWriter.stop` does for the
-buffered rows. The private names used here are pinned by the lock file and
-covered by the parity tests.
+The private names used here are pinned by the lock file and covered by the
+parity tests. Three things differ from TiledWriter's own pair:
 
-The normalizer validates every document it emits; `FastRunNormalizer` does
-that with the sidecar's compiled validators instead of jsonschema (the same
-event-model schemas, ~100x cheaper).
+- **Flush.** TiledWriter has no public API for writing rows it has buffered
+  before ``batch_size`` is reached; `TiledRun.flush` does what
+  `_RunWriter.stop` does for them, so a slow scan shows up in Tiled within
+  ``batch_seconds``.
+- **Appends retried in place, exactly once** (`SidecarRunWriter`).
+  TiledWriter answers a failed append (a 5xx, a lost response) by appending
+  again blindly and writing a note into the run's metadata: the rows may be
+  duplicated and the run's metadata differs from a clean upload. The sidecar
+  instead reads the table's ``seq_num`` column back and decides: the rows
+  are there (the response was lost) -> done; they are not and Tiled finished
+  the request (it answered 500/503/429, or the request never left this
+  host) -> append again; anything else (the table changed some other way,
+  or the request may still be running in Tiled: a timeout, a 502/504 from
+  a proxy) -> `AppendAmbiguous`, and the uploader rewrites that run. Waiting
+  between attempts (backoff, status, giving up) is the uploader's, through
+  `RetryPolicy`.
+- **Validation and copies** (`FastRunNormalizer`). The normalizer validates
+  every document it emits; here with the sidecar's compiled validators
+  instead of jsonschema (the same event-model schemas, ~100x cheaper). It
+  also deep-copies every event so as not to modify its caller's document; the
+  sidecar's documents come fresh from the spool codec and nobody else holds
+  them, so that copy is skipped.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
+import httpx
 from bluesky_tiled_plugins.writing.tiled_writer import (
     MAX_ARRAY_SIZE,
     RunNormalizer,
     _RunWriter,
 )
+from event_model import unpack_event_page
 from tiled.client.base import BaseClient
 
+from .tiled_client import read_table_seq_nums
 from .validation import validate_document
 
 
+class AppendAmbiguous(Exception):
+    """An append failed and Tiled's table does not tell whether it landed: rewrite the run."""
+
+
+class RetryPolicy(Protocol):
+    """How the writer waits between attempts of a failed request (the uploader's backoff)."""
+
+    def wait(self, err: Exception) -> None:
+        """Sleep before the next attempt after `err`; raise to give up."""
+
+    def recovered(self) -> None:
+        """The request succeeded after failures."""
+
+
+class NoRetry:
+    """Give up at the first failure (the run is then rewritten)."""
+
+    def wait(self, err: Exception) -> None:
+        raise err
+
+    def recovered(self) -> None:
+        pass
+
+
+def retryable(err: BaseException) -> bool:
+    """A failure that may go away by itself: Tiled unreachable, overloaded or busy."""
+    if isinstance(err, httpx.HTTPStatusError):
+        code = err.response.status_code
+        return code >= 500 or code in (408, 429)
+    return isinstance(err, httpx.TransportError)
+
+
+def finished_unapplied(err: BaseException) -> bool:
+    """Whether Tiled is done with the failed request, so rows not there now never will be.
+
+    True when Tiled itself answered with an error (500, 503, 429) or the
+    request never reached it (connection refused or timed out). Not after a
+    read/write timeout, a dropped connection or a proxy's 502/504: Tiled may
+    still be applying it.
+    """
+    if isinstance(err, httpx.HTTPStatusError):
+        return err.response.status_code in (500, 503, 429)
+    return isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+
+
+class _OwnedDocument(dict[str, Any]):
+    """A document nobody else holds: `RunNormalizer`'s defensive deep copy returns it as is.
+
+    `RunNormalizer.event` starts with ``copy.deepcopy(doc)`` so that its edits
+    (renaming reserved data keys, popping ``filled``) never reach its caller's
+    document, then emits a shallow copy (``copy.copy``) with the data keys it
+    selects. Here the edits are harmless, so the deep copy is the identity and
+    the shallow copy a plain `dict`: the same documents are emitted.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _OwnedDocument:
+        return self
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+
 class FastRunNormalizer(RunNormalizer):  # type: ignore[misc]
-    """RunNormalizer whose per-document schema check uses compiled validators."""
+    """RunNormalizer with compiled validators and no deep copy of each event (see the module docstring)."""
 
     def emit(self, name: Any, doc: Any) -> None:
         validate_document(str(getattr(name, "value", name)), doc)
         self.dispatcher.process(name, doc)
 
+    def event(self, doc: dict[str, Any]) -> None:
+        super().event(doc if isinstance(doc, _OwnedDocument) else _OwnedDocument(doc))
+
+    def event_page(self, doc: Any) -> None:
+        for event in unpack_event_page(doc):
+            super().event(_OwnedDocument(event))
+
+
+class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
+    """`_RunWriter` whose failed appends are retried in place, exactly once (see the module docstring)."""
+
+    def __init__(self, client: BaseClient, batch_size: int, retry: RetryPolicy) -> None:
+        super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
+        self.retry = retry
+        self.table_rows: dict[str, int] = {}  # rows each internal table holds, by its URI
+        self.append_retries = 0
+
+    def _append_with_retry(self, df_client: Any, table: Any, desc_name: str) -> None:
+        before = self.table_rows.get(df_client.uri, 0)
+        failed = False
+        while True:
+            try:
+                df_client.append_partition(0, table)
+                break
+            except (httpx.TransportError, httpx.HTTPStatusError) as err:
+                if not retryable(err):
+                    raise
+                failed = True
+                self.append_retries += 1
+                self.retry.wait(err)
+                if self._landed(df_client, table, before, err, desc_name):
+                    break
+        self.table_rows[df_client.uri] = before + table.num_rows
+        if failed:
+            self.retry.recovered()
+
+    def _landed(self, df_client: Any, table: Any, before: int, err: Exception, desc_name: str) -> bool:
+        """Whether the failed append of `table` is in Tiled; raise `AppendAmbiguous` if unknowable."""
+        while True:
+            try:
+                seq = read_table_seq_nums(df_client)
+                break
+            except (httpx.TransportError, httpx.HTTPStatusError) as check_err:
+                if not retryable(check_err):
+                    raise
+                self.retry.wait(check_err)
+            except KeyError as gone:  # the table itself is gone: nothing to resume
+                raise AppendAmbiguous(f"stream {desc_name!r}: {gone}") from err
+        appended = [int(x) for x in table["seq_num"].to_pylist()]
+        if len(seq) == before + len(appended) and set(appended) <= set(seq):
+            return True
+        if len(seq) == before and finished_unapplied(err):
+            return False
+        raise AppendAmbiguous(
+            f"stream {desc_name!r}: appending {len(appended)} rows failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}) and the table holds {len(seq)} rows,"
+            f" {before} before the append"
+        )
+
 
 class TiledRun:
     """Feeds one run's documents into Tiled through TiledWriter's machinery."""
 
-    def __init__(self, client: BaseClient, batch_rows: int) -> None:
-        self.writer = _RunWriter(client, batch_size=batch_rows, max_array_size=MAX_ARRAY_SIZE)
+    def __init__(self, client: BaseClient, batch_rows: int, retry: RetryPolicy | None = None) -> None:
+        self.writer = SidecarRunWriter(client, batch_rows, retry or NoRetry())
         self.normalizer = FastRunNormalizer()
         self.normalizer.subscribe(self.writer)
         self.streams: dict[str, str] = {}
@@ -51,6 +191,7 @@ class TiledRun:
         self.oldest_unflushed: float | None = None  # event time of the oldest buffered row
 
     def feed(self, name: str, doc: dict[str, Any]) -> None:
+        """Feed one document; it must be fresh (the normalizer edits events in place)."""
         if name == "descriptor":
             self.streams[doc["uid"]] = doc["name"]
         elif name in ("event", "event_page"):

@@ -4,23 +4,47 @@ State machine of a run (``uploaded.json``)::
 
     pending ──> uploading ──> uploaded            (segments released)
                    │  ^
-                   │  └── Tiled down / restarted / verification failed:
-                   │      delete the partial run in Tiled, rewrite it whole
+                   │  └── this run's upload failed in a way that cannot be
+                   │      resumed (see below), the uploader was stopped, or
+                   │      verification failed: delete the partial run in
+                   │      Tiled, rewrite it whole
                    └────> quarantined             (Tiled rejected it for good)
 
-Resume strategy: *delete and rewrite*. TiledWriter's state for a run (nodes,
-consolidators, buffered rows) lives in memory and a write whose response was
-lost may or may not have landed, so after any interruption the uploader
-deletes what Tiled holds of the run (only runs it marked ``uploading``
-itself) and replays the run's log from the first record. The spool keeps a
-run until this succeeds, so the rewrite is always possible. When a run is
-finished, the uploader reads back each stream's ``seq_num`` column and checks
-it against what it fed: no row missing, none twice; otherwise it rewrites.
+Failed appends are retried in place. Nearly all of an upload's requests are
+appends of rows to a stream's table; when one fails with a transient error
+(Tiled down, 5xx, e.g. SQLite's "database is locked" while a client reads)
+the writer waits (backoff), reads the table's ``seq_num`` column and
+decides: the rows are there (the response was lost) -> go on; they are not
+and Tiled is done with the request -> append them again; otherwise (the
+request may still be running in Tiled) -> rewrite the run
+(`tiled_run.SidecarRunWriter`). The run's other state (TiledWriter's nodes,
+consolidators, buffered rows) stays in memory meanwhile, so nothing else is
+redone.
+
+Any other failure (creating a node, updating metadata, verification, an
+ambiguous append) rewrites *that run only*: TiledWriter's state for it is
+in memory and a request whose response was lost may or may not have
+landed, so the uploader deletes what Tiled holds of the run (only runs it
+marked ``uploading`` itself) and replays the run's log from the first
+record. The spool keeps a run until this succeeds, so the rewrite is always
+possible. Other runs in flight carry on. After a restart of the uploader
+every run left ``uploading`` is rewritten the same way. When a run is
+finished, the uploader reads back each stream's ``seq_num`` column (one
+request per stream) and checks it against what it fed: no row missing,
+none twice; otherwise it rewrites.
+
+Scheduling: at most ``MAX_ACTIVE_RUNS`` runs with work to do are uploaded at
+once, oldest first; a run still open (no stop yet) whose log is drained does
+not count, so open runs never keep newer runs waiting. Runs already
+uploaded are remembered and not looked at again, so an idle pass costs the
+same however many runs the spool's history holds.
 
 Batching: rows are flushed when TiledWriter's ``batch_size`` (= ``batch_rows``)
 is reached or ``batch_seconds`` after the first buffered row, whichever
 comes first. Tiled errors are retried forever with exponential backoff and
 jitter; one log line per state change (down, up again), not per retry.
+While Tiled is down, each retry is one GET on a kept HTTP client; a new
+Tiled client is built only once the server answers again.
 """
 
 from __future__ import annotations
@@ -39,14 +63,15 @@ from .config import Config
 from .errors import TiledUnauthorizedError, TiledUnavailableError
 from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
-from .spool.index import Received, RunView, atomic_write_json
+from .spool.index import Received, RunView, Uploaded, atomic_write_json
 from .spool.segment import LogReader
 from .tiled_client import connect, delete_run, read_seq_nums, run_exists
-from .tiled_run import TiledRun
+from .tiled_run import AppendAmbiguous, TiledRun
 
 log = logging.getLogger(__name__)
 
-MAX_ACTIVE_RUNS = 4
+MAX_ACTIVE_RUNS = 4  # runs with work to do, uploaded at once
+MAX_OPEN_RUNS = 64  # runs in memory at all, counting open runs that wait for more documents
 RECORDS_PER_PUMP = 5000
 IDLE_WAIT_S = 0.05
 MAX_ATTEMPTS_BEFORE_QUARANTINE = 10
@@ -65,10 +90,20 @@ class RunRejected(Exception):
     """This run cannot be written (a 4xx from Tiled, a bad document)."""
 
 
+class TiledDown(Transient):
+    """Tiled was down and still does not answer (checked before connecting again)."""
+
+
+class Stopping(Exception):
+    """The uploader was asked to stop while a request was being retried."""
+
+
 def classify(err: BaseException) -> type[Exception]:
     """Map an exception from the Tiled client to Transient or RunRejected."""
     if isinstance(err, (Transient, RunRejected)):
         return type(err)
+    if isinstance(err, AppendAmbiguous):
+        return Transient
     if isinstance(err, httpx.HTTPStatusError):
         code = err.response.status_code
         if code >= 500 or code in (401, 403, 408, 429):
@@ -113,6 +148,7 @@ class UploaderStatus:
     runs_quarantined: int = 0
     rewrites: int = 0
     retries: int = 0
+    append_retries: int = 0
     flushes: int = 0
     last_lag_seconds: float | None = None
     lag_seconds: list[float] = field(default_factory=list)
@@ -129,6 +165,24 @@ class ActiveRun:
     first_buffered: float | None = None
     last_status_save: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    waiting: bool = False  # open, its log drained, nothing buffered: no work until more documents come
+
+    @property
+    def uid(self) -> str:
+        return self.view.uid
+
+
+class InPlaceRetry:
+    """The uploader's `RetryPolicy` for a failed append: its backoff and status, then the same append."""
+
+    def __init__(self, uploader: Uploader) -> None:
+        self.uploader = uploader
+
+    def wait(self, err: Exception) -> None:
+        self.uploader._wait_before_retry(err)
+
+    def recovered(self) -> None:
+        self.uploader._recovered()
 
 
 class Uploader:
@@ -151,7 +205,10 @@ class Uploader:
         self.give_up_after = give_up_after
         self._failing_since: float | None = None
         self.client: Any = None
+        self._probe: httpx.Client | None = None
+        self._probe_error: str | None = None
         self.active: dict[str, ActiveRun] = {}
+        self.done: set[str] = set()  # runs seen uploaded (or quarantined): never candidates again
         self.status = UploaderStatus()
         self._last_status_write = 0.0
         self.backoff = Backoff(config.tiled.backoff_initial_seconds, config.tiled.backoff_max_seconds)
@@ -162,13 +219,17 @@ class Uploader:
         while not self.stop_event.is_set():
             try:
                 progressed = self.step()
+            except Stopping:
+                break
+            except TiledUnavailableError:
+                raise
             except Exception as err:  # noqa: BLE001 - every failure is classified
                 self._on_failure(err)
                 continue
-            self._failing_since = None
+            self._recovered()
             self._write_status()
             if until_idle and not progressed and not self._work_left():
-                return
+                break
             if not progressed:
                 self.wake.wait(IDLE_WAIT_S)
                 self.wake.clear()
@@ -177,30 +238,50 @@ class Uploader:
     def step(self) -> bool:
         """One pass over the runs; True if anything was uploaded."""
         if self.client is None:
+            if self.status.tiled == "down" and not self._tiled_reachable():
+                raise TiledDown(self._probe_error or "Tiled is not reachable")
             self.client = connect(self.config)
             self._set_tiled("up")
         for view in self._candidates():
-            if view.uid not in self.active and len(self.active) < MAX_ACTIVE_RUNS:
-                self._activate(view)
+            busy = sum(not run.waiting for run in self.active.values())
+            if busy >= MAX_ACTIVE_RUNS or len(self.active) >= MAX_OPEN_RUNS:
+                break
+            self._activate(view)
         progressed = False
         for run in list(self.active.values()):
             try:
                 progressed |= self._pump(run)
+            except (Stopping, TiledUnavailableError):
+                raise
             except Exception as err:
                 if classify(err) is RunRejected and self._tiled_reachable():
                     self._quarantine(run, one_line(err))
                     continue
+                self._abandon(run, err)
                 raise
         return progressed
 
     def _candidates(self) -> list[RunView]:
+        """Runs to upload that are not in flight, oldest first."""
         views = []
-        for view in self.spool.runs():
-            if self.only is not None:
-                if view.uid in self.only and view.uploaded.state != "uploaded":
-                    views.append(view)
-            elif view.uploaded.state in ("pending", "uploading"):
+        for run_dir in self.spool.runs_dir.iterdir():
+            uid = run_dir.name
+            if uid in self.done or uid in self.active:
+                continue
+            received = Received.load(run_dir)
+            if received is None:
+                continue
+            view = RunView(run_dir, received, Uploaded.load(run_dir))
+            state = view.uploaded.state
+            if self.only is not None and uid in self.only:
+                wanted = state != "uploaded"
+            else:
+                wanted = self.only is None and state in ("pending", "uploading")
+            if wanted:
                 views.append(view)
+            elif state in ("uploaded", "quarantined"):
+                self.done.add(uid)
+        views.sort(key=lambda v: (v.received.first_received, v.uid))
         return views
 
     def _work_left(self) -> bool:
@@ -228,7 +309,7 @@ class Uploader:
         uploaded.damage = []
         uploaded.reason = None
         uploaded.save(view.directory)
-        tiled_run = TiledRun(self.client, self.config.tiled.batch_rows)
+        tiled_run = TiledRun(self.client, self.config.tiled.batch_rows, InPlaceRetry(self))
         self.active[uid] = ActiveRun(view, tiled_run, LogReader(view.directory))
         log.info("run %s: upload started (attempt %d)", uid, uploaded.attempts)
 
@@ -256,6 +337,7 @@ class Uploader:
         if count == 0 and received.closed:
             self._finish(run, received)
             return True
+        run.waiting = count == 0 and not run.tiled.buffered_rows()
         if count and now - run.last_status_save >= STATUS_INTERVAL_S and not run.tiled.buffered_rows():
             self._save_progress(run)
         return count > 0
@@ -294,7 +376,7 @@ class Uploader:
         uploaded.rows = rows
         uploaded.save(run.view.directory)
         del self.active[uid]
-        self.backoff.reset()
+        self.done.add(uid)
         self.status.runs_uploaded += 1
         self.status.documents += run.fed
         problems = received.problems() + uploaded.damage
@@ -331,43 +413,89 @@ class Uploader:
         uploaded.reason = reason
         uploaded.save(run.view.directory)
         self.active.pop(run.view.uid, None)
+        if self.only is None or run.view.uid not in self.only:
+            self.done.add(run.view.uid)
         self.status.runs_quarantined += 1
         log.error("run %s quarantined: %s", run.view.uid, reason)
 
     # ------------------------------------------------------------- failures
+    def _abandon(self, run: ActiveRun, err: Exception) -> None:
+        """Forget one in-flight run after a failure: it stays `uploading` and is rewritten."""
+        self.active.pop(run.uid, None)
+        attempts = run.view.uploaded.attempts
+        if attempts >= MAX_ATTEMPTS_BEFORE_QUARANTINE:
+            self._quarantine(run, f"gave up after {attempts} attempts: {one_line(err)}")
+        elif isinstance(err, VerificationFailed):
+            log.warning("%s; rewriting the run", err)
+        else:
+            log.warning("run %s: upload failed (%s); it will be rewritten", run.uid, one_line(err))
+
     def _on_failure(self, err: Exception) -> None:
-        """Forget in-flight runs (they will be rewritten), then back off and retry."""
-        abandoned = list(self.active.values())
-        self.active.clear()
-        for run in abandoned:
-            if run.view.uploaded.attempts >= MAX_ATTEMPTS_BEFORE_QUARANTINE:
-                self._quarantine(run, f"gave up after {run.view.uploaded.attempts} attempts: {one_line(err)}")
+        """A step failed (any run it broke is abandoned already): back off, then go on."""
         self.status.retries += 1
         if isinstance(err, VerificationFailed):
-            log.warning("%s; rewriting the run", err)
+            pass
         elif _is_auth_error(err):
             self.client = None
             self._set_tiled("unauthorized", one_line(err))
-        elif self._tiled_reachable():
-            log.exception("upload failed, Tiled is reachable; in-flight runs will be rewritten")
+        elif not isinstance(err, TiledDown) and self._tiled_reachable():
+            log.exception("upload failed, Tiled is reachable")
         else:
             self.client = None
+            self._set_tiled("down", str(err) if isinstance(err, TiledDown) else one_line(err))
+        self._write_status(force=True)
+        self._give_up_if_too_long(err)
+        self.stop_event.wait(self.backoff.next_delay())
+
+    def _wait_before_retry(self, err: Exception) -> None:
+        """A run's append failed transiently: report it, back off; it is then retried in place."""
+        self.status.retries += 1
+        self.status.append_retries += 1
+        if _is_auth_error(err):
+            self._set_tiled("unauthorized", one_line(err))
+        elif self._tiled_reachable():
+            if self._failing_since is None:
+                log.warning("append failed, Tiled is reachable; retrying it in place: %s", one_line(err))
+            self.status.last_error = one_line(err)
+        else:
             self._set_tiled("down", one_line(err))
         self._write_status(force=True)
+        self._give_up_if_too_long(err)
+        if self.stop_event.wait(self.backoff.next_delay()):
+            raise Stopping
+
+    def _recovered(self) -> None:
+        """A request succeeded after failures (or a step went through): reset the backoff."""
+        if self._failing_since is not None:
+            self._failing_since = None
+            self.backoff.reset()
+            if self.client is not None:
+                self._set_tiled("up")
+
+    def _give_up_if_too_long(self, err: Exception) -> None:
         now = time.monotonic()
         self._failing_since = self._failing_since or now
         if self.give_up_after is not None and now - self._failing_since > self.give_up_after:
             raise TiledUnavailableError(
                 f"giving up after {now - self._failing_since:.0f} s: {self.config.tiled.uri}: {one_line(err)}"
             )
-        self.stop_event.wait(self.backoff.next_delay())
 
     def _tiled_reachable(self) -> bool:
+        """Whether Tiled's server answers at all (one GET on a client kept for this).
+
+        Cheap on purpose: it is asked on every failure, and before every
+        reconnection while Tiled is down (a new HTTP client costs ~20 ms of
+        CPU to load the TLS trust store).
+        """
         server = urlsplit(self.config.tiled.uri)
+        if self._probe is None:
+            self._probe = httpx.Client(timeout=5)
         try:
-            response = httpx.get(f"{server.scheme}://{server.netloc}/api/v1/", timeout=5)
-        except httpx.HTTPError:
+            response = self._probe.get(f"{server.scheme}://{server.netloc}/api/v1/")
+        except httpx.HTTPError as err:
+            self._probe_error = one_line(err)
             return False
+        self._probe_error = None if response.status_code < 500 else f"HTTP {response.status_code}"
         return response.status_code < 500
 
     def _set_tiled(self, state: str, error: str | None = None) -> None:
@@ -405,10 +533,16 @@ class Uploader:
             pass
 
     def _shutdown(self) -> None:
-        """Stopping: in-flight runs stay `uploading` and are rewritten on the next start."""
+        """Stopping (or idle): in-flight runs stay `uploading` and are rewritten on the next start."""
         for uid in self.active:
             log.info("run %s: upload interrupted by shutdown; it will be rewritten", uid)
         self.active.clear()
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        if self.client is not None:
+            self.client.context.close()
+            self.client = None
         self._write_status(force=True)
 
 

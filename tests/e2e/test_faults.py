@@ -588,8 +588,15 @@ def test_cell2_tiled_killed_mid_run(
         for audit in audits:
             assert_complete(audit)
         attempts = run_of(status, uid)["attempts"]
-        assert attempts >= 2, "the upload Tiled's crash interrupted was not rewritten"
-    report_cell("2", audits[1:], ratio, note=f"upload attempts {attempts}")
+        # The crash failed a request: an append is retried in place once Tiled is back (after
+        # checking whether it landed); anything else (or an undecidable append) rewrites the run.
+        in_place = (status.get("uploader") or {}).get("append_retries", 0)
+        assert attempts >= 2 or in_place >= 1, (
+            "the upload Tiled's crash interrupted was neither resumed nor rewritten"
+        )
+    report_cell(
+        "2", audits[1:], ratio, note=f"upload attempts {attempts}, appends retried in place {in_place}"
+    )
 
 
 def test_cell3_tiled_hung_40s_mid_run(
