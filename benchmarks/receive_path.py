@@ -13,6 +13,10 @@
   proxy keep 0MQ's default high-water mark of 1,000 messages, and drop
   beyond it) or in it. With ``fsync = "batch"`` each record is on
   disk at most ``fsync_interval_ms`` (200 ms) after it was appended.
+- ``daemon_publisher_burst``: a run of N events handed one by one to
+  bluesky's `Publisher` (it pickles each document as the RunEngine's
+  callback would, which paces the sender at what one Python thread can
+  pickle), through the same proxy and daemon.
 - ``daemon_flow_controlled``: the same frames, but the sender never gets
   more than 300 documents ahead of what the spool holds (it reads the
   segment sizes): upstream 0MQ queues never overflow, so this is the fastest
@@ -42,6 +46,7 @@ from .common import (
     spool_records,
     start_pipelines,
     summary,
+    synthetic_run,
 )
 
 NAME = "receive_path"
@@ -51,17 +56,24 @@ SETTLE_S = 1.0
 
 
 def _burst(
-    pipe: Any, socket: Any, template: RunTemplate, n: int, scan_id: int, flow_control: bool
+    pipe: Any, publisher: Any, template: RunTemplate, n: int, scan_id: int, mode: str
 ) -> dict[str, Any]:
-    """Send one run's frames (as fast as the socket takes them, or flow-controlled); watch the spool."""
+    """Send one run (``mode``: raw frames, flow-controlled frames, or through the Publisher); watch the spool."""
+    socket = publisher_socket(publisher)
     uid, messages, sizes = template.fresh(n, scan_id)
+    documents = list(synthetic_run(n, scan_id=scan_id)) if mode == "publisher" else []
+    if documents:
+        uid = str(documents[0][1]["uid"])
     run_dir = pipe.spool_dir / "runs" / uid
     messages_before = pipe.sidecar.health()["receiver"]["messages"]
     cpu0 = pipe.cpu_seconds()
     stalls = 0
     t0 = time.perf_counter()
-    if flow_control:
+    if mode == "flow":
         stalls = send_flow_controlled(socket, messages, sizes, run_dir)
+    elif mode == "publisher":
+        for name, doc in documents:
+            publisher(name, doc)
     else:
         for message in messages:
             socket.send(message)
@@ -138,8 +150,7 @@ def run(bench: Bench) -> dict[str, Any]:
     pipes = start_pipelines(bench, {"down": {**SPEC, "tiled_uri": dead_tiled_uri()}})
     pipe = pipes["down"]
     publisher = make_publisher(pipe.proxy.in_address)
-    socket = publisher_socket(publisher)
-    pipe.wait_messages(socket)
+    pipe.wait_messages(publisher_socket(publisher))
     pipe.wait_uploader_settled()
     template = RunTemplate(max(*sizes, flow_size, in_process_size))
     reps = []
@@ -147,11 +158,13 @@ def run(bench: Bench) -> dict[str, Any]:
     try:
         for rep in range(bench.reps):
             row: dict[str, Any] = {}
-            runs = [(f"daemon_burst_{size}", size, False) for size in sizes]
-            runs.append((f"daemon_flow_controlled_{flow_size}", flow_size, True))
-            for key, size, flow in runs[rep % 3 :] + runs[: rep % 3]:
+            runs = [(f"daemon_burst_{size}", size, "raw") for size in sizes]
+            runs += [(f"daemon_publisher_burst_{size}", size, "publisher") for size in sizes]
+            runs.append((f"daemon_flow_controlled_{flow_size}", flow_size, "flow"))
+            shift = rep % len(runs)
+            for key, size, mode in runs[shift:] + runs[:shift]:
                 scan_id += 1
-                row[key] = _burst(pipe, socket, template, size, scan_id, flow)
+                row[key] = _burst(pipe, publisher, template, size, scan_id, mode)
             _uid, messages, _sizes = template.fresh(in_process_size)
             for fsync in ("batch", "never") if rep % 2 == 0 else ("never", "batch"):
                 row[f"in_process_{fsync}"] = _in_process(bench, messages, fsync, f"{rep}-{fsync}")

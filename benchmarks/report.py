@@ -281,7 +281,7 @@ def _receive(c: dict[str, Any]) -> list[str]:
         ),
         "",
         f"- Daemon (through the proxy) vs the receiver in-process: x{fmt(c['ratios']['daemon_vs_in_process']['median'])}; "
-        f"fsync=batch vs fsync=never in-process: x{fmt(fsync['median'])} (group commit makes fsync nearly free).",
+        f"fsync=batch vs fsync=never in-process: x{fmt(fsync['median'])}.",
         "",
         *_profile_lines(c["profile_in_process"], "Profile of the receiver in-process"),
         "",
@@ -615,17 +615,42 @@ def _an_receive(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
     top = prof["top_self"][0]
     return [
         f"- Bursts without pause lose {100 * lost / sent:.0f}% of their documents, and {before} of those {lost} never "
-        "reached the receiver (its message counter equals what it spooled): at 250,000-1,000,000 messages/s "
+        "reached the receiver (its message counter equals what it spooled): pre-pickled frames sent at "
+        + ", ".join(fmt(_median(c["publish_rate"][k])) for k in bursts)
+        + " messages/s, "
         "bluesky's Publisher and `bluesky-0MQ-proxy` drop beyond 0MQ's default high-water mark of 1,000 "
         "messages (the sidecar's own RCVHWM is 1,000,000). The sidecar cannot get these back; the proxy would "
         "need a higher HWM (it has no option for it) or the publisher must not outrun the subscriber.",
+        *_publisher_bursts(c),
         f"- Flow-controlled (nothing lost): {fmt(_median(c['rate'][flow]))} docs/s. The limit is the receiver's CPU: "
         f"{us_med:.0f} us of CPU per document (daemon, measured from /proc), i.e. at most ~{1e6 / us_med:,.0f} docs/s "
         f"with a whole free core; in-process the receiver alone does {fmt(_median(c['rate']['in_process_batch']))} "
         "docs/s here (with other jobs on 2 cores it rarely gets a whole core). Where its time goes: "
         f"decoding {inc.get('decode', 0):.0f}% (`{top['function']}` alone {100 * top['self_s'] / prof['total_s']:.0f}% "
         f"self), schema validation {inc.get('validate', 0):.0f}%, framing and writing {inc.get('append', 0):.0f}%. "
-        f"fsync=batch costs nothing measurable (x{fmt(_median(c['ratios']['fsync_batch_vs_never']))} vs never).",
+        f"fsync=batch vs never in-process: x{fmt(_median(c['ratios']['fsync_batch_vs_never']))}.",
+    ]
+
+
+def _publisher_bursts(c: dict[str, Any]) -> list[str]:
+    """What bursts through bluesky's own Publisher (pickling each document) lost, and where."""
+    keys = [k for k in c["rate"] if k.startswith("daemon_publisher_burst")]
+    if not keys:
+        return []
+    reps = c["repetitions"]
+    lost = sum(c["lost"][k] for k in keys)
+    before = sum(r[k]["lost_before_receiver"] for r in reps for k in keys)
+    sent = sum(c["documents"][k] for k in keys)
+    pub = ", ".join(f"{fmt(_median(c['publish_rate'][k]))}" for k in keys)
+    why = (
+        ": with the publisher, the proxy and the daemon sharing 2 cores, the proxy's 1,000-message queues "
+        "overflow when it does not get a core in time."
+        if before
+        else "."
+    )
+    return [
+        f"- Through bluesky's `Publisher` (it pickles each document, {pub} docs/s published) bursts lose "
+        f"{lost} of {sent} documents ({100 * lost / sent:.2f}%), {before} of them before the receiver{why}"
     ]
 
 
