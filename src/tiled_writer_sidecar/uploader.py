@@ -76,6 +76,8 @@ RECORDS_PER_PUMP = 5000
 IDLE_WAIT_S = 0.05
 MAX_ATTEMPTS_BEFORE_QUARANTINE = 10
 STATUS_INTERVAL_S = 1.0
+BUSY_BACKOFF_INITIAL_S = 0.05  # retrying an append Tiled answered with a 5xx (see Uploader.busy_backoff)
+BUSY_BACKOFF_MAX_S = 1.0
 
 
 class Transient(Exception):
@@ -212,6 +214,9 @@ class Uploader:
         self.status = UploaderStatus()
         self._last_status_write = 0.0
         self.backoff = Backoff(config.tiled.backoff_initial_seconds, config.tiled.backoff_max_seconds)
+        # Tiled answers but is busy (SQLite "database is locked" while a client reads): the same
+        # append usually goes through a moment later, so retry it soon, not on the outage backoff.
+        self.busy_backoff = Backoff(BUSY_BACKOFF_INITIAL_S, BUSY_BACKOFF_MAX_S)
 
     # ------------------------------------------------------------- the loop
     def run(self, *, until_idle: bool = False) -> None:
@@ -451,17 +456,19 @@ class Uploader:
         """A run's append failed transiently: report it, back off; it is then retried in place."""
         self.status.retries += 1
         self.status.append_retries += 1
+        backoff = self.backoff
         if _is_auth_error(err):
             self._set_tiled("unauthorized", one_line(err))
         elif self._tiled_reachable():
             if self._failing_since is None:
                 log.warning("append failed, Tiled is reachable; retrying it in place: %s", one_line(err))
             self.status.last_error = one_line(err)
+            backoff = self.busy_backoff
         else:
             self._set_tiled("down", one_line(err))
         self._write_status(force=True)
         self._give_up_if_too_long(err)
-        if self.stop_event.wait(self.backoff.next_delay()):
+        if self.stop_event.wait(backoff.next_delay()):
             raise Stopping
 
     def _recovered(self) -> None:
@@ -469,6 +476,7 @@ class Uploader:
         if self._failing_since is not None:
             self._failing_since = None
             self.backoff.reset()
+            self.busy_backoff.reset()
             if self.client is not None:
                 self._set_tiled("up")
 

@@ -14,13 +14,9 @@ from bluesky_tiled_plugins import TiledWriter
 from bluesky_tiled_plugins.writing._json_writer import JSONLinesWriter
 from ophyd.sim import det, motor
 
-from tiled_writer_sidecar.config import Config
-from tiled_writer_sidecar.receiver import Receiver
-from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.stats import ReceiverStats
 from tiled_writer_sidecar.testing import TiledContainer
 from tiled_writer_sidecar.testing.acquisition import DocumentRecorder, expected_rows
-from tiled_writer_sidecar.testing.sidecar import sidecar_command
+from tiled_writer_sidecar.testing.sidecar import sidecar_command, spool_documents
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 
 Document = tuple[str, dict[str, Any]]
@@ -33,15 +29,6 @@ def _record(*plans: Any) -> list[Document]:
     for plan in plans:
         RE(plan)
     return recorder.documents
-
-
-def _spool(spool_dir: Path, documents: list[Document]) -> None:
-    """Spool documents through the real receiver code path (validation, routing, log)."""
-    config = Config().with_overrides(spool_dir=str(spool_dir))
-    receiver = Receiver(config, SpoolDir(spool_dir), ReceiverStats(), subscribe=False)
-    for name, doc in documents:
-        receiver.accept(name, doc)
-    receiver.close()
 
 
 def _cli(*args: str, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -60,7 +47,7 @@ def test_replay_dry_run_then_upload_every_row_once(tiled_container: TiledContain
     documents = _record(bp.count([det], 7), bp.scan([det], motor, 0, 1, 4))
     uids = _uids(documents)
     spool = tmp_path / "spool"
-    _spool(spool, documents)
+    spool_documents(spool, documents)
     dry = _cli("replay", "--dry-run", "--spool-dir", str(spool), "--tiled-uri", tiled_container.uri)
     assert dry.returncode == 0, dry.stderr
     assert all(uid in dry.stderr for uid in uids) and "2 run(s) would be uploaded" in dry.stderr
@@ -98,7 +85,7 @@ def test_replay_with_tiled_unreachable_is_one_clear_line(tmp_path: Path) -> None
     """Tiled down: replay gives up after its deadline with one line, exit 1, and the data stays spooled."""
     documents = _record(bp.count([det], 3))
     spool = tmp_path / "spool"
-    _spool(spool, documents)
+    spool_documents(spool, documents)
     config = tmp_path / "c.toml"
     config.write_text(
         f'[spool]\ndir = "{spool}"\n[tiled]\nuri = "http://127.0.0.1:9"\nbackoff_max_seconds = 0.5\n'
@@ -153,11 +140,11 @@ def test_status_and_verify_on_a_missing_spool_are_one_line_errors(tmp_path: Path
         assert result.stderr.count("\n") == 1 and "not a spool directory" in result.stderr
 
 
-def test_verify_reports_every_record_and_exits_zero_on_a_clean_spool(tmp_path: Path) -> None:
+def test_verify_reports_every_record_and_exits_zero_on_a_cleanspool_documents(tmp_path: Path) -> None:
     """verify reads every record of every run and says ok."""
     documents = _record(bp.count([det], 4))
     spool = tmp_path / "spool"
-    _spool(spool, documents)
+    spool_documents(spool, documents)
     result = _cli("verify", "--spool-dir", str(spool))
     assert result.returncode == 0
     assert f"{len(documents)} records, 0 with problems" in result.stdout

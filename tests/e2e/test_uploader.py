@@ -38,12 +38,11 @@ import pytest
 from bluesky_tiled_plugins import TiledWriter
 
 from tiled_writer_sidecar.config import Config, SpoolConfig, TiledConfig
-from tiled_writer_sidecar.receiver import Receiver
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import Uploaded
-from tiled_writer_sidecar.stats import ReceiverStats
 from tiled_writer_sidecar.testing import TiledServer
 from tiled_writer_sidecar.testing.ports import LOCALHOST, wait_until
+from tiled_writer_sidecar.testing.sidecar import spool_documents
 from tiled_writer_sidecar.testing.tiled_readback import differences, tree_summary, without_volatile
 from tiled_writer_sidecar.tiled_client import read_seq_nums
 from tiled_writer_sidecar.uploader import MAX_ACTIVE_RUNS, Uploader
@@ -148,15 +147,6 @@ def faulty_tiled(shared_tiled_server: TiledServer) -> Iterator[FaultyTiled]:
     proxy.close()
 
 
-def _spool(spool_dir: Path, documents: list[Document]) -> None:
-    """Spool documents through the real receiver code path (validation, routing, log)."""
-    config = Config().with_overrides(spool_dir=str(spool_dir))
-    receiver = Receiver(config, SpoolDir(spool_dir), ReceiverStats(), subscribe=False)
-    for name, doc in documents:
-        receiver.accept(name, doc)
-    receiver.close()
-
-
 def _upload(spool_dir: Path, uri: str, api_key: str, monkeypatch: pytest.MonkeyPatch) -> Uploader:
     monkeypatch.setenv("TILED_API_KEY", api_key)
     config = Config(
@@ -224,7 +214,7 @@ def test_failed_append_is_retried_in_place(
     """A 500 on an append (rows not applied, or applied with the answer lost): no rewrite, no duplicate."""
     container = _container(shared_tiled_server, tmp_path)
     runs = _runs(1000)
-    _spool(tmp_path / "spool", [d for run in runs for d in run])
+    spool_documents(tmp_path / "spool", [d for run in runs for d in run])
     faulty_tiled.faults.append(Fault(action, nth=2))
     uploader = _upload(
         tmp_path / "spool",
@@ -250,7 +240,7 @@ def test_ambiguous_append_rewrites_only_its_run(
     """A 504 from a proxy (Tiled may still apply the append) cannot be decided: that run is rewritten, no other."""
     container = _container(shared_tiled_server, tmp_path)
     runs = _runs(1000, 1000, 1000)
-    _spool(tmp_path / "spool", [d for run in runs for d in run])
+    spool_documents(tmp_path / "spool", [d for run in runs for d in run])
     broken = runs[1][0][1]["uid"]
     faulty_tiled.faults.append(Fault("proxy_timeout", nth=2, where=broken))
     uploader = _upload(
@@ -277,7 +267,7 @@ def test_open_runs_do_not_starve_new_runs(
     container = _container(shared_tiled_server, tmp_path)
     open_runs = [run[:-1] for run in _runs(*[10] * (MAX_ACTIVE_RUNS + 2))]  # no stop: open
     closed = _run(10, scan_id=99)
-    _spool(tmp_path / "spool", [d for run in open_runs for d in run] + closed)
+    spool_documents(tmp_path / "spool", [d for run in open_runs for d in run] + closed)
     monkeypatch.setenv("TILED_API_KEY", shared_tiled_server.api_key)
     config = Config(
         tiled=TiledConfig(uri=f"{shared_tiled_server.uri}/api/v1/metadata/{container}", batch_seconds=0.2),

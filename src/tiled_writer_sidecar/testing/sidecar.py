@@ -176,3 +176,17 @@ def _to_toml(sections: dict[str, dict[str, Any]]) -> str:
         for key, value in values.items():
             lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def spool_documents(spool_dir: Path, documents: list[tuple[str, dict[str, Any]]]) -> None:
+    """Spool documents through the receiver's own code path (validation, routing, log), no 0MQ."""
+    from ..config import Config
+    from ..receiver import Receiver
+    from ..spool.directory import SpoolDir
+    from ..stats import ReceiverStats
+
+    config = Config().with_overrides(spool_dir=str(spool_dir))
+    receiver = Receiver(config, SpoolDir(spool_dir), ReceiverStats(), subscribe=False)
+    for name, doc in documents:
+        receiver.accept(name, doc)
+    receiver.close()
