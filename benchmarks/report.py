@@ -511,7 +511,13 @@ def write(results: dict[str, Any], path: Path, order: list[str]) -> None:
         "within a repetition, then summarised as **median (min-max)** over the repetitions.",
         "",
         f"Run: {run.get('started', '?')}, {run.get('reps', '?')} repetition(s), "
-        f"{fmt(run.get('seconds'))} s in all{' (SMOKE: tiny sizes, one repetition; not a measurement)' if run.get('smoke') else ''}.",
+        f"{fmt(run.get('seconds'))} s in all{' (SMOKE: tiny sizes, one repetition; not a measurement)' if run.get('smoke') else ''}."
+        + (
+            f" That run was `{run.get('command')}`: the other comparisons come from earlier runs merged into "
+            "`results.json` (each section gives its own duration)."
+            if run.get("only")
+            else ""
+        ),
         "",
         "## Machine",
         "",
@@ -539,7 +545,7 @@ def write(results: dict[str, Any], path: Path, order: list[str]) -> None:
         rows.append(
             [c["title"], _headline(name, c), c["target"], _ok(c.get("headline", {}).get("target_met"))]
         )
-    out += [_table(["comparison", "result (median)", "target", "target"], rows), ""]
+    out += [_table(["comparison", "result (median)", "target", "met"], rows), ""]
     plots = {
         "runengine_cost": plot_runengine,
         "receive_path": plot_receive,
