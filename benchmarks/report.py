@@ -632,8 +632,9 @@ def _an_receive(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
         f"{us_med:.0f} us of CPU per document (daemon, measured from /proc), i.e. at most ~{1e6 / us_med:,.0f} docs/s "
         f"with a whole free core; in-process the receiver alone does {fmt(_median(c['rate']['in_process_batch']))} "
         "docs/s here (with other jobs on 2 cores it rarely gets a whole core). Where its time goes: "
-        f"decoding {inc.get('decode', 0):.0f}% (`{top['function']}` alone {100 * top['self_s'] / prof['total_s']:.0f}% "
-        f"self), schema validation {inc.get('validate', 0):.0f}%, framing and writing {inc.get('append', 0):.0f}%. "
+        f"decoding {inc.get('decode', 0):.0f}%, schema validation {inc.get('validate', 0):.0f}%, framing and writing "
+        f"{inc.get('append', 0):.0f}%; the first function by self time is `{top['function']}` "
+        f"({100 * top['self_s'] / prof['total_s']:.0f}%). "
         f"fsync=batch vs never in-process: x{fmt(_median(c['ratios']['fsync_batch_vs_never']))}.",
     ]
 
