@@ -10,7 +10,7 @@ fresh container:
   10,000, jsonschema-validating `RunNormalizer`), fed the documents from
   memory: what ``RE.subscribe(TiledWriter(client))`` does;
 - ``sidecar``: the daemon's `Uploader` on a copy of the spool, default
-  settings (batch_rows 10,000, row-by-row verification);
+  settings (batch_rows 10,000, one verification request per stream);
 - ``sidecar_all_ideas``: ``batch_rows`` 50,000 (one append per run) + two
   uploaders in two threads on half the runs each.
 
