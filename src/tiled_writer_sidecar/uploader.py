@@ -66,7 +66,7 @@ from .spool.directory import SpoolDir
 from .spool.index import Received, RunView, Uploaded, atomic_write_json
 from .spool.segment import LogReader
 from .tiled_client import connect, delete_run, read_seq_nums, run_exists
-from .tiled_run import AppendAmbiguous, TiledRun
+from .tiled_run import AppendAmbiguous, TiledRun, retryable
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,9 @@ def classify(err: BaseException) -> type[Exception]:
         return type(err)
     if isinstance(err, AppendAmbiguous):
         return Transient
-    if isinstance(err, httpx.HTTPStatusError):
-        code = err.response.status_code
-        if code >= 500 or code in (401, 403, 408, 429):
-            return Transient
-        return RunRejected
-    if isinstance(err, (httpx.TransportError, TiledUnauthorizedError, ConnectionError, TimeoutError)):
+    if isinstance(err, (httpx.HTTPStatusError, httpx.TransportError)):
+        return Transient if retryable(err) or _is_auth_error(err) else RunRejected
+    if isinstance(err, (TiledUnauthorizedError, ConnectionError, TimeoutError)):
         return Transient
     return RunRejected
 
@@ -457,9 +454,7 @@ class Uploader:
         self.status.retries += 1
         self.status.append_retries += 1
         backoff = self.backoff
-        if _is_auth_error(err):
-            self._set_tiled("unauthorized", one_line(err))
-        elif self._tiled_reachable():
+        if self._tiled_reachable():
             if self._failing_since is None:
                 log.warning("append failed, Tiled is reachable; retrying it in place: %s", one_line(err))
             self.status.last_error = one_line(err)
