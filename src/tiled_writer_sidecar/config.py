@@ -59,6 +59,8 @@ class SpoolConfig:
     max_bytes: int = 0
     retention_hours: float = 0.0
     run_timeout_seconds: float = 3600.0
+    max_open_runs: int = 256
+    quarantine_max_bytes: int = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,10 @@ class Config:
             raise ConfigError("[tiled] batch_rows must be at least 1")
         if self.tiled.batch_seconds <= 0:
             raise ConfigError("[tiled] batch_seconds must be positive")
+        if self.spool.max_open_runs < 1:
+            raise ConfigError("[spool] max_open_runs must be at least 1")
+        if self.spool.quarantine_max_bytes < 0:
+            raise ConfigError("[spool] quarantine_max_bytes must not be negative")
         if self.spool.segment_bytes < 4096:
             raise ConfigError("[spool] segment_bytes must be at least 4096")
         if "://" not in self.zmq.address:
