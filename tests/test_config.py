@@ -57,6 +57,8 @@ NON_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_bytes": 2**30,
         "retention_hours": 24.0,
         "run_timeout_seconds": 60.0,
+        "max_open_runs": 16,
+        "quarantine_max_bytes": 2**20,
     },
     "metrics": {"address": "0.0.0.0:9999"},
     "log": {"level": "DEBUG", "format": "json"},
