@@ -217,6 +217,77 @@ def test_meaningless_values_are_errors_naming_the_key(
         load_config(write_config(tmp_path / "c.toml", sections))
 
 
+@pytest.mark.parametrize(("section", "key"), sorted(config_module.RANGES))
+def test_every_numeric_key_is_range_checked(tmp_path: Path, section: str, key: str) -> None:
+    """Below its lowest or above its highest value, every numeric key is a ConfigError naming it."""
+    low, high = config_module.RANGES[(section, key)]
+    default = getattr(getattr(Config(), section), key)
+    kind = type(default)
+    below = kind(-1 if low is None or low == 0 else low / 2 - 1)
+    for bad in (below, kind(high * 2 + 1)):
+        with pytest.raises(ConfigError, match=rf"^\[{section}\] {key} must (not )?be "):
+            config_from_dict({section: {key: bad}})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5])
+def test_a_backoff_that_would_spin_is_refused(value: float) -> None:
+    """NaN, infinity or a negative backoff (a hot retry loop) is refused."""
+    with pytest.raises(ConfigError, match=r"\[tiled\] backoff_initial_seconds must be"):
+        config_from_dict({"tiled": {"backoff_initial_seconds": value}})
+
+
+def test_backoff_max_below_initial_is_refused() -> None:
+    with pytest.raises(ConfigError, match="backoff_max_seconds must be at least backoff_initial_seconds"):
+        config_from_dict({"tiled": {"backoff_initial_seconds": 5.0, "backoff_max_seconds": 1.0}})
+
+
+@pytest.mark.parametrize("address", ["x", "127.0.0.1", ":9478", "127.0.0.1:0", "127.0.0.1:70000", "h:port"])
+def test_a_metrics_address_that_is_not_host_port_is_refused(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[metrics\] address must be HOST:PORT"):
+        config_from_dict({"metrics": {"address": address}})
+
+
+def test_an_empty_metrics_address_turns_the_endpoint_off() -> None:
+    assert config_from_dict({"metrics": {"address": ""}}).metrics.address == ""
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"https://user:{SECRET}@tiled.example.org",
+        f"https://{SECRET}@tiled.example.org/api",
+        f"https://tiled.example.org/?api_key={SECRET}",
+        f"http://127.0.0.1:8000/api/v1/metadata/x?API_KEY={SECRET}",
+        f"tiled.example.org/?api_key={SECRET}",
+    ],
+)
+def test_a_tiled_uri_with_credentials_is_refused_without_echoing_them(uri: str) -> None:
+    """The one line names where the key belongs and never repeats the secret."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"tiled": {"uri": uri}})
+    message = str(info.value)
+    assert "TILED_API_KEY" in message and "api_key_file" in message
+    assert SECRET not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("uri", "warned"),
+    [
+        ("http://127.0.0.1:8000", False),
+        ("http://localhost:8000/api", False),
+        ("http://[::1]:8000", False),
+        ("https://tiled.example.org", False),
+        ("http://tiled.example.org", True),
+        ("http://10.0.0.5:8000", True),
+    ],
+)
+def test_plain_http_to_another_host_is_warned_about(uri: str, warned: bool) -> None:
+    warning = config_from_dict({"tiled": {"uri": uri}}).insecure_transport_warning()
+    assert (warning is not None) == warned
+    if warning:
+        assert "https://" in warning
+
+
 def test_invalid_toml_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[zmq\naddress = \n")
@@ -419,6 +490,26 @@ def test_check_config_of_a_bad_config_exits_2_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert reason in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("sections", "reason"),
+    [
+        ({"metrics": {"address": "x"}}, "[metrics] address must be HOST:PORT"),
+        ({"tiled": {"backoff_initial_seconds": -1.0}}, "[tiled] backoff_initial_seconds must be"),
+        ({"tiled": {"uri": f"https://u:{SECRET}@tiled.example.org"}}, "must not carry credentials"),
+    ],
+)
+def test_check_config_of_a_bad_value_exits_2_with_one_line_and_no_secret(
+    tmp_path: Path, sections: dict[str, dict[str, Any]], reason: str
+) -> None:
+    """Through the real console script: exit 2, one line, no traceback, the secret not repeated."""
+    result = run_cli("run", "--check-config", "--config", str(write_config(tmp_path / "c.toml", sections)))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.strip()]
+    assert reason in result.stderr
+    assert SECRET not in result.stdout + result.stderr
 
 
 def test_check_config_refuses_a_world_readable_key_file_with_exit_2(tmp_path: Path) -> None:

@@ -10,12 +10,15 @@ or world-readable) and is masked whenever the config is printed.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import stat
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from .errors import ConfigError
 
@@ -25,6 +28,8 @@ FSYNC_POLICIES = ("always", "batch", "never")
 SERIALIZERS = ("auto", "pickle", "msgpack", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
+#: Query parameters that carry a credential (Tiled reads ``api_key``).
+CREDENTIAL_PARAMETERS = ("api_key", "apikey", "token", "access_token")
 
 
 @dataclass(frozen=True)
@@ -99,29 +104,36 @@ class Config:
         return config
 
     def check(self) -> None:
-        """Raise ConfigError for values that are well-typed but meaningless."""
-        if self.spool.fsync not in FSYNC_POLICIES:
-            raise ConfigError(f"[spool] fsync must be one of {FSYNC_POLICIES}, not {self.spool.fsync!r}")
-        if self.zmq.serializer not in SERIALIZERS:
-            raise ConfigError(f"[zmq] serializer must be one of {SERIALIZERS}, not {self.zmq.serializer!r}")
-        if self.log.level.upper() not in LOG_LEVELS:
-            raise ConfigError(f"[log] level must be one of {LOG_LEVELS}, not {self.log.level!r}")
-        if self.log.format not in LOG_FORMATS:
-            raise ConfigError(f"[log] format must be one of {LOG_FORMATS}, not {self.log.format!r}")
-        if self.tiled.batch_rows < 1:
-            raise ConfigError("[tiled] batch_rows must be at least 1")
-        if self.tiled.batch_seconds <= 0:
-            raise ConfigError("[tiled] batch_seconds must be positive")
-        if self.spool.max_open_runs < 1:
-            raise ConfigError("[spool] max_open_runs must be at least 1")
-        if self.spool.quarantine_max_bytes < 0:
-            raise ConfigError("[spool] quarantine_max_bytes must not be negative")
-        if self.spool.segment_bytes < 4096:
-            raise ConfigError("[spool] segment_bytes must be at least 4096")
+        """Raise ConfigError (one line naming the key) for a well-typed but meaningless value.
+
+        The one place values are checked: choices, every number's range
+        (`RANGES`), addresses and the Tiled URI (never credentials in it).
+        """
+        for section, key, choices in CHOICES:
+            value = getattr(getattr(self, section), key)
+            if (value.upper() if key == "level" else value) not in choices:
+                raise ConfigError(f"[{section}] {key} must be one of {choices}, not {value!r}")
+        for (section, key), (low, high) in RANGES.items():
+            _check_range(section, key, getattr(getattr(self, section), key), low, high)
+        if self.tiled.backoff_max_seconds < self.tiled.backoff_initial_seconds:
+            raise ConfigError("[tiled] backoff_max_seconds must be at least backoff_initial_seconds")
         if "://" not in self.zmq.address:
             raise ConfigError(f"[zmq] address must look like tcp://HOST:PORT, not {self.zmq.address!r}")
-        if not self.tiled.uri.startswith(("http://", "https://")):
-            raise ConfigError(f"[tiled] uri must start with http:// or https://, not {self.tiled.uri!r}")
+        if self.metrics.address and not _is_host_port(self.metrics.address):
+            raise ConfigError(
+                f'[metrics] address must be HOST:PORT (port 1-65535) or "", not {self.metrics.address!r}'
+            )
+        _check_tiled_uri(self.tiled.uri)
+
+    def insecure_transport_warning(self) -> str | None:
+        """A warning if the API key would cross the network in clear text (http:// to another host)."""
+        parts = urlsplit(self.tiled.uri)
+        if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
+            return None
+        return (
+            f"[tiled] uri uses http:// to {parts.hostname}, not a loopback address: "
+            "the API key and the data cross the network unencrypted; use https://"
+        )
 
     def api_key(self) -> str | None:
         """The Tiled API key from the environment or `api_key_file`; never logged."""
@@ -153,6 +165,91 @@ class Config:
                 lines.append(f"{item.name} = {_toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
+
+
+#: (section, key, allowed values) of every key that takes one of a few words.
+CHOICES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("zmq", "serializer", SERIALIZERS),
+    ("spool", "fsync", FSYNC_POLICIES),
+    ("log", "level", LOG_LEVELS),
+    ("log", "format", LOG_FORMATS),
+)
+
+#: The range of every numeric key: (lowest, highest), inclusive; a lowest of
+#: `POSITIVE` (None) means "greater than 0". Upper bounds catch typos (a value
+#: in ms where seconds are meant) and keep retry loops and buffers sane.
+POSITIVE = None
+DAY = 86_400.0
+RANGES: dict[tuple[str, str], tuple[float | None, float]] = {
+    ("zmq", "rcvhwm"): (0, 2**31 - 1),
+    ("zmq", "max_message_bytes"): (1024, 2**31 - 1),
+    ("tiled", "batch_rows"): (1, 10_000_000),
+    ("tiled", "batch_seconds"): (POSITIVE, 3600.0),
+    ("tiled", "timeout_seconds"): (POSITIVE, 3600.0),
+    ("tiled", "backoff_initial_seconds"): (0.01, 3600.0),
+    ("tiled", "backoff_max_seconds"): (0.01, DAY),
+    ("spool", "fsync_interval_ms"): (1, 60_000),
+    ("spool", "fsync_records"): (1, 10_000_000),
+    ("spool", "segment_bytes"): (4096, 2**40),
+    ("spool", "max_bytes"): (0, 2**60),
+    ("spool", "retention_hours"): (0, 100 * 365 * 24.0),
+    ("spool", "run_timeout_seconds"): (0, 365 * DAY),
+    ("spool", "max_open_runs"): (1, 100_000),
+    ("spool", "quarantine_max_bytes"): (0, 2**60),
+}
+
+
+def _check_range(section: str, key: str, value: float, low: float | None, high: float) -> None:
+    name = f"[{section}] {key}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, not {value!r}")
+    if low is None:
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, not {value!r}")
+        low = 0
+    elif low == 0 and value < 0:
+        raise ConfigError(f"{name} must not be negative, not {value!r}")
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low:g}, not {value!r}")
+    if value > high:
+        raise ConfigError(f"{name} must be at most {high:g}, not {value!r}")
+
+
+def _is_host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return (
+        bool(sep and host and port.isascii() and port.isdigit())
+        and 1 <= int(port) <= 65535
+        and not any(c.isspace() or c in "/@?#" for c in host)
+    )
+
+
+def _check_tiled_uri(uri: str) -> None:
+    """Refuse a URI that carries credentials (without echoing it: it holds a secret) or no host."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        raise ConfigError("[tiled] uri is not a valid URL (check the host and port)") from None
+    credential = "@" in parts.netloc or any(
+        name.lower() in CREDENTIAL_PARAMETERS for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    if credential:
+        raise ConfigError(
+            "[tiled] uri must not carry credentials (user:pass@ or ?api_key=): they would show in "
+            f"process listings and logs; put the API key in {API_KEY_ENV} or [tiled] api_key_file"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"[tiled] uri must start with http:// or https://, not {uri!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _key_path(value: str) -> Path:
