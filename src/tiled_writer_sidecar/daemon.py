@@ -29,6 +29,7 @@ import time
 from types import FrameType
 from typing import Any
 
+from .backoff import Backoff
 from .config import Config
 from .errors import ConfigError
 from .metrics import MetricsServer, health_snapshot
@@ -40,12 +41,18 @@ from .stats import ReceiverStats
 log = logging.getLogger(__name__)
 
 UPLOADER_STOP_SECONDS = 20.0
+UPLOADER_RESTART_INITIAL_S = 1.0  # restart backoff of a dead uploader process (backoff.Backoff)
+UPLOADER_RESTART_MAX_S = 60.0
 UPLOADER_STALE_SECONDS = 600.0
 STATUS_INTERVAL_S = 5.0
 
 
 class UploaderSupervisor:
-    """Keeps one uploader child process running; restarts it with backoff."""
+    """Keeps one uploader child process running; restarts it with backoff.
+
+    The child gets the effective config as JSON through a pipe on its stdin,
+    never in its argv (readable by every local user in the process list).
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -53,39 +60,44 @@ class UploaderSupervisor:
         self.restarts = 0
         self._started = 0.0
         self._next_start = 0.0
-        self._delay = 1.0
+        self.backoff = Backoff(UPLOADER_RESTART_INITIAL_S, UPLOADER_RESTART_MAX_S)
 
     def check(self) -> None:
         if self.process is not None:
             code = self.process.poll()
             if code is None:
                 return
-            log.error("uploader exited with code %s; restarting in %.0f s", code, self._delay)
+            delay = self.backoff.next_delay()
+            log.error("uploader exited with code %s; restarting in %.1f s", code, delay)
             self.process = None
-            self._next_start = time.monotonic() + self._delay
-            self._delay = min(self._delay * 2, 60.0)
+            self._next_start = time.monotonic() + delay
             self.restarts += 1
         if time.monotonic() >= self._next_start:
             self.start()
 
+    def command(self) -> list[str]:
+        """The uploader's argv: no configuration in it."""
+        return [sys.executable, "-m", "tiled_writer_sidecar.upload_process"]
+
     def start(self) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "tiled_writer_sidecar.upload_process",
-            "--config-json",
-            json.dumps(self.config.as_dict()),
-        ]
         # Only the main process talks to systemd (NotifyAccess=main).
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
+        process = subprocess.Popen(self.command(), stdin=subprocess.PIPE, env=env)
+        assert process.stdin is not None
+        try:
+            # A few hundred bytes: far below a pipe's buffer, so this never blocks.
+            process.stdin.write(json.dumps(self.config.as_dict()).encode())
+            process.stdin.close()
+        except OSError as err:  # the child died at once; check() restarts it
+            log.error("uploader pid=%d did not take its config: %s", process.pid, err)
+        self.process = process
         self._started = time.monotonic()
-        log.info("uploader started pid=%d", self.process.pid)
+        log.info("uploader started pid=%d", process.pid)
 
     def healthy_started(self) -> None:
         """Reset the restart backoff once a child has stayed up for a minute."""
         if self.process is not None and time.monotonic() - self._started > 60:
-            self._delay = 1.0
+            self.backoff.reset()
             self.restarts = 0
 
     def kill_if_stale(self, status_age: float | None) -> None:
@@ -148,6 +160,8 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
         config.tiled.uri,
         f"http://{config.metrics.address}" if metrics else "off",
     )
+    if warning := config.insecure_transport_warning():
+        log.warning("%s", warning)
     notifier.ready("receiving")
     last_status = last_ping = 0.0
     try:

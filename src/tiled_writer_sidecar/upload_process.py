@@ -2,9 +2,10 @@
 
 The daemon runs the uploader as a child process so TiledWriter's heavy work
 (pandas, pyarrow, HTTP) never holds the receiver's GIL and a crash in it
-never stops spooling. The effective config arrives as JSON on the command
-line (it holds no secret: the API key comes from the environment or
-``api_key_file``).
+never stops spooling. The effective config arrives as JSON on standard
+input (a pipe from the daemon), never on the command line, which every
+local user can read in the process list; it holds no secret either way (the
+API key comes from the environment or ``api_key_file``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,21 @@ from .spool.directory import SpoolDir
 
 def main(argv: list[str] | None = None) -> int:
     process_defaults.apply()
+    parser = argparse.ArgumentParser(
+        prog="tiled-writer-sidecar-uploader", description="reads the config as JSON on stdin"
+    )
+    parser.parse_args(argv)
+    try:
+        config = config_from_dict(json.loads(sys.stdin.read()), "stdin")
+    except (ValueError, AttributeError) as err:
+        print(f"tiled-writer-sidecar uploader: no valid config on stdin: {err}", file=sys.stderr)
+        return 2
+    except SidecarError as err:
+        print(f"tiled-writer-sidecar uploader: {err}", file=sys.stderr)
+        return err.exit_code
+    setup_logging(config.log.level, config.log.format, role="uploader")
     from .uploader import Uploader  # imports tiled: after apply()
 
-    parser = argparse.ArgumentParser(prog="tiled-writer-sidecar-uploader")
-    parser.add_argument("--config-json", required=True)
-    args = parser.parse_args(argv)
-    config = config_from_dict(json.loads(args.config_json))
-    setup_logging(config.log.level, config.log.format, role="uploader")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
