@@ -29,6 +29,18 @@ parity tests. Three things differ from TiledWriter's own pair:
   also deep-copies every event so as not to modify its caller's document; the
   sidecar's documents come fresh from the spool codec and nobody else holds
   them, so that copy is skipped.
+- **Read back in seq_num order** (`SidecarRunWriter`, `SeqNumOrderedNode`).
+  Tiled keeps the rows of every run with the same columns in one SQL table
+  (keyed by ``_dataset_id``) and reads a run back ``ORDER BY _partition_id``,
+  with an insertion-order tiebreaker only on SQLite and DuckDB; PostgreSQL
+  returns physical order, which concurrent appends and the space freed by a
+  deleted (rewritten) run do not keep. So each stream table is created with
+  the data-source parameter ``order_by_args = [{"column": "seq_num",
+  "direction": "asc"}]``: Tiled then reads ``ORDER BY seq_num``. This is the
+  one difference from in-process TiledWriter's tree: that parameter on each
+  ``internal`` table's data source (same SQL table, same rows, same
+  metadata). A table split off above 1024 columns that has no ``seq_num``
+  column cannot be ordered this way (docs/upstream.md has the upstream fix).
 """
 
 from __future__ import annotations
@@ -44,6 +56,9 @@ from bluesky_tiled_plugins.writing.tiled_writer import (
 )
 from event_model import unpack_event_page
 from tiled.client.base import BaseClient
+from tiled.structures.core import StructureFamily
+from tiled.structures.data_source import DataSource
+from tiled.structures.table import TableStructure
 
 from .tiled_client import read_table_seq_nums
 from .validation import validate_document
@@ -126,8 +141,70 @@ class FastRunNormalizer(RunNormalizer):  # type: ignore[misc]
             super().event(_OwnedDocument(event))
 
 
+#: Tiled's SQL adapter reads a table ``ORDER BY`` these columns (then ``_partition_id``).
+SEQ_NUM_ORDER: tuple[dict[str, str], ...] = ({"column": "seq_num", "direction": "asc"},)
+
+#: What Tiled's client calls an appendable SQL table's data source.
+SQL_TABLE_MIMETYPE = "application/x-tiled-sql-table"
+
+
+def table_parameters(schema: Any) -> dict[str, Any]:
+    """Data-source parameters of a new stream table: read back in ``seq_num`` order if it has that column."""
+    if "seq_num" not in schema.names:
+        return {}  # a split table (> 1024 columns) without seq_num: see docs/upstream.md
+    return {"order_by_args": [dict(arg) for arg in SEQ_NUM_ORDER]}
+
+
+class SeqNumOrderedNode:
+    """A stream node whose appendable tables Tiled reads back in ``seq_num`` order.
+
+    Everything but `create_appendable_table` is the wrapped node's. That method
+    sends what Tiled's `Container.create_appendable_table` sends, plus the
+    `table_parameters` (the client's own method accepts no other parameter).
+    """
+
+    def __init__(self, node: Any) -> None:
+        self._node = node
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._node, name)
+
+    def create_appendable_table(
+        self,
+        schema: Any,
+        npartitions: int = 1,
+        *,
+        key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        specs: list[Any] | None = None,
+        access_tags: list[str] | None = None,
+        table_name: str | None = None,
+    ) -> Any:
+        parameters = table_parameters(schema)
+        if table_name is not None:
+            parameters["table_name"] = table_name
+        source = DataSource(
+            structure=TableStructure.from_schema(schema, npartitions),
+            structure_family=StructureFamily.table,
+            mimetype=SQL_TABLE_MIMETYPE,
+            parameters=parameters,
+        )
+        return self._node.new(
+            StructureFamily.table,
+            [source],
+            key=key,
+            metadata=metadata or {},
+            specs=specs or [],
+            access_tags=access_tags,
+        )
+
+
 class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
-    """`_RunWriter` whose failed appends are retried in place, exactly once (see the module docstring)."""
+    """`_RunWriter` whose failed appends are retried in place, exactly once, and whose tables
+    Tiled reads back in ``seq_num`` order (see the module docstring)."""
+
+    def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
+        super()._write_internal_data(data_cache, desc_node=SeqNumOrderedNode(desc_node))
 
     def __init__(self, client: BaseClient, batch_size: int, retry: RetryPolicy) -> None:
         super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
