@@ -1,4 +1,9 @@
-"""`status`: what the spool holds, per run and in total, as a table or JSON."""
+"""`status`: what the spool holds, per run and in total, as a table or JSON.
+
+Names in the spool come from documents (uid, plan name, stream names in the
+problems, quarantine reasons): the table shows each through `text.clean` as a
+plain rich `Text`, and the JSON escapes every control character.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .spool.directory import SpoolDir
 from .spool.index import STATES, read_json
+from .text import clean, text
 
 
 def status_report(spool: SpoolDir) -> dict[str, Any]:
@@ -37,34 +44,54 @@ def status_report(spool: SpoolDir) -> dict[str, Any]:
 
 
 def print_status(report: dict[str, Any], as_json: bool, console: Console) -> None:
+    """Print `report`: JSON (every non-ASCII or control character \\u-escaped) or a table.
+
+    Every value in the table comes from the spool, that is from documents: each
+    is shown with `text.clean` as a plain `Text`, never as rich markup.
+    """
     if as_json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report, indent=2, default=str, ensure_ascii=True))
         return
-    table = Table(title=f"spool {report['spool']}")
+    table = Table(title=text(f"spool {clean(report['spool'], 1000)}"))
     for column in ("uid", "scan_id", "plan", "state", "documents", "uploaded", "gaps / problems"):
         table.add_column(column)
     for run in report["runs"]:
-        table.add_row(
-            run["uid"],
-            str(run["scan_id"]),
-            run["plan_name"] or "",
-            run["state"],
-            str(run["documents"]),
-            str(run["uploaded_documents"]),
-            "; ".join(run["problems"] + ([run["reason"]] if run["reason"] else [])),
-        )
+        table.add_row(*_row(run))
     console.print(table)
-    totals = report["totals"]
-    states = ", ".join(f"{n} {s}" for s, n in totals["by_state"].items() if n)
-    age = totals["oldest_unuploaded_age_seconds"]
+    console.print(_totals_line(report["totals"]))
     uploader = report.get("uploader") or {}
     console.print(
+        text(
+            f"receiver {'running' if report['receiver_running'] else 'not running'}, "
+            f"uploader {'running' if report['uploader_running'] else 'not running'}"
+            + (f", tiled {clean(uploader.get('tiled'))}" if uploader else "")
+        )
+    )
+
+
+def _row(run: dict[str, Any]) -> list[Text]:
+    problems = run.get("problems")
+    reason = run.get("reason")
+    notes = [clean(p) for p in problems] if isinstance(problems, list) else []
+    if reason:
+        notes.append(clean(reason, 500))
+    return [
+        text(run.get("uid")),
+        text(run.get("scan_id")),
+        text(run.get("plan_name") or ""),
+        text(run.get("state")),
+        text(run.get("documents")),
+        text(run.get("uploaded_documents")),
+        text("; ".join(notes), limit=2000),
+    ]
+
+
+def _totals_line(totals: dict[str, Any]) -> Text:
+    states = ", ".join(f"{n} {s}" for s, n in totals["by_state"].items() if n)
+    age = totals["oldest_unuploaded_age_seconds"]
+    return text(
         f"{totals['runs']} run(s) ({states or 'none'}); {totals['documents']} documents, "
         f"{totals['uploaded_documents']} uploaded; {totals['bytes']} bytes in segments; "
-        f"{totals['gaps']} events missing" + (f"; oldest not yet uploaded: {age:.0f} s" if age else "")
-    )
-    console.print(
-        f"receiver {'running' if report['receiver_running'] else 'not running'}, "
-        f"uploader {'running' if report['uploader_running'] else 'not running'}"
-        + (f", tiled {uploader.get('tiled')}" if uploader else "")
+        f"{totals['gaps']} events missing" + (f"; oldest not yet uploaded: {age:.0f} s" if age else ""),
+        limit=2000,
     )
