@@ -1,20 +1,25 @@
 """`verify`: read every record of every run, check framing and CRC, report.
 
 Reports, per run and segment, the records found, the corrupt byte ranges
-(segment and offset) and torn tails. With ``repair``, torn tails (a record
-cut short by a crash, at the end of a run's last segment) are truncated;
-corruption in the middle is only reported (the uploader skips it and marks
-the run incomplete). Repair refuses to touch a spool whose receiver runs.
+(segment and offset) and torn tails, in either format (v2, or v1 written by
+an earlier release). With ``repair``, torn tails (a record cut short by a
+crash, at the end of a run's last segment) are truncated; corruption in the
+middle is only reported (the uploader skips it and marks the run
+incomplete). Repair refuses to touch a spool whose receiver runs. Nothing is
+opened through a symlink: a run directory or segment that is one (or is not
+a regular file, or has other links) is reported and never read or written.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import SpoolLockedError
 from . import record
 from .directory import SpoolDir
-from .segment import list_segments, truncate_torn_tail
+from .segment import NotRegularFile, detect_format, list_segments, open_in, scan_segment, truncate_tail_fd
 
 
 @dataclass
@@ -25,31 +30,60 @@ class SegmentReport:
     corrupt: list[tuple[int, int]] = field(default_factory=list)
     torn_tail: int = 0
     repaired: bool = False
+    #: Why the segment could not be checked (a symlink, a damaged file header), if so.
+    problem: str | None = None
+    format: str = ""
 
 
 def verify_spool(spool: SpoolDir, repair: bool = False) -> list[SegmentReport]:
     if repair and spool.is_locked("receiver"):
         raise SpoolLockedError("the receiver is running on this spool; stop it before --repair")
     reports = []
-    for run_dir in sorted(p for p in spool.runs_dir.iterdir() if p.is_dir()):
+    for run_dir in sorted(spool.runs_dir.iterdir()):
+        if run_dir.is_symlink():
+            reports.append(_refused(run_dir.name, "(run directory)", "a symlink: not read, not repaired"))
+            continue
+        if not run_dir.is_dir():
+            continue
         segments = list_segments(run_dir)
         for i, path in enumerate(segments):
-            data = path.read_bytes()
-            report = SegmentReport(run_dir.name, path.name)
-            end = 0
-            for item in record.scan(data):
-                if isinstance(item, record.Corruption):
-                    report.corrupt.append((item.offset, item.length))
-                else:
-                    report.records += 1
-                end = item.end
-            if end < len(data):
-                if i == len(segments) - 1:
-                    report.torn_tail = len(data) - end
-                    if repair:
-                        truncate_torn_tail(path)
-                        report.repaired = True
-                else:
-                    report.corrupt.append((end, len(data) - end))
-            reports.append(report)
+            reports.append(_verify_segment(run_dir, path, last=i == len(segments) - 1, repair=repair))
     return reports
+
+
+def _refused(run: str, segment: str, why: str) -> SegmentReport:
+    # Shown as a corrupt range by callers that only know `corrupt`, so verify exits non-zero.
+    return SegmentReport(run, f"{segment} ({why})", corrupt=[(0, 0)], problem=why)
+
+
+def _verify_segment(run_dir: Path, path: Path, *, last: bool, repair: bool) -> SegmentReport:
+    try:
+        fd = open_in(run_dir, path.name, os.O_RDWR if repair and last else os.O_RDONLY, write=repair and last)
+    except NotRegularFile:
+        return _refused(run_dir.name, path.name, "a symlink or not a regular file: not read, not repaired")
+    try:
+        size = os.fstat(fd).st_size
+        fmt = detect_format(fd)
+        report = SegmentReport(run_dir.name, path.name, format=fmt.kind)
+        if fmt.kind == "damaged":
+            report.corrupt.append((0, size))
+            report.problem = "file header damaged in both copies: records cannot be verified"
+            return report
+        end = fmt.first_record
+        for item in scan_segment(fd, fmt, end, size):
+            if isinstance(item, record.Corruption):
+                report.corrupt.append((item.offset, item.length))
+            else:
+                report.records += 1
+            end = item.end
+        if end < size:
+            if last:
+                report.torn_tail = size - end
+                if repair:
+                    truncate_tail_fd(fd)
+                    report.repaired = True
+            else:
+                report.corrupt.append((end, size - end))
+        return report
+    finally:
+        os.close(fd)

@@ -1,40 +1,105 @@
-"""Record framing for spool segments.
+"""Record framing for spool segments (format v2; v1 is still read).
 
-A record is ``MAGIC (2 bytes) | length (u32 LE) | crc32 (u32 LE) | payload``.
-The CRC (zlib CRC-32) covers the length field and the payload, so a flipped
-bit in either is detected. `scan` walks a buffer and yields what it finds:
+Format v2, its invariants:
 
-- `Record`: a complete record whose CRC matches;
-- `Corruption`: bytes that are not a valid record. The scanner resynchronises
-  by searching forward for the next MAGIC whose record verifies, so one bad
-  record never hides the good ones after it; the skipped range is reported.
-- a torn tail: the buffer ends inside a record. `scan` stops there and
-  returns the offset; whether that is a record still being written (reader
-  of a live segment) or a crash remnant (writer opening a segment) is the
-  caller's decision.
+- A segment file starts with a file header, written twice (a flipped bit in
+  one copy leaves the other): ``b"TWSPOOL2" | salt (8 random bytes) |
+  crc32`` = 20 bytes, so records start at `FILE_HEADER_SIZE` (40).
+- A record is ``MAGIC (4) | length (u32) | payload crc32 (u32) | header
+  crc32 (u32) | payload`` (all little-endian, `HEADER_SIZE` = 16). The header
+  CRC covers the segment's salt and the header's first 12 bytes; the payload
+  CRC covers the payload. A header is *verified* when its magic and CRC match
+  and ``length <= MAX_PAYLOAD``.
+- Reading is linear in bytes: a verified header's payload is read whole (by
+  its length, however many read chunks it spans) and never searched inside,
+  so whatever a payload holds (encoded records, fake headers) is only data.
+  A payload whose CRC fails is damage of exactly that record, skipped by its
+  length. Only a header that does not verify starts a resynchronisation: a
+  forward scan for the next header that verifies, each candidate costing a
+  16-byte CRC. Headers embedded in payloads carry no valid CRC, as their
+  writer never knew the segment's random salt.
+- A header whose record runs past the end of the file, or bytes after the
+  last item with no verified header behind them, are a *tail*: a record
+  being written (live reader) or a crash remnant (writer opening the log).
+  Nothing is ever allocated beyond what the file holds.
+- Segments without the v2 file header are v1 (``MAGIC1 (2) | length (u32) |
+  crc32 of length and payload (u32) | payload``): read whole with the v1
+  scanner (`scan_v1`), never appended to again (the writer rolls).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Final
 
-MAGIC = b"\xb1\x5d"
-HEADER = struct.Struct("<2sII")
-HEADER_SIZE = HEADER.size
-MAX_PAYLOAD = 1 << 30
+# ------------------------------------------------------------------ v2 format
+SEGMENT_MAGIC: Final = b"TWSPOOL2"
+_FILE_HEADER = struct.Struct("<8s8sI")
+FILE_HEADER_SIZE: Final = 2 * _FILE_HEADER.size
+SALT_SIZE: Final = 8
+
+MAGIC: Final = b"\xb2\x5dR2"
+_HEAD = struct.Struct("<4sII")  # magic, length, payload crc: what the header CRC covers
+HEADER: Final = struct.Struct("<4sIII")
+HEADER_SIZE: Final = HEADER.size
+MAX_PAYLOAD: Final = 1 << 30
+#: Bytes read at once; larger payloads are read with one read of their own.
+READ_CHUNK: Final = 4 * 2**20
+
+# ------------------------------------------------------------------ v1 format
+MAGIC1: Final = b"\xb1\x5d"
+HEADER1: Final = struct.Struct("<2sII")
+HEADER1_SIZE: Final = HEADER1.size
 
 
-def encode(payload: bytes) -> bytes:
-    """Frame one payload as a record."""
+def new_salt() -> bytes:
+    return os.urandom(SALT_SIZE)
+
+
+def seed(salt: bytes) -> int:
+    """The starting value of a segment's header CRCs."""
+    return zlib.crc32(salt)
+
+
+def file_header(salt: bytes) -> bytes:
+    """The v2 file header of a segment with this salt (both copies)."""
+    one = _FILE_HEADER.pack(SEGMENT_MAGIC, salt, zlib.crc32(SEGMENT_MAGIC + salt))
+    return one + one
+
+
+def read_file_header(data: bytes) -> bytes | None:
+    """The salt of a v2 segment from its first `FILE_HEADER_SIZE` bytes; None if no copy verifies."""
+    size = _FILE_HEADER.size
+    for start in (0, size):
+        if len(data) >= start + size:
+            magic, salt, crc = _FILE_HEADER.unpack_from(data, start)
+            if magic == SEGMENT_MAGIC and crc == zlib.crc32(magic + salt):
+                return bytes(salt)
+    return None
+
+
+def encode(payload: bytes, salt: bytes = bytes(SALT_SIZE)) -> bytes:
+    """Frame one payload as a v2 record of a segment with `salt`."""
+    return frame(payload, seed(salt))
+
+
+def frame(payload: bytes, header_seed: int) -> bytes:
+    """Frame one payload for the segment whose header CRC seed is `header_seed`."""
     length = len(payload)
     if length > MAX_PAYLOAD:
         raise ValueError(f"record payload of {length} bytes exceeds {MAX_PAYLOAD}")
-    length_bytes = length.to_bytes(4, "little")
-    crc = zlib.crc32(payload, zlib.crc32(length_bytes))
-    return HEADER.pack(MAGIC, length, crc) + payload
+    head = _HEAD.pack(MAGIC, length, zlib.crc32(payload))
+    return head + zlib.crc32(head, header_seed).to_bytes(4, "little") + payload
+
+
+def encode_v1(payload: bytes) -> bytes:
+    """A v1 record (only to write test spools as the previous release did)."""
+    length_bytes = len(payload).to_bytes(4, "little")
+    return HEADER1.pack(MAGIC1, len(payload), zlib.crc32(payload, zlib.crc32(length_bytes))) + payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,42 +122,137 @@ class Corruption:
         return self.offset + self.length
 
 
-def _verify_at(buf: memoryview, pos: int) -> int:
-    """Length of the valid record at `pos`; -1 if invalid; -2 if it runs past the end."""
-    if len(buf) - pos < HEADER_SIZE:
+#: ``read_at(offset, size)``: up to `size` bytes of the segment from `offset`.
+ReadAt = Callable[[int, int], bytes]
+
+
+def bytes_reader(data: bytes) -> ReadAt:
+    view = memoryview(data)
+    return lambda offset, size: bytes(view[offset : offset + size])
+
+
+def fd_reader(fd: int) -> ReadAt:
+    return lambda offset, size: os.pread(fd, size, offset)
+
+
+def scan_v2(read_at: ReadAt, start: int, end: int, header_seed: int) -> Iterator[Record | Corruption]:
+    """Yield the records and damaged ranges of a v2 segment between `start` and `end`.
+
+    Stops at a tail (see the module docstring): where it stopped is the last
+    item's `end`, or `start` if nothing was yielded.
+    """
+    buf = b""
+    buf_start = start
+    pos = start
+    crc32 = zlib.crc32
+    unpack = HEADER.unpack_from
+    while end - pos >= HEADER_SIZE:
+        rel = pos - buf_start
+        if rel + HEADER_SIZE > len(buf):
+            buf, buf_start, rel = read_at(pos, min(READ_CHUNK, end - pos)), pos, 0
+        magic, length, payload_crc, header_crc = unpack(buf, rel)
+        if magic != MAGIC or length > MAX_PAYLOAD or crc32(buf[rel : rel + 12], header_seed) != header_crc:
+            following = _resync(read_at, pos + 1, end, header_seed)
+            if following < 0:
+                return
+            yield Corruption(pos, following - pos)
+            pos = following
+            continue
+        record_end = pos + HEADER_SIZE + length
+        if record_end > end:
+            return
+        first = rel + HEADER_SIZE
+        if first + length <= len(buf):
+            payload = buf[first : first + length]
+        elif length >= READ_CHUNK // 2:
+            payload = read_at(pos + HEADER_SIZE, length)
+        else:
+            buf, buf_start = read_at(pos, min(READ_CHUNK, end - pos)), pos
+            payload = buf[HEADER_SIZE : HEADER_SIZE + length]
+        if len(payload) != length:  # the file shrank under us: stop as at a tail
+            return
+        if crc32(payload) == payload_crc:
+            yield Record(pos, payload)
+        else:
+            yield Corruption(pos, HEADER_SIZE + length)
+        pos = record_end
+
+
+def _resync(read_at: ReadAt, start: int, end: int, header_seed: int) -> int:
+    """Offset of the next verified header at or after `start` (before `end`), or -1."""
+    pos = start
+    while end - pos >= HEADER_SIZE:
+        window = read_at(pos, min(READ_CHUNK, end - pos))
+        found = window.find(MAGIC)
+        while 0 <= found <= len(window) - HEADER_SIZE:
+            _, length, _, header_crc = HEADER.unpack_from(window, found)
+            if length <= MAX_PAYLOAD and zlib.crc32(window[found : found + 12], header_seed) == header_crc:
+                return pos + found
+            found = window.find(MAGIC, found + 1)
+        if len(window) < HEADER_SIZE:
+            return -1
+        pos += len(window) - HEADER_SIZE + 1  # a header across the window's end is seen next time
+    return -1
+
+
+def scan(data: bytes, base: int = 0, salt: bytes = bytes(SALT_SIZE)) -> Iterator[Record | Corruption]:
+    """`scan_v2` over a buffer of records (no file header); `base` is the offset of ``data[0]``."""
+    for item in scan_v2(bytes_reader(data), 0, len(data), seed(salt)):
+        if isinstance(item, Record):
+            yield Record(base + item.offset, item.payload)
+        else:
+            yield Corruption(base + item.offset, item.length)
+
+
+# --------------------------------------------------------------- v1 (legacy)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordV1:
+    offset: int
+    payload: bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + HEADER1_SIZE + len(self.payload)
+
+
+def _verify_v1(buf: memoryview, pos: int) -> int:
+    """Length of the valid v1 record at `pos`; -1 if invalid; -2 if it runs past the end."""
+    if len(buf) - pos < HEADER1_SIZE:
         return -2
-    magic, length, crc = HEADER.unpack_from(buf, pos)
-    if magic != MAGIC or length > MAX_PAYLOAD:
+    magic, length, crc = HEADER1.unpack_from(buf, pos)
+    if magic != MAGIC1 or length > MAX_PAYLOAD:
         return -1
-    end = pos + HEADER_SIZE + length
+    end = pos + HEADER1_SIZE + length
     if end > len(buf):
         return -2
-    actual = zlib.crc32(buf[pos + HEADER_SIZE : end], zlib.crc32(buf[pos + 2 : pos + 6]))
+    actual = zlib.crc32(buf[pos + HEADER1_SIZE : end], zlib.crc32(buf[pos + 2 : pos + 6]))
     return length if actual == crc else -1
 
 
-def scan(data: bytes, base: int = 0) -> Iterator[Record | Corruption]:
-    """Yield records and corruptions in `data`; stop at a torn tail.
+def scan_v1(data: bytes, base: int = 0) -> Iterator[RecordV1 | Corruption]:
+    """The v1 scanner, over a whole segment (from a record boundary to its end).
 
-    `base` is the file offset of ``data[0]``. Where scanning stopped is the
-    last item's `end` (or `base` if nothing was yielded): everything after it
-    is a torn tail, a record cut short with no valid record behind it.
+    Given the whole rest of the segment, a valid record is always verified
+    whole and skipped by its length; searching (for MAGIC1) happens only
+    after damage, as v1 did. A tail is left as in `scan_v2`.
     """
     buf = memoryview(data)
     pos = 0
     size = len(buf)
     while pos < size:
-        length = _verify_at(buf, pos)
+        length = _verify_v1(buf, pos)
         if length >= 0:
-            end = pos + HEADER_SIZE + length
-            yield Record(base + pos, bytes(buf[pos + HEADER_SIZE : end]))
+            end = pos + HEADER1_SIZE + length
+            yield RecordV1(base + pos, bytes(buf[pos + HEADER1_SIZE : end]))
             pos = end
             continue
-        following = _next_valid(data, pos + 1)
+        following = _next_valid_v1(data, pos + 1)
         if following < 0:
-            if length == -2 and _plausible_tail(buf, pos):
+            if length == -2 and MAGIC1.startswith(bytes(buf[pos : pos + 2])):
                 return
-            following = _next_tail_candidate(data, pos + 1)
+            following = _next_tail_candidate_v1(data, pos + 1)
             yield Corruption(base + pos, (following if following >= 0 else size) - pos)
             if following < 0:
                 return
@@ -101,31 +261,23 @@ def scan(data: bytes, base: int = 0) -> Iterator[Record | Corruption]:
         pos = following
 
 
-def _plausible_tail(buf: memoryview, pos: int) -> bool:
-    """True if the bytes from `pos` to the end could be a record cut short."""
-    remaining = bytes(buf[pos : pos + 2])
-    return MAGIC.startswith(remaining)
-
-
-def _next_valid(data: bytes, start: int) -> int:
-    """Offset of the next verifiable record at or after `start`, or -1."""
+def _next_valid_v1(data: bytes, start: int) -> int:
     buf = memoryview(data)
-    pos = data.find(MAGIC, start)
+    pos = data.find(MAGIC1, start)
     while pos >= 0:
-        if _verify_at(buf, pos) >= 0:
+        if _verify_v1(buf, pos) >= 0:
             return pos
-        pos = data.find(MAGIC, pos + 1)
+        pos = data.find(MAGIC1, pos + 1)
     return -1
 
 
-def _next_tail_candidate(data: bytes, start: int) -> int:
-    """Offset of the first MAGIC at or after `start` that runs past the end, or -1."""
+def _next_tail_candidate_v1(data: bytes, start: int) -> int:
     buf = memoryview(data)
-    pos = data.find(MAGIC, start)
+    pos = data.find(MAGIC1, start)
     while pos >= 0:
-        if _verify_at(buf, pos) == -2:
+        if _verify_v1(buf, pos) == -2:
             return pos
-        pos = data.find(MAGIC, pos + 1)
-    if data.endswith(MAGIC[:1]) and len(data) > start:
+        pos = data.find(MAGIC1, pos + 1)
+    if data.endswith(MAGIC1[:1]) and len(data) > start:
         return len(data) - 1
     return -1

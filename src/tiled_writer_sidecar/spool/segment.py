@@ -1,13 +1,15 @@
 """Segment files: one append-only log of records per run.
 
 A run's log is a sequence of files ``0000000000.seg``, ``0000000001.seg``, …
-(fixed-width names, so a directory listing sorts them). Only the receiver
-writes (`LogWriter`); it appends each record with one unbuffered ``write``,
-so readers in other processes see whole records as soon as they are written,
-and it rolls to a new segment at ``segment_bytes``. Durability follows the
-fsync policy: ``always`` (fsync after every record), ``batch`` (group commit:
-at most ``fsync_records`` records or ``fsync_interval_ms`` between fsyncs —
-that is the window a power loss can take) or ``never`` (the OS decides).
+(fixed-width names, so a directory listing sorts them), each starting with
+the v2 file header and its random salt (see record.py for the format and
+how reading stays linear and never looks inside a payload). Only the
+receiver writes (`LogWriter`); it appends each record with one unbuffered
+``write``, so readers in other processes see whole records as soon as they
+are written, and it rolls to a new segment at ``segment_bytes``. Durability
+follows the fsync policy: ``always`` (fsync after every record), ``batch``
+(group commit: at most ``fsync_records`` records or ``fsync_interval_ms``
+between fsyncs — that is the window a power loss can take) or ``never``.
 
 `LogWriter.append_many` writes a batch of records with one ``write`` per
 segment and per fsync window (the receiver hands it what one wake of its
@@ -16,26 +18,36 @@ policy is kept record for record (a roll, ``fsync_records`` and ``always``
 cut the batch where single appends would have fsynced or rolled).
 
 On open, the writer truncates a torn tail (a record cut short by a crash).
-A failed write (disk full) is rolled back with ``ftruncate`` so the log never
-holds half a record; a failed batch is retried record by record, so exactly
-the records that do not fit are lost, as with single appends. `LogReader` follows a log from a position and reports
-corruption with its segment and offset; a torn tail of the *last* segment is
-a record still being written and is simply not returned yet.
+A segment it cannot append to safely (format v1, a damaged file header, a
+symlink, not a regular file, more than one link) is left as it is and the
+writer rolls to a new segment. A failed write (disk full) is rolled back
+with ``ftruncate`` so the log never holds half a record; a failed batch is
+retried record by record, so exactly the records that do not fit are lost,
+as with single appends. `LogReader` follows a log from a position and
+reports corruption with its segment and offset; a torn tail of the *last*
+segment is a record still being written and is simply not returned yet.
+
+Every file is opened relative to the run directory's descriptor with
+``O_NOFOLLOW`` (the directory itself too): a symlink is never followed,
+never written through; readers report it as damage.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import record
-from .record import HEADER_SIZE
+from .record import FILE_HEADER_SIZE, HEADER_SIZE
 
 SUFFIX = ".seg"
-READ_CHUNK = 4 * 2**20
+READ_CHUNK = record.READ_CHUNK
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def segment_name(index: int) -> str:
@@ -51,10 +63,89 @@ def log_bytes(directory: Path) -> int:
     total = 0
     for path in list_segments(directory):
         try:
-            total += path.stat().st_size
+            total += path.lstat().st_size
         except FileNotFoundError:
             pass
     return total
+
+
+class NotRegularFile(OSError):
+    """A segment that is a symlink, not a regular file, or (for writing) has other links."""
+
+
+def open_in(directory: Path, name: str, flags: int, *, write: bool = False) -> int:
+    """Open `name` in `directory` without following a symlink (neither the file nor the directory).
+
+    Raises `NotRegularFile` for anything but a regular file (with one link, for
+    writing) and FileNotFoundError if it does not exist.
+    """
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotRegularFile(errno.ELOOP, "a symlink or not a directory", str(directory)) from None
+        raise
+    try:
+        fd = os.open(name, flags | _NOFOLLOW, 0o600, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENXIO, errno.ENOTDIR):
+            raise NotRegularFile(errno.ELOOP, "a symlink or not a regular file", name) from None
+        raise
+    finally:
+        os.close(dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (write and st.st_nlink != 1):
+        os.close(fd)
+        raise NotRegularFile(errno.ELOOP, "not a regular file with one link", name)
+    return fd
+
+
+@dataclass(frozen=True)
+class SegmentFormat:
+    """What the start of a segment says: ``v2`` (with its header seed), ``v1``, ``empty`` or ``damaged``.
+
+    ``empty`` is also a v2 file header cut short (nothing was written after it).
+    """
+
+    kind: str
+    seed: int = 0
+
+    @property
+    def first_record(self) -> int:
+        return FILE_HEADER_SIZE if self.kind == "v2" else 0
+
+
+def detect_format(fd: int) -> SegmentFormat:
+    head = os.pread(fd, FILE_HEADER_SIZE, 0)
+    if not head:
+        return SegmentFormat("empty")
+    salt = record.read_file_header(head)
+    if salt is not None:
+        return SegmentFormat("v2", record.seed(salt))
+    magic = record.SEGMENT_MAGIC
+    if len(head) < FILE_HEADER_SIZE and (magic.startswith(head[: len(magic)])):
+        return SegmentFormat("empty")
+    if head.startswith(magic):
+        return SegmentFormat("damaged")
+    return SegmentFormat("v1")
+
+
+def scan_segment(
+    fd: int, fmt: SegmentFormat, start: int, size: int
+) -> Iterator[record.Record | record.RecordV1 | record.Corruption]:
+    """Records and damage of an open segment from `start` (a record boundary) to `size`; stops at a tail."""
+    if fmt.kind == "v2":
+        yield from record.scan_v2(record.fd_reader(fd), max(start, FILE_HEADER_SIZE), size, fmt.seed)
+    elif fmt.kind == "v1" and size > start:
+        yield from record.scan_v1(os.pread(fd, size - start, start), base=start)
+
+
+def scan_end(fd: int, fmt: SegmentFormat, size: int) -> int:
+    """Where the last whole record (or damaged range) of a segment ends: what follows is a tail."""
+    end = fmt.first_record
+    for item in scan_segment(fd, fmt, end, size):
+        end = item.end
+    return end
 
 
 @dataclass
@@ -76,17 +167,26 @@ def truncate_torn_tail(path: Path) -> int:
     """Cut a record left half-written by a crash off the end of `path`.
 
     Returns the number of bytes removed. Corruption in the middle is left in
-    place for readers to report.
+    place for readers to report. Raises `NotRegularFile` for a symlink or a
+    file with other links (nothing is written through one).
     """
-    data = path.read_bytes()
-    end = 0
-    for item in record.scan(data):
-        end = item.end
-    if end < len(data):
-        with path.open("r+b") as f:
-            f.truncate(end)
-            os.fsync(f.fileno())
-        return len(data) - end
+    fd = open_in(path.parent, path.name, os.O_RDWR, write=True)
+    try:
+        return truncate_tail_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def truncate_tail_fd(fd: int) -> int:
+    size = os.fstat(fd).st_size
+    fmt = detect_format(fd)
+    if fmt.kind == "damaged":
+        return 0
+    end = scan_end(fd, fmt, size)
+    if end < size:
+        os.ftruncate(fd, end)
+        os.fsync(fd)
+        return size - end
     return 0
 
 
@@ -97,21 +197,65 @@ class LogWriter:
         self.directory = directory
         self.segment_bytes = segment_bytes
         self.policy = fsync
+        if directory.is_symlink():
+            raise NotRegularFile(errno.ELOOP, "run directory is a symlink", str(directory))
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         segments = list_segments(directory)
-        self.truncated_bytes = truncate_torn_tail(segments[-1]) if segments else 0
+        self.truncated_bytes = 0
+        self._fd = -1
+        self._seed = 0
+        self._size = 0
         self._index = int(segments[-1].stem) if segments else 0
-        self._fd = self._open(self._index)
-        self._size = os.fstat(self._fd).st_size
+        if not segments or not self._reopen_last(segments[-1].name):
+            self._index += 1 if segments else 0
+            self._open_new(self._index)
         self._unsynced = 0
         self._last_sync = time.monotonic()
 
-    def _open(self, index: int) -> int:
-        path = self.directory / segment_name(index)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    def _reopen_last(self, name: str) -> bool:
+        """Append to the last segment if it is ours and v2 (after cutting a torn tail); else False."""
+        try:
+            fd = open_in(self.directory, name, os.O_RDWR | os.O_APPEND, write=True)
+        except NotRegularFile:
+            return False
+        try:
+            fmt = detect_format(fd)
+            if fmt.kind in ("v1", "empty"):  # v1 is never appended to: cut its tail, roll
+                self.truncated_bytes = truncate_tail_fd(fd)
+            if fmt.kind == "empty":
+                os.ftruncate(fd, 0)
+                self._fd, self._size = fd, 0
+                self._write_file_header()
+                return True
+            if fmt.kind != "v2":
+                os.close(fd)
+                return False
+            self.truncated_bytes = truncate_tail_fd(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd, self._seed, self._size = fd, fmt.seed, os.fstat(fd).st_size
+        return True
+
+    def _open_new(self, index: int) -> None:
+        fd = open_in(self.directory, segment_name(index), os.O_RDWR | os.O_CREAT | os.O_APPEND, write=True)
+        if os.fstat(fd).st_size:
+            os.close(fd)
+            raise FileExistsError(errno.EEXIST, "segment already exists", segment_name(index))
+        self._fd, self._size = fd, 0
+        try:
+            self._write_file_header()
+        except OSError:
+            os.close(fd)
+            self._fd = -1
+            raise
         if index > 0 or self.policy.mode != "never":
             _fsync_dir(self.directory)
-        return fd
+
+    def _write_file_header(self) -> None:
+        salt = record.new_salt()
+        self._write(record.file_header(salt))
+        self._seed = record.seed(salt)
 
     def append(self, payload: bytes) -> int:
         """Append one record; return its size on disk. Raises OSError (e.g. ENOSPC)."""
@@ -133,7 +277,7 @@ class LogWriter:
         result = Appended()
         start = 0
         while start < len(payloads):
-            if self._size >= self.segment_bytes:
+            if self._size >= self.segment_bytes or self._fd < 0:
                 try:
                     self._roll()
                 except OSError as err:
@@ -160,12 +304,13 @@ class LogWriter:
             records = len(payloads)
         frames: list[bytes] = []
         size = 0
-        encode = record.encode
+        frame = record.frame
+        header_seed = self._seed
         end = start
         for payload in payloads[start : start + max(1, records)]:
-            frame = encode(payload)
-            frames.append(frame)
-            size += len(frame)
+            framed = frame(payload, header_seed)
+            frames.append(framed)
+            size += len(framed)
             end += 1
             if size >= room:
                 break
@@ -195,7 +340,7 @@ class LogWriter:
         try:
             written = os.write(self._fd, data)
             if written != len(data):
-                raise OSError(28, "short write")
+                raise OSError(errno.ENOSPC, "short write")
         except OSError:
             os.ftruncate(self._fd, self._size)
             raise
@@ -211,17 +356,19 @@ class LogWriter:
             self.sync()
 
     def sync(self) -> None:
-        if self._unsynced:
+        if self._unsynced and self._fd >= 0:
             os.fsync(self._fd)
         self._unsynced = 0
         self._last_sync = time.monotonic()
 
     def _roll(self) -> None:
-        self.sync()
-        os.close(self._fd)
-        self._index += 1
-        self._fd = self._open(self._index)
-        self._size = 0
+        """Close the current segment (if any) and start the next; on failure, the next call retries."""
+        if self._fd >= 0:
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+            self._index += 1
+        self._open_new(self._index)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -239,13 +386,16 @@ class Position:
 
 @dataclass(frozen=True)
 class Damage:
-    """A corrupt byte range found while reading."""
+    """A corrupt byte range (or a segment that could not be read) found while reading."""
 
     segment: str
     offset: int
     length: int
+    reason: str = ""
 
     def __str__(self) -> str:
+        if self.reason:
+            return f"{self.segment}: {self.reason}"
         return f"{self.length} corrupt bytes in {self.segment} at offset {self.offset}"
 
 
@@ -262,59 +412,77 @@ class LogReader:
 
         Corrupt ranges are skipped and appended to `self.damage`. A torn tail
         in a segment that has a successor is damage too (the writer moved on).
+        A segment that is a symlink (or not a regular file) is damage, never read.
         """
         count = 0
-        chunk = READ_CHUNK
         while True:
-            path = self.directory / segment_name(self.position.segment)
+            name = segment_name(self.position.segment)
             # Checked before reading: if a successor exists now, this segment is complete.
-            has_next = (self.directory / segment_name(self.position.segment + 1)).exists()
-            start = self.position.offset
+            has_next = os.path.lexists(self.directory / segment_name(self.position.segment + 1))
             try:
-                with path.open("rb") as f:
-                    f.seek(start)
-                    data = f.read(chunk)
+                fd = open_in(self.directory, name, os.O_RDONLY)
             except FileNotFoundError:
                 if not has_next:
                     return
-                self.position = Position(self.position.segment + 1, 0)
+                self._next_segment()
                 continue
-            for item in record.scan(data, base=start):
-                if isinstance(item, record.Corruption):
-                    self.damage.append(Damage(path.name, item.offset, item.length))
-                else:
-                    yield item.payload
-                    count += 1
-                self.position = Position(self.position.segment, item.end)
-                if max_records is not None and count >= max_records:
+            except NotRegularFile:
+                self.damage.append(Damage(name, 0, 0, "a symlink or not a regular file: not read"))
+                if not has_next:
+                    self._next_segment()
                     return
-            if len(data) == chunk:
-                # The chunk was full: more of this segment follows. If not even
-                # one record fitted, it is a large one: read a bigger chunk.
-                chunk = READ_CHUNK if self.position.offset > start else chunk * 2
+                self._next_segment()
                 continue
+            try:
+                size = os.fstat(fd).st_size
+                fmt = detect_format(fd)
+                if fmt.kind == "damaged":
+                    if not has_next:
+                        return
+                    self.damage.append(Damage(name, 0, size, "file header damaged: segment unreadable"))
+                    self._next_segment()
+                    continue
+                if self.position.offset < fmt.first_record:
+                    self.position = Position(self.position.segment, fmt.first_record)
+                for item in scan_segment(fd, fmt, self.position.offset, size):
+                    if isinstance(item, record.Corruption):
+                        self.damage.append(Damage(name, item.offset, item.length))
+                    else:
+                        yield item.payload
+                        count += 1
+                    self.position = Position(self.position.segment, item.end)
+                    if max_records is not None and count >= max_records:
+                        return
+            finally:
+                os.close(fd)
             if not has_next:
                 return
-            if self.position.offset < start + len(data):
-                tail = start + len(data) - self.position.offset
-                self.damage.append(Damage(path.name, self.position.offset, tail))
-            self.position = Position(self.position.segment + 1, 0)
-            chunk = READ_CHUNK
+            if self.position.offset < size:
+                self.damage.append(Damage(name, self.position.offset, size - self.position.offset))
+            self._next_segment()
+
+    def _next_segment(self) -> None:
+        self.position = Position(self.position.segment + 1, 0)
 
     def unread_tail(self) -> Damage | None:
         """Bytes left after the last complete record: damage, once the log is closed."""
-        path = self.directory / segment_name(self.position.segment)
+        name = segment_name(self.position.segment)
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
+            fd = open_in(self.directory, name, os.O_RDONLY)
+        except (FileNotFoundError, NotRegularFile):
             return None
-        if size <= self.position.offset:
+        try:
+            size = os.fstat(fd).st_size
+            offset = max(self.position.offset, detect_format(fd).first_record)
+        finally:
+            os.close(fd)
+        if size <= offset:
             return None
-        return Damage(path.name, self.position.offset, size - self.position.offset)
+        return Damage(name, offset, size - offset)
 
 
 def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
     try:
         os.fsync(fd)
     finally:
