@@ -33,12 +33,15 @@ class TiledUnavailableError(SidecarError):
     """Tiled cannot be reached or answered with a transient error."""
 
 
-class TiledUnauthorizedError(SidecarError):
-    """Tiled refused the API key (401/403)."""
+class UnsafeName(SidecarError):
+    """A uid, stream name or data key from the spool that could address another Tiled node.
+
+    The run that holds it is quarantined with this reason; no request is made with it.
+    """
 
 
-class TiledRejectedError(SidecarError):
-    """Tiled rejected a document for good (a 4xx other than auth)."""
+class BadRunDocument(SidecarError):
+    """A document read back from a run's log that does not belong to that run (quarantined)."""
 
 
 class RejectedMessage(SidecarError):

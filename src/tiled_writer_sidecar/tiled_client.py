@@ -6,18 +6,27 @@ table's ``seq_num`` column: to verify an upload row by row, and to find out
 whether an append whose response was lost landed. The column is read in one
 request (``GET /api/v1/table/full/{path}?column=seq_num``, Arrow), not by
 walking the run, stream and table nodes first.
+
+Names are untrusted (they come from documents read back from the spool):
+`check_uid` and `check_key` refuse, before any request, a uid, stream name
+or data key that could address another node (a separator, a dot segment,
+``?``, ``#``, ``%`` or a control character), and every path segment this
+module puts into a URL is percent-quoted.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow.ipc
 from tiled.client import from_uri
 from tiled.client.utils import handle_error
 
 from .config import Config
+from .errors import UnsafeName
 
 ARROW = "application/vnd.apache.arrow.file"
 
@@ -25,6 +34,43 @@ ARROW = "application/vnd.apache.arrow.file"
 #: ``internal_1``, ... when a table has more than MAX_TABLE_COLUMNS columns
 #: (each part holds every row and its own ``seq_num`` column).
 INTERNAL_TABLES = ("internal", "internal_0")
+
+#: A run uid: what bluesky writes (uuid4) and more, never a separator or a dot segment (full match).
+_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+#: Characters that would end or escape a URL path segment, wherever a key is put into a URL.
+_UNSAFE_IN_KEY = re.compile(r"[/\\?#%\x00-\x1f\x7f-\x9f]")
+MAX_KEY_LENGTH = 255  # Tiled's own limit on a node's key
+
+
+def check_uid(uid: object) -> str:
+    """`uid` if it is a safe run uid (full match, no ``..``); else raise `UnsafeName`."""
+    if not (isinstance(uid, str) and _UID.fullmatch(uid) and ".." not in uid):
+        raise UnsafeName(f"run uid {_shown(uid)} is not a safe Tiled key")
+    return uid
+
+
+def check_key(key: object, what: str) -> str:
+    """`key` if it names one node under its parent (a stream, a data key); else raise `UnsafeName`."""
+    if not (
+        isinstance(key, str)
+        and 0 < len(key) <= MAX_KEY_LENGTH
+        and key not in (".", "..")
+        and key == key.strip()
+        and not _UNSAFE_IN_KEY.search(key)
+    ):
+        raise UnsafeName(f"{what} {_shown(key)} could address another Tiled node")
+    return key
+
+
+def _shown(value: object) -> str:
+    """A bounded, escaped rendering of an untrusted value for a reason or a log line."""
+    text = ascii(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def url_path(*segments: str) -> str:
+    """`segments` joined by ``/``, each percent-quoted (``/`` included): one segment each."""
+    return "/".join(quote(segment, safe="") for segment in segments)
 
 
 def connect(config: Config) -> Any:
@@ -40,17 +86,17 @@ def connect(config: Config) -> Any:
 
 
 def run_exists(client: Any, uid: str) -> bool:
-    return uid in client
+    return check_uid(uid) in client
 
 
 def delete_run(client: Any, uid: str) -> None:
-    client.delete_contents(uid, recursive=True, external_only=False)
+    client.delete_contents(check_uid(uid), recursive=True, external_only=False)
 
 
 def _table_url(node: Any, *path: str) -> str:
-    """The ``/table/full/`` URL of `path` under `node` (any Tiled client node)."""
+    """The ``/table/full/`` URL of `path` under `node` (any Tiled client node), each segment quoted."""
     base = str(node.item["links"]["self"]).replace("/api/v1/metadata/", "/api/v1/table/full/", 1)
-    return "/".join([base.rstrip("/"), *path])
+    return "/".join([base.rstrip("/"), url_path(*path)]) if path else base.rstrip("/")
 
 
 def _get_seq_nums(node: Any, url: str) -> list[int] | None:
@@ -64,9 +110,10 @@ def _get_seq_nums(node: Any, url: str) -> list[int] | None:
 
 
 def read_seq_nums(client: Any, uid: str, stream: str) -> list[int] | None:
-    """The `seq_num` column of a stream's rows in Tiled, or None if there is no table."""
+    """The `seq_num` column of a stream's rows in Tiled, in Tiled's order, or None if there is no table."""
+    path = (check_uid(uid), check_key(stream, "stream name"))
     for table in INTERNAL_TABLES:
-        seq = _get_seq_nums(client, _table_url(client, uid, stream, table))
+        seq = _get_seq_nums(client, _table_url(client, *path, table))
         if seq is not None:
             return seq
     return None

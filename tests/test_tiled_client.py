@@ -1,0 +1,99 @@
+"""tiled_client without a server: names from the spool never address another node.
+
+`check_uid` is a full match (a trailing newline is refused, unlike a
+``$``-anchored search); `check_key` refuses stream names and data keys
+that would leave their path segment; every segment put into a read-back
+URL is percent-quoted. The URL builder is exercised with a stand-in node
+that has the one attribute it reads (``item["links"]["self"]``).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from urllib.parse import unquote
+
+import httpx
+import pytest
+
+from tiled_writer_sidecar.errors import UnsafeName
+from tiled_writer_sidecar.tiled_client import _table_url, check_key, check_uid, read_seq_nums, url_path
+
+GOOD_UIDS = ["0b5e7c4e-3a51-4cf6-9d3c-2f8f0d3e4a11", "scan.42", "a", "A:b-c_d.e"]
+BAD_UIDS = [
+    "0b5e7c4e-3a51-4cf6-9d3c-2f8f0d3e4a11\n",
+    "../../evil",
+    "a/b",
+    "a..b",
+    "",
+    ".hidden",
+    "a b",
+    "a?x=1",
+    "x" * 129,
+    None,
+    42,
+]
+
+
+@pytest.mark.parametrize("uid", GOOD_UIDS)
+def test_ordinary_uids_pass(uid: str) -> None:
+    assert check_uid(uid) == uid
+
+
+@pytest.mark.parametrize("uid", BAD_UIDS, ids=repr)
+def test_unsafe_uids_are_refused_with_the_uid_escaped(uid: object) -> None:
+    """Full match: a trailing newline, separators, dot segments, query characters, non-strings."""
+    with pytest.raises(UnsafeName) as info:
+        check_uid(uid)
+    assert "\n" not in str(info.value)
+
+
+GOOD_KEYS = ["primary", "baseline", "det_stats1_total", "I0 (counts)", "motor.user_setpoint", "ü"]
+BAD_KEYS = [
+    "../other_run/primary",
+    "..",
+    ".",
+    "a/b",
+    "a\\b",
+    "a?b",
+    "a#b",
+    "a%2Fb",
+    "a\nb",
+    "\x1b[2J",
+    " x",
+    "",
+    None,
+]
+
+
+@pytest.mark.parametrize("key", GOOD_KEYS)
+def test_ordinary_stream_names_and_data_keys_pass(key: str) -> None:
+    assert check_key(key, "stream name") == key
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=repr)
+def test_names_that_could_address_another_node_are_refused(key: object) -> None:
+    with pytest.raises(UnsafeName, match="stream name"):
+        check_key(key, "stream name")
+
+
+def test_every_url_segment_is_quoted() -> None:
+    """A segment stays one segment whatever it holds: ``/``, ``..``, ``?`` and ``#`` are escaped."""
+    path = url_path("run", "../other_run/primary", "a?b#c", "internal")
+    assert path.split("/") == ["run", "..%2Fother_run%2Fprimary", "a%3Fb%23c", "internal"]
+    assert [unquote(s) for s in path.split("/")] == ["run", "../other_run/primary", "a?b#c", "internal"]
+
+
+def test_the_read_back_url_keeps_a_hostile_stream_under_its_run() -> None:
+    """What httpx sends for the table URL stays under the run's node (no dot segment is resolved)."""
+    node = SimpleNamespace(item={"links": {"self": "http://127.0.0.1:8000/api/v1/metadata/container"}})
+    url = httpx.URL(_table_url(node, "run-1", "../other_run/primary", "internal"))
+    assert url.raw_path == b"/api/v1/table/full/container/run-1/..%2Fother_run%2Fprimary/internal"
+    assert url.host == "127.0.0.1" and not url.query and not url.fragment
+
+
+def test_read_seq_nums_refuses_an_unsafe_stream_before_any_request() -> None:
+    """The client stand-in has no HTTP client at all: the refusal comes first."""
+    with pytest.raises(UnsafeName):
+        read_seq_nums(SimpleNamespace(), "run-1", "../other_run/primary")
+    with pytest.raises(UnsafeName):
+        read_seq_nums(SimpleNamespace(), "run-1\n", "primary")
