@@ -8,7 +8,17 @@ State machine of a run (``uploaded.json``)::
                    │      resumed (see below), the uploader was stopped, or
                    │      verification failed: delete the partial run in
                    │      Tiled, rewrite it whole
-                   └────> quarantined             (Tiled rejected it for good)
+                   └────> quarantined             (the run itself cannot be uploaded)
+
+What happens after a failure is decided in one place, `classify` (its table
+is `OUTCOMES`): retry in place, rewrite the run, count a rejection,
+quarantine, wait for Tiled, stop. Outages and ambiguous failures never
+quarantine a run; a rejection does only when Tiled repeats it for the same
+request (`REJECTIONS_TO_QUARANTINE` times in a row) while it answers other
+requests. Whatever is read back from the spool is untrusted: uids are
+checked (full match, equal to the run directory's name), names that could
+address another Tiled node are refused (`tiled_client.check_key`), and a
+document that does not belong to its run quarantines that run only.
 
 Failed appends are retried in place. Nearly all of an upload's requests are
 appends of rows to a stream's table; when one fails with a transient error
@@ -30,58 +40,65 @@ record. The spool keeps a run until this succeeds, so the rewrite is always
 possible. Other runs in flight carry on. After a restart of the uploader
 every run left ``uploading`` is rewritten the same way. When a run is
 finished, the uploader reads back each stream's ``seq_num`` column (one
-request per stream) and checks it against what it fed: no row missing,
-none twice; otherwise it rewrites.
+request per stream) and checks it against what it fed, in order: no row
+missing, none twice, none moved; otherwise it rewrites.
 
-Scheduling: at most ``MAX_ACTIVE_RUNS`` runs with work to do are uploaded at
-once, oldest first; a run still open (no stop yet) whose log is drained does
-not count, so open runs never keep newer runs waiting. Runs already
-uploaded are remembered and not looked at again, so an idle pass costs the
-same however many runs the spool's history holds.
+Scheduling: at most ``MAX_ACTIVE_RUNS`` runs with a backlog (their last pass
+read a full ``RECORDS_PER_PUMP``) are uploaded at once, oldest first; a run
+that has caught up with its log (an open run waiting for more documents,
+however many) does not count, so open runs never keep newer runs waiting.
+Runs in memory are bounded by ``[spool] max_open_runs + MAX_ACTIVE_RUNS``
+(the receiver never keeps more runs open); beyond it the longest idle
+caught-up run is parked (forgotten, rewritten once more documents come).
+Runs already uploaded are remembered and not looked at again, so an idle
+pass costs the same however many runs the spool's history holds.
 
 Batching: rows are flushed when TiledWriter's ``batch_size`` (= ``batch_rows``)
 is reached or ``batch_seconds`` after the first buffered row, whichever
-comes first. Tiled errors are retried forever with exponential backoff and
-jitter; one log line per state change (down, up again), not per retry.
+comes first. Tiled errors are retried forever with one backoff
+(`backoff.Backoff`, equal jitter); one log line per state change (down,
+up again), not per retry.
 While Tiled is down, each retry is one GET on a kept HTTP client; a new
 Tiled client is built only once the server answers again.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from .backoff import Backoff
 from .config import Config
-from .errors import TiledUnauthorizedError, TiledUnavailableError
+from .errors import BadRunDocument, TiledUnavailableError, UnsafeName
 from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
 from .spool.index import Received, RunView, Uploaded, atomic_write_json
 from .spool.segment import LogReader
-from .tiled_client import connect, delete_run, read_seq_nums, run_exists
+from .text import clean
+from .tiled_client import check_key, check_uid, connect, delete_run, read_seq_nums, run_exists
 from .tiled_run import AppendAmbiguous, TiledRun, retryable
 
 log = logging.getLogger(__name__)
 
-MAX_ACTIVE_RUNS = 4  # runs with work to do, uploaded at once
-MAX_OPEN_RUNS = 64  # runs in memory at all, counting open runs that wait for more documents
+MAX_ACTIVE_RUNS = 4  # runs with a backlog, uploaded at once (caught-up open runs do not count)
 RECORDS_PER_PUMP = 5000
 IDLE_WAIT_S = 0.05
-MAX_ATTEMPTS_BEFORE_QUARANTINE = 10
+REJECTIONS_TO_QUARANTINE = 3  # the same rejection, in a row, while Tiled answers other requests
 STATUS_INTERVAL_S = 1.0
 BUSY_BACKOFF_INITIAL_S = 0.05  # retrying an append Tiled answered with a 5xx (see Uploader.busy_backoff)
 BUSY_BACKOFF_MAX_S = 1.0
 
 
 class Transient(Exception):
-    """Tiled is unreachable or answered 5xx/429/auth: wait and retry."""
+    """Base of the uploader's own transient failures."""
 
 
 class VerificationFailed(Transient):
@@ -89,7 +106,7 @@ class VerificationFailed(Transient):
 
 
 class RunRejected(Exception):
-    """This run cannot be written (a 4xx from Tiled, a bad document)."""
+    """This run cannot be written (kept for callers; `classify` decides from the error itself)."""
 
 
 class TiledDown(Transient):
@@ -100,38 +117,96 @@ class Stopping(Exception):
     """The uploader was asked to stop while a request was being retried."""
 
 
-def classify(err: BaseException) -> type[Exception]:
-    """Map an exception from the Tiled client to Transient or RunRejected."""
-    if isinstance(err, (Transient, RunRejected)):
-        return type(err)
-    if isinstance(err, AppendAmbiguous):
-        return Transient
-    if isinstance(err, (httpx.HTTPStatusError, httpx.TransportError)):
-        return Transient if retryable(err) or _is_auth_error(err) else RunRejected
-    if isinstance(err, (TiledUnauthorizedError, ConnectionError, TimeoutError)):
-        return Transient
-    return RunRejected
+class Outcome(StrEnum):
+    """What the uploader does after a failure (see `OUTCOMES` and `classify`)."""
+
+    STOP = "stop"  # stop uploading; every run stays as it is in the spool
+    TILED_DOWN = "tiled down"  # nothing can be uploaded now: back off, probe, reconnect; rewrite the run
+    RETRY = "retry"  # Tiled is busy: an append is retried in place, any other request by rewriting the run
+    REWRITE = "rewrite"  # the run's state in Tiled is unknown or wrong: delete it there, rewrite it whole
+    REJECTED = "rejected"  # rewrite; the same rejection repeated while Tiled answers: quarantine the run
+    QUARANTINE = "quarantine"  # the run itself can never be uploaded: quarantine it at once, no request
+
+
+#: The whole policy, one screen: (what failed, outcome). `classify` implements it row by row.
+OUTCOMES: tuple[tuple[str, Outcome], ...] = (
+    ("asked to stop; gave up waiting for Tiled (replay)", Outcome.STOP),
+    ("connection refused/reset, timeout, DNS; TiledDown; HTTP 401/403 (API key)", Outcome.TILED_DOWN),
+    ("HTTP 5xx, 408, 429 (Tiled busy or failing)", Outcome.RETRY),
+    ("append that may have landed (AppendAmbiguous); read-back differs", Outcome.REWRITE),
+    ("local resource: disk full, read-only, out of memory", Outcome.REWRITE),
+    ("any other HTTP 4xx; a document that raises inside TiledWriter", Outcome.REJECTED),
+    ("unsafe uid/stream/data key; a document not of this run", Outcome.QUARANTINE),
+)
+
+#: OS errors that say nothing about the run (the host is short of something).
+_LOCAL_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE})
+
+
+def classify(err: BaseException) -> Outcome:
+    """The outcome of one failure, from the error alone (the table is `OUTCOMES`)."""
+    if isinstance(err, (Stopping, TiledUnavailableError)):
+        return Outcome.STOP
+    if isinstance(err, (TiledDown, httpx.TransportError, ConnectionError, TimeoutError)) or _is_auth_error(
+        err
+    ):
+        return Outcome.TILED_DOWN
+    if isinstance(err, httpx.HTTPStatusError):
+        return Outcome.RETRY if retryable(err) else Outcome.REJECTED
+    if isinstance(err, (AppendAmbiguous, VerificationFailed, MemoryError)):
+        return Outcome.REWRITE
+    if isinstance(err, OSError) and err.errno in _LOCAL_RESOURCE_ERRNOS:
+        return Outcome.REWRITE
+    if isinstance(err, (UnsafeName, BadRunDocument)):
+        return Outcome.QUARANTINE
+    return Outcome.REJECTED
 
 
 def one_line(err: BaseException) -> str:
+    """`err` as one safe line (type, first line of its message; escaped and bounded)."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+    return clean(f"{type(err).__name__}: {text[0] if text else ''}", 300)
+
+
+def rejection_key(err: BaseException, fed: int) -> str:
+    """What makes two rejections "the same request": the position in the log and the failure."""
+    if isinstance(err, httpx.HTTPStatusError):
+        request = err.request
+        return f"{fed} {request.method} {request.url.path} -> {err.response.status_code}"
+    return f"{fed} {one_line(err)}"
 
 
 @dataclass
-class Backoff:
-    initial: float
-    maximum: float
-    attempt: int = 0
+class SeqNums:
+    """A stream's ``seq_num`` values in order, as runs of consecutive numbers (O(1) for a normal scan)."""
 
-    def next_delay(self) -> float:
-        """Exponential backoff with full jitter."""
-        ceiling = min(self.maximum, self.initial * 2**self.attempt)
-        self.attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
+    ranges: list[list[int]] = field(default_factory=list)  # [first, last] of each run of +1 steps
+    count: int = 0
 
-    def reset(self) -> None:
-        self.attempt = 0
+    @classmethod
+    def of(cls, values: list[int]) -> SeqNums:
+        seq = cls()
+        for value in values:
+            seq.add(value)
+        return seq
+
+    def add(self, value: int) -> None:
+        if self.ranges and self.ranges[-1][1] + 1 == value:
+            self.ranges[-1][1] = value
+        else:
+            self.ranges.append([value, value])
+        self.count += 1
+
+    def describe_difference(self, tiled: list[int]) -> str:
+        """Why `tiled` (read back) is not these values in this order."""
+        duplicated = len(tiled) - len(set(tiled))
+        if len(tiled) != self.count or duplicated:
+            return f"Tiled holds {len(tiled)} rows ({duplicated} duplicated), expected {self.count}"
+        first = next((i for i, (a, b) in enumerate(zip(tiled, self.values(), strict=True)) if a != b), 0)
+        return f"Tiled's rows are out of order (row {first} holds seq_num {tiled[first]})"
+
+    def values(self) -> list[int]:
+        return [v for first, last in self.ranges for v in range(first, last + 1)]
 
 
 @dataclass
@@ -165,6 +240,11 @@ class ActiveRun:
     last_status_save: float = 0.0
     started: float = field(default_factory=time.monotonic)
     waiting: bool = False  # open, its log drained, nothing buffered: no work until more documents come
+    caught_up: bool = False  # its last pass read less than RECORDS_PER_PUMP: no backlog, no upload slot
+    last_read: float = field(default_factory=time.monotonic)  # when its last pass read a document
+    start_seen: bool = False
+    streams: dict[str, str] = field(default_factory=dict)  # descriptor uid -> stream name, as fed
+    seq_nums: dict[str, SeqNums] = field(default_factory=dict)  # stream -> seq_num fed, in order
 
     @property
     def uid(self) -> str:
@@ -208,6 +288,9 @@ class Uploader:
         self._probe_error: str | None = None
         self.active: dict[str, ActiveRun] = {}
         self.done: set[str] = set()  # runs seen uploaded (or quarantined): never candidates again
+        self.parked: dict[str, int] = {}  # idle open runs put out of memory -> their documents then
+        self.rejections: dict[str, tuple[str, int]] = {}  # uid -> (last rejection, times in a row)
+        self.max_in_memory = config.spool.max_open_runs + MAX_ACTIVE_RUNS
         self.status = UploaderStatus()
         self._last_status_write = 0.0
         self.backoff = Backoff(config.tiled.backoff_initial_seconds, config.tiled.backoff_max_seconds)
@@ -244,46 +327,80 @@ class Uploader:
                 raise TiledDown(self._probe_error or "Tiled is not reachable")
             self.client = connect(self.config)
             self._set_tiled("up")
-        for view in self._candidates():
-            busy = sum(not run.waiting for run in self.active.values())
-            if busy >= MAX_ACTIVE_RUNS or len(self.active) >= MAX_OPEN_RUNS:
-                break
-            self._activate(view)
+        self._schedule()
         progressed = False
         for run in list(self.active.values()):
+            fed = run.fed
             try:
                 progressed |= self._pump(run)
-            except (Stopping, TiledUnavailableError):
-                raise
-            except Exception as err:
-                if classify(err) is RunRejected and self._tiled_reachable():
-                    self._quarantine(run, one_line(err))
-                    continue
-                self._abandon(run, err)
-                raise
+            except Exception as err:  # noqa: BLE001 - classified: one run's failure never stops the others
+                self._run_failed(run.view, err, fed=run.fed)
+                continue
+            run.caught_up = run.fed - fed < RECORDS_PER_PUMP
+            if run.fed > fed:
+                run.last_read = time.monotonic()
         return progressed
 
+    # ------------------------------------------------------------- scheduling
+    def _schedule(self) -> None:
+        """Activate the oldest candidates while upload slots (runs with a backlog) are free."""
+        for view in self._candidates():
+            busy = sum(not (run.caught_up or run.waiting) for run in self.active.values())
+            if busy >= MAX_ACTIVE_RUNS:
+                break
+            if len(self.active) >= self.max_in_memory and not self._park_idle_run():
+                break
+            try:
+                self._activate(view)
+            except Exception as err:  # noqa: BLE001 - classified, as above
+                self._run_failed(view, err, fed=0)
+
+    def _park_idle_run(self) -> bool:
+        """Forget the longest idle caught-up open run to make room; False if there is none."""
+        idle = [run for run in self.active.values() if run.caught_up and not run.tiled.buffered_rows()]
+        if not idle:
+            return False
+        run = min(idle, key=lambda r: r.last_read)
+        self.active.pop(run.uid)
+        received = Received.load(run.view.directory)
+        self.parked[run.uid] = received.documents if received is not None else -1
+        log.info(
+            "run %s: parked (idle, open; %d runs in memory); rewritten when it goes on",
+            run.uid,
+            len(self.active),
+        )
+        return True
+
     def _candidates(self) -> list[RunView]:
-        """Runs to upload that are not in flight, oldest first."""
+        """Runs to upload that are not in flight, oldest first (each run's files are untrusted)."""
         views = []
         for run_dir in self.spool.runs_dir.iterdir():
             uid = run_dir.name
             if uid in self.done or uid in self.active:
                 continue
-            received = Received.load(run_dir)
-            if received is None:
+            try:
+                received = Received.load(run_dir)
+                if received is None:
+                    continue
+                view = RunView(run_dir, received, Uploaded.load(run_dir))
+            except (OSError, TypeError, ValueError) as err:
+                log.warning("run directory %s: unreadable (%s); skipped", clean(uid), one_line(err))
+                self.done.add(uid)
                 continue
-            view = RunView(run_dir, received, Uploaded.load(run_dir))
             state = view.uploaded.state
             if self.only is not None and uid in self.only:
                 wanted = state != "uploaded"
             else:
                 wanted = self.only is None and state in ("pending", "uploading")
+            if uid in self.parked and wanted:
+                if self.parked[uid] == received.documents and not received.closed:
+                    continue
+                del self.parked[uid]
             if wanted:
                 views.append(view)
             elif state in ("uploaded", "quarantined"):
                 self.done.add(uid)
-        views.sort(key=lambda v: (v.received.first_received, v.uid))
+        views.sort(key=_age)
         return views
 
     def _work_left(self) -> bool:
@@ -291,7 +408,9 @@ class Uploader:
 
     # ------------------------------------------------------------- one run
     def _activate(self, view: RunView) -> None:
-        uid = view.uid
+        uid = check_uid(view.directory.name)
+        if view.received.uid != uid:
+            raise BadRunDocument(f"received.json names run {clean(view.received.uid, 80)!r}, not {uid}")
         uploaded = view.uploaded
         if uploaded.state in ("uploading", "quarantined"):
             if run_exists(self.client, uid):
@@ -322,7 +441,7 @@ class Uploader:
         damage_before = len(run.reader.damage)
         for payload in run.reader.read(max_records=RECORDS_PER_PUMP):
             name, doc = unpack_document(payload)
-            run.tiled.feed(name, doc)
+            self._feed(run, name, doc)
             count += 1
         run.fed += count
         for damage in run.reader.damage[damage_before:]:
@@ -370,7 +489,7 @@ class Uploader:
             run.view.uploaded.damage.append(str(tail))
         if not run.tiled.stopped:
             run.tiled.finish_without_stop()
-        rows = {stream: self._verify(uid, stream, n) for stream, n in run.tiled.events.items()}
+        rows = self._verify_run(run)
         self.status.rows += sum(rows.values()) - run.rows_counted
         uploaded = run.view.uploaded
         uploaded.state = "uploaded"
@@ -395,39 +514,100 @@ class Uploader:
             RunView(run.view.directory, received, uploaded), self.config.spool.retention_hours
         )
 
-    def _verify(self, uid: str, stream: str, expected: int) -> int:
-        """Rows of `stream` in Tiled; raise Transient unless exactly `expected`, each once."""
-        seq = read_seq_nums(self.client, uid, stream)
-        if seq is None:
-            if expected == 0:
-                return 0
-            raise VerificationFailed(f"run {uid} stream {stream}: no table in Tiled after upload")
-        if len(seq) != expected or len(set(seq)) != len(seq):
-            raise VerificationFailed(
-                f"run {uid} stream {stream}: Tiled holds {len(seq)} rows "
-                f"({len(seq) - len(set(seq))} duplicated), expected {expected}"
-            )
-        return len(seq)
+    # ------------------------------------------------------------- untrusted documents
+    def _feed(self, run: ActiveRun, name: str, doc: dict[str, Any]) -> None:
+        """Check that a document read back from the spool belongs to this run, note its seq_nums, feed it."""
+        if not isinstance(doc, dict):
+            raise BadRunDocument(f"a {clean(name, 40)!r} record that is not a document")
+        if not run.start_seen:
+            if name != "start" or doc.get("uid") != run.uid:
+                raise BadRunDocument(f"the log starts with {_describe(name, doc)}, not this run's start")
+            run.start_seen = True
+        elif name == "start":
+            raise BadRunDocument(f"a second start in the log: {_describe(name, doc)}")
+        elif name in ("descriptor", "stop") and doc.get("run_start") != run.uid:
+            raise BadRunDocument(f"{_describe(name, doc)} of another run")
+        if name == "descriptor":
+            stream = check_key(doc.get("name"), "stream name")
+            for key in doc.get("data_keys") or {}:
+                check_key(key, f"data key of stream {stream!r}:")
+            run.streams[doc["uid"]] = stream
+        elif name in ("event", "event_page"):
+            of_stream = run.streams.get(str(doc.get("descriptor")))
+            if of_stream is None:
+                raise BadRunDocument(f"{_describe(name, doc)} of a descriptor not in this run")
+            seq = run.seq_nums.setdefault(of_stream, SeqNums())
+            for value in [doc["seq_num"]] if name == "event" else doc["seq_num"]:
+                seq.add(int(value))
+        elif name == "stream_resource":
+            check_key(doc.get("data_key"), "stream_resource data key")
+        run.tiled.feed(name, doc)
 
-    def _quarantine(self, run: ActiveRun, reason: str) -> None:
-        uploaded = run.view.uploaded
+    # ------------------------------------------------------------- verification
+    def _verify_run(self, run: ActiveRun) -> dict[str, int]:
+        """Rows per stream in Tiled, checked against what was fed; raise VerificationFailed otherwise."""
+        streams = set(run.seq_nums) | set(run.tiled.events)
+        return {stream: self._verify(run, stream) for stream in sorted(streams)}
+
+    def _verify(self, run: ActiveRun, stream: str) -> int:
+        """Rows of `stream` in Tiled: exactly the seq_nums fed, in the order they were fed."""
+        fed = run.seq_nums.get(stream, SeqNums())
+        tiled = read_seq_nums(self.client, run.uid, stream)
+        if tiled is None:
+            if fed.count == 0:
+                return 0
+            raise VerificationFailed(f"run {run.uid} stream {stream}: no table in Tiled after upload")
+        if SeqNums.of(tiled) != fed:
+            raise VerificationFailed(f"run {run.uid} stream {stream}: {fed.describe_difference(tiled)}")
+        return len(tiled)
+
+    # ------------------------------------------------------------- failures of one run
+    def _run_failed(self, view: RunView, err: Exception, *, fed: int) -> None:
+        """One run's activation or pass failed: quarantine it, or forget it and re-raise (backoff, rewrite)."""
+        outcome = classify(err)
+        uid = view.directory.name
+        if outcome is Outcome.STOP:
+            raise err
+        if outcome is Outcome.QUARANTINE:
+            self._quarantine(view, one_line(err))
+            return
+        if outcome is Outcome.REJECTED and self._tiled_reachable():
+            key = rejection_key(err, fed)
+            last, times = self.rejections.get(uid, ("", 0))
+            times = times + 1 if key == last else 1
+            self.rejections[uid] = (key, times)
+            if times >= REJECTIONS_TO_QUARANTINE:
+                self._quarantine(
+                    view, f"rejected {times} times in a row while Tiled answered: {one_line(err)}"
+                )
+                return
+            log.debug("run %s: rejection %d of %d", clean(uid), times, REJECTIONS_TO_QUARANTINE, exc_info=err)
+        if uid in self.active:
+            self._abandon(self.active[uid], err)
+        raise err
+
+    def _quarantine(self, run: ActiveRun | RunView, reason: str) -> None:
+        view = run.view if isinstance(run, ActiveRun) else run
+        uid = view.directory.name
+        uploaded = view.uploaded
         uploaded.state = "quarantined"
         uploaded.reason = reason
-        uploaded.save(run.view.directory)
-        self.active.pop(run.view.uid, None)
-        if self.only is None or run.view.uid not in self.only:
-            self.done.add(run.view.uid)
+        self.active.pop(uid, None)
+        self.rejections.pop(uid, None)
+        self.done.add(uid)  # not retried by this process (replay of that run retries it once)
         self.status.runs_quarantined += 1
-        log.error("run %s quarantined: %s", run.view.uid, reason)
+        self.status.last_error = f"run {clean(uid, 80)} quarantined: {reason}"
+        log.error("run %s quarantined: %s", clean(uid, 80), reason)
+        try:
+            uploaded.save(view.directory)
+        except OSError as err:  # shown in the log; the run is not retried by this process
+            log.error("run %s: cannot record its quarantine: %s", clean(uid, 80), one_line(err))
 
     # ------------------------------------------------------------- failures
     def _abandon(self, run: ActiveRun, err: Exception) -> None:
         """Forget one in-flight run after a failure: it stays `uploading` and is rewritten."""
         self.active.pop(run.uid, None)
-        attempts = run.view.uploaded.attempts
-        if attempts >= MAX_ATTEMPTS_BEFORE_QUARANTINE:
-            self._quarantine(run, f"gave up after {attempts} attempts: {one_line(err)}")
-        elif isinstance(err, VerificationFailed):
+        if isinstance(err, VerificationFailed):
             log.warning("%s; rewriting the run", err)
         else:
             log.warning("run %s: upload failed (%s); it will be rewritten", run.uid, one_line(err))
@@ -435,13 +615,15 @@ class Uploader:
     def _on_failure(self, err: Exception) -> None:
         """A step failed (any run it broke is abandoned already): back off, then go on."""
         self.status.retries += 1
-        if isinstance(err, VerificationFailed):
-            pass
+        outcome = classify(err)
+        if outcome in (Outcome.REWRITE, Outcome.REJECTED, Outcome.QUARANTINE):
+            self.status.last_error = one_line(err)
         elif _is_auth_error(err):
             self.client = None
             self._set_tiled("unauthorized", one_line(err))
         elif not isinstance(err, TiledDown) and self._tiled_reachable():
-            log.exception("upload failed, Tiled is reachable")
+            log.warning("upload failed, Tiled is reachable: %s", one_line(err))
+            self.status.last_error = one_line(err)
         else:
             self.client = None
             self._set_tiled("down", str(err) if isinstance(err, TiledDown) else one_line(err))
@@ -550,6 +732,15 @@ class Uploader:
 
 
 def _is_auth_error(err: BaseException) -> bool:
-    return isinstance(err, TiledUnauthorizedError) or (
-        isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403)
-    )
+    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403)
+
+
+def _age(view: RunView) -> tuple[float, str]:
+    """Sort key: oldest first (a hostile received.json may hold anything there)."""
+    first = view.received.first_received
+    return (float(first) if isinstance(first, (int, float)) else 0.0, view.directory.name)
+
+
+def _describe(name: str, doc: dict[str, Any]) -> str:
+    """A document named for a reason: kind and uid, escaped and bounded."""
+    return f"{clean(name, 40)} {clean(doc.get('uid'), 80)!r}"
