@@ -326,3 +326,105 @@ def test_snapshot_is_json_with_numpy_and_odd_values(local_re: Acquisition) -> No
     assert snap["run"]["scan_id"] == 5
     assert len(snap["run"]["plan_name"]) == 80
     assert snap["run"]["streams"]["primary"]["latest"] == {"v": "nan"}
+
+
+# ------------------------------------------------------------ hostile text
+HOSTILE = "[/bold]\x1b[2J\x1b]52;c;aGk=\x07\r\u202e\u2028"
+
+
+def all_strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from all_strings(k)
+            yield from all_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from all_strings(v)
+
+
+def hostile_run(uid: str = "r-hostile\n") -> list[Document]:
+    """A run whose every text field is hostile (markup, ESC, OSC 52, CR, bidi, U+2028, newlines)."""
+    return [
+        (
+            "start",
+            {"uid": uid, "time": 1.0, "scan_id": HOSTILE, "plan_name": HOSTILE, "detectors": [HOSTILE]},
+        ),
+        (
+            "descriptor",
+            {
+                "uid": "d-hostile",
+                "run_start": uid,
+                "name": "[/y]\n",
+                "data_keys": {
+                    HOSTILE: {"dtype": "string", "shape": []},
+                    "x\n": {"dtype": "number", "shape": []},
+                },
+                "hints": {HOSTILE: {"fields": ["x\n"]}},
+            },
+        ),
+        ("event", {"descriptor": "d-hostile", "seq_num": 1, "data": {HOSTILE: HOSTILE * 50, "x\n": 1.5}}),
+        (
+            "stop",
+            {
+                "run_start": uid,
+                "time": 2.0,
+                "exit_status": HOSTILE,
+                "reason": HOSTILE,
+                "num_events": {"[/y]\n": 3},
+            },
+        ),
+    ]
+
+
+def test_every_text_in_the_snapshot_is_escaped_and_bounded() -> None:
+    """Hostile names and values (uid ending in a newline, stream '[/y]\\n', markup and escape
+    sequences everywhere): the snapshot holds no control character, names are escaped the same way
+    in every place (so the stop's num_events still finds its stream), values are bounded."""
+    state = MonitorState(plot_key="x\n")
+    feed(state, hostile_run())
+    state.error("decode thread: ValueError: " + HOSTILE)
+    state.set_connection("disconnected", HOSTILE)
+    state.set_health(None, HOSTILE)
+    snap = state.snapshot()
+    for text in all_strings(json.loads(json.dumps(snap))):
+        assert not any(c in text for c in "\x1b\x07\r\n\u202e\u2028"), repr(text)
+    run = snap["run"]
+    assert run["uid"] == "r-hostile\\n"
+    assert run["plan_name"].startswith("[/bold]\\x1b[2J\\x1b]52;c;aGk=\\x07\\r\\u202e\\u2028")
+    assert run["events"] == {"[/y]\\n": 1}
+    assert run["gaps"] == {"[/y]\\n": 2}  # num_events said 3: matched to the same (escaped) stream
+    latest = run["streams"]["[/y]\\n"]["latest"]
+    assert len(latest[plain_key(HOSTILE)]) <= 80
+    assert snap["plot"]["key"] == "x\\n" and snap["plot"]["values"] == [1.5]
+    assert snap["zmq"]["rejected"] == {}
+
+
+def plain_key(text: str) -> str:
+    from tiled_writer_sidecar.text import clean
+
+    return clean(text, 80)
+
+
+def test_out_of_range_numbers_and_odd_shapes_are_malformed_never_raised() -> None:
+    """seq_num beyond 2**63, an infinite time, a ragged event_page, num_events of 10**5000, a
+    uid of a megabyte: each document is counted as monitor-malformed (or its time ignored); feed()
+    never raises and the snapshot stays JSON."""
+    state = MonitorState()
+    state.feed("start", {"uid": "r1", "time": float("inf"), "scan_id": 10**5000})
+    state.feed("start", {"uid": "u" * 2**20, "time": 1.0})
+    state.feed("descriptor", {"uid": "d1", "run_start": "r1", "data_keys": {}})
+    state.feed("event", {"descriptor": "d1", "seq_num": 2**70, "data": {}})
+    state.feed("event", {"descriptor": "d1", "seq_num": float("nan"), "data": {}})
+    state.feed("event_page", {"descriptor": "d1", "seq_num": [1, 2], "data": {"v": [1.0]}})
+    state.feed("event", {"descriptor": "d1", "seq_num": 1, "data": {}})
+    state.feed("stop", {"run_start": "r1", "time": 1e300, "num_events": {"primary": 10**5000}})
+    snap = json.loads(json.dumps(state.snapshot(), allow_nan=False))
+    assert snap["zmq"]["rejected"] == {"monitor-malformed": 5}
+    run = snap["run"]
+    assert run["uid"] == "r1" and run["start_time"] is None and run["elapsed_seconds"] is None
+    assert run["scan_id"] == "<int>"
+    assert run["events"] == {"primary": 1}
+    assert all(len(s) <= 300 for s in all_strings(snap))

@@ -16,6 +16,14 @@ health (`/healthz` bodies or the error of the last poll) and the 0MQ
 connection state are stored here too, so `snapshot()` is the whole screen.
 No clock is read implicitly: `clock` (monotonic, for rates) and `wall`
 (epoch seconds, for ages) are injectable.
+
+Documents are untrusted. `feed` confines any exception to its document
+(counted as ``monitor-malformed``); identities used as keys (uids, data keys)
+longer than `MAX_KEY` are refused, counts beyond 2**63 and times that are not
+finite epoch seconds are refused or ignored, and every text the snapshot
+holds (names, values, reasons, errors) has passed `text.clean`, so it carries
+no control character and is bounded. The snapshot is still not markup-safe:
+the renderer shows it as plain rich `Text` only.
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import islice
+from typing import Any, TypeGuard
+
+from .text import clean
 
 #: Finished runs kept for the "last runs" table (open runs are always kept).
 MAX_RUNS = 20
@@ -36,6 +47,12 @@ PLOT_POINTS = 240
 MAX_LATEST_KEYS = 64
 #: Longest string value kept for display.
 MAX_STRING = 80
+#: Longest uid or data key accepted (a real uid has 36 characters).
+MAX_KEY = 256
+#: Longest stream name shown.
+MAX_NAME = 64
+#: Counts (seq_num, num_events) at or above this are refused.
+MAX_COUNT = 2**63
 #: Window and resolution of the recent-rate meters, in seconds.
 RATE_WINDOW = 5.0
 RATE_RESOLUTION = 0.5
@@ -45,20 +62,61 @@ NUMERIC_DTYPES = frozenset({"number", "integer"})
 
 
 def plain(value: Any) -> Any:
-    """A numpy scalar (anything with `.item()`) as plain Python; strings shortened."""
+    """A numpy scalar (anything with `.item()`) as plain Python; text made safe by `text.clean`.
+
+    Numbers stay numbers (non-finite floats and integers beyond 64 bits become
+    text); anything else becomes cleaned, bounded text.
+    """
     item = getattr(value, "item", None)
     if callable(item) and not isinstance(value, (list, tuple, dict)):
         try:
             value = item()
-        except (TypeError, ValueError):
-            return repr(value)[:MAX_STRING]
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
-    if isinstance(value, str) and len(value) > MAX_STRING:
-        return value[: MAX_STRING - 1] + "…"
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf
-    return value
+        except Exception:  # noqa: BLE001 - a hostile scalar is shown by its type only
+            return clean(f"<{type(value).__name__}>", MAX_STRING)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if value.bit_length() <= 64 else clean(value, MAX_STRING)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
+    return clean(value, MAX_STRING)
+
+
+def as_count(value: Any) -> int:
+    """`value` as a count in [0, MAX_COUNT) (ValueError otherwise: the document is malformed)."""
+    number = int(value)
+    if not 0 <= number < MAX_COUNT:
+        raise ValueError(f"count out of range ({clean(number, 24)})")
+    return number
+
+
+def as_key(value: Any) -> str:
+    """A uid or data key used for lookups (raw, so lookups match), refused if longer than MAX_KEY."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_KEY:
+        raise ValueError(f"key of {len(text)} characters")
+    return text
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT
+
+
+def epoch(value: Any) -> float | None:
+    """Epoch seconds if `value` is a plausible time (finite, 0 to year 5000), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            return None
+        if math.isfinite(seconds) and 0 <= seconds < 1e11:
+            return seconds
+    return None
+
+
+def stream_name(value: Any) -> str:
+    """A stream name as shown and keyed: cleaned and bounded."""
+    return clean(value or "primary", MAX_NAME)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -252,7 +310,7 @@ class MonitorState:
             if state != self.connection:
                 self.connection = state
                 self.connection_since = self.wall()
-            self.connection_detail = detail
+            self.connection_detail = clean(detail, 300)
 
     def note_message(self, size: int) -> None:
         with self.lock:
@@ -261,12 +319,12 @@ class MonitorState:
 
     def reject(self, reason: str) -> None:
         with self.lock:
-            self.rejected[reason] += 1
+            self.rejected[clean(reason, 64)] += 1
 
     def error(self, message: str) -> None:
         with self.lock:
             self.errors += 1
-            self.last_error = message[:300]
+            self.last_error = clean(message, 300)
 
     def feed(self, name: str, doc: Mapping[str, Any]) -> None:
         """Account for one decoded document; never raises for a malformed one."""
@@ -275,9 +333,9 @@ class MonitorState:
             self.documents[name] += 1
             try:
                 self._feed(name, doc, now)
-            except (KeyError, TypeError, ValueError, AttributeError) as err:
+            except Exception as err:  # noqa: BLE001 - one document's trouble stays with it
                 self.rejected["monitor-malformed"] += 1
-                self.last_error = f"{name}: {type(err).__name__}: {err}"[:300]
+                self.last_error = clean(f"{name}: {type(err).__name__}: {err}", 300)
 
     def _feed(self, name: str, doc: Mapping[str, Any], now: float) -> None:
         if name == "start":
@@ -285,13 +343,13 @@ class MonitorState:
             return
         run: RunState | None
         if name == "descriptor":
-            run = self.runs.get(str(doc.get("run_start")))
+            run = self.runs.get(as_key(doc.get("run_start")))
             if run is None:
                 self.orphans += 1
                 return
             self._descriptor(run, doc)
         elif name in ("event", "event_page"):
-            uid = self.run_of_descriptor.get(str(doc.get("descriptor")))
+            uid = self.run_of_descriptor.get(as_key(doc.get("descriptor")))
             run = self.runs.get(uid) if uid is not None else None
             if run is None:
                 self.orphans += 1
@@ -304,7 +362,7 @@ class MonitorState:
                 rows = [{k: v[i] for k, v in data.items()} for i in range(len(seq_nums))]
                 self._events(run, doc, seq_nums, rows, now)
         elif name == "stop":
-            run = self.runs.get(str(doc.get("run_start")))
+            run = self.runs.get(as_key(doc.get("run_start")))
             if run is None:
                 self.orphans += 1
                 return
@@ -314,14 +372,16 @@ class MonitorState:
         run.documents += 1
 
     def _start(self, doc: Mapping[str, Any]) -> None:
-        uid = str(doc["uid"])
+        uid = as_key(doc["uid"])
         detectors = doc.get("detectors")
         run = RunState(
             uid=uid,
             scan_id=plain(doc.get("scan_id")),
             plan_name=plain(doc.get("plan_name")),
-            start_time=float(doc["time"]) if isinstance(doc.get("time"), (int, float)) else None,
-            detectors=[d for d in detectors if isinstance(d, str)] if isinstance(detectors, list) else [],
+            start_time=epoch(doc.get("time")),
+            detectors=[d for d in detectors[:MAX_LATEST_KEYS] if isinstance(d, str)]
+            if isinstance(detectors, list)
+            else [],
             documents=1,
         )
         self.runs[uid] = run
@@ -340,31 +400,33 @@ class MonitorState:
             self.run_of_descriptor.pop(descriptor, None)
 
     def _descriptor(self, run: RunState, doc: Mapping[str, Any]) -> None:
-        uid = str(doc["uid"])
-        stream_name = str(doc.get("name") or "primary")
-        run.descriptors[uid] = stream_name
+        uid = as_key(doc["uid"])
+        name = stream_name(doc.get("name"))
+        run.descriptors[uid] = name
         self.run_of_descriptor[uid] = run.uid
-        stream = run.stream(stream_name)
+        stream = run.stream(name)
         data_keys = doc.get("data_keys")
-        for key, spec in (data_keys if isinstance(data_keys, Mapping) else {}).items():
+        for data_key, spec in (data_keys if isinstance(data_keys, Mapping) else {}).items():
             if len(stream.scalar_keys) >= MAX_LATEST_KEYS:
                 break
             if (
-                isinstance(spec, Mapping)
+                isinstance(data_key, str)
+                and len(data_key) <= MAX_KEY
+                and isinstance(spec, Mapping)
                 and spec.get("dtype") in SCALAR_DTYPES
                 and not spec.get("shape")
                 and "external" not in spec
             ):
-                stream.scalar_keys[str(key)] = str(spec["dtype"])
+                stream.scalar_keys[data_key] = str(spec["dtype"])
         if run.plot_key is None:
             wanted = self.requested_plot_key
             if wanted is not None:
                 if isinstance(data_keys, Mapping) and wanted in data_keys:
-                    run.plot_key, run.plot_stream = wanted, stream_name
-            elif stream_name == "primary":
-                key = default_plot_key({"detectors": run.detectors}, doc)
-                if key is not None:
-                    run.plot_key, run.plot_stream = key, stream_name
+                    run.plot_key, run.plot_stream = wanted, name
+            elif name == "primary":
+                plot_key = default_plot_key({"detectors": run.detectors}, doc)
+                if plot_key is not None and len(plot_key) <= MAX_KEY:
+                    run.plot_key, run.plot_stream = plot_key, name
 
     def _events(
         self,
@@ -374,11 +436,10 @@ class MonitorState:
         rows: Sequence[Mapping[str, Any]],
         now: float,
     ) -> None:
-        descriptor = str(doc["descriptor"])
+        descriptor = as_key(doc["descriptor"])
         stream = run.stream(run.descriptors[descriptor])
         last = run.last_seq.get(descriptor, 0)
-        for seq in seq_nums:
-            seq = int(seq)
+        for seq in [as_count(s) for s in seq_nums]:
             if seq > last + 1:
                 stream.gaps += seq - last - 1
             elif seq <= last:
@@ -407,17 +468,16 @@ class MonitorState:
         run.stopped = True
         run.exit_status = plain(doc.get("exit_status"))
         run.reason = plain(doc.get("reason")) or None
-        run.stop_time = float(doc["time"]) if isinstance(doc.get("time"), (int, float)) else None
+        run.stop_time = epoch(doc.get("time"))
         num_events = doc.get("num_events")
-        run.num_events = {
-            str(k): int(v) for k, v in (num_events if isinstance(num_events, Mapping) else {}).items()
-        }
-        for stream_name, expected in run.num_events.items():
-            stream = run.streams.get(stream_name)
+        items = islice(num_events.items(), MAX_LATEST_KEYS) if isinstance(num_events, Mapping) else ()
+        run.num_events = {stream_name(k): as_count(v) for k, v in items}
+        for name, expected in run.num_events.items():
+            stream = run.streams.get(name)
             received = stream.events - stream.duplicates if stream else 0
             missing = expected - received - (stream.gaps if stream else 0)
             if missing > 0:
-                run.shortfall[stream_name] = missing
+                run.shortfall[name] = missing
         self._evict()
 
     # ------------------------------------------------------- sidecar side
@@ -427,14 +487,14 @@ class MonitorState:
             self.sidecar_polls += 1
             if health is None:
                 state = "down"
-                self.sidecar_error = error or "no answer"
+                self.sidecar_error = clean(error or "no answer", 300)
             else:
                 state = "up" if health.get("status") == "ok" else "unhealthy"
                 self.sidecar_error = None
                 upload = health.get("upload")
                 if isinstance(upload, Mapping):
                     rows, docs = upload.get("rows"), upload.get("documents")
-                    if isinstance(rows, int) and isinstance(docs, int):
+                    if _is_count(rows) and _is_count(docs):
                         self._upload_samples.append((self.clock(), rows, docs))
             if state != self.sidecar_state:
                 self.sidecar_state = state
@@ -464,7 +524,7 @@ class MonitorState:
                 "time": wall,
                 "monitor_started": self.started,
                 "zmq": {
-                    "address": self.address,
+                    "address": clean(self.address, 300),
                     "connection": self.connection,
                     "detail": self.connection_detail,
                     "since": self.connection_since,
@@ -482,7 +542,7 @@ class MonitorState:
                 "plot": self._plot_dict(current),
                 "gaps": sum(sum(run.gaps().values()) for run in self.runs.values()),
                 "sidecar": {
-                    "url": self.sidecar_url,
+                    "url": clean(self.sidecar_url, 300),
                     "state": self.sidecar_state,
                     "since": self.sidecar_since,
                     "error": self.sidecar_error,
@@ -495,9 +555,9 @@ class MonitorState:
 
     def _plot_dict(self, run: RunState | None) -> dict[str, Any]:
         if run is None:
-            return {"key": self.requested_plot_key, "stream": None, "values": [], "count": 0}
+            return {"key": _shown(self.requested_plot_key), "stream": None, "values": [], "count": 0}
         return {
-            "key": run.plot_key or self.requested_plot_key,
+            "key": _shown(run.plot_key or self.requested_plot_key),
             "stream": run.plot_stream,
             "values": list(run.plot_values),
             "count": run.plot_count,
@@ -516,10 +576,10 @@ class MonitorState:
                 "duplicates": s.duplicates,
             }
             if latest:
-                entry["latest"] = {k: plain(v) for k, v in s.latest.items()}
+                entry["latest"] = {clean(k, MAX_STRING): plain(v) for k, v in s.latest.items()}
             streams[name] = entry
         return {
-            "uid": run.uid,
+            "uid": clean(run.uid, MAX_KEY),
             "scan_id": run.scan_id,
             "plan_name": run.plan_name,
             "start_time": run.start_time,
@@ -533,6 +593,10 @@ class MonitorState:
             "gaps": run.gaps(),
             "streams": streams,
         }
+
+
+def _shown(name: str | None) -> str | None:
+    return None if name is None else clean(name, MAX_STRING)
 
 
 __all__ = ["MonitorState", "RateMeter", "default_plot_key", "plain"]
