@@ -248,3 +248,71 @@ def test_proxy_exits_0_on_sigint_as_its_unit_expects(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# ------------------------------------------------------ resource limits (issue 12)
+
+#: Measured in benchmarks/RESULTS.md ("Memory"): receiver RSS, uploader peak RSS while draining.
+RECEIVER_RSS_MIB = 60
+UPLOADER_PEAK_RSS_MIB = 257
+#: bluesky-0MQ-proxy's idle RSS (measured: VmRSS of a fresh proxy, ~50 MiB).
+PROXY_RSS_MIB = 50
+
+
+def mib(value: str) -> float:
+    """A systemd size (``512M``, ``1G``, plain bytes) in MiB."""
+    units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}
+    if value[-1].upper() in units:
+        return float(value[:-1]) * units[value[-1].upper()]
+    return int(value) / 2**20
+
+
+def test_sidecar_memory_limits_leave_room_above_the_measured_peak(sidecar: dict[str, list[str]]) -> None:
+    """MemoryHigh= at least twice the measured peak of both processes; MemoryMax= above it."""
+    measured = RECEIVER_RSS_MIB + UPLOADER_PEAK_RSS_MIB
+    high, ceiling = mib(one(sidecar, "Service.MemoryHigh")), mib(one(sidecar, "Service.MemoryMax"))
+    assert 2 * measured <= high < ceiling <= 8 * measured
+
+
+def test_an_oom_kill_of_the_uploader_does_not_stop_the_receiver(sidecar: dict[str, list[str]]) -> None:
+    """systemd's default OOMPolicy=stop would stop the whole service; the uploader is the OOM victim."""
+    from tiled_writer_sidecar import upload_process
+
+    assert one(sidecar, "Service.OOMPolicy") == "continue"
+    assert upload_process.OOM_SCORE_ADJ > 0
+
+
+def test_sidecar_file_limit_fits_every_open_run(sidecar: dict[str, list[str]]) -> None:
+    """LimitNOFILE= holds one descriptor per open run at the default max_open_runs, plus the rest, twice."""
+    from tiled_writer_sidecar import daemon
+
+    needed = Config().spool.max_open_runs + daemon.FDS_BESIDES_RUNS
+    assert int(one(sidecar, "Service.LimitNOFILE")) >= 2 * needed
+
+
+def test_proxy_has_memory_and_file_limits(proxy: dict[str, list[str]]) -> None:
+    assert mib(one(proxy, "Service.MemoryMax")) >= 4 * PROXY_RSS_MIB
+    assert int(one(proxy, "Service.LimitNOFILE")) >= 1024
+
+
+def test_the_daemon_raises_its_soft_file_limit_or_refuses_with_one_line() -> None:
+    """In a child (limits are per process): soft limit raised to what max_open_runs needs; too low a hard limit is exit 2."""
+    code = (
+        "import resource, sys\n"
+        "from tiled_writer_sidecar.daemon import ensure_file_limit\n"
+        "from tiled_writer_sidecar.errors import ConfigError\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 600))\n"
+        "needed = ensure_file_limit(300)\n"
+        "assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == needed >= 300, needed\n"
+        "try:\n"
+        "    ensure_file_limit(10_000)\n"
+        "except ConfigError as err:\n"
+        "    assert err.exit_code == 2 and 'LimitNOFILE' in str(err) and '\\n' not in str(err)\n"
+        "    print('refused')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "refused"

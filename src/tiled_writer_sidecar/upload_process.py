@@ -23,9 +23,21 @@ from .errors import SidecarError
 from .logs import setup_logging
 from .spool.directory import SpoolDir
 
+#: The kernel's OOM killer picks the uploader before the receiver (which must never stop).
+OOM_SCORE_ADJ = 500
+
+
+def _be_the_oom_victim() -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ))
+    except OSError:
+        pass  # not Linux, or not allowed: the receiver is merely less protected
+
 
 def main(argv: list[str] | None = None) -> int:
     process_defaults.apply()
+    _be_the_oom_victim()
     parser = argparse.ArgumentParser(
         prog="tiled-writer-sidecar-uploader", description="reads the config as JSON on stdin"
     )
