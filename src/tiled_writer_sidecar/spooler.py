@@ -1,0 +1,213 @@
+"""RunSpooler: the receiver's writes, one append-only log per open run.
+
+Contract:
+
+- `open` creates a run's directory, log and ``received.json`` (OSError if it
+  cannot: nothing of the run is kept); `resume` reopens a run left open by
+  the last receiver (a torn tail is truncated by `LogWriter`).
+- `stage` counts a document as spooled at once and keeps its record in
+  memory; `flush` writes a run's staged records with one ``write``
+  (`LogWriter.append_many`); `stage` flushes by itself at `STAGE_RECORDS` /
+  `STAGE_BYTES` (``fsync = "always"``: at once). A record the disk refuses
+  is uncounted and counted dropped, exactly as if it had been written
+  alone. Over ``max_bytes`` only the small control documents are still
+  kept; the others are dropped.
+- ``received.json`` never counts a record that is not in the log (`save`
+  flushes first). `upkeep` writes what is staged, runs the group commit and,
+  when asked, saves changed runs (a save that failed is retried).
+- At most one file descriptor per open run (its `LogWriter`); `close`
+  releases it.
+- Disk trouble never raises out of here: it is counted (``dropped``) and said
+  once per episode (``spool_writable``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .config import SpoolConfig
+from .spool.directory import SpoolDir
+from .spool.index import Received
+from .spool.record import HEADER_SIZE
+from .spool.segment import FsyncPolicy, LogWriter
+from .stats import ReceiverStats
+
+log = logging.getLogger(__name__)
+
+STAGE_RECORDS = 500  # write a run's staged records at this many ...
+STAGE_BYTES = 2**18  # ... or this many bytes, whatever the loop is doing
+# Documents small and vital enough to be kept even over the spool size limit.
+CONTROL_DOCUMENTS = frozenset({"start", "descriptor", "stop", "resource", "stream_resource"})
+
+
+@dataclass(eq=False)
+class SpooledRun:
+    """One open run's log and what is staged for it."""
+
+    received: Received
+    writer: LogWriter | None
+    dirty: bool = True
+    staged: list[bytes] = field(default_factory=list)  # payloads counted but not yet written
+    staged_names: list[str] = field(default_factory=list)
+    staged_bytes: int = 0
+
+
+class RunSpooler:
+    """Stages and writes the documents of open runs; see the module docstring."""
+
+    def __init__(self, config: SpoolConfig, spool: SpoolDir, stats: ReceiverStats) -> None:
+        self.config = config
+        self.spool = spool
+        self.stats = stats
+        self.fsync = FsyncPolicy(config.fsync, config.fsync_interval_ms / 1000, config.fsync_records)
+        self.runs: dict[str, SpooledRun] = {}
+        self.unsaved_closed: list[SpooledRun] = []  # closed, but received.json not yet saved
+        self._stage_now = config.fsync == "always"
+        self._max_bytes = config.max_bytes
+
+    def has_run(self, uid: str) -> bool:
+        """True if the spool holds a run `uid` (open, closed or left by an earlier receiver)."""
+        return uid in self.runs or self.spool.run_dir(uid).exists()
+
+    def open(self, received: Received) -> SpooledRun:
+        """Create a new run's log and ``received.json``; OSError if the spool cannot."""
+        run_dir = self.spool.run_dir(received.uid)
+        writer = LogWriter(run_dir, self.config.segment_bytes, self.fsync)
+        try:
+            received.save(run_dir)
+        except OSError:
+            writer.close()
+            raise
+        run = SpooledRun(received, writer, dirty=False)
+        self.runs[received.uid] = run
+        return run
+
+    def resume(self, received: Received) -> SpooledRun:
+        """Go on appending to a run left open (its counters already replayed); OSError if it cannot."""
+        writer = LogWriter(self.spool.run_dir(received.uid), self.config.segment_bytes, self.fsync)
+        if writer.truncated_bytes:
+            log.warning(
+                "run %s: truncated a torn tail of %d bytes left by a crash",
+                received.uid,
+                writer.truncated_bytes,
+            )
+        run = SpooledRun(received, writer)
+        self.runs[received.uid] = run
+        return run
+
+    def stage(self, run: SpooledRun, name: str, payload: bytes) -> None:
+        """Count one document as spooled and stage its record (see `flush` for a failed write)."""
+        stats = self.stats
+        size = HEADER_SIZE + len(payload)
+        limit = self._max_bytes
+        if limit and name not in CONTROL_DOCUMENTS and stats.spool_bytes + len(payload) > limit:
+            self.drop(run, f"spool is at its max_bytes limit ({limit} bytes)")
+            return
+        run.staged.append(payload)
+        run.staged_names.append(name)
+        run.staged_bytes += size
+        received = run.received
+        received.documents += 1
+        received.bytes += size
+        received.last_received = time.time()
+        run.dirty = True
+        stats.documents[name] += 1
+        stats.spool_bytes += size
+        if self._stage_now or len(run.staged) >= STAGE_RECORDS or run.staged_bytes >= STAGE_BYTES:
+            self.flush(run)
+
+    def flush(self, run: SpooledRun) -> None:
+        """Write a run's staged records; uncount and drop those the disk refused."""
+        if not run.staged or run.writer is None:
+            return
+        payloads, names = run.staged, run.staged_names
+        run.staged, run.staged_names, run.staged_bytes = [], [], 0
+        result = run.writer.append_many(payloads)
+        for index, err in result.failed:
+            self._uncount(run, names[index], HEADER_SIZE + len(payloads[index]))
+            self.drop(run, f"spool write failed: {err.strerror}")
+        if result.sync_error is not None:
+            self.trouble(f"fsync failed: {result.sync_error.strerror}")
+        limit = self._max_bytes
+        if (
+            not result.failed
+            and not self.stats.spool_writable
+            and not (limit and self.stats.spool_bytes >= limit)
+        ):
+            self.stats.spool_writable = True
+            log.warning("spool writable again; spooling resumed")
+
+    def _uncount(self, run: SpooledRun, name: str, size: int) -> None:
+        """Undo `stage`'s counting for a staged document that could not be written."""
+        run.received.documents -= 1
+        run.received.bytes -= size
+        self.stats.documents[name] -= 1
+        self.stats.spool_bytes -= size
+
+    def drop(self, run: SpooledRun, why: str) -> None:
+        run.received.dropped += 1
+        run.dirty = True
+        self.stats.dropped += 1
+        self.trouble(f"dropping documents of run {run.received.uid}: {why}")
+
+    def trouble(self, why: str) -> None:
+        """Say loudly, once per episode, that documents are being lost."""
+        if self.stats.spool_writable:
+            self.stats.spool_writable = False
+            log.error("SPOOL NOT WRITABLE: %s; free space or fix the spool, spooling resumes by itself", why)
+
+    def save(self, run: SpooledRun) -> None:
+        """Write what is staged, then ``received.json`` if it changed."""
+        self.flush(run)  # received.json never counts a record that is not in the log
+        if not run.dirty:
+            return
+        try:
+            run.received.save(self.spool.run_dir(run.received.uid))
+            run.dirty = False
+        except OSError as err:
+            self.trouble(f"cannot save the state of run {run.received.uid}: {err.strerror}")
+
+    def close(self, run: SpooledRun) -> None:
+        """Write, fsync and close a run's log (its descriptor is released) and save its state."""
+        self.flush(run)
+        if run.writer is not None:
+            try:
+                run.writer.close()
+            except OSError as err:
+                self.trouble(f"cannot fsync run {run.received.uid}: {err.strerror}")
+            run.writer = None
+        self.save(run)
+        if run.dirty:
+            self.unsaved_closed.append(run)  # retried by upkeep() until the disk has room
+        if self.runs.get(run.received.uid) is run:
+            del self.runs[run.received.uid]
+
+    def upkeep(self, save: bool) -> None:
+        """Write what is staged, fsync when the policy says so; with `save`, save changed runs."""
+        for run in self.runs.values():
+            self.flush(run)
+            if run.writer is not None:
+                try:
+                    run.writer.maybe_sync()
+                except OSError as err:
+                    self.trouble(f"fsync failed: {err.strerror}")
+        if save:
+            for run in self.runs.values():
+                self.save(run)
+            for run in list(self.unsaved_closed):
+                self.save(run)
+                if not run.dirty:
+                    self.unsaved_closed.remove(run)
+
+    def shutdown(self) -> None:
+        """Write and save everything, close every log (the runs stay open for the next receiver)."""
+        for run in [*self.runs.values(), *self.unsaved_closed]:
+            self.save(run)
+            if run.writer is not None:
+                try:
+                    run.writer.close()
+                except OSError as err:
+                    self.trouble(f"cannot fsync run {run.received.uid}: {err.strerror}")
+                run.writer = None

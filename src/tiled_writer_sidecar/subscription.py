@@ -1,0 +1,129 @@
+"""Subscription: a SUB socket on bluesky's 0MQ proxy, for the daemon and the monitor.
+
+Contract:
+
+- Connects (never binds) to ``[zmq] address`` and subscribes to the
+  configured prefix, with a deep receive queue (``rcvhwm`` messages, a large
+  kernel buffer) and CURVE when keys are configured.
+- Never sets ``ZMQ_MAXMSGSIZE``: libzmq treats a larger message as a
+  protocol error and drops the connection for good, silently. Sizes are
+  the decoder's business (``max_message_bytes``: counted and quarantined).
+- `watch` reads the socket's connection events; `connected` and `problem`
+  (a refused CURVE handshake) hold the state, each change logged once.
+- `wait` paces wakes: below `LOW_RATE` messages/s wakes are at least
+  `WAKE_INTERVAL_S` apart, so what arrives meanwhile is handled in one batch
+  (the socket's queue holds it; nothing upstream backs up). `drain` then
+  hands each waiting message to a handler, at most `MAX_BATCH` per wake.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .config import ZmqConfig
+
+log = logging.getLogger(__name__)
+
+WAKE_INTERVAL_S = 0.01  # wakes at most this often at low rates (see `wait`)
+LOW_RATE = 2000  # messages/s: below it, wakes are spaced out ...
+RATE_WINDOW_S = 0.1  # ... as measured over this long
+MAX_BATCH = 10_000  # messages handled per wake at most, so upkeep is never starved
+RCVBUF = 8 * 2**20
+
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (wrong server key?)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake protocol error (CURVE on one side only?)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication refused (client key not admitted?)",
+}
+
+
+class Subscription:
+    """The SUB socket, its connection state and wake pacing; see the module docstring."""
+
+    def __init__(self, config: ZmqConfig, *, pace: bool = True) -> None:
+        self.config = config
+        self.pace = pace
+        self.connected = False
+        self.problem: str | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._last_wake = 0.0
+        self._rate_since = 0.0
+        self._rate_count = 0
+        self._slow = True
+        prefix = config.prefix.encode()
+        socket: zmq.Socket[bytes] = self._context.socket(zmq.SUB)
+        try:
+            socket.setsockopt(zmq.RCVHWM, config.rcvhwm)
+            socket.setsockopt(zmq.RCVBUF, RCVBUF)
+            socket.setsockopt(zmq.LINGER, 0)
+            if config.curve_secret_key_file:
+                from .curve import apply_client_curve
+
+                apply_client_curve(socket, config)
+            socket.setsockopt(zmq.SUBSCRIBE, prefix + b" " if prefix else b"")
+            self._events: zmq.Socket[bytes] = socket.get_monitor_socket()
+            socket.connect(config.address)
+        except BaseException:
+            socket.close(linger=0)
+            self._context.term()
+            raise
+        self.socket = socket
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Wait up to `timeout_ms` for a message (paced, see the module docstring); True if one waits."""
+        if not self.socket.poll(timeout_ms):
+            return False
+        if self.pace:
+            now = time.monotonic()
+            if now - self._rate_since >= RATE_WINDOW_S:
+                self._slow = self._rate_count < LOW_RATE * (now - self._rate_since)
+                self._rate_since, self._rate_count = now, 0
+            pause = self._last_wake + WAKE_INTERVAL_S - now
+            if pause > 0 and self._slow:
+                time.sleep(pause)
+            self._last_wake = time.monotonic()
+        return True
+
+    def drain(self, handle: Callable[[list[bytes]], None], limit: int = MAX_BATCH) -> int:
+        """Hand each waiting message (its frames) to `handle`, at most `limit`; return how many."""
+        count = 0
+        recv = self.socket.recv_multipart
+        while count < limit:
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            handle(frames)
+            count += 1
+        self._rate_count += count
+        return count
+
+    def watch(self) -> None:
+        """Read connection events: log each change once, keep `connected` and `problem`."""
+        while self._events.poll(0):
+            event = zmq.Event(recv_monitor_message(self._events)["event"])
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED or (
+                event == zmq.EVENT_CONNECTED and not self.config.curve_secret_key_file
+            ):
+                if self.problem or not self.connected:
+                    log.info("subscribed to the proxy at %s", self.config.address)
+                self.connected, self.problem = True, None
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                log.warning("proxy at %s disconnected; reconnecting", self.config.address)
+            elif event in _HANDSHAKE_FAILURES:
+                problem = f"the proxy refused the subscription: {_HANDSHAKE_FAILURES[event]}"
+                if problem != self.problem:
+                    log.error("%s (check the CURVE keys in [zmq])", problem)
+                self.problem = problem
+
+    def close(self) -> None:
+        self.socket.disable_monitor()
+        self._events.close(linger=0)
+        self.socket.close(linger=0)
+        self._context.term()

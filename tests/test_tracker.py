@@ -1,0 +1,241 @@
+"""RunTracker: routing, first-claim ownership and the one definition of gaps, in milliseconds.
+
+Documents are made with event_model's own `compose_run`, as a RunEngine
+would make them; the tracker is fed directly (no socket, no spool).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import event_model
+import numpy as np
+import pytest
+
+from tiled_writer_sidecar.errors import ValidationError
+from tiled_writer_sidecar.tracker import (
+    CLOSED_RUN_MEMORY,
+    MAX_SEQ_NUM,
+    MAX_TEXT,
+    RunTracker,
+    TrackedRun,
+    plain_counts,
+    plain_int,
+    received_from_start,
+)
+
+DATA_KEYS: dict[str, Any] = {"det": {"dtype": "number", "shape": [], "source": "SIM:det"}}
+
+
+class Run:
+    """One composed run: its start, a `primary` descriptor, events on demand, a resource."""
+
+    def __init__(self, **metadata: Any) -> None:
+        self.bundle = event_model.compose_run(metadata=metadata or None)
+        self.start = dict(self.bundle.start_doc)
+        self.desc = self.bundle.compose_descriptor(name="primary", data_keys=DATA_KEYS)
+        self.descriptor = dict(self.desc.descriptor_doc)
+        self._stop: dict[str, Any] | None = None
+
+    def event(self, seq: Any) -> dict[str, Any]:
+        doc = dict(self.desc.compose_event(data={"det": 1.0}, timestamps={"det": 0.0}, seq_num=1))
+        doc["seq_num"] = seq
+        return doc
+
+    def page(self, seqs: list[int]) -> dict[str, Any]:
+        return dict(event_model.pack_event_page(*(self.event(s) for s in seqs)))  # type: ignore[arg-type]
+
+    def stop(self, **num_events: Any) -> dict[str, Any]:
+        if self._stop is None:
+            self._stop = dict(self.bundle.compose_stop())
+        doc = dict(self._stop)
+        doc["num_events"] = num_events
+        return doc
+
+
+def opened(tracker: RunTracker, run: Run) -> TrackedRun:
+    tracked = tracker.route("start", run.start)
+    tracker.route("descriptor", run.descriptor)
+    return tracked
+
+
+def rejected(tracker: RunTracker, name: str, doc: dict[str, Any]) -> str:
+    with pytest.raises(ValidationError) as info:
+        tracker.route(name, doc)
+    return info.value.reason
+
+
+def test_documents_are_routed_to_their_run_by_run_start_descriptor_and_resource() -> None:
+    """Two interleaved runs: each document lands in its own run, events counted per stream."""
+    tracker = RunTracker()
+    a, b = Run(), Run()
+    ta, tb = opened(tracker, a), opened(tracker, b)
+    assert tracker.route("event", a.event(1)) is ta
+    assert tracker.route("event", b.event(1)) is tb
+    assert tracker.route("event_page", a.page([2, 3])) is ta
+    resource = {"uid": "res-a", "run_start": a.start["uid"], "spec": "X", "root": "/", "resource_path": "f"}
+    resource.update(resource_kwargs={}, path_semantics="posix")
+    assert tracker.route("resource", resource) is ta
+    datum = {"datum_id": "res-a/0", "resource": "res-a", "datum_kwargs": {}}
+    assert tracker.route("datum", datum) is ta
+    assert ta.received.events == {"primary": 3}
+    assert tb.received.events == {"primary": 1}
+    assert tracker.route("stop", a.stop(primary=3)) is ta
+    assert ta.received.stop_received and ta.received.expected_events == {"primary": 3}
+
+
+def test_a_seq_num_hole_is_a_gap_reported_once_with_its_range() -> None:
+    """seq_num 1, 2, 5: missing 2 in primary, the handler told 3..4; the stop's count adds no more."""
+    seen: list[tuple[str, int, int]] = []
+    tracker = RunTracker(on_gap=lambda run, stream, first, last: seen.append((stream, first, last)))
+    run = Run()
+    tracked = opened(tracker, run)
+    for seq in (1, 2, 5):
+        tracker.route("event", run.event(seq))
+    tracker.route("stop", run.stop(primary=5))
+    assert tracked.received.missing == {"primary": 2}
+    assert seen == [("primary", 3, 4)]
+    assert tracked.received.gaps() == {"primary": 2}
+
+
+def test_events_missing_at_the_end_are_a_shortfall_against_stop_num_events() -> None:
+    """3 events of 5 announced by the stop: a gap of 2 (no hole in the seq_nums)."""
+    tracker = RunTracker()
+    run = Run()
+    tracked = opened(tracker, run)
+    for seq in (1, 2, 3):
+        tracker.route("event", run.event(seq))
+    tracker.route("stop", run.stop(primary=5))
+    assert tracked.received.missing == {}
+    assert tracked.received.gaps() == {"primary": 2}
+
+
+def test_a_duplicate_seq_num_counts_as_an_event_and_never_as_a_gap() -> None:
+    """1, 2, 2, 3: four events received, no hole; a late seq_num does not fill a counted hole."""
+    tracker = RunTracker()
+    run = Run()
+    tracked = opened(tracker, run)
+    for seq in (1, 2, 2, 3, 5, 4):
+        tracker.route("event", run.event(seq))
+    assert tracked.received.events == {"primary": 6}
+    assert tracked.received.missing == {"primary": 1}
+
+
+@pytest.mark.parametrize(
+    "seq",
+    [0, -1, MAX_SEQ_NUM + 1, 10**5000, 1.5, "1", None, True, 1j],
+    ids=["0", "-1", "2**53+1", "5000-digits", "1.5", "str", "None", "True", "complex"],
+)
+def test_a_seq_num_that_is_not_an_integer_in_range_is_rejected_and_changes_nothing(seq: Any) -> None:
+    """Out of 1..2**53 or not an integer: bad-seq-num; the run's counters stay as they were."""
+    tracker = RunTracker()
+    run = Run()
+    tracked = opened(tracker, run)
+    tracker.route("event", run.event(1))
+    before = json.dumps(asdict(tracked.received))
+    assert rejected(tracker, "event", run.event(seq)) == "bad-seq-num"
+    assert rejected(tracker, "event_page", run.page([2]) | {"seq_num": [2, seq]}) == "bad-seq-num"
+    assert json.dumps(asdict(tracked.received)) == before
+
+
+def test_integral_seq_nums_of_other_types_are_counted_as_plain_ints() -> None:
+    """numpy int64 and an integral float count like 2 and 3; the state stays JSON-writable."""
+    tracker = RunTracker()
+    run = Run()
+    tracked = opened(tracker, run)
+    for seq in (1, np.int64(2), 3.0):
+        tracker.route("event", run.event(seq))
+    assert tracked.received.events == {"primary": 3} and tracked.received.missing == {}
+    assert all(type(v) is int for v in tracked.last_seq.values())
+
+
+def test_a_second_run_cannot_claim_a_live_runs_descriptor_or_resource() -> None:
+    """Run B declares run A's descriptor and resource: both rejected; A keeps its events, B gets none."""
+    tracker = RunTracker()
+    a, b = Run(), Run()
+    ta = opened(tracker, a)
+    tb = tracker.route("start", b.start)
+    resource = {"uid": "res-1", "run_start": a.start["uid"], "spec": "X", "root": "/", "resource_path": "f"}
+    tracker.route("resource", resource)
+    claim = {**a.descriptor, "run_start": b.start["uid"]}
+    assert rejected(tracker, "descriptor", claim) == "descriptor-claimed"
+    assert rejected(tracker, "resource", {**resource, "run_start": b.start["uid"]}) == "resource-claimed"
+    assert rejected(tracker, "stream_resource", {"uid": "res-1", "run_start": b.start["uid"]}) == (
+        "resource-claimed"
+    )
+    assert tracker.route("event", a.event(1)) is ta
+    assert tb.streams == {} and tb.resources == []
+    assert tracker.route("descriptor", a.descriptor) is ta  # the owner may repeat its own
+
+
+def test_a_closed_runs_uids_cannot_be_claimed_and_its_late_documents_are_after_stop() -> None:
+    """After A's stop: A's events are after-stop, B declaring A's descriptor is descriptor-claimed."""
+    tracker = RunTracker()
+    a, b = Run(), Run()
+    ta = opened(tracker, a)
+    tracker.route("stop", a.stop(primary=0))
+    tracker.close(ta)
+    tracker.route("start", b.start)
+    assert rejected(tracker, "event", a.event(1)) == "after-stop"
+    assert rejected(tracker, "stop", a.stop()) == "after-stop"
+    assert rejected(tracker, "start", a.start) == "repeated-start"
+    assert (
+        rejected(tracker, "descriptor", {**a.descriptor, "run_start": b.start["uid"]}) == "descriptor-claimed"
+    )
+
+
+def test_documents_that_cannot_be_placed_get_their_reason() -> None:
+    """Unknown descriptor / resource / run, an unsafe uid, a document kind nobody routes."""
+    tracker = RunTracker()
+    run = Run()
+    event = run.event(1)
+    assert rejected(tracker, "event", event) == "event-before-descriptor"
+    assert rejected(tracker, "event_page", run.page([1])) == "event_page-before-descriptor"
+    assert rejected(tracker, "descriptor", run.descriptor) == "descriptor-for-unknown-run"
+    assert rejected(tracker, "datum", {"datum_id": "r/0", "resource": "r", "datum_kwargs": {}}) == (
+        "datum-before-resource"
+    )
+    assert rejected(tracker, "start", {**run.start, "uid": "../../x"}) == "unsafe-uid"
+    assert rejected(tracker, "bulk_events", {}) == "unknown-document"
+    assert tracker.runs == {}
+
+
+def test_only_plain_bounded_values_reach_received() -> None:
+    """numpy scalars, a 5,000-digit scan_id, a complex time, a long plan name: all JSON-writable."""
+    start = {
+        "uid": "u1",
+        "time": complex(1, 1),
+        "scan_id": 10**5000,
+        "plan_name": np.str_("p" * 10_000),
+    }
+    received = received_from_start(start)
+    assert received.scan_id is None and received.start_time is None
+    assert received.plan_name == "p" * MAX_TEXT and type(received.plan_name) is str
+    assert plain_int(np.int64(7), 0, 10) == 7
+    assert plain_counts({"primary": np.int64(3), "bad": 10**5000, 5: 1}) == {"primary": 3}
+    json.dumps(asdict(received))
+
+
+def test_the_run_idle_for_the_longest_is_found_and_closed_runs_are_remembered_within_bounds() -> None:
+    """idlest() is the run with the oldest last document; closed runs beyond the memory are forgotten."""
+    tracker = RunTracker()
+    runs = [opened(tracker, Run()) for _ in range(3)]
+    for n, run in enumerate(runs):
+        run.received.last_received = 100.0 - n
+    assert tracker.idlest() is runs[2]
+    for _ in range(CLOSED_RUN_MEMORY + 5):
+        tracker.close(tracker.route("start", Run().start))
+    assert len(tracker.closed_runs) == CLOSED_RUN_MEMORY
+
+
+def test_the_tracker_is_an_event_model_document_router() -> None:
+    """Called as a DocumentRouter (``tracker(name, doc)``), it routes the same way and returns the document."""
+    tracker = RunTracker()
+    run = Run()
+    assert isinstance(tracker, event_model.DocumentRouter)
+    assert tracker("start", run.start) == ("start", run.start)
+    tracker("descriptor", run.descriptor)
+    tracker("event", run.event(1))
+    assert tracker.runs[run.start["uid"]].received.events == {"primary": 1}
