@@ -17,19 +17,26 @@ installs it (scripts/system-deps.sh).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import bluesky.plan_stubs as bps
 import bluesky.plans as bp
+import bluesky.preprocessors as bpp
 import pytest
+from bluesky_tiled_plugins import TiledWriter
 from ophyd.sim import det, motor
 
 from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, wait_until
-from tiled_writer_sidecar.testing.acquisition import expected_rows
+from tiled_writer_sidecar.testing.acquisition import expected_rows, run_uids
 from tiled_writer_sidecar.testing.postgres import PostgresServer, PostgresTiledServer, postgres_unavailable
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
+from tiled_writer_sidecar.tiled_client import read_seq_nums
+
+#: A bluesky plan.
+Plan = Generator[Any, Any, Any]
 
 #: Quick retries, so the backlog drains soon after Tiled is back.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -179,3 +186,100 @@ def test_catalog_and_tables_in_postgresql_survive_a_tiled_restart(
         assert runs_in_catalog(postgres, uids) == set(uids)
         assert rows_in_postgres(postgres) == 30 + 20 + 15
         assert len(tiled.startup_times) == 2
+
+
+def count_with_pause(detector: Any, first: int, second: int, between: Callable[[], None]) -> Plan:
+    """One run of `first` + `second` readings of `detector`; `between()` runs after the first ones."""
+
+    @bpp.run_decorator(md={"plan_name": "count_with_pause"})
+    def inner() -> Plan:
+        for _ in range(first):
+            yield from bps.trigger_and_read([detector])
+        between()  # plain Python while the run is open: the RunEngine waits for it
+        for _ in range(second):
+            yield from bps.trigger_and_read([detector])
+
+    return (yield from inner())
+
+
+def stream_table(client: Any, uid: str) -> Any:
+    """The ``internal`` table client of the run's primary stream (under bluesky-tiled-plugins' wrappers)."""
+    run = getattr(client[uid], "base", client[uid])
+    stream = getattr(run["primary"], "base", run["primary"])
+    return stream["internal"]
+
+
+def test_runs_read_back_in_seq_num_order_after_postgresql_reuses_freed_space(
+    postgres: PostgresServer,
+    tiled_server: PostgresTiledServer,
+    proxy: ZmqProxy,
+    acquisition: Acquisition,
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL returns a table's rows in physical order, and a deleted run's space is reused: a run
+    written by in-process TiledWriter then reads back out of seq_num order (the issue, reproduced); the
+    same run written at the same time by the sidecar, into the same SQL table, reads back in order.
+
+    The filler run is deleted through Tiled as the uploader deletes a run it rewrites (its rows are
+    DELETEd) and the table VACUUMed (what autovacuum does by itself) half-way through the run.
+    """
+    tiled = tiled_server
+    root = tiled.client()
+    for name in ("filler", "inprocess"):
+        root.create_container(name)
+    token = acquisition.subscribe(TiledWriter(root["filler"]))  # one append of the whole run
+    (filler_uid,) = acquisition.run(bp.count([det], 3000))
+    acquisition.unsubscribe(token)
+    first, second = 60, 600
+    acquisition.subscribe(TiledWriter(root["inprocess"], batch_size=first))  # appends every 60 rows
+    with (
+        postgres_log_on_failure(postgres),
+        SidecarProcess(
+            tmp_path / "sidecar",
+            zmq_address=proxy.out_address,
+            tiled_uri=tiled.uri,
+            api_key=tiled.api_key,
+            settings={"tiled": {"batch_rows": first, "batch_seconds": 0.2}},
+        ) as sidecar,
+    ):
+        acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+
+        def free_space_before_the_rest() -> None:
+            """Both writers' first rows are in the table; delete the filler run and VACUUM."""
+            uid = run_uids(acquisition.documents)[-1]  # the run in progress
+            wait_until(
+                lambda: len(read_seq_nums(root, uid, "primary") or []) == first,
+                60,
+                interval=0.1,
+                what="the sidecar's first rows in Tiled",
+            )
+            root["filler"].delete_contents(filler_uid, recursive=True, external_only=False)
+            postgres.psql("VACUUM", database="tables")
+
+        uids = acquisition.run(count_with_pause(det, first, second, free_space_before_the_rest))
+        (uid,) = uids
+        assert_uploaded(sidecar.wait_drained(uids), acquisition, uids)
+
+    expected = expected_rows(acquisition.documents, run_uid=uid)
+    theirs = [row["seq_num"] for row in frame_rows(read_stream(root["inprocess"], uid))]
+    ours = frame_rows(read_stream(root, uid))
+    # Without the fix: every row is there, once, but not in order.
+    assert sorted(theirs) == [row["seq_num"] for row in expected]
+    assert theirs != sorted(theirs)
+    # With it: row for row, in order.
+    assert ours == expected
+    # Same SQL table for both; only the sidecar's data source asks Tiled to order by seq_num.
+    (their_source,) = stream_table(root["inprocess"], uid).data_sources()
+    (our_source,) = stream_table(root, uid).data_sources()
+    assert our_source.parameters["table_name"] == their_source.parameters["table_name"]
+    assert our_source.parameters["order_by_args"] == [{"column": "seq_num", "direction": "asc"}]
+    assert "order_by_args" not in their_source.parameters
+    # The sidecar's rows are stored out of order too: read as Tiled reads a table without the parameter.
+    physical = postgres.query(
+        f'SELECT seq_num FROM "{our_source.parameters["table_name"]}"'
+        f" WHERE _dataset_id = {int(our_source.parameters['dataset_id'])} ORDER BY _partition_id",
+        database="tables",
+    )
+    stored = [int(seq) for (seq,) in physical]
+    assert sorted(stored) == [row["seq_num"] for row in expected]
+    assert stored != sorted(stored)

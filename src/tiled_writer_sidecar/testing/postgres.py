@@ -511,3 +511,54 @@ class PostgresTiledServer(TiledServer):
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"PostgresTiledServer({self.uri}, catalog {self.catalog_database!r} on {self.postgres!r}, {state})"
+
+
+class PostgresTiledDeployment(Service):
+    """One Tiled deployment the way facilities scale it out: one PostgreSQL, several Tiled servers.
+
+    Every server serves the same catalog and tables databases with the same
+    API key (behind a load balancer a client may reach any of them); each has
+    its own directory (log, arrays). The first server initialises the catalog
+    before the others start (``--init`` is not safe to race); the others
+    then start side by side.
+    """
+
+    def __init__(self, directory: Path | str, *, servers: int = 2, fsync: bool = False) -> None:
+        if servers < 1:
+            raise ValueError("at least one Tiled server is needed")
+        directory = Path(directory)
+        self.postgres = PostgresServer(directory / "postgres", databases=("catalog", "tables"), fsync=fsync)
+        self.api_key = secrets.token_hex(16)
+        self.servers = [
+            PostgresTiledServer(directory / f"tiled-{i}", self.postgres, api_key=self.api_key)
+            for i in range(servers)
+        ]
+
+    def start(self) -> Self:
+        self.postgres.start()
+        first, *others = self.servers
+        first.start()
+        for server in others:
+            server.start(wait=False)
+        for server in others:
+            server.wait_ready()
+        return self
+
+    def server_for(self, index: int) -> PostgresTiledServer:
+        """The server client number `index` talks to (round robin, as a load balancer would)."""
+        return self.servers[index % len(self.servers)]
+
+    def client(self, **kwargs: Any) -> Any:
+        """A client of the first server (every server shows the same catalog)."""
+        return self.servers[0].client(**kwargs)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.postgres.close()
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The end of every server's log and of PostgreSQL's, for failure reports."""
+        parts = [f"-- {s.log_path}\n{s.log_tail(lines)}" for s in self.servers]
+        parts.append(f"-- {self.postgres.log_path}\n{self.postgres.log_tail(lines)}")
+        return "\n".join(parts)
