@@ -10,14 +10,25 @@
       quarantine/                    rejected messages, kept for inspection
 
 The directory is created 0700 and refused if group or others may write to
-it. A run's segments are deleted once Tiled has the whole run (or after
+it. Lock files are opened without following a symlink (and refused unless
+they are regular files with one link); run directories that are symlinks
+are skipped (never listed, read or counted).
+
+The quarantine keeps the newest rejected messages within
+``quarantine_max_bytes`` and `QUARANTINE_MAX_FILES`; a message longer than
+`QUARANTINE_PREFIX` is kept as a one-line header (its full length and
+sha256) and its first `QUARANTINE_PREFIX` bytes. Its bytes count in
+`total_bytes` (so in ``max_bytes`` and ``/healthz``). A run's segments are deleted once Tiled has the whole run (or after
 ``retention_hours``); its two small JSON files stay for the last
 ``HISTORY_RUNS`` runs so `status` can show what was uploaded.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -31,17 +42,33 @@ from .segment import list_segments, log_bytes
 
 HISTORY_RUNS = 200
 QUARANTINE_MAX_FILES = 1000
-_SAFE_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+QUARANTINE_MAX_BYTES = 64 * 2**20
+QUARANTINE_PREFIX = 64 * 2**10
+_SAFE_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def is_safe_uid(uid: object) -> bool:
-    """A uid we can use as a directory name (no separators, no traversal)."""
-    return isinstance(uid, str) and bool(_SAFE_UID.match(uid)) and ".." not in uid
+    """A uid we can use as a directory name (no separators, no traversal, no newline: a full match)."""
+    return isinstance(uid, str) and _SAFE_UID.fullmatch(uid) is not None and ".." not in uid
+
+
+def quarantine_entry(payload: bytes) -> bytes:
+    """What the quarantine keeps of a message: all of it, or a header line and its first bytes."""
+    if len(payload) <= QUARANTINE_PREFIX:
+        return payload
+    digest = hashlib.sha256(payload).hexdigest()
+    header = f"tiled-writer-sidecar quarantine prefix: length={len(payload)} sha256={digest} kept={QUARANTINE_PREFIX}\n"
+    return header.encode() + payload[:QUARANTINE_PREFIX]
 
 
 class SpoolDir:
-    def __init__(self, root: Path, *, create: bool = True) -> None:
+    def __init__(
+        self, root: Path, *, create: bool = True, quarantine_max_bytes: int = QUARANTINE_MAX_BYTES
+    ) -> None:
         self.root = root
+        #: Bytes the quarantine may hold (0 keeps nothing); may be set after construction.
+        self.quarantine_max_bytes = quarantine_max_bytes
         try:
             if create:
                 root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -58,7 +85,8 @@ class SpoolDir:
         except OSError as err:
             raise SpoolError(f"cannot create spool directory {root}: {err.strerror}") from None
         self._locks: list[int] = []
-        self._quarantined: int | None = None  # files in quarantine/, counted lazily
+        self._quarantined: collections.deque[tuple[str, int]] | None = None  # (name, size), oldest first
+        self._quarantine_bytes = 0
 
     @property
     def runs_dir(self) -> Path:
@@ -73,17 +101,34 @@ class SpoolDir:
             raise ValueError(f"unsafe run uid {uid!r}")
         return self.runs_dir / uid
 
+    def _open_lock(self, role: str, flags: int) -> int:
+        """The `role` lock file, never through a symlink; SpoolError if it is not a plain file."""
+        path = self.root / f"{role}.lock"
+        try:
+            fd = os.open(path, flags | _NOFOLLOW, 0o600)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENXIO):
+                raise SpoolError(f"{path} is a symlink or not a regular file; remove it") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise SpoolError(f"{path} is not a regular file with one link; remove it")
+        return fd
+
     def lock(self, role: str) -> None:
         """Take the `role` lock (receiver or uploader) for this process's lifetime."""
-        path = self.root / f"{role}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._open_lock(role, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            except OSError:
+                holder = "another process"
             os.close(fd)
             raise SpoolLockedError(
-                f"spool {self.root} is locked: its {role} is already running (pid {holder})"
+                f"spool {self.root} is locked: its {role} is already running (pid {holder[:20]!r})"
             ) from None
         try:  # the pid is only for the message above; the flock is the lock
             os.ftruncate(fd, 0)
@@ -94,10 +139,10 @@ class SpoolDir:
 
     def is_locked(self, role: str) -> bool:
         """True if some process holds the `role` lock."""
-        path = self.root / f"{role}.lock"
-        if not path.exists():
+        try:
+            fd = self._open_lock(role, os.O_RDONLY)
+        except FileNotFoundError:
             return False
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -111,10 +156,25 @@ class SpoolDir:
             os.close(fd)
         self._locks.clear()
 
+    def run_dirs(self) -> list[Path]:
+        """The run directories (never a symlink, never a file)."""
+        dirs = []
+        try:
+            entries = list(os.scandir(self.runs_dir))
+        except OSError:
+            return []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(Path(entry.path))
+            except OSError:
+                continue
+        return dirs
+
     def runs(self) -> list[RunView]:
         """Every run in the spool, oldest first."""
         views = []
-        for run_dir in self.runs_dir.iterdir():
+        for run_dir in self.run_dirs():
             received = Received.load(run_dir)
             if received is None:
                 continue
@@ -123,10 +183,14 @@ class SpoolDir:
         return views
 
     def total_bytes(self) -> int:
-        return sum(log_bytes(d) for d in self.runs_dir.iterdir() if d.is_dir())
+        """Bytes of every run's log and of the quarantine."""
+        return sum(log_bytes(d) for d in self.run_dirs()) + self.quarantine_bytes()
+
+    def quarantine_bytes(self) -> int:
+        return sum(size for _, size in self._quarantine_listing())
 
     def segment_count(self) -> int:
-        return sum(len(list_segments(d)) for d in self.runs_dir.iterdir() if d.is_dir())
+        return sum(len(list_segments(d)) for d in self.run_dirs())
 
     def release_run(self, view: RunView, retention_hours: float) -> None:
         """Delete a fully uploaded run's segments (after retention); prune history."""
@@ -139,22 +203,54 @@ class SpoolDir:
             if old.uploaded.state == "uploaded" and not list_segments(old.directory):
                 shutil.rmtree(old.directory, ignore_errors=True)
 
-    def quarantine(self, reason: str, payload: bytes) -> Path | None:
-        """Keep a rejected message for inspection (the newest QUARANTINE_MAX_FILES)."""
-        if self._quarantined is None or self._quarantined >= QUARANTINE_MAX_FILES:
-            existing = sorted(self.quarantine_dir.iterdir())
-            for old in existing[: max(0, len(existing) - QUARANTINE_MAX_FILES // 2)]:
-                old.unlink(missing_ok=True)
-            self._quarantined = min(len(existing), QUARANTINE_MAX_FILES // 2)
-        self._quarantined += 1
-        safe_reason = re.sub(r"[^a-z0-9-]", "_", reason.lower())[:40]
-        path = self.quarantine_dir / f"{time.time_ns():020d}-{safe_reason}.bin"
+    def _quarantine_listing(self) -> list[tuple[str, int]]:
+        """``(name, size)`` of each file in quarantine/, oldest first."""
+        listing = []
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            entries = list(os.scandir(self.quarantine_dir))
+        except OSError:
+            return []
+        for entry in entries:
             try:
-                os.write(fd, payload)
-            finally:
-                os.close(fd)
+                listing.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+            except OSError:
+                continue
+        listing.sort()
+        return listing
+
+    def quarantine(self, reason: str, payload: bytes) -> Path | None:
+        """Keep a rejected message for inspection, within the quarantine's bounds (module docstring)."""
+        entry = quarantine_entry(payload)
+        limit = self.quarantine_max_bytes
+        if len(entry) > limit:
+            return None
+        if self._quarantined is None:
+            self._quarantined = collections.deque(self._quarantine_listing())
+            self._quarantine_bytes = sum(size for _, size in self._quarantined)
+        kept = self._quarantined
+        while kept and (len(kept) >= QUARANTINE_MAX_FILES or self._quarantine_bytes + len(entry) > limit):
+            name, size = kept.popleft()
+            self._quarantine_bytes -= size
+            try:
+                os.unlink(self.quarantine_dir / name)
+            except OSError:
+                pass
+        safe_reason = re.sub(r"[^a-z0-9-]", "_", reason.lower())[:40]
+        suffix = ".prefix.bin" if len(entry) != len(payload) else ".bin"
+        path = self.quarantine_dir / f"{time.time_ns():020d}-{safe_reason}{suffix}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
         except OSError:
             return None
+        try:
+            view = memoryview(entry)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            path.unlink(missing_ok=True)  # ours (O_EXCL): no half entry is kept
+            return None
+        finally:
+            os.close(fd)
+        kept.append((path.name, len(entry)))
+        self._quarantine_bytes += len(entry)
         return path

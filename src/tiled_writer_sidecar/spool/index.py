@@ -14,14 +14,28 @@ fsync dir), so a reader sees the old or the new version, never half of one:
   quarantine, and how many attempts it took.
 
 `RunView.state` combines both into the one word `status` reports.
+
+Whatever a (schema-valid) document put into these fields, `save` writes
+plain JSON values only: ints within 64 bits, finite floats, strings of at
+most `MAX_TEXT` characters, dicts and lists of at most `MAX_ITEMS` entries
+(numpy numbers become Python numbers; anything else becomes ``None``).
+`load` never raises, whatever the file holds (wrong types, garbage, huge):
+it returns the same plain values, defaults where a field is unusable, or
+``None``/defaults for a file it cannot read. Files are never opened through
+a symlink; temporary files have unpredictable names and are created
+exclusively.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import operator
 import os
+import secrets
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +44,31 @@ UPLOADED = "uploaded.json"
 
 STATES = ("receiving", "pending", "uploading", "uploaded", "incomplete", "quarantined")
 
+#: Longest string kept in an index file; longer ones are cut.
+MAX_TEXT = 1024
+#: Most entries kept in one dict or list of an index file.
+MAX_ITEMS = 1000
+#: Largest index file `read_json` reads; a bigger one reads as missing.
+MAX_JSON_BYTES = 16 * 2**20
+_INT64 = (-(2**63), 2**63 - 1)
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
 
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    """Replace `path` with `data` so that readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    """Replace `path` with `data` so that readers never see a partial file.
+
+    The temporary file has a random name and is created exclusively without
+    following a symlink; values `json` cannot write are written as plain
+    values (see `plain`) instead of raising.
+    """
+    encoded = _dumps(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
     try:
         try:
-            os.write(fd, json.dumps(data, sort_keys=True).encode())
+            view = memoryview(encoded)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -45,21 +76,150 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def _dumps(data: dict[str, Any]) -> bytes:
     try:
-        data = json.loads(path.read_bytes())
-    except (FileNotFoundError, NotADirectoryError):
+        return json.dumps(data, sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps(plain(data), sort_keys=True).encode()
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`; None if it is missing, a symlink, too big, or not a JSON object."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    except OSError:
         return None
-    except (OSError, ValueError):
+    try:
+        raw = os.read(fd, MAX_JSON_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_JSON_BYTES:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+# ------------------------------------------------------ plain JSON values
+
+
+def as_int(value: Any) -> int | None:
+    """An int within 64 bits (numpy ints and integral floats too), else None."""
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        value = int(value)
+    if getattr(value, "ndim", 0) != 0:  # a numpy array is not a number
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return None
+    return number if _INT64[0] <= number <= _INT64[1] else None
+
+
+def as_float(value: Any) -> float | None:
+    """A finite float (from any real number within range), else None."""
+    if isinstance(value, (str, bytes, complex)) or not hasattr(value, "__float__"):
+        return None
+    if getattr(value, "ndim", 0) != 0:  # a numpy array is not a number
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def as_text(value: Any) -> str | None:
+    """A str of at most MAX_TEXT characters, else None."""
+    return str.__str__(value)[:MAX_TEXT] if isinstance(value, str) else None
+
+
+def as_bool(value: Any) -> bool:
+    """True only for True (or numpy's True); anything else is False."""
+    if isinstance(value, bool):
+        return value
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_") and bool(value)
+
+
+def as_counts(value: Any) -> dict[str, int]:
+    """A dict of str -> int (at most MAX_ITEMS); entries that are not are left out."""
+    counts: dict[str, int] = {}
+    if isinstance(value, dict):
+        for key, number in list(value.items())[:MAX_ITEMS]:
+            text, count = as_text(key), as_int(number)
+            if text is not None and count is not None:
+                counts[text] = count
+    return counts
+
+
+def as_texts(value: Any) -> list[str]:
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [text for item in value[:MAX_ITEMS] if (text := as_text(item)) is not None]
+
+
+def plain(value: Any, depth: int = 0) -> Any:
+    """Any value as plain, bounded JSON (for files whose fields are not typed)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return as_text(value)
+    if isinstance(value, dict) and depth < 16:
+        items = list(value.items())[:MAX_ITEMS]
+        return {
+            str(k)[:MAX_TEXT] if isinstance(k, (str, int)) else repr(type(k)): plain(v, depth + 1)
+            for k, v in items
+        }
+    if isinstance(value, (list, tuple)) and depth < 16:
+        return [plain(v, depth + 1) for v in value[:MAX_ITEMS]]
+    number = as_int(value)
+    if number is not None and not isinstance(value, float):
+        return number
+    return as_float(value)
+
+
+def _fields_of(cls: type, data: dict[str, Any], coerce: dict[str, Callable[[Any], Any]]) -> dict[str, Any]:
+    """The fields of `cls` found in `data`, coerced; a field that does not coerce keeps its default."""
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = coerce[f.name](data[f.name])
+        if value is not None or f.name in _OPTIONAL:
+            kwargs[f.name] = value
+    return kwargs
+
+
+_OPTIONAL = {
+    "scan_id",
+    "plan_name",
+    "start_time",
+    "expected_events",
+    "exit_status",
+    "close_reason",
+    "reason",
+}
+
+
+def _optional_counts(value: Any) -> dict[str, int] | None:
+    return None if value is None else as_counts(value)
+
+
+def _state(value: Any) -> str | None:
+    return value if isinstance(value, str) and value in STATES else None
 
 
 @dataclass
@@ -83,14 +243,18 @@ class Received:
 
     @classmethod
     def load(cls, run_dir: Path) -> Received | None:
+        """The run's received.json, or None if it is missing, unreadable or has no usable uid."""
         data = read_json(run_dir / RECEIVED)
-        if data is None:
+        if data is None or not as_text(data.get("uid")):
             return None
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**_fields_of(cls, data, _RECEIVED_FIELDS))
+
+    def plain(self) -> dict[str, Any]:
+        """The fields as plain, bounded JSON values (see the module docstring)."""
+        return {name: coerce(getattr(self, name)) for name, coerce in _RECEIVED_FIELDS.items()}
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_json(run_dir / RECEIVED, asdict(self))
+        atomic_write_json(run_dir / RECEIVED, self.plain())
 
     def gaps(self) -> dict[str, int]:
         """Events missing per stream: seq_num holes and stop.num_events shortfalls."""
@@ -123,15 +287,59 @@ class Uploaded:
 
     @classmethod
     def load(cls, run_dir: Path) -> Uploaded:
+        """The run's uploaded.json; defaults (pending) if it is missing or unreadable."""
         data = read_json(run_dir / UPLOADED)
         if data is None:
             return cls()
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**_fields_of(cls, data, _UPLOADED_FIELDS))
+
+    def plain(self) -> dict[str, Any]:
+        return {name: coerce(getattr(self, name)) for name, coerce in _UPLOADED_FIELDS.items()}
 
     def save(self, run_dir: Path) -> None:
         self.updated = time.time()
-        atomic_write_json(run_dir / UPLOADED, asdict(self))
+        atomic_write_json(run_dir / UPLOADED, self.plain())
+
+
+def _number(value: Any) -> int:
+    return as_int(value) or 0
+
+
+def _time(value: Any) -> float:
+    return as_float(value) or 0.0
+
+
+def _flag(value: Any) -> bool:
+    return as_bool(value)
+
+
+_RECEIVED_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "uid": lambda v: as_text(v) or "",
+    "scan_id": as_int,
+    "plan_name": as_text,
+    "start_time": as_float,
+    "first_received": _time,
+    "last_received": _time,
+    "documents": _number,
+    "bytes": _number,
+    "events": as_counts,
+    "missing": as_counts,
+    "expected_events": _optional_counts,
+    "stop_received": _flag,
+    "exit_status": as_text,
+    "dropped": _number,
+    "closed": _flag,
+    "close_reason": as_text,
+}
+_UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "state": lambda v: _state(v) or "pending",
+    "documents": _number,
+    "attempts": _number,
+    "reason": as_text,
+    "damage": as_texts,
+    "rows": as_counts,
+    "updated": _time,
+}
 
 
 @dataclass
