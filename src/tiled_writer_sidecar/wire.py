@@ -50,7 +50,7 @@ import numpy.typing as npt
 
 from .errors import DecodeError
 
-__all__ = ["DOCUMENT_NAMES", "REASONS", "SERIALIZERS", "decode_message"]
+__all__ = ["DOCUMENT_NAMES", "REASONS", "SERIALIZERS", "budget_for", "decode_message"]
 
 SERIALIZERS: Final = ("auto", "pickle", "msgpack", "json")
 
@@ -88,8 +88,16 @@ REASONS: Final = (
 )
 
 _MAX_DEPTH: Final = 100
-_EXPANSION: Final = 4
-_SLACK: Final = 2**20
+#: Decoded-memory budget of one message: _SLACK + _EXPANSION x payload, at most _MAX_DECODED.
+_EXPANSION: Final = 24
+_SLACK: Final = 32 * 2**20
+_MAX_DECODED: Final = 512 * 2**20
+#: Payloads longer than this get an estimate of what decoding them allocates, before it does;
+#: shorter ones cannot allocate more than _SLACK (at most _CONTAINER_COST per byte).
+_ESTIMATE_FROM: Final = 32 * 2**10
+_CONTAINER_COST: Final = 72  # an empty dict (64) or list (56) and the slot that holds it
+_BYTE_COST: Final = 24  # any other object per byte of its encoding (a 1-char str: 58 for 3)
+_OBJECT_COST: Final = 100  # an object's header (str, bytes, numpy scalar/array, placeholder)
 _DETAIL_CHARS: Final = 200
 
 
@@ -121,7 +129,7 @@ def _pickle_opcode_table() -> tuple[re.Pattern[bytes], dict[int, tuple[int, bool
         code = ord(op.code)
         width = None if op.arg is None else op.arg.n
         name = "" if op.arg is None else op.arg.name
-        if code in (ord("."), ord("p"), ord("r")):  # STOP, PUT, LONG_BINPUT: by hand
+        if code in (ord("."), ord("p"), ord("r"), 0x8F, 0x90, 0x91):  # STOP, PUT, LONG_BINPUT, sets
             continue
         if width is None:
             no_arg.append(code)
@@ -168,23 +176,41 @@ def _pickle_opcode_table() -> tuple[re.Pattern[bytes], dict[int, tuple[int, bool
 _PICKLE_RUN, _PICKLE_LENGTHS, _PICKLE_ARGUMENT_OPS = _pickle_opcode_table()
 
 
-def _scan_pickle(data: bytes) -> None:
-    """Refuse pickles whose PUT/LONG_BINPUT index exceeds what `data` could need.
+#: Opcodes that build a set (a document never holds one; set() costs 216 bytes for 1).
+_SET_OPS: Final = frozenset(b"\x8f\x90\x91")
+#: Opcodes that make a container (MARK: LIST, DICT, TUPLE, ...), each at most `_CONTAINER_COST`.
+_CONTAINER_OPS: Final = b"]}(\x85\x86\x87"
+_NOT_CONTAINER: Final = bytes(b for b in range(256) if b not in _CONTAINER_OPS)
+_TEXT_LENGTH_OPS: Final = frozenset(b"XT\x8d")  # BINUNICODE, BINSTRING, BINUNICODE8: up to 4 bytes/char
+
+
+def _scan_pickle(data: bytes, budget: int = 2**62) -> None:
+    """Refuse pickles whose memo indices or decoded size exceed what `data` may cost.
 
     The scan tokenizes like the C unpickler up to STOP; what it cannot
     tokenize (unknown opcode, missing bytes) is refused here, conservatively.
     Memo indices below 2**20 cost the unpickler at most 16 MiB and pass.
+    Payloads over `_ESTIMATE_FROM` bytes also get `_pickle_estimate` of what
+    unpickling them allocates, before anything is allocated.
     """
     end = len(data)
     limit = end // 2 + 256  # every memoized object costs at least two bytes
     match = _PICKLE_RUN.match
+    estimate = end > _ESTIMATE_FROM
+    spans: list[tuple[int, int]] = []
+    strings = 0
     i = 0
     while True:
+        start = i
         i = match(data, i).end()  # type: ignore[union-attr]  # `*+` always matches
+        if estimate:
+            spans.append((start, i))
         if i >= end:
             raise DecodeError("truncated", "pickle without STOP")
         op = data[i]
         if op == 0x2E:  # STOP
+            if estimate:
+                _pickle_estimate(data, spans, strings, budget)
             return
         length = _PICKLE_LENGTHS.get(op)
         if length is not None:
@@ -193,6 +219,7 @@ def _scan_pickle(data: bytes) -> None:
             i += 1 + width + size
             if size < 0 or i > end:
                 raise DecodeError("truncated", f"pickle opcode {op:#04x} runs past the end")
+            strings += _OBJECT_COST + size * (4 if op in _TEXT_LENGTH_OPS else 1)
         elif op == 0x72:  # LONG_BINPUT
             if i + 5 > end:
                 raise DecodeError("truncated", "pickle LONG_BINPUT cut off")
@@ -211,17 +238,378 @@ def _scan_pickle(data: bytes) -> None:
             if not 0 <= index <= limit:
                 raise DecodeError("too-complex", f"pickle memo index {index} for {end} bytes")
             i = newline + 1
+        elif op in _SET_OPS:
+            raise DecodeError("unsupported-type", "a set (pickle EMPTY_SET/FROZENSET)")
         elif op in _PICKLE_ARGUMENT_OPS:
             raise DecodeError("truncated", f"pickle opcode {op:#04x} cut off")
         else:
             raise DecodeError("garbage", f"unknown pickle opcode {op:#04x}")
 
 
-class _NdarrayToken:
+def _pickle_estimate(data: bytes, spans: list[tuple[int, int]], strings: int, budget: int) -> None:
+    """Refuse a pickle whose unpickling could allocate more than `budget` bytes.
+
+    Outside long strings (`spans`), a byte costs at most `_CONTAINER_COST` if
+    it is a container opcode (an empty list is 56 bytes for one), else at most
+    `_BYTE_COST` (a one-character str: 58 bytes for 3, a stack or memo slot:
+    16 bytes for 1). Long strings cost their length (text: 4 bytes/char).
+    Bytes of short strings count as opcodes: an upper bound, never less.
+    """
+    structure = sum(stop - start for start, stop in spans)
+    worst = _CONTAINER_COST * structure + strings
+    if worst <= budget:
+        return
+    containers = sum(len(data[start:stop].translate(None, _NOT_CONTAINER)) for start, stop in spans)
+    cost = _CONTAINER_COST * containers + _BYTE_COST * (structure - containers) + strings
+    if cost > budget:
+        raise DecodeError("too-complex", f"pickle would allocate up to {cost} bytes > budget {budget}")
+
+
+# ------------------------------------------------------------ pickle: globals
+
+
+class _Load:
+    """One unpickling's own state: what it may still allocate, and its placeholders.
+
+    Everything `find_class` hands out belongs to one `_Load` (made fresh per
+    payload), so nothing a pickle touches outlives its message.
+    """
+
+    __slots__ = ("arrays", "budget", "cost", "globals")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.cost = 0
+        self.arrays = 0  # _ArraySpec placeholders made (they are swapped for arrays after loading)
+        self.globals: dict[tuple[str, str], Any] = {}
+
+    def charge(self, nbytes: int) -> None:
+        self.cost += nbytes
+        if self.cost > self.budget:
+            raise DecodeError("too-complex", f"pickle builds more than its budget of {self.budget} bytes")
+
+
+class _Sealed:
+    """Base of what a pickle can get hold of: no ``__dict__``, and BUILD is refused."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: object) -> None:
+        raise DecodeError("pickle-forbidden-global", f"BUILD on {type(self).__name__.lstrip('_')}")
+
+    def __reduce__(self) -> Any:  # pragma: no cover - only ever made while unpickling
+        raise TypeError(f"{type(self).__name__} cannot be pickled")
+
+
+class _Global(_Sealed):
+    """An allowed global as ``find_class`` returns it: calls `func(load, *args)`."""
+
+    __slots__ = ("func", "load")
+
+    def __init__(self, func: Callable[..., Any], load: _Load) -> None:
+        self.func = func
+        self.load = load
+
+    def __call__(self, *args: object) -> Any:
+        self.load.charge(_OBJECT_COST)
+        return self.func(self.load, *args)
+
+
+class _NdarrayMarker(_Sealed):
     """Stands in for ``numpy.ndarray`` in a pickle: usable only as _reconstruct's subtype."""
 
+    __slots__ = ()
 
-_NDARRAY_TOKEN: Final = _NdarrayToken()
+
+_TYPECODE: Final = re.compile(r"[biufcmMSUVO][0-9]{0,10}\Z")
+_DATETIME_UNITS: Final = frozenset(
+    {b"Y", b"M", b"W", b"D", b"h", b"m", b"s", b"ms", b"us", b"ns", b"ps", b"fs", b"as"}
+)
+_MAX_FIELDS: Final = 4096
+_MAX_DTYPE_DEPTH: Final = 8
+_MAX_NDIM: Final = 32
+_ALIGNED_STRUCT: Final = 0x80  # numpy's NPY_ALIGNED_STRUCT flag in a pickled dtype state
+_DTYPE_CACHE_SIZE: Final = 256
+_dtype_cache: dict[tuple[str, tuple[Any, ...]], np.dtype[Any]] = {}
+
+
+class _DtypeSpec(_Sealed):
+    """``numpy.dtype(typecode, align, copy)`` from a pickle: a description, not a dtype.
+
+    BUILD hands it numpy's dtype state once; `_dtype_from_state` makes a real
+    dtype from it only after checking every part against what numpy itself
+    pickles (known typecodes and units, fields inside the item size).
+    """
+
+    __slots__ = ("dtype", "typecode")
+
+    def __init__(self, typecode: str) -> None:
+        self.typecode = typecode
+        self.dtype: np.dtype[Any] | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if self.dtype is not None:
+            raise DecodeError("garbage", "numpy dtype state set twice")
+        self.dtype = _dtype_from_state(self.typecode, state, 0)
+
+
+def _new_dtype(load: _Load, typecode: object, align: object = False, copy: object = False) -> _DtypeSpec:
+    if type(typecode) is not str or not _TYPECODE.match(typecode):
+        raise DecodeError("garbage", _short(f"numpy dtype {typecode!r}"))
+    return _DtypeSpec(typecode)
+
+
+def _dtype_of(spec: object, depth: int = 0) -> np.dtype[Any]:
+    """The real dtype a `_DtypeSpec` (already BUILD) stands for."""
+    if type(spec) is not _DtypeSpec or spec.dtype is None:
+        raise DecodeError("garbage", "numpy dtype expected")
+    return spec.dtype
+
+
+def _dtype_from_state(typecode: str, state: object, depth: int) -> np.dtype[Any]:
+    """A dtype from numpy's pickled ``(typecode, state)``, or DecodeError. Cached when plain."""
+    if type(state) is not tuple or len(state) not in (8, 9):
+        raise DecodeError("garbage", "numpy dtype state is not numpy's")
+    try:
+        cached = _dtype_cache.get((typecode, state))
+    except TypeError:  # a structured dtype's fields: not hashable, never cached
+        cached = None
+    if cached is not None:
+        return cached
+    try:
+        dtype = _build_dtype(typecode, state, depth)
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, OverflowError, KeyError, IndexError) as exc:
+        raise DecodeError("garbage", _short(f"numpy dtype: {type(exc).__name__}")) from None
+    if state[3] is None and state[2] is None:
+        if len(_dtype_cache) >= _DTYPE_CACHE_SIZE:
+            _dtype_cache.clear()
+        _dtype_cache[(typecode, state)] = dtype
+    return dtype
+
+
+def _build_dtype(typecode: str, state: tuple[Any, ...], depth: int) -> np.dtype[Any]:
+    version, endian, subarray, names, fields, elsize, _alignment, flags = state[:8]
+    if version not in (3, 4) or (len(state) == 9) != (version == 4):
+        raise ValueError("dtype state version")
+    if endian not in ("<", ">", "|", "=") or type(elsize) is not int or type(flags) is not int:
+        raise ValueError("dtype state fields")
+    if depth > _MAX_DTYPE_DEPTH:
+        raise DecodeError("too-complex", "numpy dtype nested too deep")
+    kind = typecode[0]
+    size = int(typecode[1:] or 0)
+    if subarray is not None:
+        if kind != "V" or names is not None or type(subarray) is not tuple or len(subarray) != 2:
+            raise ValueError("subarray dtype")
+        base, shape = _dtype_of(subarray[0]), _shape_tuple(subarray[1])
+        if base.hasobject:
+            raise DecodeError("unsupported-type", "numpy subarray of Python objects")
+        if base.itemsize * math.prod(shape) != size:
+            raise ValueError("subarray size")
+        return np.dtype((base, shape))
+    if names is not None:
+        return _structured(kind, size, names, fields, flags)
+    if fields is not None:
+        raise ValueError("fields without names")
+    if kind in "mM":
+        return np.dtype(endian + kind + "8" + _datetime_unit(state))  # type: ignore[no-any-return]
+    dtype: np.dtype[Any] = np.dtype(endian + typecode)
+    if elsize not in (-1, dtype.itemsize) or (kind == "O" and endian != "|"):
+        raise ValueError("item size")
+    return dtype
+
+
+def _datetime_unit(state: tuple[Any, ...]) -> str:
+    if len(state) != 9 or type(state[8]) is not tuple or len(state[8]) != 2:
+        raise ValueError("datetime metadata")
+    unit = state[8][1]
+    if type(unit) is not tuple or len(unit) != 4:
+        raise ValueError("datetime unit")
+    name, num = unit[0], unit[1]
+    if name == b"generic":
+        return ""
+    if name not in _DATETIME_UNITS or type(num) is not int or not 0 < num < 2**31:
+        raise ValueError("datetime unit")
+    return f"[{num}{name.decode()}]"
+
+
+def _structured(kind: str, size: int, names: object, fields: object, flags: int) -> np.dtype[Any]:
+    """A structured dtype whose every field lies inside its `size` bytes (no Python objects)."""
+    if kind != "V" or type(names) is not tuple or type(fields) is not dict:
+        raise ValueError("structured dtype")
+    if len(names) > _MAX_FIELDS or len(fields) > 2 * _MAX_FIELDS:
+        raise DecodeError("too-complex", "numpy dtype with too many fields")
+    formats: list[np.dtype[Any]] = []
+    offsets: list[int] = []
+    titles: list[str | None] = []
+    for name in names:
+        entry = fields.get(name) if type(name) is str else None
+        if type(entry) is not tuple or len(entry) not in (2, 3):
+            raise ValueError("structured dtype field")
+        sub, offset = _dtype_of(entry[0]), entry[1]
+        title = entry[2] if len(entry) == 3 else None
+        if sub.hasobject:
+            raise DecodeError("unsupported-type", "numpy structured dtype holding Python objects")
+        if type(offset) is not int or offset < 0 or offset + sub.itemsize > size:
+            raise DecodeError("garbage", "numpy dtype field outside its item size")
+        if title is not None and (type(title) is not str or title in names):
+            raise ValueError("structured dtype title")
+        formats.append(sub)
+        offsets.append(offset)
+        titles.append(title)
+    spec: dict[str, Any] = {"names": list(names), "formats": formats, "offsets": offsets, "itemsize": size}
+    if any(title is not None for title in titles):
+        spec["titles"] = titles
+    dtype: np.dtype[Any] = np.dtype(spec, align=bool(flags & _ALIGNED_STRUCT))  # type: ignore[call-overload]
+    if dtype.itemsize != size:
+        raise ValueError("structured dtype size")
+    return dtype
+
+
+def _shape_tuple(value: object) -> tuple[int, ...]:
+    if type(value) is not tuple or len(value) > _MAX_NDIM:
+        raise DecodeError("garbage", "numpy shape is not a tuple of sizes")
+    for n in value:
+        if type(n) is not int or not 0 <= n < 2**62:
+            raise DecodeError("garbage", "numpy shape is not a tuple of sizes")
+    return value
+
+
+def _array_cost(shape: tuple[int, ...], itemsize: int, objects: bool) -> int:
+    """What an array of `shape` may cost: its bytes, and per element of its non-zero dims.
+
+    ``tolist()`` (the spool codec's for object arrays) and row-wise readers
+    make an object per element even where another dimension is 0.
+    """
+    elements = math.prod(max(n, 1) for n in shape)
+    return _OBJECT_COST + math.prod(shape) * itemsize + (_CONTAINER_COST if objects else 8) * elements
+
+
+class _ArraySpec(_Sealed):
+    """``_reconstruct(ndarray, ...)`` from a pickle: the array is made at BUILD, swapped in after."""
+
+    __slots__ = ("array", "load")
+
+    def __init__(self, load: _Load) -> None:
+        self.load = load
+        self.array: npt.NDArray[Any] | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if self.array is not None:
+            raise DecodeError("garbage", "numpy array state set twice")
+        self.array = _array_from_state(self.load, state)
+
+
+def _array_from_state(load: _Load, state: object) -> npt.NDArray[Any]:
+    """numpy's ``ndarray.__setstate__``, from checked parts only (a copy that owns its memory)."""
+    if type(state) is not tuple or len(state) not in (4, 5):
+        raise DecodeError("garbage", "numpy array state is not numpy's")
+    if len(state) == 5 and state[0] != 1:
+        raise DecodeError("garbage", "numpy array state version")
+    shape_, spec, fortran, raw = state[-4:]
+    shape, dtype = _shape_tuple(shape_), _dtype_of(spec)
+    if type(fortran) not in (bool, int):
+        raise DecodeError("garbage", "numpy array order flag")
+    order = "F" if fortran else "C"
+    load.charge(_array_cost(shape, dtype.itemsize, dtype.hasobject))
+    if dtype.hasobject:
+        return _object_array(shape, dtype, order, raw)
+    if type(raw) is not bytes or len(raw) != math.prod(shape) * dtype.itemsize:
+        raise DecodeError("garbage", "numpy array bytes do not match its shape and dtype")
+    out: npt.NDArray[Any] = np.empty(shape, dtype=dtype, order=order)  # type: ignore[call-overload]
+    if raw:  # byte for byte: structured padding included
+        out.reshape(-1, order="A").view(np.uint8)[:] = np.frombuffer(raw, np.uint8)
+    if out.dtype.byteorder not in ("=", "|"):  # numpy's setstate: swapped to native order
+        return out.astype(out.dtype.newbyteorder("="), order="K")
+    return out
+
+
+def _object_array(shape: tuple[int, ...], dtype: np.dtype[Any], order: str, raw: object) -> npt.NDArray[Any]:
+    if dtype != np.dtype(object):
+        raise DecodeError("unsupported-type", "structured array holding Python objects")
+    if type(raw) is not list or len(raw) != math.prod(shape):
+        raise DecodeError("garbage", "numpy object array items do not match its shape")
+    out: npt.NDArray[Any] = np.empty(shape, dtype=dtype, order=order)  # type: ignore[call-overload]
+    flat = out.reshape(-1, order="A")
+    for index, item in enumerate(raw):
+        if type(item) is _ArraySpec:
+            item = _built(item)
+        flat[index] = item
+    return out
+
+
+def _built(spec: _ArraySpec) -> npt.NDArray[Any]:
+    if spec.array is None:
+        raise DecodeError("garbage", "numpy _reconstruct without its state")
+    return spec.array
+
+
+def _reconstruct(load: _Load, subtype: object, shape: object, typecode: object) -> _ArraySpec:
+    """numpy's ``_reconstruct``, for plain ndarrays only: a placeholder that BUILD fills."""
+    if type(subtype) is not _NdarrayMarker:
+        raise DecodeError("pickle-forbidden-global", "numpy _reconstruct of something else than ndarray")
+    load.arrays += 1
+    return _ArraySpec(load)
+
+
+def _scalar(load: _Load, spec: object, data: object = None) -> Any:
+    """numpy's ``scalar``, from its bytes (numpy always pickles them), no Python objects."""
+    dtype = _dtype_of(spec)
+    if dtype.hasobject:
+        raise DecodeError("unsupported-type", "numpy scalar holding Python objects")
+    if type(data) is not bytes or len(data) != dtype.itemsize:
+        raise DecodeError("garbage", "numpy scalar without exactly its bytes")
+    load.charge(dtype.itemsize)
+    return _np_scalar(dtype, data)
+
+
+def _frombuffer(
+    load: _Load, buf: object, spec: object, shape: object, order: object, axis_order: object = None
+) -> npt.NDArray[Any]:
+    """numpy's protocol-5 ``_frombuffer``: a view of bytes the pickle carried."""
+    dtype, dims = _dtype_of(spec), _shape_tuple(shape)
+    if not isinstance(buf, (bytes, bytearray)) or dtype.hasobject or order not in ("C", "F", "K"):
+        raise DecodeError("garbage", "numpy _frombuffer with bad arguments")
+    if len(buf) != math.prod(dims) * dtype.itemsize:
+        raise DecodeError("garbage", "numpy _frombuffer bytes do not match shape and dtype")
+    load.charge(_array_cost(dims, 0, False))
+    array = np.frombuffer(buf, dtype=dtype)
+    if order == "K" and axis_order is not None:
+        axes = _shape_tuple(axis_order)
+        if sorted(axes) != list(range(len(dims))):
+            raise DecodeError("garbage", "numpy _frombuffer with a bad axis order")
+        return array.reshape(dims, order="C").transpose(axes)
+    return array.reshape(dims, order="C" if order == "K" else order)  # type: ignore[call-overload,no-any-return]
+
+
+def _codecs_encode(load: _Load, text: object, encoding: object = "utf-8", errors: object = "strict") -> bytes:
+    """Protocol 2 pickles bytes as ``_codecs.encode(str, "latin1")``; nothing else."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise DecodeError("pickle-forbidden-global", "_codecs.encode other than latin-1 text")
+    load.charge(len(text))
+    return text.encode("latin-1")
+
+
+def _empty_bytes(load: _Load, *args: object) -> bytes:
+    """Protocols 0-2 pickle ``b""`` as ``bytes()``; ``bytes(10**12)`` would allocate a terabyte."""
+    if args:
+        raise DecodeError("pickle-forbidden-global", "bytes() with arguments")
+    return b""
+
+
+def _complex(load: _Load, *args: object) -> complex:
+    if not 1 <= len(args) <= 2 or any(type(part) not in (float, int) for part in args):
+        raise DecodeError("pickle-forbidden-global", "complex() of anything but numbers")
+    real, imag = (*args, 0.0)[:2]
+    return complex(float(real), float(imag))  # type: ignore[arg-type]
+
+
+def _ordered_dict(load: _Load, *args: object) -> dict[Any, Any]:
+    """``collections.OrderedDict`` as a plain dict; its items come by SETITEM(S)."""
+    if args not in ((), ((),), ([],)):
+        raise DecodeError("pickle-forbidden-global", "OrderedDict() with arguments")
+    return {}
 
 
 def _numpy_attr(modules: tuple[str, ...], name: str) -> Any:
@@ -233,57 +621,13 @@ def _numpy_attr(modules: tuple[str, ...], name: str) -> Any:
     raise ImportError(f"numpy has no {name} in {modules}")  # pragma: no cover
 
 
-_np_reconstruct: Final = _numpy_attr(("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")
 _np_scalar: Final = _numpy_attr(("numpy._core.multiarray", "numpy.core.multiarray"), "scalar")
-
-
-def _reconstruct(subtype: object, shape: object, dtype: object) -> npt.NDArray[Any]:
-    """numpy's ``_reconstruct``, for plain ndarrays only and always empty (BUILD fills it)."""
-    if subtype is not _NDARRAY_TOKEN:
-        raise DecodeError("pickle-forbidden-global", "numpy _reconstruct of something else than ndarray")
-    return _np_reconstruct(np.ndarray, (0,), dtype)  # type: ignore[no-any-return]
-
-
-def _scalar(dtype: object, data: object = None) -> Any:
-    """numpy's ``scalar``, for dtypes without Python objects (numpy never pickles those)."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise DecodeError("garbage", "numpy scalar without a plain dtype")
-    return _np_scalar(dtype, data) if data is not None else _np_scalar(dtype)
-
-
-def _frombuffer(
-    buf: object, dtype: object, shape: object, order: object, axis_order: object = None
-) -> npt.NDArray[Any]:
-    """numpy's protocol-5 ``_frombuffer``: a view of bytes the pickle carried."""
-    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise DecodeError("garbage", "numpy _frombuffer with bad arguments")
-    array = np.frombuffer(buf, dtype=dtype)
-    if order == "K" and axis_order is not None:
-        return array.reshape(shape, order="C").transpose(axis_order)  # type: ignore[call-overload,no-any-return]
-    return array.reshape(shape, order=order)  # type: ignore[call-overload,no-any-return]
-
-
-def _codecs_encode(text: object, encoding: object = "utf-8", errors: object = "strict") -> bytes:
-    """Protocol 2 pickles bytes as ``_codecs.encode(str, "latin1")``; nothing else."""
-    if type(text) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
-        raise DecodeError("pickle-forbidden-global", "_codecs.encode other than latin-1 text")
-    return text.encode("latin-1")
-
-
-def _empty_bytes(*args: object) -> bytes:
-    """Protocols 0-2 pickle ``b""`` as ``bytes()``; ``bytes(10**12)`` would allocate a terabyte."""
-    if args:
-        raise DecodeError("pickle-forbidden-global", "bytes() with arguments")
-    return b""
-
-
 _NUMPY_MODULES: Final = ("numpy.core", "numpy._core")
-_PICKLE_GLOBALS: Final[dict[tuple[str, str], Any]] = {
-    ("numpy", "ndarray"): _NDARRAY_TOKEN,
-    ("numpy", "dtype"): np.dtype,
-    ("collections", "OrderedDict"): dict,
-    ("builtins", "complex"): complex,
-    ("__builtin__", "complex"): complex,  # protocols 0-2 use Python 2 names
+_PICKLE_GLOBALS: Final[dict[tuple[str, str], Callable[..., Any]]] = {
+    ("numpy", "dtype"): _new_dtype,
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("builtins", "complex"): _complex,
+    ("__builtin__", "complex"): _complex,  # protocols 0-2 use Python 2 names
     ("__builtin__", "bytes"): _empty_bytes,
     ("_codecs", "encode"): _codecs_encode,
     **{(f"{base}.multiarray", "_reconstruct"): _reconstruct for base in _NUMPY_MODULES},
@@ -293,16 +637,26 @@ _PICKLE_GLOBALS: Final[dict[tuple[str, str], Any]] = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    """Knows only `_PICKLE_GLOBALS`, each handed out sealed and bound to this load."""
+
+    def __init__(self, payload: bytes, load: _Load) -> None:
+        super().__init__(_Sequential(payload), fix_imports=False)
+        self.state = load
+
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _PICKLE_GLOBALS[(module, name)]
-        except (KeyError, TypeError):
-            raise DecodeError("pickle-forbidden-global", _short(f"{module}.{name}")) from None
-
-
-def _loads_pickle(payload: bytes) -> Any:
-    _scan_pickle(payload)
-    return _unpickle(payload)
+        key = (module, name)
+        found = self.state.globals.get(key)
+        if found is not None:
+            return found
+        if key == ("numpy", "ndarray"):
+            found = _NdarrayMarker()
+        else:
+            try:
+                found = _Global(_PICKLE_GLOBALS[key], self.state)
+            except (KeyError, TypeError):
+                raise DecodeError("pickle-forbidden-global", _short(f"{module}.{name}")) from None
+        self.state.globals[key] = found
+        return found
 
 
 class _Sequential:
@@ -314,11 +668,13 @@ class _Sequential:
     a wrong FRAME length makes it execute bytes `_scan_pickle` took for string
     contents (26 bytes could then allocate 64 GiB of memo). With ``peek``
     returning everything left (a view, no copy), it consumes the file exactly
-    in order, as ``pickle.loads`` and the scan do.
+    in order, as ``pickle.loads`` and the scan do. It then calls ``read`` only
+    to skip what it consumed (the result is dropped) or when the payload is
+    too short: ``read`` moves on and returns nothing (no copy of the payload),
+    which the unpickler reports as truncated.
     """
 
     def __init__(self, payload: bytes) -> None:
-        self._payload = payload
         self._view = memoryview(payload)
         self._pos = 0
 
@@ -326,23 +682,52 @@ class _Sequential:
         return self._view[self._pos :]
 
     def read(self, size: int = -1) -> bytes:
-        end = len(self._view) if size < 0 else min(len(self._view), self._pos + size)
-        data = self._view[self._pos : end].tobytes()
-        self._pos = end
-        return data
+        self._pos = len(self._view) if size < 0 else min(len(self._view), self._pos + size)
+        return b""
 
     def readinto(self, buffer: memoryview) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        self.read(len(buffer))
+        return 0
 
     def readline(self, size: int = -1) -> bytes:
-        newline = self._payload.find(b"\n", self._pos)
-        return self.read(-1 if newline < 0 else newline + 1 - self._pos)
+        return self.read()
 
 
-def _restricted_loads(payload: bytes) -> Any:
-    return _RestrictedUnpickler(_Sequential(payload), fix_imports=False).load()
+def _restricted_loads(payload: bytes, budget: int = 2**62) -> Any:
+    load = _Load(budget)
+    doc = _RestrictedUnpickler(payload, load).load()
+    if load.arrays:
+        doc = _swap_arrays(doc, {}, 0)
+    return doc
+
+
+def _swap_arrays(obj: Any, done: dict[int, Any], depth: int) -> Any:
+    """`obj` with every `_ArraySpec` replaced by its array (dicts and lists in place, tuples anew)."""
+    kind = type(obj)
+    if kind is _ArraySpec:
+        return _built(obj)
+    if kind not in (dict, list, tuple):
+        return obj
+    seen = done.get(id(obj))
+    if seen is not None:
+        return seen
+    if depth > _MAX_DEPTH:
+        raise DecodeError("too-complex", f"nested deeper than {_MAX_DEPTH}")
+    done[id(obj)] = obj
+    if kind is dict:
+        for key, value in obj.items():
+            if type(value) in (_ArraySpec, dict, list, tuple):
+                obj[key] = _swap_arrays(value, done, depth + 1)
+    elif kind is list:
+        for index, value in enumerate(obj):
+            if type(value) in (_ArraySpec, dict, list, tuple):
+                obj[index] = _swap_arrays(value, done, depth + 1)
+    else:
+        items = tuple(_swap_arrays(value, done, depth + 1) for value in obj)
+        if any(a is not b for a, b in zip(items, obj, strict=True)):
+            done[id(obj)] = items
+            return items
+    return obj
 
 
 def _unpickle(payload: bytes, loads: Callable[[bytes], Any] = _restricted_loads) -> Any:
@@ -354,6 +739,10 @@ def _unpickle(payload: bytes, loads: Callable[[bytes], Any] = _restricted_loads)
     except (EOFError, pickle.UnpicklingError) as exc:
         reason = "truncated" if isinstance(exc, EOFError) or "truncated" in str(exc) else "garbage"
         raise DecodeError(reason, _short(f"pickle: {exc}")) from None
+    except MemoryError:
+        raise DecodeError("too-complex", "pickle: out of memory") from None
+    except RecursionError:
+        raise DecodeError("too-complex", "pickle: nested too deep") from None
     except Exception as exc:  # noqa: BLE001  # any failure of hostile bytes is a rejection
         raise DecodeError("garbage", _short(f"pickle: {type(exc).__name__}: {exc}")) from None
 
@@ -465,9 +854,89 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise DecodeError("unsupported-type", f"msgpack extension type {code}")
 
 
-def _loads_msgpack(payload: bytes) -> Any:
+#: msgpack first bytes -> (header width, kind): kinds "a" array, "m" map, "s" str, "b" bin/ext, "" scalar.
+def _msgpack_heads() -> dict[int, tuple[int, int, str]]:
+    """first byte -> (bytes before the payload, fixed payload length or -width of its length, kind)."""
+    heads: dict[int, tuple[int, int, str]] = {}
+    for byte in range(256):
+        if byte <= 0x7F or byte >= 0xE0 or byte in (0xC0, 0xC2, 0xC3):
+            heads[byte] = (1, 0, "")
+        elif byte <= 0x8F:
+            heads[byte] = (1, byte & 0x0F, "m")
+        elif byte <= 0x9F:
+            heads[byte] = (1, byte & 0x0F, "a")
+        elif byte <= 0xBF:
+            heads[byte] = (1, byte & 0x1F, "s")
+    for byte, width, kind in (
+        (0xC4, 1, "b"), (0xC5, 2, "b"), (0xC6, 4, "b"), (0xD9, 1, "s"), (0xDA, 2, "s"), (0xDB, 4, "s"),
+        (0xDC, 2, "a"), (0xDD, 4, "a"), (0xDE, 2, "m"), (0xDF, 4, "m"),
+    ):  # fmt: skip
+        heads[byte] = (1 + width, -width, kind)
+    for byte, size in ((0xCA, 4), (0xCB, 8), (0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8)):
+        heads[byte] = (1 + size, 0, "")
+    for byte, size in ((0xD0, 1), (0xD1, 2), (0xD2, 4), (0xD3, 8)):
+        heads[byte] = (1 + size, 0, "")
+    for byte, size in ((0xD4, 1), (0xD5, 2), (0xD6, 4), (0xD7, 8), (0xD8, 16)):
+        heads[byte] = (2 + size, 0, "")  # fixext: type byte and data
+    for byte, width in ((0xC7, 1), (0xC8, 2), (0xC9, 4)):
+        heads[byte] = (2 + width, -width, "b")  # ext: length, type byte, data
+    return heads  # 0xC1 is never used: missing, like a truncated header
+
+
+_MSGPACK_HEADS: Final = _msgpack_heads()
+#: A run of one-byte msgpack values that open nothing (ints, nil, bools, empty maps/arrays).
+_MSGPACK_ATOMS: Final = re.compile(rb"[\x00-\x7f\xe0-\xff\xc0\xc2\xc3\x80\x90\xa0]+")
+
+
+def _msgpack_estimate(data: bytes, budget: int) -> None:
+    """Walk the headers of one msgpack value (nothing built); refuse it if decoding could cost > `budget`.
+
+    Charged like `_check_tree`: containers their Python size, strings 4 bytes a
+    character, everything else `_BYTE_COST` per byte of its encoding. Stops at
+    the end of `data` (msgpack itself reports the truncation).
+    """
+    heads = _MSGPACK_HEADS
+    atoms = _MSGPACK_ATOMS.match
+    end = len(data)
+    cost = 0
+    pending = 1
+    i = 0
+    while pending and i < end:
+        run = atoms(data, i)
+        if run is not None:
+            n = min(run.end() - i, pending)
+            empty = data.count(b"\x80", i, i + n) + data.count(b"\x90", i, i + n)
+            cost += _BYTE_COST * n + _CONTAINER_COST * empty
+            i += n
+            pending -= n
+        else:
+            head = heads.get(data[i])
+            if head is None:
+                return  # not msgpack: unpackb says so
+            skip, length, kind = head
+            if length < 0:
+                length = int.from_bytes(data[i + 1 : i + 1 - length], "big")
+            pending -= 1
+            i += skip
+            if kind == "a":
+                pending += length
+                cost += _CONTAINER_COST + 8 * length
+            elif kind == "m":
+                pending += 2 * length
+                cost += _CONTAINER_COST + 48 * length
+            else:
+                i += length if kind else 0
+                cost += _OBJECT_COST + (4 * length if kind == "s" else length if kind else _BYTE_COST * skip)
+        if cost > budget:
+            raise DecodeError("too-complex", f"msgpack would allocate more than its budget of {budget} bytes")
+
+
+def _loads_msgpack(payload: bytes, budget: int = 2**62) -> Any:
     # unpackb derives max_str/bin/array/map/ext_len from len(payload), so no
-    # header can make it allocate more than the payload could fill.
+    # header can make it allocate more than the payload could fill; how many
+    # objects it makes is what `_msgpack_estimate` bounds.
+    if len(payload) > _ESTIMATE_FROM:
+        _msgpack_estimate(payload, budget)
     try:
         return msgpack.unpackb(
             payload, raw=False, strict_map_key=True, object_hook=_msgpack_hook, ext_hook=_refuse_ext
@@ -478,6 +947,8 @@ def _loads_msgpack(payload: bytes) -> Any:
         raise DecodeError("too-complex", "msgpack nested too deep") from None
     except (msgpack.ExtraData, msgpack.FormatError) as exc:
         raise DecodeError("garbage", _short(f"msgpack: {type(exc).__name__}")) from None
+    except MemoryError:
+        raise DecodeError("too-complex", "msgpack: out of memory") from None
     except ValueError as exc:
         text = str(exc)
         reason = "truncated" if "incomplete" in text or "exceeds max" in text else "garbage"
@@ -489,16 +960,38 @@ def _loads_msgpack(payload: bytes) -> Any:
 # ----------------------------------------------------------------------- json
 
 
-def _loads_json(payload: bytes) -> Any:
+def _json_estimate(payload: bytes, budget: int) -> None:
+    """Refuse JSON that could cost more than `budget` once loaded (an upper bound, counted in C).
+
+    Every ``[``/``{`` may open a container, every ``"`` half a string; the
+    rest costs at most 12 bytes per byte (a number, a slot, 4 bytes a char).
+    """
+    cost = (
+        12 * len(payload)
+        + _CONTAINER_COST * (payload.count(b"[") + payload.count(b"{"))
+        + 48 * payload.count(b'"')
+    )
+    if cost > budget:
+        raise DecodeError("too-complex", f"JSON could allocate {cost} bytes > budget {budget}")
+
+
+def _loads_json(payload: bytes, budget: int = 2**62) -> Any:
+    if len(payload) > _ESTIMATE_FROM:
+        _json_estimate(payload, budget)
     try:
         return json.loads(payload)
     except json.JSONDecodeError as exc:
         cut = exc.pos >= len(exc.doc.rstrip()) or exc.msg.startswith("Unterminated string")
         raise DecodeError("truncated" if cut else "garbage", _short(f"json: {exc}")) from None
-    except RecursionError:
-        raise DecodeError("too-complex", "json nested too deep") from None
+    except (RecursionError, MemoryError):
+        raise DecodeError("too-complex", "json nested too deep or too large") from None
     except Exception as exc:  # noqa: BLE001  # bad UTF-8, too many digits, ...
         raise DecodeError("garbage", _short(f"json: {type(exc).__name__}: {exc}")) from None
+
+
+def _loads_pickle(payload: bytes, budget: int = 2**62) -> Any:
+    _scan_pickle(payload, budget)
+    return _unpickle(payload, lambda data: _restricted_loads(data, budget))
 
 
 # ----------------------------------------------------------------------- auto
@@ -506,7 +999,10 @@ def _loads_json(payload: bytes) -> Any:
 _JSON_SPACE: Final = b" \t\r\n"
 
 
-def _detect(payload: bytes) -> Callable[[bytes], Any]:
+_Loader = Callable[[bytes, int], Any]
+
+
+def _detect(payload: bytes) -> _Loader:
     first = payload[0]
     if first == 0x80:
         return _loads_msgpack if len(payload) == 1 else _loads_pickle
@@ -519,7 +1015,7 @@ def _detect(payload: bytes) -> Callable[[bytes], Any]:
     raise DecodeError("garbage", f"payload starts with {payload[:8]!r}, no known format")
 
 
-_LOADERS: Final[dict[str, Callable[[bytes], Any]]] = {
+_LOADERS: Final[dict[str, _Loader]] = {
     "pickle": _loads_pickle,
     "msgpack": _loads_msgpack,
     "json": _loads_json,
@@ -537,7 +1033,13 @@ _TEXTS: Final = frozenset({str, bytes, np.str_, np.bytes_})
 
 
 def _check_tree(doc: dict[Any, Any], budget: int) -> None:
-    """Refuse values, keys, depth and (shared-reference) size a document cannot have."""
+    """Refuse values, keys, depth and (shared-reference) size a document cannot have.
+
+    The size charged is memory, as often as a value is referenced: a dict or
+    list its Python size (`_CONTAINER_COST` plus its slots and their leaves),
+    a str/bytes its length plus a header, an array its bytes plus 8 per
+    element of its non-zero dimensions (`_array_cost`).
+    """
     cost = 0
     stack: list[tuple[Any, int]] = [(doc, 0)]
     push = stack.append
@@ -550,7 +1052,7 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> None:
             raise DecodeError("too-complex", f"nested deeper than {_MAX_DEPTH}")
         kind = type(obj)
         if kind is dict:
-            cost += len(obj)
+            cost += _CONTAINER_COST + 48 * len(obj)
             for key, value in obj.items():
                 if type(key) is not str:
                     reason = "unsupported-type" if depth else "not-a-document"
@@ -558,26 +1060,26 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> None:
                 cost += len(key)
                 vkind = type(value)
                 if vkind in texts:
-                    cost += len(value)
+                    cost += len(value) + 40
                 elif vkind not in leaves:
                     push((value, depth + 1))
         elif kind is list or kind is tuple:
-            cost += len(obj)
+            cost += _CONTAINER_COST + 32 * len(obj)
             for value in obj:
                 vkind = type(value)
                 if vkind in texts:
-                    cost += len(value)
+                    cost += len(value) + 40
                 elif vkind not in leaves:
                     push((value, depth + 1))
         elif kind is np.ndarray:
-            cost += obj.nbytes
+            cost += _array_cost(obj.shape, obj.dtype.itemsize, obj.dtype.hasobject)
             if obj.dtype.hasobject:
                 if obj.dtype != object:
                     raise DecodeError("unsupported-type", "structured array holding Python objects")
                 for value in obj.flat:
                     push((value, depth + 1))
         elif isinstance(obj, np.generic):
-            cost += obj.nbytes
+            cost += _OBJECT_COST + obj.nbytes
             if obj.dtype.hasobject:
                 raise DecodeError("unsupported-type", "numpy scalar holding Python objects")
         elif kind in texts:
@@ -720,7 +1222,7 @@ def _pickle_document(payload: bytes, budget: int) -> dict[Any, Any]:
     """
     if _SKELETONS.known(payload):
         return _top_dict(_unpickle(payload, pickle.loads))
-    doc = _top_dict(_loads_pickle(payload))
+    doc = _top_dict(_loads_pickle(payload, budget))
     _check_tree(doc, budget)
     _SKELETONS.learn(payload)
     return doc
@@ -735,6 +1237,11 @@ def _top_dict(doc: object) -> dict[Any, Any]:
 # ---------------------------------------------------------------------- entry
 
 
+def budget_for(payload_bytes: int) -> int:
+    """The decoded-memory budget of a payload of `payload_bytes` (see the module docstring)."""
+    return min(_SLACK + _EXPANSION * payload_bytes, _MAX_DECODED)
+
+
 def decode_message(
     frames: list[bytes],
     *,
@@ -744,11 +1251,26 @@ def decode_message(
 ) -> tuple[str, dict[str, Any]]:
     """Decode one ``Publisher`` message into ``(name, document)`` or raise ``DecodeError``.
 
-    `serializer` is one of ``SERIALIZERS`` (a ValueError otherwise: that is a
-    configuration bug, not a bad message).
+    Nothing else leaves it for any frames: an unexpected failure (a bug here
+    or in numpy, memory, recursion) is a ``DecodeError`` too. `serializer` is
+    one of ``SERIALIZERS`` (a ValueError otherwise: that is a configuration
+    bug, not a bad message).
     """
     if serializer != "auto" and serializer not in _LOADERS:
         raise ValueError(f"serializer must be one of {SERIALIZERS}, not {serializer!r}")
+    try:
+        return _decode(frames, serializer, prefix, max_bytes)
+    except DecodeError:
+        raise
+    except (MemoryError, RecursionError) as exc:
+        raise DecodeError("too-complex", type(exc).__name__) from None
+    except Exception as exc:  # noqa: BLE001  # the promise: hostile bytes only ever give a DecodeError
+        raise DecodeError("garbage", _short(f"{type(exc).__name__}: {exc}")) from None
+
+
+def _decode(
+    frames: list[bytes], serializer: str, prefix: bytes, max_bytes: int
+) -> tuple[str, dict[str, Any]]:
     if len(frames) != 1:
         raise DecodeError("frame-count", f"{len(frames)} frames, expected 1")
     message = frames[0]
@@ -770,9 +1292,9 @@ def decode_message(
     if not payload:
         raise DecodeError("truncated", "empty payload")
     loads = _detect(payload) if serializer == "auto" else _LOADERS[serializer]
-    budget = _EXPANSION * len(payload) + _SLACK
+    budget = min(_SLACK + _EXPANSION * len(payload), _MAX_DECODED)
     if loads is _loads_pickle:
         return name, _pickle_document(payload, budget)
-    doc = _top_dict(loads(payload))
+    doc = _top_dict(loads(payload, budget))
     _check_tree(doc, budget)
     return name, doc
