@@ -125,3 +125,146 @@ def assert_terminal_safe(out: str) -> None:
     """Only rich's own colour sequences and line ends: no control character from the data."""
     stripped = SGR.sub("", out).replace("\n", "")
     assert unsafe_characters(stripped) == [], repr(stripped)
+
+
+# A document field: hostile pieces mixed with arbitrary text, short enough to be shown whole.
+FIELD = st.one_of(HOSTILE_TEXT, st.text(max_size=30)).map(lambda s: s[:30])
+
+
+@st.composite
+def hostile_documents(draw: st.DrawFn) -> list[tuple[str, dict[str, object]]]:
+    """One run whose every text field is drawn from FIELD (uid, scan_id, plan, detectors, stream,
+    data keys and string values, exit status, reason, num_events keys)."""
+    uid, descriptor, stream, key, value = (draw(FIELD) for _ in range(5))
+    scan_id = draw(st.one_of(FIELD, st.integers()))
+    return [
+        (
+            "start",
+            {
+                "uid": uid,
+                "time": 1.7e9,
+                "scan_id": scan_id,
+                "plan_name": draw(FIELD),
+                "detectors": [draw(FIELD)],
+            },
+        ),
+        (
+            "descriptor",
+            {
+                "uid": descriptor,
+                "run_start": uid,
+                "name": stream,
+                "data_keys": {key: {"dtype": "string", "shape": []}, "n": {"dtype": "number", "shape": []}},
+            },
+        ),
+        ("event", {"descriptor": descriptor, "seq_num": 1, "data": {key: value, "n": 1.0}}),
+        ("event", {"descriptor": descriptor, "seq_num": 3, "data": {key: draw(FIELD), "n": 2.0}}),
+        (
+            "stop",
+            {
+                "run_start": uid,
+                "time": 1.7e9 + 5,
+                "exit_status": draw(FIELD),
+                "reason": draw(FIELD),
+                "num_events": {stream: 4, draw(FIELD): 1},
+            },
+        ),
+    ]
+
+
+@st.composite
+def hostile_health(draw: st.DrawFn) -> dict[str, object]:
+    """A /healthz body whose text (and some numbers) are arbitrary."""
+    number = st.one_of(st.integers(), st.floats(), FIELD)
+    return {
+        "status": draw(FIELD),
+        "reasons": [draw(FIELD), draw(FIELD)],
+        "tiled": {"state": draw(FIELD), "since": draw(number), "last_error": draw(FIELD)},
+        "spool": {
+            "backlog_documents": draw(number),
+            "backlog_bytes": draw(number),
+            "backlog_runs": draw(number),
+        },
+        "upload": {"documents": draw(number), "rows": draw(number), "last_lag_seconds": draw(number)},
+        "receiver": {"messages": draw(number), "gaps": draw(number), "dropped": draw(number)},
+        "runs": [{"uid": draw(FIELD), "state": draw(FIELD), "documents": draw(number)}],
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(hostile_documents(), hostile_health(), st.sampled_from([200, 90]))
+def test_monitor_rendering_of_arbitrary_text_is_safe(
+    docs: list[tuple[str, dict[str, object]]], health: dict[str, object], width: int
+) -> None:
+    """Any text in any document field or /healthz field: the monitor's screen renders without an
+    exception, writes no control character but rich's colours, and shows each name literally
+    (markup is text, not style)."""
+    from tiled_writer_sidecar.monitor import render
+    from tiled_writer_sidecar.monitor_state import MonitorState
+
+    state = MonitorState(address="tcp://127.0.0.1:5578", sidecar_url="http://127.0.0.1:9478/healthz")
+    for name, doc in docs:
+        state.feed(name, doc)
+    state.set_health(health)
+    snap = state.snapshot()
+    out = terminal_output(render(snap, width), width=width)
+    assert_terminal_safe(out)
+    if width == 200 and snap["run"] is not None:
+        plain = Console(width=400, record=True, file=io.StringIO())
+        plain.print(render(snap, 400))
+        shown = plain.export_text()
+        assert clean(docs[0][1]["plan_name"], 80) in shown
+        assert clean(docs[1][1]["name"], 64) in shown
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "uid": FIELD,
+                "scan_id": st.one_of(FIELD, st.integers(), st.none()),
+                "plan_name": st.one_of(FIELD, st.none()),
+                "state": FIELD,
+                "documents": st.integers(min_value=0),
+                "uploaded_documents": st.integers(min_value=0),
+                "problems": st.lists(FIELD, max_size=3),
+                "reason": st.one_of(FIELD, st.none()),
+            }
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    FIELD,
+)
+def test_status_rendering_of_arbitrary_text_is_safe(runs: list[dict[str, object]], tiled: str) -> None:
+    """Any text in the spool's per-run fields (uid, scan_id, plan, state, problems, reason) and in
+    uploader.json's Tiled state: the status table renders without an exception, writes no control
+    character but rich's colours, and shows each plan name literally."""
+    from tiled_writer_sidecar.status import print_status
+
+    report = {
+        "spool": "/var/lib/spool\x1b[2J",
+        "runs": runs,
+        "totals": {
+            "runs": len(runs),
+            "documents": 0,
+            "uploaded_documents": 0,
+            "bytes": 0,
+            "by_state": {"pending": len(runs)},
+            "gaps": 0,
+            "oldest_unuploaded_age_seconds": None,
+        },
+        "receiver_running": True,
+        "uploader_running": False,
+        "uploader": {"tiled": tiled},
+    }
+    buffer = io.StringIO()
+    print_status(
+        report, False, Console(file=buffer, force_terminal=True, color_system="truecolor", width=120)
+    )
+    assert_terminal_safe(buffer.getvalue())
+    wide = io.StringIO()
+    print_status(report, False, Console(file=wide, width=2000))
+    for run in runs:
+        assert clean(run["plan_name"] or "") in wide.getvalue()

@@ -18,6 +18,13 @@ makes the monitor fall behind:
 one snapshot (``--json``: the snapshot dict) and exits 0. In that mode run
 starts/stops and connection changes are also logged to stderr, which lets
 scripts wait for them. Expected trouble never shows a traceback.
+
+Hostile input: the socket sets no ``ZMQ_MAXMSGSIZE`` (libzmq would drop the
+connection to the proxy for good on a larger message); `wire.decode_message`
+refuses oversized messages instead, and any exception while decoding or
+accounting for one message is confined to it (counted). Everything shown
+passes `text.clean` and reaches rich only as plain `Text`, never as markup;
+a frame that cannot be rendered is replaced by an error line, never a crash.
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from itertools import islice
 from types import FrameType
 from typing import Any
 
@@ -44,7 +53,9 @@ from rich.text import Text
 
 from .config import Config, ZmqConfig
 from .errors import ConfigError, RejectedMessage
+from .logs import TextFormatter
 from .monitor_state import MonitorState
+from .text import clean, text
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +117,8 @@ class Subscriber:
     def _make_socket(self) -> zmq.Socket[bytes]:
         socket: zmq.Socket[bytes] = self.context.socket(zmq.SUB)
         socket.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        # No ZMQ_MAXMSGSIZE: libzmq treats a larger message as a protocol error and drops the
+        # connection to the proxy for good. decode_message refuses it instead (counted).
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
@@ -151,7 +163,7 @@ class Subscriber:
                     self._drain_messages()
             except Exception as err:  # noqa: BLE001 - the view must outlive any surprise
                 self.state.error(f"decode thread: {type(err).__name__}: {err}")
-                log.warning("monitor decode thread: %s: %s", type(err).__name__, err)
+                log.warning("monitor decode thread: %s: %s", type(err).__name__, clean(err))
                 self.stopping.wait(0.1)
 
     def _drain_events(self) -> None:
@@ -204,6 +216,10 @@ class Subscriber:
             if rejected.reason != "prefix-mismatch":
                 self.state.reject(rejected.reason)
             return
+        except Exception as err:  # noqa: BLE001 - a decoder surprise costs one message, not the view
+            self.state.reject("decode-error")
+            self.state.error(f"decode: {type(err).__name__}: {err}")
+            return
         self.state.feed(name, doc)
         if name in ("start", "stop"):
             self._log_run(name, doc)
@@ -212,17 +228,25 @@ class Subscriber:
         if name == "start":
             log.info(
                 "run start uid=%s scan_id=%s plan=%s",
-                doc.get("uid"),
-                doc.get("scan_id"),
-                doc.get("plan_name"),
+                clean(doc.get("uid")),
+                clean(doc.get("scan_id")),
+                clean(doc.get("plan_name")),
             )
         else:
             log.info(
                 "run stop uid=%s exit_status=%s num_events=%s",
-                doc.get("run_start"),
-                doc.get("exit_status"),
-                doc.get("num_events"),
+                clean(doc.get("run_start")),
+                clean(doc.get("exit_status")),
+                _brief(doc.get("num_events")),
             )
+
+
+def _brief(mapping: Any, items: int = 16) -> str:
+    """The first `items` entries of a document's mapping as ``{key: value, ...}``, cleaned."""
+    if not isinstance(mapping, Mapping):
+        return clean(type(mapping).__name__)
+    shown = ", ".join(f"{clean(k, 64)}: {clean(v, 24)}" for k, v in islice(mapping.items(), items))
+    return "{" + shown + (", …}" if len(mapping) > items else "}")
 
 
 class HealthPoller:
@@ -308,17 +332,24 @@ class HealthPoller:
 
 
 # ---------------------------------------------------------------- rendering
+# Every value below comes from documents, the wire or /healthz: it is shown with
+# `text.text` / `text.clean` as plain rich `Text` (never a markup string), and the
+# formatting helpers accept any value (a hostile /healthz body, inf, 10**400).
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def sparkline(values: Sequence[float], width: int, height: int = 1) -> list[str]:
     """The last `width` values as `height` rows of block characters (top row first)."""
-    values = list(values)[-width:] if width > 0 else []
+    values = [v for v in list(values)[-width:] if math.isfinite(v)] if width > 0 else []
     if not values:
         return [""] * height
     lo, hi = min(values), max(values)
     steps = 8 * height
-    levels = [steps // 2 if hi == lo else 1 + round((v - lo) / (hi - lo) * (steps - 1)) for v in values]
+    span = hi - lo
+    if not math.isfinite(span):  # values near ±max float: scale them down first
+        values = [v / 4 for v in values]
+        lo, hi, span = lo / 4, hi / 4, hi / 4 - lo / 4
+    levels = [steps // 2 if span == 0 else 1 + round((v - lo) / span * (steps - 1)) for v in values]
     rows = []
     for row in range(height):
         base = (height - 1 - row) * 8
@@ -326,42 +357,69 @@ def sparkline(values: Sequence[float], width: int, height: int = 1) -> list[str]
     return rows
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
+def _number(value: Any) -> float | None:
+    """`value` as a finite float, or None (any other value, a bool, inf, NaN, an int too big)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _duration(seconds: Any) -> str:
+    value = _number(seconds)
+    if value is None or value > 1e9:
         return "-"
-    seconds = max(0.0, seconds)
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    s = int(seconds)
+    value = max(0.0, value)
+    if value < 10:
+        return f"{value:.1f} s"
+    s = int(value)
     if s < 3600:
         return f"{s // 60}:{s % 60:02d}"
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _clock(epoch: float | None) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(epoch)) if epoch else "-"
-
-
-def _size(n: float | None) -> str:
-    if n is None:
+def _clock(epoch: Any) -> str:
+    value = _number(epoch)
+    if not value:
         return "-"
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(value))
+    except (OverflowError, OSError, ValueError):
+        return "-"
 
 
-def _rate(value: float | None) -> str:
+def _size(n: Any) -> str:
+    value = _number(n)
     if value is None:
         return "-"
-    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"  # pragma: no cover - GB ends the loop
+
+
+def _rate(value: Any) -> str:
+    number = _number(value)
+    if number is None:
+        return "-"
+    return f"{number:.0f}" if number >= 100 else f"{number:.1f}"
+
+
+def _count(value: Any) -> str:
+    """A count with thousands separators; anything that is not a number, cleaned."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**30:
+        return f"{value:,}"
+    return clean(value, 40)
 
 
 def _value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
-    return str(value)
+    return clean(value, 80)
 
 
 _STATE_STYLE = {
@@ -381,29 +439,38 @@ _STATE_STYLE = {
 }
 
 
-def _badge(state: str) -> Text:
-    return Text(f"● {state}", style=_STATE_STYLE.get(state, "white"))
+def _style(state: Any, default: str = "") -> str:
+    return _STATE_STYLE.get(state, default) if isinstance(state, str) else default
+
+
+def _badge(state: Any) -> Text:
+    return text(f"● {clean(state, 40)}", style=_style(state, "white"))
+
+
+def _get(mapping: Any, key: str, default: Any = None) -> Any:
+    """`mapping[key]` if `mapping` is a dict holding it (a /healthz body may be anything)."""
+    return mapping.get(key, default) if isinstance(mapping, Mapping) else default
 
 
 def render_header(snap: Mapping[str, Any]) -> RenderableType:
     z = snap["zmq"]
     line = Text.assemble(
         ("tiled-writer-sidecar monitor  ", "bold"),
-        f"proxy {z['address']} ",
+        f"proxy {clean(z['address'])} ",
         _badge(z["connection"]),
         f" for {_duration(snap['time'] - z['since'])}",
     )
     if z["connection"] != "connected" and z["detail"]:
-        line.append(f" — {z['detail']}", style="yellow")
+        line.append(f" — {clean(z['detail'], 300)}", style="yellow")
     rejected = sum(z["rejected"].values())
-    line.append(f"   {z['messages']:,} messages, {_size(z['bytes'])}")
+    line.append(f"   {_count(z['messages'])} messages, {_size(z['bytes'])}")
     if rejected:
-        reasons = ", ".join(f"{n} {r}" for r, n in z["rejected"].items())
+        reasons = ", ".join(f"{n} {clean(r, 64)}" for r, n in z["rejected"].items())
         line.append(f", rejected: {reasons}", style="yellow")
     if z["orphans"]:
         line.append(f", {z['orphans']} from runs started before the monitor", style="dim")
     if z["errors"]:
-        line.append(f", monitor errors: {z['errors']} ({z['last_error']})", style="red")
+        line.append(f", monitor errors: {z['errors']} ({clean(z['last_error'], 300)})", style="red")
     return line
 
 
@@ -415,11 +482,11 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
     parts.append(
         Text.assemble(
             ("scan_id ", "dim"),
-            (str(run["scan_id"]), "bold"),
+            (clean(run["scan_id"], 80), "bold"),
             ("   plan ", "dim"),
-            str(run["plan_name"]),
+            clean(run["plan_name"], 80),
             ("   uid ", "dim"),
-            str(run["uid"]),
+            clean(run["uid"], 256),
         )
     )
     status = Text.assemble(
@@ -431,7 +498,7 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
         _badge(run["state"]),
     )
     if run["reason"]:
-        status.append(f"  {run['reason']}", style="yellow")
+        status.append(f"  {clean(run['reason'], 200)}", style="yellow")
     parts.append(status)
 
     streams = Table(box=None, pad_edge=False, expand=False)
@@ -445,8 +512,10 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
         streams.add_column(column, justify=justify)  # type: ignore[arg-type]
     for name, s in run["streams"].items():
         rate = s["rate"] if run["state"] == "running" else s["mean_rate"]
-        gaps = Text(str(s["gaps"]), style="bold red" if s["gaps"] else "")
-        streams.add_row(name, str(s["events"]), _rate(rate), str(s["last_seq_num"]), gaps)
+        gaps = text(s["gaps"], style="bold red" if s["gaps"] else "")
+        streams.add_row(
+            text(name, limit=64), text(s["events"]), text(_rate(rate)), text(s["last_seq_num"]), gaps
+        )
     parts.append(streams)
 
     latest = [(k, v) for s in run["streams"].values() for k, v in s.get("latest", {}).items()]
@@ -456,7 +525,9 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
         for _ in range(per_row):
             grid.add_column()
         for i in range(0, len(latest[:24]), per_row):
-            cells = [Text.assemble((f"{k} ", "dim"), _value(v)) for k, v in latest[i : i + per_row]]
+            cells = [
+                Text.assemble((f"{clean(k, 80)} ", "dim"), _value(v)) for k, v in latest[i : i + per_row]
+            ]
             grid.add_row(*cells)
         parts.append(grid)
 
@@ -467,20 +538,20 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
         parts.append(
             Text.assemble(
                 ("plot ", "dim"),
-                (str(plot["key"]), "bold"),
+                (clean(plot["key"], 80), "bold"),
                 f"  last {_value(values[-1])}  min {_value(min(values))}  max {_value(max(values))}",
                 (f"  ({plot['count']} points)", "dim"),
             )
         )
         parts.append(Text("\n".join(rows), style="cyan"))
     elif plot["key"]:
-        parts.append(Text(f"plot {plot['key']}: no values yet", style="dim"))
+        parts.append(text(f"plot {clean(plot['key'], 80)}: no values yet", style="dim"))
     return Panel(Group(*parts), title="run", title_align="left")
 
 
 def render_sidecar(snap: Mapping[str, Any]) -> RenderableType:
     side = snap["sidecar"]
-    lines: list[Text] = [Text(side["url"], style="dim")]
+    lines: list[Text] = [text(side["url"], style="dim")]
     state = side["state"]
     since = side["since"]
     head = Text.assemble(("sidecar ", "bold"), _badge(state))
@@ -489,55 +560,60 @@ def render_sidecar(snap: Mapping[str, Any]) -> RenderableType:
     lines.append(head)
     health = side["health"]
     if state == "down":
-        lines.append(Text(side["error"] or "no answer", style="red"))
+        lines.append(text(side["error"] or "no answer", style="red", limit=300))
     if health is not None:
-        if health.get("reasons"):
-            lines.append(Text("; ".join(map(str, health["reasons"])), style="red"))
-        tiled = health.get("tiled") or {}
-        tiled_state = str(tiled.get("state", "unknown"))
-        tiled_line = Text.assemble(("Tiled ", "dim"), _badge(tiled_state))
-        if isinstance(tiled.get("since"), (int, float)):
-            tiled_line.append(f" since {_clock(tiled['since'])} ({_duration(snap['time'] - tiled['since'])})")
+        reasons = _get(health, "reasons")
+        if reasons:
+            shown = "; ".join(clean(r) for r in reasons[:10]) if isinstance(reasons, list) else clean(reasons)
+            lines.append(text(shown, style="red", limit=1000))
+        tiled = _get(health, "tiled") or {}
+        tiled_line = Text.assemble(("Tiled ", "dim"), _badge(_get(tiled, "state", "unknown")))
+        tiled_since = _number(_get(tiled, "since"))
+        if tiled_since is not None:
+            tiled_line.append(f" since {_clock(tiled_since)} ({_duration(snap['time'] - tiled_since)})")
         lines.append(tiled_line)
-        spool = health.get("spool") or {}
+        spool = _get(health, "spool") or {}
         lines.append(
             Text.assemble(
                 ("backlog ", "dim"),
-                f"{spool.get('backlog_documents', 0):,} documents, {_size(spool.get('backlog_bytes'))}"
-                f" in {spool.get('backlog_runs', 0)} run(s); oldest "
-                f"{_duration(spool.get('oldest_unuploaded_age_seconds'))}",
+                f"{_count(_get(spool, 'backlog_documents', 0))} documents, "
+                f"{_size(_get(spool, 'backlog_bytes'))} in {_count(_get(spool, 'backlog_runs', 0))} run(s); "
+                f"oldest {_duration(_get(spool, 'oldest_unuploaded_age_seconds'))}",
             )
         )
-        upload = health.get("upload") or {}
+        upload = _get(health, "upload") or {}
         lines.append(
             Text.assemble(
                 ("upload ", "dim"),
                 f"{_rate(side['upload_rows_per_second'])} rows/s, "
                 f"{_rate(side['upload_documents_per_second'])} docs/s "
-                f"({upload.get('documents', 0):,} documents, {upload.get('rows', 0):,} rows in total)",
+                f"({_count(_get(upload, 'documents', 0))} documents, "
+                f"{_count(_get(upload, 'rows', 0))} rows in total)",
             )
         )
-        lines.append(Text.assemble(("event→Tiled lag ", "dim"), _duration(upload.get("last_lag_seconds"))))
-        receiver = health.get("receiver") or {}
+        lines.append(Text.assemble(("event→Tiled lag ", "dim"), _duration(_get(upload, "last_lag_seconds"))))
+        receiver = _get(health, "receiver") or {}
         lines.append(
             Text.assemble(
                 ("receiver ", "dim"),
-                f"{receiver.get('messages', 0):,} messages, gaps {receiver.get('gaps', 0)}, "
-                f"dropped {receiver.get('dropped', 0)}",
+                f"{_count(_get(receiver, 'messages', 0))} messages, "
+                f"gaps {_count(_get(receiver, 'gaps', 0))}, dropped {_count(_get(receiver, 'dropped', 0))}",
             )
         )
-        error = tiled.get("last_error")
+        error = _get(tiled, "last_error")
         lines.append(
-            Text.assemble(("last error ", "dim"), (str(error) if error else "-", "red" if error else ""))
+            Text.assemble(
+                ("last error ", "dim"), (clean(error, 300) if error else "-", "red" if error else "")
+            )
         )
     return Panel(Group(*lines), title="sidecar", title_align="left")
 
 
 def render_runs(snap: Mapping[str, Any], limit: int = 8, *, wide: bool = True) -> RenderableType:
-    sidecar_runs = {}
-    health = snap["sidecar"]["health"]
-    if health and isinstance(health.get("runs"), list):
-        sidecar_runs = {r.get("uid"): r for r in health["runs"] if isinstance(r, dict)}
+    sidecar_runs: dict[Any, Any] = {}
+    runs = _get(snap["sidecar"]["health"], "runs")
+    if isinstance(runs, list):
+        sidecar_runs = {clean(r.get("uid"), 256): r for r in runs if isinstance(r, Mapping)}
     table = Table(box=None, pad_edge=False, expand=True)
     columns = [
         ("scan_id", "right"),
@@ -555,22 +631,27 @@ def render_runs(snap: Mapping[str, Any], limit: int = 8, *, wide: bool = True) -
     for column, justify in columns:
         table.add_column(column, justify=justify, no_wrap=column != "events")  # type: ignore[arg-type]
     for run in snap["runs"][:limit]:
-        events = " ".join(f"{k}={v}" for k, v in run["events"].items())
+        events = " ".join(f"{clean(k, 64)}={v}" for k, v in run["events"].items())
         gaps = sum(run["gaps"].values())
-        spooled = sidecar_runs.get(run["uid"])
+        spooled = sidecar_runs.get(clean(run["uid"], 256))
         sidecar = (
-            f"{spooled.get('state')} {spooled.get('uploaded_documents', 0)}/{spooled.get('documents', 0)}"
+            f"{clean(spooled.get('state'), 24)} "
+            f"{_count(spooled.get('uploaded_documents', 0))}/{_count(spooled.get('documents', 0))}"
             if spooled
             else "-"
         )
-        cells: list[RenderableType] = [str(run["scan_id"]), str(run["uid"])[:8], str(run["plan_name"])]
+        cells: list[RenderableType] = [
+            text(run["scan_id"], limit=24),
+            text(clean(run["uid"], 256)[:8]),
+            text(run["plan_name"], limit=80),
+        ]
         if wide:
-            cells += [_clock(run["start_time"]), _duration(run["elapsed_seconds"])]
+            cells += [Text(_clock(run["start_time"])), Text(_duration(run["elapsed_seconds"]))]
         cells += [
-            Text(run["state"], style=_STATE_STYLE.get(run["state"], "")),
-            events,
+            text(run["state"], style=_style(run["state"]), limit=40),
+            text(events, limit=400),
             Text(str(gaps), style="bold red" if gaps else ""),
-            sidecar,
+            text(sidecar, limit=80),
         ]
         table.add_row(*cells)
     return Panel(table, title="last runs", title_align="left")
@@ -595,6 +676,16 @@ def render(snap: Mapping[str, Any], width: int = 120) -> RenderableType:
         style="bold red" if snap["gaps"] else "dim",
     )
     return Group(render_header(snap), top, render_runs(snap, wide=width >= 100), footer)
+
+
+def render_safely(state: MonitorState, width: int) -> RenderableType:
+    """`render(state.snapshot())`; if that fails, one line saying so (counted as a monitor error)."""
+    try:
+        return render(state.snapshot(), width)
+    except Exception as err:  # noqa: BLE001 - the view must outlive any surprise
+        state.error(f"render: {type(err).__name__}: {err}")
+        log.warning("monitor render: %s: %s", type(err).__name__, clean(err))
+        return text(f"cannot render this frame: {type(err).__name__}: {clean(err, 300)}", style="red")
 
 
 # ---------------------------------------------------------------- entry
@@ -645,7 +736,7 @@ def run_monitor(config: Config, args: argparse.Namespace) -> int:
         poller.poll_now()  # the snapshot shows the sidecar as it is now
         snap = state.snapshot()
         if as_json:
-            print(json.dumps(snap, indent=2, default=str))
+            print(json.dumps(snap, indent=2, default=str, ensure_ascii=True))
         else:
             console.print(render(snap, console.width))
     return 0
@@ -655,8 +746,10 @@ def _quiet_logging(console: Console) -> None:
     """In the live view, only warnings reach the screen (printed above the view)."""
     from rich.logging import RichHandler
 
+    handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+    handler.setFormatter(TextFormatter("%(message)s"))  # messages escaped, one line each
     root = logging.getLogger()
-    root.handlers[:] = [RichHandler(console=console, show_path=False)]
+    root.handlers[:] = [handler]
     log.setLevel(logging.WARNING)
 
 
@@ -665,7 +758,7 @@ def _live(state: MonitorState, stop: threading.Event, console: Console) -> None:
     with Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
         while not stop.is_set():
             started = time.monotonic()
-            live.update(render(state.snapshot(), console.width), refresh=True)
+            live.update(render_safely(state, console.width), refresh=True)
             stop.wait(max(0.0, frame - (time.monotonic() - started)))
 
 
