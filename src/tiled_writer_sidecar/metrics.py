@@ -7,16 +7,26 @@ per-run files when scraped. ``/healthz`` answers 200 while the sidecar can
 receive and spool and 503 with the reason when it cannot (receiver loop
 stalled, spool not writable or full). Tiled being down is reported in the
 body but is not unhealthy: the sidecar is built for that.
+
+The lag histogram (``event_to_tiled_seconds``) is cumulative, as Prometheus
+needs for ``rate()`` and ``histogram_quantile``: `LagHistogram` adds only what
+is new in each ``uploader.json`` it reads, so no bucket ever goes down while
+this process lives. It reads, in order of preference, ``lag_histogram``
+(cumulative buckets kept by the uploader, `LagHistogram.as_status`; a
+decrease means the uploader restarted) or today's ``lag_seconds`` list (the
+last 1000 samples: the new ones are those after the longest overlap with
+the list read before).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeGuard
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -28,6 +38,105 @@ from .stats import ReceiverStats
 
 LOOP_STALL_SECONDS = 10.0
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class LagHistogram:
+    """Cumulative lag histogram: counts per `LAG_BUCKETS` bound (+Inf last), sum, count.
+
+    The uploader can keep one (`observe` each sample, `as_status` into
+    ``uploader.json`` as ``lag_histogram``); the metrics server keeps one per
+    process and feeds it each ``uploader.json`` it reads (`update`).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buckets = [0] * (len(LAG_BUCKETS) + 1)  # cumulative: samples <= bound; last is +Inf
+        self.sum = 0.0
+        self.count = 0
+        self._seen_status: tuple[list[int], float] | None = None  # last `lag_histogram` read
+        self._seen_samples: list[float] = []  # last `lag_seconds` list read
+
+    def observe(self, seconds: float) -> None:
+        """Add one sample (ignored unless it is a finite number)."""
+        if not _finite(seconds):
+            return
+        with self.lock:
+            for i, bound in enumerate(LAG_BUCKETS):
+                if seconds <= bound:
+                    self.buckets[i] += 1
+            self.buckets[-1] += 1
+            self.sum += seconds
+            self.count += 1
+
+    def as_status(self) -> dict[str, Any]:
+        """The histogram as ``uploader.json`` carries it (field ``lag_histogram``)."""
+        with self.lock:
+            return {"bounds": list(LAG_BUCKETS), "buckets": list(self.buckets), "sum": self.sum}
+
+    def update(self, uploader: dict[str, Any]) -> None:
+        """Add what is new in one read of ``uploader.json`` (see the module docstring)."""
+        status = _histogram_status(uploader.get("lag_histogram"))
+        if status is not None:
+            self._add_status(*status)
+            return
+        samples = uploader.get("lag_seconds")
+        if isinstance(samples, list):
+            for sample in self._new_samples([x for x in samples if _finite(x)]):
+                self.observe(sample)
+
+    def _add_status(self, buckets: list[int], total: float) -> None:
+        seen = self._seen_status
+        self._seen_status = (buckets, total)
+        if seen is not None and all(now >= before for now, before in zip(buckets, seen[0], strict=True)):
+            delta = [now - before for now, before in zip(buckets, seen[0], strict=True)]
+            delta_sum = total - seen[1]
+        else:  # first read, or the uploader restarted: all of it is new
+            delta, delta_sum = buckets, total
+        with self.lock:
+            self.buckets = [a + b for a, b in zip(self.buckets, delta, strict=True)]
+            self.sum += max(0.0, delta_sum)
+            self.count = self.buckets[-1]
+
+    def _new_samples(self, samples: list[float]) -> list[float]:
+        """The tail of `samples` not read before: after the longest overlap with the last read."""
+        before, self._seen_samples = self._seen_samples, samples
+        first = samples[0] if samples else None
+        for start in range(len(before)):  # the earliest start gives the longest overlap
+            if before[start] == first:
+                overlap = before[start:]
+                if samples[: len(overlap)] == overlap:
+                    return samples[len(overlap) :]
+        return samples  # no overlap: the uploader restarted (or more than 1000 came since)
+
+    def buckets_for_prometheus(self) -> tuple[list[tuple[str, float]], float]:
+        with self.lock:
+            bounds = [str(b) for b in LAG_BUCKETS] + ["+Inf"]
+            return list(zip(bounds, map(float, self.buckets), strict=True)), self.sum
+
+
+def _finite(value: Any) -> TypeGuard[float]:
+    """A real number that fits a float and is finite (not a bool, NaN, inf or 10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _histogram_status(value: Any) -> tuple[list[int], float] | None:
+    """``(buckets, sum)`` from a ``lag_histogram`` field, or None if absent or not ours."""
+    if not isinstance(value, dict) or value.get("bounds") != list(LAG_BUCKETS):
+        return None
+    buckets, total = value.get("buckets"), value.get("sum")
+    if (
+        not isinstance(buckets, list)
+        or len(buckets) != len(LAG_BUCKETS) + 1
+        or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**63 for n in buckets)
+        or not _finite(total)
+    ):
+        return None
+    return buckets, float(total)
 
 
 def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> dict[str, Any]:
@@ -90,6 +199,8 @@ class SidecarCollector(Collector):
     def __init__(self, stats: ReceiverStats, spool: SpoolDir) -> None:
         self.stats = stats
         self.spool = spool
+        self.lag = LagHistogram()
+        self._update_lock = threading.Lock()  # one scrape at a time reads what is new
 
     def collect(self) -> Iterator[Any]:
         s = self.stats
@@ -148,13 +259,14 @@ class SidecarCollector(Collector):
         yield CounterMetricFamily(
             f"{p}_upload_flushes", "Batches flushed to Tiled", value=uploader.get("flushes", 0)
         )
-        lags = [float(x) for x in uploader.get("lag_seconds", [])]
-        buckets = [(str(b), sum(1 for x in lags if x <= b)) for b in LAG_BUCKETS] + [("+Inf", len(lags))]
+        with self._update_lock:
+            self.lag.update(uploader)
+        buckets, lag_sum = self.lag.buckets_for_prometheus()
         yield HistogramMetricFamily(
             f"{p}_event_to_tiled_seconds",
-            "Event time to readable in Tiled, per flushed batch (oldest row; last 1000 batches)",
+            "Event time to readable in Tiled, per flushed batch (oldest row)",
             buckets=buckets,
-            sum_value=sum(lags),
+            sum_value=lag_sum,
         )
 
 
