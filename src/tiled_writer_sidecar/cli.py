@@ -87,10 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0, help="with --once: how long to listen first")
 
     p = sub.add_parser(
+        "proxy", help="drop-in for bluesky-0MQ-proxy that buffers bursts instead of dropping them"
+    )
+    _add_proxy_arguments(p)
+
+    p = sub.add_parser(
         "demo", help="the whole system on this machine: Tiled, proxy, sidecar, scans, an outage"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser
+
+
+def _add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
+    """bluesky-0MQ-proxy's flags, plus the buffer and metrics (parsed in `proxy.options_from_args`)."""
+    parser.add_argument(
+        "--in-address", help="where RunEngines' Publishers connect: PORT, HOST:PORT or tcp://HOST:PORT"
+    )
+    parser.add_argument("--out-address", help="where subscribers connect (same forms)")
+    parser.add_argument(
+        "--max-buffer-bytes",
+        default="256MiB",
+        metavar="SIZE",
+        help="memory for buffered messages, e.g. 268435456, 256MiB, 1GiB (default 256MiB); past it "
+        "the slowest subscriber misses messages (counted as dropped)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (default: off; the systemd unit uses 127.0.0.1:9479)",
+    )
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="count",
+        default=0,
+        help="log start and stop documents (-vvv: every message's name and size)",
+    )
+    parser.add_argument("--logfile", help="write the log to this file instead of stderr")
 
 
 def effective_config(args: argparse.Namespace) -> Config:
@@ -111,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(keep=args.keep)
+        if args.command == "proxy":  # no config file: the proxy is configured by its flags only
+            from .proxy import options_from_args, run_proxy, setup_proxy_logging
+
+            setup_proxy_logging(args)
+            return run_proxy(options_from_args(args))
         config = effective_config(args)
         setup_logging(config.log.level, config.log.format, role="receiver" if args.command == "run" else "")
         return _dispatch(args, config, console)

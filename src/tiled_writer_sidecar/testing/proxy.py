@@ -1,4 +1,10 @@
-"""bluesky's own `bluesky-0MQ-proxy`, unchanged, as a managed subprocess.
+"""A 0MQ proxy as a managed subprocess: bluesky's own or the project's.
+
+`ZmqProxy()` runs bluesky's `bluesky-0MQ-proxy`, unchanged;
+`ZmqProxy(kind="sidecar")` (or `SidecarProxy()`) runs `tiled-writer-sidecar
+proxy`, the drop-in that buffers bursts, with its Prometheus endpoint on a
+free port (`metrics()` reads it). Both take the same flags and speak the
+same wire, so everything below holds for either.
 
 The proxy binds a SUB socket (`in`, where RunEngine `Publisher`s connect)
 and a PUB socket (`out`, where subscribers such as the sidecar connect) on
@@ -24,8 +30,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
+import httpx
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -36,6 +43,10 @@ from .ports import LOCALHOST, free_port, wait_until
 PROBE_PREFIX = b"tiled-writer-sidecar-probe"
 
 DEFAULT_STARTUP_TIMEOUT = 30.0
+
+#: Which proxy: bluesky's `bluesky-0MQ-proxy` or `tiled-writer-sidecar proxy`.
+ProxyKind = Literal["bluesky", "sidecar"]
+PROXY_NAMES: dict[str, str] = {"bluesky": "bluesky-0MQ-proxy", "sidecar": "tiled-writer-sidecar proxy"}
 
 
 def probe_message(nonce: bytes) -> bytes:
@@ -59,12 +70,34 @@ def proxy_command() -> list[str]:
     return [sys.executable, "-m", "bluesky.commandline.zmq_proxy"]
 
 
+def sidecar_proxy_command() -> list[str]:
+    """`tiled-writer-sidecar proxy` of this interpreter's environment."""
+    script = Path(sys.executable).parent / "tiled-writer-sidecar"
+    if script.exists():
+        return [str(script), "proxy"]
+    return [sys.executable, "-m", "tiled_writer_sidecar.cli", "proxy"]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {"name{labels}": value} (comments skipped)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
 def _close(context: zmq.Context[zmq.Socket[bytes]]) -> None:
     context.destroy(linger=0)
 
 
 class ZmqProxy(Service):
-    """A `bluesky-0MQ-proxy` process on two 127.0.0.1 ports."""
+    """A 0MQ proxy process on two 127.0.0.1 ports (`kind`: bluesky's or the project's).
+
+    For ``kind="sidecar"``, `max_buffer_bytes` sets ``--max-buffer-bytes``
+    (default: the proxy's) and ``--metrics-address`` is a free port.
+    """
 
     def __init__(
         self,
@@ -73,13 +106,20 @@ class ZmqProxy(Service):
         out_port: int | None = None,
         log_path: Path | str | None = None,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+        kind: ProxyKind = "bluesky",
+        max_buffer_bytes: int | None = None,
     ) -> None:
+        if kind not in PROXY_NAMES:
+            raise ValueError(f"kind must be one of {sorted(PROXY_NAMES)}, not {kind!r}")
+        self.kind: ProxyKind = kind
+        self.name = PROXY_NAMES[kind]
+        self.max_buffer_bytes = max_buffer_bytes
         self._in_port = in_port if in_port is not None else free_port()
         self._out_port = out_port if out_port is not None else free_port()
+        self.metrics_port: int | None = free_port() if kind == "sidecar" else None
         if log_path is None:
-            log_path = Path(tempfile.gettempdir()) / (
-                f"bluesky-0MQ-proxy-{self._in_port}-{self._out_port}.log"
-            )
+            stem = "bluesky-0MQ-proxy" if kind == "bluesky" else "tiled-writer-sidecar-proxy"
+            log_path = Path(tempfile.gettempdir()) / f"{stem}-{self._in_port}-{self._out_port}.log"
         self.log_path = Path(log_path)
         self.startup_timeout = startup_timeout
         #: Seconds from spawn to ready, one entry per start.
@@ -113,14 +153,30 @@ class ZmqProxy(Service):
     def pid(self) -> int | None:
         return self._process.pid
 
+    @property
+    def metrics_url(self) -> str | None:
+        """The project's proxy's Prometheus endpoint (None for bluesky's)."""
+        if self.metrics_port is None:
+            return None
+        return f"http://{LOCALHOST}:{self.metrics_port}/metrics"
+
+    def metrics(self, timeout: float = 10.0) -> dict[str, float]:
+        """The project's proxy's metrics, without the ``tiled_writer_sidecar_proxy_`` prefix."""
+        if self.metrics_url is None:
+            raise ValueError("bluesky-0MQ-proxy serves no metrics")
+        response = httpx.get(self.metrics_url, timeout=timeout)
+        response.raise_for_status()
+        prefix = "tiled_writer_sidecar_proxy_"
+        return {k.removeprefix(prefix): v for k, v in parse_metrics(response.text).items()}
+
     def command(self) -> list[str]:
-        return [
-            *proxy_command(),
-            "--in-address",
-            f"tcp://{self.in_address}",
-            "--out-address",
-            self.out_address,
-        ]
+        addresses = ["--in-address", f"tcp://{self.in_address}", "--out-address", self.out_address]
+        if self.kind == "bluesky":
+            return [*proxy_command(), *addresses]
+        extra = ["--metrics-address", f"{LOCALHOST}:{self.metrics_port}"]
+        if self.max_buffer_bytes is not None:
+            extra += ["--max-buffer-bytes", str(self.max_buffer_bytes)]
+        return [*sidecar_proxy_command(), *addresses, *extra]
 
     # -- lifecycle --------------------------------------------------------
 
@@ -150,7 +206,7 @@ class ZmqProxy(Service):
     def _check_alive(self) -> None:
         if not self._process.running:
             raise RuntimeError(
-                f"bluesky-0MQ-proxy exited with {self._process.returncode};"
+                f"{self.name} exited with {self._process.returncode};"
                 f" log {self.log_path}:\n{self._process.log_tail()}"
             )
 
@@ -180,7 +236,7 @@ class ZmqProxy(Service):
                 came_through,
                 self._remaining(deadline),
                 interval=0.0,
-                what=f"a probe through bluesky-0MQ-proxy (log {self.log_path})",
+                what=f"a probe through {self.name} (log {self.log_path})",
             )
         finally:
             _close(context)
@@ -203,7 +259,7 @@ class ZmqProxy(Service):
                 handshaken,
                 self._remaining(deadline),
                 interval=0.0,
-                what=f"a ZMTP handshake with bluesky-0MQ-proxy at {address}",
+                what=f"a ZMTP handshake with {self.name} at {address}",
             )
             sock.disable_monitor()
         finally:
@@ -242,4 +298,26 @@ class ZmqProxy(Service):
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"ZmqProxy(in={self.in_address}, out={self.out_address}, {state})"
+        return f"ZmqProxy({self.kind}, in={self.in_address}, out={self.out_address}, {state})"
+
+
+class SidecarProxy(ZmqProxy):
+    """`tiled-writer-sidecar proxy` (the buffering drop-in) as a managed subprocess."""
+
+    def __init__(
+        self,
+        *,
+        in_port: int | None = None,
+        out_port: int | None = None,
+        log_path: Path | str | None = None,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+        max_buffer_bytes: int | None = None,
+    ) -> None:
+        super().__init__(
+            in_port=in_port,
+            out_port=out_port,
+            log_path=log_path,
+            startup_timeout=startup_timeout,
+            kind="sidecar",
+            max_buffer_bytes=max_buffer_bytes,
+        )
