@@ -81,6 +81,8 @@ def replay(
         console.print(f"{len(runs)} run(s) would be uploaded (dry run: nothing was changed)")
         return 0
     spool.lock("uploader")
+    if warning := config.insecure_transport_warning():
+        log.warning("%s", warning)
     for uid in close_abandoned_runs(spool):
         console.print(f"run {uid}: closed; its stop never arrived")
     runs = selected_runs(spool, uids)
