@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -70,3 +72,81 @@ def test_garbage_never_raises(data: bytes) -> None:
     for item in record.scan(data):
         if isinstance(item, record.Record):
             assert record.encode(item.payload) == data[item.offset : item.end]
+
+
+SALT = b"segment!"
+
+
+def _payload_hiding_records(with_segment_salt: bool = True) -> bytes:
+    """A payload that embeds whole encoded records: v2 with the default salt (and with the
+    segment's own salt, which only the segment's writer knows, if asked), and v1."""
+    inner = [b"injected start ../../evil", b"injected event for an unknown descriptor"]
+    salts = [bytes(record.SALT_SIZE), b"other!!!"] + ([SALT] if with_segment_salt else [])
+    return b"prefix" + b"".join(
+        b"".join(record.encode(p, salt) for salt in salts) + record.encode_v1(p) for p in inner
+    )
+
+
+def test_records_embedded_in_a_payload_never_surface() -> None:
+    """A payload holding encoded records (even with this segment's salt) is read back as one record."""
+    outer = [b"before", _payload_hiding_records(), b"after"]
+    data = b"".join(record.encode(p, SALT) for p in outer)
+    items = list(record.scan(data, salt=SALT))
+    assert [i.payload for i in items if isinstance(i, record.Record)] == outer
+    assert all(isinstance(i, record.Record) for i in items)
+
+
+@given(st.data())
+def test_a_damaged_header_resynchronises_on_the_next_real_header(data: st.DataObject) -> None:
+    """Any bit flipped in a header loses exactly that record; records embedded in its payload
+    (written without this segment's salt) are never mistaken for the next one."""
+    outer = [b"first", _payload_hiding_records(with_segment_salt=False), b"third", b"fourth"]
+    full = bytearray(b"".join(record.encode(p, SALT) for p in outer))
+    victim = data.draw(st.integers(0, len(outer) - 1))
+    start = sum(record.HEADER_SIZE + len(p) for p in outer[:victim])
+    bit = data.draw(st.integers(0, record.HEADER_SIZE * 8 - 1))
+    full[start + bit // 8] ^= 1 << (bit % 8)
+    items = list(record.scan(bytes(full), salt=SALT))
+    got = [i.payload for i in items if isinstance(i, record.Record)]
+    assert got == outer[:victim] + outer[victim + 1 :]
+    if victim < len(outer) - 1:
+        damage = [i for i in items if isinstance(i, record.Corruption)]
+        assert [(d.offset, d.length) for d in damage] == [(start, record.HEADER_SIZE + len(outer[victim]))]
+
+
+def test_a_damaged_payload_is_damage_of_exactly_that_record() -> None:
+    """A payload whose CRC fails is reported as one range, the record's own, and skipped by its length."""
+    outer = [b"one", _payload_hiding_records(), b"three"]
+    full = bytearray(b"".join(record.encode(p, SALT) for p in outer))
+    start = record.HEADER_SIZE + len(outer[0])
+    full[start + record.HEADER_SIZE + 10] ^= 0x40
+    items = list(record.scan(bytes(full), salt=SALT))
+    assert [i.payload for i in items if isinstance(i, record.Record)] == [b"one", b"three"]
+    assert [(i.offset, i.length) for i in items if isinstance(i, record.Corruption)] == [
+        (start, record.HEADER_SIZE + len(outer[1]))
+    ]
+
+
+def test_a_header_beyond_max_payload_never_verifies() -> None:
+    """A header claiming more than MAX_PAYLOAD is damage, even with a valid CRC; nothing is allocated."""
+    head = record.HEADER.pack(record.MAGIC, record.MAX_PAYLOAD + 1, 0, 0)[:12]
+    crc = zlib.crc32(head, record.seed(SALT)).to_bytes(4, "little")
+    data = head + crc + record.encode(b"next", SALT)
+    items = list(record.scan(data, salt=SALT))
+    assert [type(i).__name__ for i in items] == ["Corruption", "Record"]
+
+
+def test_v1_records_still_scan() -> None:
+    """The v1 scanner reads v1 framing (records written by the previous release)."""
+    payloads = [b"a", b"bb" * 100, b""]
+    items = list(record.scan_v1(b"".join(record.encode_v1(p) for p in payloads)))
+    assert [i.payload for i in items if isinstance(i, record.RecordV1)] == payloads
+
+
+def test_file_header_survives_one_damaged_copy() -> None:
+    """The salt is read from the second copy when the first is damaged; None when both are."""
+    header = bytearray(record.file_header(SALT))
+    header[3] ^= 1
+    assert record.read_file_header(bytes(header)) == SALT
+    header[record.FILE_HEADER_SIZE // 2 + 12] ^= 1
+    assert record.read_file_header(bytes(header)) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,115 @@ def test_append_many_loses_only_the_records_that_do_not_fit(
     assert [(index, err.errno) for index, err in result.failed] == [(1, errno.ENOSPC), (3, errno.ENOSPC)]
     writer.close()
     assert list(LogReader(tmp_path).read()) == [b"one", b"three", b"five"]
+
+
+def _hiding(size: int) -> bytes:
+    """A payload of about `size` bytes that embeds encoded records (v2 default salt, v1) throughout."""
+    hidden = record.encode(b"injected ../../evil start") + record.encode_v1(
+        b"injected unknown-descriptor event"
+    )
+    return (b"x" * 7 + hidden) * (size // (len(hidden) + 7))
+
+
+@pytest.mark.parametrize("chunk", [4096, segment.READ_CHUNK])
+def test_records_that_cross_read_chunks_are_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Records larger than, and straddling, the read chunk come back whole; what their payloads
+    embed never surfaces as a record, from the start or when following the log."""
+    monkeypatch.setattr(record, "READ_CHUNK", chunk)
+    payloads = [b"a", _hiding(chunk * 3 // 2), b"b" * (chunk // 2), _hiding(chunk + 17), b"c"]
+    writer = LogWriter(tmp_path, 64 * 2**20, FsyncPolicy("never"))
+    follower = LogReader(tmp_path)
+    followed: list[bytes] = []
+    for p in payloads:
+        writer.append(p)
+        followed += follower.read()
+    writer.close()
+    reader = LogReader(tmp_path)
+    assert list(reader.read()) == payloads == followed
+    assert reader.damage == [] and follower.damage == []
+
+
+def test_a_payload_full_of_fake_headers_reads_in_linear_time(tmp_path: Path) -> None:
+    """A 16 MiB payload made of (v2 and v1) record headers reads back as one record in well under
+    a second: it is skipped by its length, never searched."""
+    fake = record.encode(b"") + record.encode_v1(b"")
+    big = fake * (16 * 2**20 // len(fake))
+    _write(tmp_path, [b"before", big, b"after"], segment_bytes=64 * 2**20)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        got = list(LogReader(tmp_path).read())
+        best = min(best, time.perf_counter() - start)
+    assert got == [b"before", big, b"after"]
+    assert best < 1.0, f"{best:.2f} s"
+
+
+def test_reader_reports_a_symlinked_segment_and_never_reads_it(tmp_path: Path) -> None:
+    """A segment that is a symlink (to a log of records) is damage: its records are not returned."""
+    _write(tmp_path / "other", [b"planted record"], segment_bytes=1 << 20)
+    run = tmp_path / "run"
+    writer = LogWriter(run, 1 << 20, FsyncPolicy("never"))
+    writer.append(b"mine")
+    writer.close()
+    (run / segment.segment_name(1)).symlink_to(list_segments(tmp_path / "other")[0])
+    writer = LogWriter(run, 1 << 20, FsyncPolicy("never"))  # rolls past the link
+    writer.append(b"mine too")
+    writer.close()
+    reader = LogReader(run)
+    assert list(reader.read()) == [b"mine", b"mine too"]
+    assert [d.segment for d in reader.damage] == [segment.segment_name(1)]
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_writer_never_writes_through_a_link(tmp_path: Path, link: str) -> None:
+    """A last segment that is a symlink or has another link (with a torn tail) is neither
+    truncated nor appended to: the writer starts a new segment and the target is unchanged."""
+    target = tmp_path / "target"
+    target.write_bytes(b"precious bytes that look like nothing")
+    run = tmp_path / "run"
+    run.mkdir()
+    name = run / segment.segment_name(0)
+    if link == "symlink":
+        name.symlink_to(target)
+    else:
+        os.link(target, name)
+    writer = LogWriter(run, 1 << 20, FsyncPolicy("always"))
+    writer.append(b"new record")
+    writer.close()
+    assert target.read_bytes() == b"precious bytes that look like nothing"
+    assert [p.name for p in list_segments(run)] == [segment.segment_name(0), segment.segment_name(1)]
+    with pytest.raises(segment.NotRegularFile):
+        segment.truncate_torn_tail(name)
+    assert target.read_bytes() == b"precious bytes that look like nothing"
+
+
+def test_writer_refuses_a_symlinked_run_directory(tmp_path: Path) -> None:
+    """A run directory that is a symlink is never written into."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        LogWriter(tmp_path / "run", 1 << 20, FsyncPolicy("never"))
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_a_failed_roll_is_retried_and_loses_only_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the new segment's file header cannot be written (disk full), that record is reported
+    lost; the next append rolls again and the log reads back without damage."""
+    writer = LogWriter(tmp_path, 4096, FsyncPolicy("never"))
+    writer.append(b"x" * 5000)
+    real_write = os.write
+    monkeypatch.setattr(
+        segment.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
+    with pytest.raises(OSError):
+        writer.append(b"lost")
+    monkeypatch.setattr(segment.os, "write", real_write)
+    writer.append(b"kept")
+    writer.close()
+    reader = LogReader(tmp_path)
+    assert list(reader.read()) == [b"x" * 5000, b"kept"]
+    assert reader.damage == [] and reader.unread_tail() is None
