@@ -13,6 +13,7 @@ from proxy" (to stderr, in `--once` mode) when its first message arrives, so
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -556,3 +557,93 @@ def test_sidecar_panel_from_the_real_daemon(
     uploaded = {run["uid"]: run for run in health["runs"]}
     assert uploaded[uid]["state"] == "uploaded"
     assert uploaded[uid]["uploaded_documents"] == len(run_documents(acquisition.documents, uid))
+
+
+# ------------------------------------------------------------ hostile input
+def hostile_snapshot() -> dict[str, Any]:
+    """A snapshot after a run with markup and escape sequences in its names, and a hostile /healthz."""
+    state = MonitorState(address="tcp://127.0.0.1:5578", sidecar_url="http://127.0.0.1:9/healthz")
+    uid = "r-hostile\n"
+    for name, doc in [
+        ("start", {"uid": uid, "time": 1.7e9, "scan_id": "[bold]", "plan_name": "[/bold]\x1b[2J"}),
+        ("descriptor", {"uid": "d1", "run_start": uid, "name": "[/y]\n", "data_keys": {}}),
+        ("event", {"descriptor": "d1", "seq_num": 1, "data": {}}),
+        ("stop", {"run_start": uid, "time": 1.7e9 + 1, "exit_status": "[/]", "reason": "\x1b]52;c;aGk=\x07"}),
+    ]:
+        state.feed(name, doc)
+    state.set_health(
+        {
+            "status": "[/red]",
+            "reasons": ["\x1b[31mred\r"],
+            "tiled": {"state": "[/x]", "since": float("inf"), "last_error": "[/e]\n"},
+            "spool": {"backlog_documents": "lots", "backlog_bytes": 10**400},
+            "upload": {"rows": "x", "last_lag_seconds": float("nan")},
+            "runs": [{"uid": uid, "state": "[/s]", "documents": "?"}, "not a run"],
+        }
+    )
+    return state.snapshot()
+
+
+def test_render_shows_markup_and_escape_sequences_literally() -> None:
+    """A plan '[/bold]\\x1b[2J', a stream '[/y]\\n', a uid ending in a newline and a /healthz body
+    of wrong types: the screen renders (no MarkupError, no TypeError), shows each name escaped, and
+    writes no ESC, CR or BEL of the data's to the terminal."""
+    snap = hostile_snapshot()
+    console = Console(
+        record=True, width=200, force_terminal=True, color_system="truecolor", file=io.StringIO()
+    )
+    console.print(render(snap, 200))
+    raw = console.file.getvalue()  # type: ignore[attr-defined]
+    text = console.export_text()
+    assert "plan [/bold]\\x1b[2J" in text
+    assert re.search(r"\[/y\]\\n\s+1\s", text)
+    assert "uid r-hostile\\n" in text
+    assert "\\x1b]52;c;aGk=\\x07" in text and "[/e]\\n" in text and "\\x1b[31mred\\r" in text
+    data_controls = re.sub(r"\x1b\[[0-9;]*m", "", raw).replace("\n", "")
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f]", data_controls), repr(data_controls)
+
+
+def test_any_exception_from_the_decoder_is_counted_not_raised() -> None:
+    """A decoder that raises something other than RejectedMessage (a bug, MemoryError...) costs that
+    one message: counted as decode-error, its message escaped in the error line, the next decodes."""
+    calls = iter([MemoryError("boom\x1b[2J"), ("start", {"uid": "r1", "time": 1.0})])
+
+    def flaky(frames: list[bytes], **kwargs: Any) -> tuple[str, dict[str, Any]]:
+        outcome = next(calls)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    state = MonitorState()
+    subscriber = Subscriber(ZmqConfig(address=f"tcp://127.0.0.1:{free_port()}"), state, decode=flaky)
+    try:
+        subscriber.handle([b"x"])
+        subscriber.handle([b"y"])
+    finally:
+        subscriber.stop()
+    snap = state.snapshot()
+    assert snap["zmq"]["rejected"] == {"decode-error": 1}
+    assert snap["zmq"]["last_error"] == "decode: MemoryError: boom\\x1b[2J"
+    assert snap["run"]["uid"] == "r1"
+
+
+def test_an_oversized_message_is_counted_and_the_subscription_survives(
+    proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path, monitor: Callable[..., MonitorProcess]
+) -> None:
+    """[zmq] max_message_bytes = 64 KiB and a 1 MiB frame through the real proxy: the monitor counts
+    it as oversized and still receives the next run whole (with ZMQ_MAXMSGSIZE, libzmq dropped the
+    connection to the proxy instead and nothing more arrived)."""
+    config = tmp_path / "small.toml"
+    config.write_text('[log]\nlevel = "INFO"\n[zmq]\nmax_message_bytes = 65536\n')
+    mon = monitor(
+        "--config", str(config), "--zmq", proxy.out_address, "--sidecar", nobody_listens(),
+        "--once", "--json", "--seconds", "120",
+    )  # fmt: skip
+    acquisition.wait_subscribers(lambda: "receiving from proxy" in mon.log())
+    assert acquisition.publisher is not None
+    acquisition.publisher.send_raw(b" start " + b"x" * 2**20)
+    (uid,) = acquisition.run(bp.count([det], 5))
+    mon.wait_log(f"run stop uid={uid}")
+    snap = mon.snapshot()
+    assert snap["zmq"]["rejected"].get("oversized") == 1
+    assert_run_matches(snap["runs"][0], acquisition.documents, uid)
