@@ -42,7 +42,7 @@ STAGE_BYTES = 2**18  # ... or this many bytes, whatever the loop is doing
 CONTROL_DOCUMENTS = frozenset({"start", "descriptor", "stop", "resource", "stream_resource"})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SpooledRun:
     """One open run's log and what is staged for it."""
 

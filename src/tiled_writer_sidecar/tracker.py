@@ -136,7 +136,7 @@ def received_from_start(doc: Mapping[str, Any]) -> Received:
     )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TrackedRun:
     """One open run: its counters (`received`) and what it declared."""
 
@@ -144,10 +144,10 @@ class TrackedRun:
     streams: dict[str, str] = field(default_factory=dict)  # descriptor uid -> stream name
     last_seq: dict[str, int] = field(default_factory=dict)  # descriptor uid -> highest seq_num
     resources: list[str] = field(default_factory=list)
+    uid: str = field(init=False)
 
-    @property
-    def uid(self) -> str:
-        return self.received.uid
+    def __post_init__(self) -> None:
+        self.uid = self.received.uid
 
 
 class RunTracker(DocumentRouter):

@@ -1,0 +1,240 @@
+"""Receiver in process (no socket): containment, bounded open runs, start-up from any spool.
+
+Messages are framed exactly as bluesky's `Publisher` frames them and handed
+to `Receiver.handle`; the spool is real (tmp_path).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import event_model
+import numpy as np
+import pytest
+
+from tiled_writer_sidecar.config import Config, SpoolConfig
+from tiled_writer_sidecar.errors import RejectedMessage
+from tiled_writer_sidecar.receiver import Receiver
+from tiled_writer_sidecar.spool.codec import pack_document
+from tiled_writer_sidecar.spool.directory import SpoolDir
+from tiled_writer_sidecar.spool.index import Received
+from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
+from tiled_writer_sidecar.stats import ReceiverStats
+
+DATA_KEYS: dict[str, Any] = {"det": {"dtype": "number", "shape": [], "source": "SIM:det"}}
+
+
+def frame(name: str, doc: Any) -> list[bytes]:
+    return [b" ".join([b"", name.encode(), pickle.dumps(doc)])]
+
+
+def composed(n_events: int, **metadata: Any) -> list[tuple[str, dict[str, Any]]]:
+    """A whole run as a RunEngine would emit it: start, descriptor, events, stop."""
+    bundle = event_model.compose_run(metadata=metadata or None)
+    desc = bundle.compose_descriptor(name="primary", data_keys=DATA_KEYS)
+    docs: list[tuple[str, dict[str, Any]]] = [("start", dict(bundle.start_doc))]
+    docs.append(("descriptor", dict(desc.descriptor_doc)))
+    for seq in range(1, n_events + 1):
+        docs.append(
+            ("event", dict(desc.compose_event(data={"det": 1.0}, timestamps={"det": 0.0}, seq_num=seq)))
+        )
+    docs.append(("stop", dict(bundle.compose_stop())))
+    return docs
+
+
+def receiver(tmp_path: Path, **spool: Any) -> Receiver:
+    root = tmp_path / "spool"
+    config = Config(spool=SpoolConfig(dir=str(root), **spool))
+    return Receiver(config, SpoolDir(root), ReceiverStats(), subscribe=False)
+
+
+def state(rx: Receiver, uid: str) -> Received:
+    received = Received.load(rx.spool.run_dir(uid))
+    assert received is not None
+    return received
+
+
+def quarantined(rx: Receiver) -> list[str]:
+    return sorted(p.name.split("-", 1)[1] for p in rx.spool.quarantine_dir.iterdir())
+
+
+def test_a_whole_run_is_spooled_and_closed_complete(tmp_path: Path) -> None:
+    """start, descriptor, 5 events, stop through handle(): 8 documents, closed by its stop, no problem."""
+    rx = receiver(tmp_path)
+    docs = composed(5)
+    for name, doc in docs:
+        rx.handle(frame(name, doc))
+    rx.close()
+    received = state(rx, docs[0][1]["uid"])
+    assert received.closed and received.stop_received and received.documents == 8
+    assert received.events == {"primary": 5} and received.problems() == []
+
+
+def test_values_json_cannot_write_never_stop_the_receiver_and_the_state_is_saved(tmp_path: Path) -> None:
+    """Schema-valid start/stop holding float32, complex, a 5,000-digit int, numpy strings: spooled,
+    received.json written with plain values; a 5,000-digit seq_num is rejected as bad-seq-num."""
+    rx = receiver(tmp_path)
+    docs = composed(2)
+    start, stop = docs[0][1], docs[-1][1]
+    start.update(time=np.float32(1.5), scan_id=10**5000, plan_name=np.str_("count"), extra=1j)
+    stop.update(exit_status=np.str_("success"), num_events={"primary": 10**5000})
+    bad_event = {**docs[2][1], "uid": "x" * 8, "seq_num": 10**5000}
+    for name, doc in [*docs[:3], ("event", bad_event), *docs[3:]]:
+        rx.handle(frame(name, doc))
+    rx.tick()
+    rx.close()
+    received = state(rx, start["uid"])
+    assert received.closed and received.documents == len(docs)
+    assert received.scan_id is None and received.plan_name == "count" and received.start_time == 1.5
+    assert received.exit_status == "success" and received.expected_events == {}
+    assert rx.stats.rejected == {"bad-seq-num": 1}
+    assert quarantined(rx) == ["bad-seq-num.bin"]
+
+
+def test_an_unexpected_exception_is_confined_to_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug raising inside routing: that message is counted and quarantined as internal-error:<type>,
+    the next one is spooled; accept() turns it into a RejectedMessage too."""
+    rx = receiver(tmp_path)
+    docs = composed(1)
+    real = rx.tracker.route
+
+    def broken(name: str, doc: dict[str, Any]) -> Any:
+        if name == "descriptor":
+            raise ZeroDivisionError("bug")
+        return real(name, doc)
+
+    monkeypatch.setattr(rx.tracker, "route", broken)
+    rx.handle(frame(*docs[0]))
+    rx.handle(frame(*docs[1]))
+    assert rx.stats.rejected == {"internal-error:ZeroDivisionError": 1}
+    assert quarantined(rx) == ["internal-error_zerodivisionerror.bin"]
+    with pytest.raises(RejectedMessage) as info:
+        rx.accept(*docs[1])
+    assert info.value.reason == "internal-error:ZeroDivisionError"
+    monkeypatch.setattr(rx.tracker, "route", real)
+    for name, doc in docs[1:]:
+        rx.handle(frame(name, doc))
+    rx.close()
+    assert state(rx, docs[0][1]["uid"]).problems() == []
+
+
+def test_upkeep_never_raises_and_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tick() with a failing upkeep: no exception, one error line for the episode, one line when it recovers."""
+    rx = receiver(tmp_path)
+    real = rx.spooler.upkeep
+
+    def broken(save: bool) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(rx.spooler, "upkeep", broken)
+    with caplog.at_level(logging.INFO, logger="tiled_writer_sidecar.receiver"):
+        for _ in range(3):
+            rx.tick()
+        monkeypatch.setattr(rx.spooler, "upkeep", real)
+        rx.tick()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "upkeep failed" in m]) == 1
+    assert len([m for m in messages if "works again" in m]) == 1
+    rx.close()
+
+
+def test_beyond_max_open_runs_the_idlest_run_is_closed_and_a_new_run_is_never_dropped(tmp_path: Path) -> None:
+    """max_open_runs = 3, five never-stopped starts: all five spooled, the two idlest closed incomplete
+    with the reason, three open; one file descriptor per open run."""
+    rx = receiver(tmp_path, max_open_runs=3)
+    runs = [composed(0) for _ in range(5)]
+    for docs in runs:
+        rx.handle(frame(*docs[0]))
+    uids = [docs[0][1]["uid"] for docs in runs]
+    assert list(rx.tracker.runs) == uids[2:] and list(rx.spooler.runs) == uids[2:]
+    for uid in uids[:2]:
+        received = state(rx, uid)
+        assert received.closed and "max_open_runs=3" in (received.close_reason or "")
+        assert any("stop never came" in p for p in received.problems())
+    assert rx.stats.runs_started == 5 and rx.stats.dropped == 0
+    rx.close()
+
+
+def test_a_second_run_cannot_take_a_live_runs_descriptor(tmp_path: Path) -> None:
+    """Run B declares run A's descriptor: rejected as descriptor-claimed; A's events stay A's."""
+    rx = receiver(tmp_path)
+    a, b = composed(3), composed(0)
+    rx.handle(frame(*a[0]))
+    rx.handle(frame(*a[1]))
+    rx.handle(frame(*b[0]))
+    rx.handle(frame("descriptor", {**a[1][1], "run_start": b[0][1]["uid"]}))
+    for name, doc in a[2:]:
+        rx.handle(frame(name, doc))
+    rx.close()
+    assert rx.stats.rejected == {"descriptor-claimed": 1}
+    assert state(rx, a[0][1]["uid"]).problems() == []
+    assert state(rx, a[0][1]["uid"]).events == {"primary": 3}
+    assert state(rx, b[0][1]["uid"]).events == {}
+
+
+def spool_open_run(root: Path, docs: list[tuple[str, dict[str, Any]]]) -> str:
+    """Leave a run open in the spool as a killed receiver would: its log and received.json."""
+    uid = docs[0][1]["uid"]
+    run_dir = SpoolDir(root).run_dir(uid)
+    writer = LogWriter(run_dir, 2**20, FsyncPolicy())
+    for name, doc in docs:
+        writer.append(pack_document(name, doc))
+    writer.close()
+    Received(uid=uid, documents=len(docs)).save(run_dir)
+    return str(uid)
+
+
+@pytest.mark.parametrize("poison", ["unknown-descriptor", "huge-seq-num", "not-a-document"])
+def test_start_up_closes_a_run_whose_log_cannot_be_replayed_and_reopens_the_others(
+    tmp_path: Path, poison: str
+) -> None:
+    """A log holding an event of an unknown descriptor, a 5,000-digit seq_num or a record that is not a
+    document: the receiver starts, that run is closed incomplete with the reason, a good run is reopened
+    and takes its stop."""
+    root = tmp_path / "spool"
+    bad_docs, good_docs = composed(2), composed(2)
+    event = dict(bad_docs[2][1])
+    if poison == "unknown-descriptor":
+        event["descriptor"] = "nobody"
+    elif poison == "huge-seq-num":
+        event["seq_num"] = 10**5000
+    bad = spool_open_run(root, [*bad_docs[:2], ("event", event)])
+    if poison == "not-a-document":
+        writer = LogWriter(SpoolDir(root).run_dir(bad), 2**20, FsyncPolicy())
+        writer.append(b"\x00not a packed document")
+        writer.close()
+    good = spool_open_run(root, good_docs[:3])
+    rx = receiver(tmp_path)
+    assert list(rx.tracker.runs) == [good]
+    closed = state(rx, bad)
+    assert closed.closed and "could not be replayed" in (closed.close_reason or "")
+    for name, doc in good_docs[3:]:
+        rx.handle(frame(name, doc))
+    rx.close()
+    reopened = state(rx, good)
+    assert reopened.closed and reopened.documents == len(good_docs) and reopened.problems() == []
+
+
+def test_start_up_with_more_open_runs_than_max_open_runs_closes_the_idlest(tmp_path: Path) -> None:
+    """Five runs left open, max_open_runs = 2: the receiver starts with the two most recent open."""
+    root = tmp_path / "spool"
+    uids = []
+    for n in range(5):
+        uid = spool_open_run(root, composed(1)[:3])
+        received = Received.load(SpoolDir(root).run_dir(uid))
+        assert received is not None
+        received.last_received = 1000.0 + n
+        received.save(SpoolDir(root).run_dir(uid))
+        uids.append(uid)
+    rx = receiver(tmp_path, max_open_runs=2)
+    assert sorted(rx.tracker.runs) == sorted(uids[3:]) and sorted(rx.spooler.runs) == sorted(uids[3:])
+    for uid in uids[:3]:
+        assert "max_open_runs=2" in (state(rx, uid).close_reason or "")
+    rx.close()
