@@ -58,6 +58,7 @@ from typing import Any, Self
 
 from ._process import ManagedProcess, Service
 from .ports import LOCALHOST, free_port, wait_until
+from .tiled_server import DEFAULT_STARTUP_TIMEOUT as DEFAULT_TILED_STARTUP_TIMEOUT
 from .tiled_server import TiledServer, tiled_command
 
 #: The account PostgreSQL runs as when we are root (Debian's package creates it).
@@ -520,17 +521,27 @@ class PostgresTiledDeployment(Service):
     API key (behind a load balancer a client may reach any of them); each has
     its own directory (log, arrays). The first server initialises the catalog
     before the others start (``--init`` is not safe to race); the others
-    then start side by side.
+    then start side by side. Each start may take `startup_timeout` (twice a
+    lone server's: several servers start at once on a small machine).
     """
 
-    def __init__(self, directory: Path | str, *, servers: int = 2, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        servers: int = 2,
+        fsync: bool = False,
+        startup_timeout: float = 2 * DEFAULT_TILED_STARTUP_TIMEOUT,
+    ) -> None:
         if servers < 1:
             raise ValueError("at least one Tiled server is needed")
         directory = Path(directory)
         self.postgres = PostgresServer(directory / "postgres", databases=("catalog", "tables"), fsync=fsync)
         self.api_key = secrets.token_hex(16)
         self.servers = [
-            PostgresTiledServer(directory / f"tiled-{i}", self.postgres, api_key=self.api_key)
+            PostgresTiledServer(
+                directory / f"tiled-{i}", self.postgres, api_key=self.api_key, startup_timeout=startup_timeout
+            )
             for i in range(servers)
         ]
 
