@@ -239,3 +239,30 @@ def test_the_tracker_is_an_event_model_document_router() -> None:
     tracker("descriptor", run.descriptor)
     tracker("event", run.event(1))
     assert tracker.runs[run.start["uid"]].received.events == {"primary": 1}
+
+
+def test_replay_routes_a_logged_run_again_with_the_same_rules() -> None:
+    """A run's logged documents replayed into a fresh tracker give the counters the live one had."""
+    live = RunTracker()
+    run = Run()
+    documents = [("start", run.start), ("descriptor", run.descriptor)]
+    documents += [("event", run.event(seq)) for seq in (1, 2, 4)]
+    for name, doc in documents:
+        live.route(name, doc)
+    before = live.runs[run.start["uid"]].received
+    replayed = RunTracker().replay(received_from_start(run.start), documents)
+    assert replayed.received.events == before.events == {"primary": 3}
+    assert replayed.received.missing == before.missing == {"primary": 1}
+    assert replayed.last_seq == live.runs[run.start["uid"]].last_seq
+
+
+def test_replay_of_a_log_holding_another_start_or_an_orphan_event_raises() -> None:
+    """A second start, or an event of a descriptor the log never declared: the rule's reason."""
+    run, other = Run(), Run()
+    for documents, reason in [
+        ([("start", run.start), ("start", other.start)], "repeated-start"),
+        ([("start", run.start), ("event", run.event(1))], "event-before-descriptor"),
+    ]:
+        with pytest.raises(ValidationError) as info:
+            RunTracker().replay(received_from_start(run.start), documents)
+        assert info.value.reason == reason

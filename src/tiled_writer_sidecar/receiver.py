@@ -36,11 +36,9 @@ from typing import Any
 
 from .config import Config
 from .errors import RejectedMessage, ValidationError
-from .spool.codec import pack_document, unpack_document
+from .spool.codec import pack_document
 from .spool.directory import SpoolDir
 from .spool.index import Received
-from .spool.record import HEADER_SIZE
-from .spool.segment import LogReader
 from .spooler import RunSpooler, SpooledRun
 from .stats import ReceiverStats
 from .subscription import Subscription
@@ -185,20 +183,16 @@ class Receiver:
         try:
             return self.spooler.open(received)
         except OSError as err:
-            idlest = self._idlest(received.uid)
+            idlest = self.tracker.idlest(but=received.uid)
             if err.errno not in (errno.EMFILE, errno.ENFILE) or idlest is None:
                 raise
             self._close_run(idlest, "closed: the process ran out of file descriptors")
             return self.spooler.open(received)
 
-    def _idlest(self, but: str) -> TrackedRun | None:
-        runs = [r for r in self.tracker.runs.values() if r.uid != but]
-        return min(runs, key=lambda r: r.received.last_received, default=None)
-
     def _make_room(self, new: TrackedRun) -> None:
         """Keep at most ``max_open_runs`` open: close the runs idle for the longest."""
         while len(self.tracker.runs) > self._max_open_runs:
-            idlest = self._idlest(new.uid)
+            idlest = self.tracker.idlest(but=new.uid)
             if idlest is None:
                 return
             self._close_run(idlest, f"closed: more than max_open_runs={self._max_open_runs} runs open")
@@ -281,12 +275,16 @@ class Receiver:
         left_open.sort(key=lambda v: _number(v.received.last_received))
         excess = len(left_open) - self._max_open_runs
         for n, view in enumerate(left_open):
-            run = self.tracker.resume(view.received)
             try:
-                self._replay(view.directory, run)
+                run = self.tracker.replay(view.received, self.spooler.read_back(view.received))
                 spooled = self.spooler.resume(run.received)
             except Exception as err:  # noqa: BLE001  # this run only
-                self._close_unreplayable(run, f"its log could not be replayed ({_describe(err)})")
+                reason = f"its log could not be replayed ({_describe(err)})"
+                log.warning("run %s closed at start-up: %s", view.uid, reason)
+                failed = self.tracker.runs.get(view.uid)
+                if failed is not None:
+                    self.tracker.close(failed)
+                self.spooler.close_unopened(view.received, reason)
                 continue
             if n < excess:
                 self._close_run(
@@ -295,31 +293,6 @@ class Receiver:
                 continue
             self.spooler.save(spooled)
             log.info("run reopened uid=%s documents=%d", run.uid, run.received.documents)
-
-    def _replay(self, directory: Any, run: TrackedRun) -> None:
-        """Count a run's log and route its documents through the tracker again (its start is known)."""
-        received = run.received
-        received.documents = received.bytes = 0
-        for payload in LogReader(directory).read():
-            received.documents += 1
-            received.bytes += len(payload) + HEADER_SIZE
-            name, doc = unpack_document(payload)
-            if received.documents == 1 and name == "start" and doc.get("uid") == run.uid:
-                continue
-            if name == "start":
-                raise ValidationError("repeated-start", f"record {received.documents}")
-            self.tracker.route(name, doc)
-
-    def _close_unreplayable(self, run: TrackedRun, reason: str) -> None:
-        """Close a run whose log cannot be followed: `incomplete`, with the reason, and start anyway."""
-        log.warning("run %s closed at start-up: %s", run.uid, reason)
-        received = run.received
-        received.closed, received.close_reason = True, reason
-        self.tracker.close(run)
-        try:
-            received.save(self.spool.run_dir(run.uid))
-        except Exception as err:  # noqa: BLE001  # the uploader will find the run as it is
-            log.error("cannot save the state of run %s (%s)", run.uid, _describe(err))
 
 
 def _describe(err: BaseException) -> str:

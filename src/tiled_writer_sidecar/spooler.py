@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import SpoolConfig
+from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
 from .spool.index import Received
 from .spool.record import HEADER_SIZE
-from .spool.segment import FsyncPolicy, LogWriter
+from .spool.segment import FsyncPolicy, LogReader, LogWriter
 from .stats import ReceiverStats
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,26 @@ class RunSpooler:
         run = SpooledRun(received, writer)
         self.runs[received.uid] = run
         return run
+
+    def read_back(self, received: Received) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The documents of a run's log, counted anew into `received` (documents, bytes) as read."""
+        received.documents = received.bytes = 0
+        for payload in LogReader(self.spool.run_dir(received.uid)).read():
+            received.documents += 1
+            received.bytes += HEADER_SIZE + len(payload)
+            yield unpack_document(payload)
+
+    def close_unopened(self, received: Received, reason: str) -> None:
+        """Mark a run that was never (re)opened closed, with the reason and its records counted; never raises."""
+        received.closed, received.close_reason = True, reason
+        try:
+            received.documents = received.bytes = 0
+            for payload in LogReader(self.spool.run_dir(received.uid)).read():
+                received.documents += 1
+                received.bytes += HEADER_SIZE + len(payload)
+            received.save(self.spool.run_dir(received.uid))
+        except Exception as err:  # noqa: BLE001  # the uploader will find the run as it is
+            log.error("cannot save the state of run %s (%s)", received.uid, type(err).__name__)
 
     def stage(self, run: SpooledRun, name: str, payload: bytes) -> None:
         """Count one document as spooled and stage its record (see `flush` for a failed write)."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,6 +207,21 @@ class RunTracker(DocumentRouter):
         self.runs[received.uid] = run
         return run
 
+    def replay(self, received: Received, documents: Iterable[tuple[str, dict[str, Any]]]) -> TrackedRun:
+        """`resume` a run and route its logged `documents` again (the first, its own start, is known).
+
+        Raises what `route` raises for a document the rules reject (the run
+        stays open: the caller closes it), or anything a damaged log causes.
+        """
+        run = self.resume(received)
+        for n, (name, doc) in enumerate(documents):
+            if n == 0 and name == "start" and doc.get("uid") == run.uid:
+                continue
+            if name == "start":
+                raise ValidationError("repeated-start", f"record {n + 1} of run {run.uid}")
+            self.route(name, doc)
+        return run
+
     def close(self, run: TrackedRun) -> None:
         """Forget an open run; its late documents are then rejected as ``after-stop``."""
         uid = run.uid
@@ -227,9 +242,10 @@ class RunTracker(DocumentRouter):
         if self.runs.get(run.uid) is run and not run.streams and not run.resources:
             del self.runs[run.uid]
 
-    def idlest(self) -> TrackedRun | None:
-        """The open run that received nothing for the longest time."""
-        return min(self.runs.values(), key=lambda r: r.received.last_received, default=None)
+    def idlest(self, but: str = "") -> TrackedRun | None:
+        """The open run (other than `but`) that received nothing for the longest time."""
+        runs = (run for run in self.runs.values() if run.uid != but)
+        return min(runs, key=lambda r: r.received.last_received, default=None)
 
     # ---------------------------------------------- one method per document
     def start(self, doc: Any) -> None:
