@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import logging
 import os
 import pty
 import re
@@ -647,3 +648,24 @@ def test_an_oversized_message_is_counted_and_the_subscription_survives(
     snap = mon.snapshot()
     assert snap["zmq"]["rejected"].get("oversized") == 1
     assert_run_matches(snap["runs"][0], acquisition.documents, uid)
+
+
+def test_live_view_log_lines_are_escaped() -> None:
+    """In the live view, warnings go through rich above the screen: a hostile message (markup,
+    ESC, newline) prints as one escaped line, never as markup or a terminal control."""
+    from tiled_writer_sidecar.monitor import _quiet_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, color_system="truecolor", width=200)
+    try:
+        _quiet_logging(console)
+        logging.getLogger("tiled_writer_sidecar.monitor").warning("proxy said [/bold]\x1b[2J\nFORGED")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    out = buffer.getvalue()
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+    assert "proxy said [/bold]\\x1b[2J\\nFORGED" in plain
+    assert plain.count("\n") == 1 and "\x1b" not in plain

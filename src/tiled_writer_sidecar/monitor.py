@@ -734,11 +734,10 @@ def run_monitor(config: Config, args: argparse.Namespace) -> int:
         poller.stop()
     if once:
         poller.poll_now()  # the snapshot shows the sidecar as it is now
-        snap = state.snapshot()
         if as_json:
-            print(json.dumps(snap, indent=2, default=str, ensure_ascii=True))
+            print(json.dumps(state.snapshot(), indent=2, default=str, ensure_ascii=True))
         else:
-            console.print(render(snap, console.width))
+            console.print(render_safely(state, console.width))
     return 0
 
 
