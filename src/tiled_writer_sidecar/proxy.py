@@ -31,13 +31,14 @@ The bound: RSS is at most the process's base (~40 MiB) + the buffer limit
 A slow subscriber: with NODROP every subscriber gets every message in the
 same order, so a stalled subscriber (a frozen GUI, a SIGSTOPped process)
 holds the others back while the buffer fills. Once the buffer is over its
-limit, the head is sent *lossy* (NODROP off) until it is back under half
-the limit: 0MQ then drops it for the full subscribers only, the others get
-it, and a subscriber that was full keeps missing messages until it has
-read half its pipe (0MQ's low-water mark). Messages sent lossy are counted
-as dropped (a lower bound of what the slowest subscriber missed; its own
-gap detection, e.g. the sidecar's per-run ``gaps``, is exact). Nothing a
-sender does can crash the proxy or grow the buffer past its limit.
+limit, a message that would block is sent *lossy* (NODROP off for that
+send): 0MQ drops it for the subscribers whose pipes are full and delivers
+it to the others, and a subscriber it dropped for keeps missing messages
+(0MQ skips its pipe) until it has read half its pipe (0MQ's low-water
+mark), so the others are no longer held back. Lossy sends are counted as
+dropped: a lower bound of what the stalled subscriber missed (its own gap
+detection, e.g. the sidecar's per-run ``gaps``, is exact). Nothing a sender
+does can crash the proxy or grow the buffer past its limit.
 """
 
 from __future__ import annotations
@@ -146,9 +147,9 @@ class BurstBuffer:
     """A FIFO of messages bounded in bytes, forwarded to a `Sender` (see the module doc).
 
     `append` always accepts; `forward` sends from the head while the sender
-    takes messages and, when the buffer is over its limit, sends lossy until
-    it is under half the limit. So the bytes held never exceed the limit
-    for longer than one `forward` call.
+    takes messages and, while the buffer is over its limit, sends lossy what
+    would block. So the bytes held never exceed the limit when `forward`
+    returns.
     """
 
     def __init__(self, max_bytes: int, stats: ProxyStats | None = None) -> None:
@@ -171,7 +172,7 @@ class BurstBuffer:
 
     @property
     def overflowing(self) -> bool:
-        """True while the head is being sent lossy (over the limit, not yet under half of it)."""
+        """True from an overflow until the buffer is back under half its limit (for logging)."""
         return self._overflowing
 
     def append(self, message: Message) -> None:
@@ -187,33 +188,37 @@ class BurstBuffer:
             stats.buffered_bytes_peak = self._bytes
 
     def forward(self, send: Sender) -> bool:
-        """Send from the head; return True if the head is blocked (messages remain)."""
+        """Send from the head; return True if the head is blocked (messages remain).
+
+        Each message is sent lossless first; only if that would block while
+        the buffer is over its limit is it sent lossy (and counted dropped).
+        """
         queue, stats = self._queue, self.stats
         blocked = False
         while queue:
             message, size = queue[0]
-            if not self._overflowing and self._bytes > self.max_bytes:
-                self._overflowing = True
-                stats.overflows += 1
-                log.warning(
-                    "buffer over its limit (%d bytes > %d): sending lossy; the slowest subscriber misses messages",
-                    self._bytes,
-                    self.max_bytes,
-                )
-            if self._overflowing:
+            if not send(message, False):
+                if self._bytes <= self.max_bytes:
+                    stats.blocked_sends += 1
+                    blocked = True
+                    break
+                if not self._overflowing:
+                    self._overflowing = True
+                    stats.overflows += 1
+                    log.warning(
+                        "buffer over its limit (%d > %d bytes): a subscriber that is full misses messages",
+                        self._bytes,
+                        self.max_bytes,
+                    )
                 send(message, True)
                 stats.dropped += 1
-            elif not send(message, False):
-                stats.blocked_sends += 1
-                blocked = True
-                break
             queue.popleft()
             self._bytes -= size
             stats.sent += 1
             stats.sent_bytes += size - MESSAGE_OVERHEAD
-            if self._overflowing and self._bytes <= self.low_bytes:
-                self._overflowing = False
-                log.warning("buffer back under half its limit (%d bytes): lossless again", self._bytes)
+        if self._overflowing and self._bytes <= self.low_bytes:
+            self._overflowing = False
+            log.warning("buffer back under half its limit (%d bytes)", self._bytes)
         stats.buffered = len(queue)
         stats.buffered_bytes = self._bytes
         return blocked
@@ -316,8 +321,8 @@ class BufferingProxy:
     # -- reading ----------------------------------------------------------------
 
     def _read_in(self) -> None:
-        sock, append, verbose = self.in_socket, self.buffer.append, self.options.verbose
-        recv = sock.recv
+        sock, buffer, verbose = self.in_socket, self.buffer, self.options.verbose
+        recv, append, limit = sock.recv, buffer.append, buffer.max_bytes
         for _ in range(READ_BATCH):
             try:
                 frame = recv(zmq.NOBLOCK)
@@ -332,6 +337,8 @@ class BufferingProxy:
             append(message)
             if verbose:
                 _log_message(message, verbose)
+            if buffer.bytes > limit:
+                return  # forward (lossy) before reading more: the buffer exceeds its limit by one message at most
 
     def _read_subscriptions(self) -> None:
         with contextlib.suppress(zmq.Again):
