@@ -120,9 +120,8 @@ def seq_num(value: object) -> int:
     """A seq_num as a plain int in 1..2**53, or ``ValidationError("bad-seq-num")``."""
     number = plain_int(value, 1, MAX_SEQ_NUM)
     if number is None:
-        raise ValidationError(
-            "bad-seq-num", f"seq_num must be an integer in 1..2**53, not {type(value).__name__}"
-        )
+        what = "out of range" if isinstance(value, int) else f"a {type(value).__name__}"
+        raise ValidationError("bad-seq-num", f"seq_num must be an integer in 1..2**53, not {what}")
     return number
 
 
