@@ -482,8 +482,9 @@ def _array_cost(shape: tuple[int, ...], itemsize: int, objects: bool) -> int:
     ``tolist()`` (the spool codec's for object arrays) and row-wise readers
     make an object per element even where another dimension is 0.
     """
-    elements = math.prod(max(n, 1) for n in shape)
-    return _OBJECT_COST + math.prod(shape) * itemsize + (_CONTAINER_COST if objects else 8) * elements
+    size = math.prod(shape)
+    elements = size if size else math.prod(max(n, 1) for n in shape)
+    return _OBJECT_COST + size * itemsize + (_CONTAINER_COST if objects else 8) * elements
 
 
 class _ArraySpec(_Sealed):
@@ -517,6 +518,8 @@ def _array_from_state(load: _Load, state: object) -> npt.NDArray[Any]:
         return _object_array(shape, dtype, order, raw)
     if type(raw) is not bytes or len(raw) != math.prod(shape) * dtype.itemsize:
         raise DecodeError("garbage", "numpy array bytes do not match its shape and dtype")
+    if dtype.names is None and dtype.byteorder in ("=", "|") and dtype.itemsize:  # the usual case
+        return np.frombuffer(raw, dtype).reshape(shape, order=order).copy(order=order)  # type: ignore[call-overload,no-any-return]
     out: npt.NDArray[Any] = np.empty(shape, dtype=dtype, order=order)  # type: ignore[call-overload]
     if raw:  # byte for byte: structured padding included
         out.reshape(-1, order="A").view(np.uint8)[:] = np.frombuffer(raw, np.uint8)
@@ -694,11 +697,8 @@ class _Sequential:
 
 
 def _restricted_loads(payload: bytes, budget: int = 2**62) -> Any:
-    load = _Load(budget)
-    doc = _RestrictedUnpickler(payload, load).load()
-    if load.arrays:
-        doc = _swap_arrays(doc, {}, 0)
-    return doc
+    """Unpickle with the restricted unpickler; `_ArraySpec` placeholders are left in (see `_check_tree`)."""
+    return _RestrictedUnpickler(payload, _Load(budget)).load()
 
 
 def _swap_arrays(obj: Any, done: dict[int, Any], depth: int) -> Any:
@@ -1032,8 +1032,11 @@ _LEAVES: Final = frozenset(
 _TEXTS: Final = frozenset({str, bytes, np.str_, np.bytes_})
 
 
-def _check_tree(doc: dict[Any, Any], budget: int) -> None:
+def _check_tree(doc: dict[Any, Any], budget: int) -> bool:
     """Refuse values, keys, depth and (shared-reference) size a document cannot have.
+
+    `_ArraySpec` placeholders (pickle) are swapped for their arrays in dicts
+    and lists on the way; True if one sits in a tuple (see `_swap_arrays`).
 
     The size charged is memory, as often as a value is referenced: a dict or
     list its Python size (`_CONTAINER_COST` plus its slots and their leaves),
@@ -1041,6 +1044,7 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> None:
     element of its non-zero dimensions (`_array_cost`).
     """
     cost = 0
+    in_tuple = False
     stack: list[tuple[Any, int]] = [(doc, 0)]
     push = stack.append
     pop = stack.pop
@@ -1061,10 +1065,15 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> None:
                 vkind = type(value)
                 if vkind in texts:
                     cost += len(value) + 40
+                elif vkind is _ArraySpec:
+                    obj[key] = value = _built(value)  # an existing key: the dict keeps its size
+                    push((value, depth + 1))
                 elif vkind not in leaves:
                     push((value, depth + 1))
         elif kind is list or kind is tuple:
             cost += _CONTAINER_COST + 32 * len(obj)
+            if kind is list and any(type(value) is _ArraySpec for value in obj):
+                obj[:] = [_built(value) if type(value) is _ArraySpec else value for value in obj]
             for value in obj:
                 vkind = type(value)
                 if vkind in texts:
@@ -1072,12 +1081,18 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> None:
                 elif vkind not in leaves:
                     push((value, depth + 1))
         elif kind is np.ndarray:
-            cost += _array_cost(obj.shape, obj.dtype.itemsize, obj.dtype.hasobject)
+            if obj.size and not obj.dtype.hasobject:
+                cost += _OBJECT_COST + obj.nbytes + 8 * obj.size
+            else:
+                cost += _array_cost(obj.shape, obj.dtype.itemsize, obj.dtype.hasobject)
             if obj.dtype.hasobject:
                 if obj.dtype != object:
                     raise DecodeError("unsupported-type", "structured array holding Python objects")
                 for value in obj.flat:
                     push((value, depth + 1))
+        elif kind is _ArraySpec:  # in a tuple
+            in_tuple = True
+            push((_built(obj), depth))
         elif isinstance(obj, np.generic):
             cost += _OBJECT_COST + obj.nbytes
             if obj.dtype.hasobject:
@@ -1090,6 +1105,7 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> None:
             )
         if cost > budget:
             raise DecodeError("too-complex", f"document expands beyond {budget} bytes")
+    return in_tuple
 
 
 # ------------------------------------------------------------ pickle skeletons
@@ -1171,7 +1187,8 @@ class _Skeletons:
     `PER_LENGTH` of one length (the oldest goes), so a lookup compares at
     most `PER_LENGTH`; a new one is learnt when its length has none yet, else
     on every `LEARN_EVERY`-th miss, so payloads that never repeat cost little
-    more than the full path.
+    more than the full path. A length whose pickle was not plain data (real
+    events hold numpy scalars) is tried again only every `LEARN_EVERY`-th miss.
     """
 
     LIMIT: Final = 64
@@ -1182,6 +1199,7 @@ class _Skeletons:
         self._by_length: dict[int, list[tuple[Callable[[bytes], Any], tuple[int, ...]]]] = {}
         self._count = 0
         self._misses = 0
+        self._tried: set[int] = set()  # lengths already tried: learnt, or not plain data
 
     def known(self, payload: bytes) -> bool:
         """True if `payload` has the skeleton of a pickle already accepted."""
@@ -1193,11 +1211,13 @@ class _Skeletons:
     def learn(self, payload: bytes) -> None:
         """Remember the skeleton of `payload`, an accepted pickle (scanned, unpickled, walked)."""
         self._misses += 1
-        same_length = self._by_length.get(len(payload))
-        if same_length and self._misses % self.LEARN_EVERY:
+        if len(payload) in self._tried and self._misses % self.LEARN_EVERY:
             return
+        if len(self._tried) >= self.LIMIT:
+            self._tried.clear()
+        self._tried.add(len(payload))
         positions = _skeleton_positions(payload)
-        if positions is None:
+        if positions is None:  # numpy scalars in events, say: their length is tried again rarely
             return
         if self._count >= self.LIMIT:
             self._by_length.clear()
@@ -1223,7 +1243,8 @@ def _pickle_document(payload: bytes, budget: int) -> dict[Any, Any]:
     if _SKELETONS.known(payload):
         return _top_dict(_unpickle(payload, pickle.loads))
     doc = _top_dict(_loads_pickle(payload, budget))
-    _check_tree(doc, budget)
+    if _check_tree(doc, budget):
+        doc = _swap_arrays(doc, {}, 0)
     _SKELETONS.learn(payload)
     return doc
 
