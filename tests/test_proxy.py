@@ -1,0 +1,288 @@
+"""`tiled_writer_sidecar.proxy`: the buffer's rules (fast, no sockets), the command line and its unit.
+
+The buffer is driven with a fake sender whose capacity the test controls,
+so every rule of the module docstring is checked exactly: order, nothing
+lost while under the limit, lossy sends (counted) only for what would
+block past it, counters. The command-line tests start the real
+`tiled-writer-sidecar proxy` for a second each: one-line errors with the
+contract's exit codes, sd_notify READY/STOPPING, clean exit on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zmq
+
+from tiled_writer_sidecar.errors import ConfigError
+from tiled_writer_sidecar.proxy import (
+    MESSAGE_OVERHEAD,
+    BurstBuffer,
+    Message,
+    normalize_address,
+    parse_size,
+)
+from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
+from tiled_writer_sidecar.testing.proxy import sidecar_proxy_command
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = REPO / "systemd" / "tiled-writer-sidecar-proxy.service"
+
+
+class FakeSubscriber:
+    """A sender that takes `room` messages, then blocks (lossless) or drops (lossy) until given more."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.got: list[Message] = []
+        self.lossy_sends = 0
+
+    def __call__(self, message: Message, lossy: bool) -> bool:
+        if self.room > 0:
+            self.room -= 1
+            self.got.append(message)
+            return True
+        if lossy:
+            self.lossy_sends += 1
+            return True
+        return False
+
+
+def msg(i: int, size: int = 100) -> bytes:
+    return f"{i:08d}".encode().ljust(size, b"x")
+
+
+def test_everything_passes_in_order_when_the_subscriber_keeps_up() -> None:
+    """No blocking: every message goes out, in order; counters match; nothing stays buffered."""
+    buffer = BurstBuffer(10_000)
+    sub = FakeSubscriber(room=1000)
+    for i in range(500):
+        buffer.append(msg(i))
+        assert not buffer.forward(sub)
+    assert sub.got == [msg(i) for i in range(500)]
+    s = buffer.stats
+    assert (s.received, s.sent, s.dropped, s.buffered, s.buffered_bytes) == (500, 500, 0, 0, 0)
+    assert s.received_bytes == s.sent_bytes == 500 * 100
+
+
+def test_a_blocked_subscriber_is_waited_for_while_under_the_limit() -> None:
+    """Blocked: messages stay buffered (head first), and all arrive in order once there is room."""
+    buffer = BurstBuffer(1_000_000)
+    sub = FakeSubscriber(room=10)
+    for i in range(100):
+        buffer.append(msg(i))
+    assert buffer.forward(sub) is True
+    assert len(buffer) == 90 and buffer.bytes == 90 * (100 + MESSAGE_OVERHEAD)
+    assert buffer.stats.blocked_sends == 1
+    sub.room = 1000
+    assert buffer.forward(sub) is False
+    assert sub.got == [msg(i) for i in range(100)]
+    assert buffer.stats.dropped == 0
+
+
+def test_past_the_limit_what_would_block_is_sent_lossy_and_counted() -> None:
+    """Over the limit: each message that would block is sent lossy (counted dropped) until the buffer
+    is back within its limit; the bytes held never exceed the limit when forward returns."""
+    per = 100 + MESSAGE_OVERHEAD
+    buffer = BurstBuffer(50 * per)
+    sub = FakeSubscriber(room=0)
+    for i in range(80):
+        buffer.append(msg(i))
+        buffer.forward(sub)
+        assert buffer.bytes <= buffer.max_bytes
+    s = buffer.stats
+    assert s.dropped == sub.lossy_sends == 80 - 50
+    assert s.sent == s.dropped and len(buffer) == 50
+    assert s.overflows == 1 and buffer.overflowing
+    assert s.buffered_bytes_peak == 51 * per  # one message over, for one forward at most
+    sub.room = 1000
+    buffer.forward(sub)
+    assert sub.got == [msg(i) for i in range(30, 80)]  # the oldest went lossy, the rest in order
+    assert not buffer.overflowing and len(buffer) == 0
+
+
+def test_lossless_sends_are_tried_first_even_past_the_limit() -> None:
+    """Past the limit a message the subscriber can take is delivered, not dropped."""
+    per = 100 + MESSAGE_OVERHEAD
+    buffer = BurstBuffer(5 * per)
+    for i in range(10):
+        buffer.append(msg(i))
+    sub = FakeSubscriber(room=3)
+    buffer.forward(sub)
+    assert sub.got == [msg(0), msg(1), msg(2)]
+    assert buffer.stats.dropped == 2 and len(buffer) == 5
+
+
+def test_a_zero_limit_forwards_whatever_the_subscriber_takes_and_drops_the_rest() -> None:
+    """--max-buffer-bytes 0 degrades to bluesky's behaviour (drop when full), never a crash."""
+    buffer = BurstBuffer(0)
+    sub = FakeSubscriber(room=2)
+    for i in range(5):
+        buffer.append(msg(i))
+        buffer.forward(sub)
+    assert len(sub.got) == 2 and buffer.stats.dropped == 3 and len(buffer) == 0
+
+
+def test_multipart_messages_are_kept_whole_and_sized_by_all_frames() -> None:
+    """A multipart message is one buffer entry; its size is every frame plus the overhead."""
+    buffer = BurstBuffer(10_000)
+    buffer.append((b"a" * 10, b"b" * 20))
+    assert buffer.bytes == 30 + MESSAGE_OVERHEAD
+    sub = FakeSubscriber(room=1)
+    buffer.forward(sub)
+    assert sub.got == [(b"a" * 10, b"b" * 20)]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("268435456", 268435456),
+        ("256MiB", 256 * 2**20),
+        ("256M", 256 * 10**6),
+        ("1GiB", 2**30),
+        ("4 kib", 4096),
+    ],
+)
+def test_sizes_are_read_with_units(text: str, expected: int) -> None:
+    """--max-buffer-bytes takes plain bytes or a unit (binary with i, decimal without)."""
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "-1", "12 parsecs", "1.5G"])
+def test_a_bad_size_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("given", "endpoint"),
+    [
+        (None, "tcp://*"),
+        ("5577", "tcp://0.0.0.0:5577"),
+        ("127.0.0.1:5577", "tcp://127.0.0.1:5577"),
+        ("tcp://127.0.0.1:5577", "tcp://127.0.0.1:5577"),
+        ("ipc:///tmp/proxy.sock", "ipc:///tmp/proxy.sock"),
+    ],
+)
+def test_addresses_are_read_as_bluesky_reads_them(given: str | None, endpoint: str) -> None:
+    """The forms bluesky-0MQ-proxy accepts (bluesky.callbacks.zmq._normalize_address after its int())."""
+    from bluesky.callbacks.zmq import _normalize_address
+
+    assert normalize_address(given) == endpoint
+    bluesky_form = int(given) if given is not None and given.isdigit() else given
+    assert _normalize_address(bluesky_form) == endpoint
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def run_proxy(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*sidecar_proxy_command(), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_address_in_use_is_exit_1_with_one_line() -> None:
+    """Another process holds --in-address: exit 1, one line naming the address, no traceback."""
+    port = free_port()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        holder = context.socket(zmq.PUB)
+        holder.bind(f"tcp://{LOCALHOST}:{port}")
+        done = run_proxy("--in-address", f"tcp://{LOCALHOST}:{port}", "--out-address", str(free_port()))
+    finally:
+        context.destroy(linger=0)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "address already in use" in lines[0] and str(port) in lines[0], done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--in-address", "tcp://127.0.0.1:notaport", "--out-address", "tcp://127.0.0.1:0"],
+        ["--in-address", "bogus://x", "--out-address", "tcp://127.0.0.1:0"],
+        ["--max-buffer-bytes", "lots"],
+        ["--metrics-address", "nowhere"],
+        ["--no-such-flag"],
+    ],
+)
+def test_bad_arguments_are_exit_2_with_one_line(args: list[str]) -> None:
+    """A bad address, size or flag: exit 2 and one line, no traceback."""
+    done = run_proxy(*args)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_sigterm_exits_0_after_ready_and_stopping_via_sd_notify(tmp_path: Path) -> None:
+    """Under a NOTIFY_SOCKET the proxy sends READY=1 once bound, WATCHDOG=1, then STOPPING=1 on SIGTERM
+    and exits 0 with a summary line."""
+    notify_path = tmp_path / "notify"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(30)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}
+    process = subprocess.Popen(
+        [*sidecar_proxy_command(), "--in-address", str(free_port()), "--out-address", str(free_port())],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        messages: list[str] = []
+
+        def got(what: str) -> bool:
+            while not any(what in m for m in messages):
+                messages.append(notify.recv(4096).decode())
+            return True
+
+        wait_until(lambda: got("READY=1"), 30, what="READY=1")
+        wait_until(lambda: got("WATCHDOG=1"), 30, what="WATCHDOG=1")
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: got("STOPPING=1"), 30, what="STOPPING=1")
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        notify.close()
+    assert process.returncode == 0, err
+    assert out.startswith("Receiving on address tcp://0.0.0.0:"), out
+    assert "proxy stopped: in=0 out=0 dropped=0 unsent=0" in err, err
+
+
+# -- the systemd unit ------------------------------------------------------------------------
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """`systemd-analyze verify` finds nothing wrong with the unit (ExecStart pointed at this venv)."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (Debian package: systemd)")
+    unit = tmp_path / UNIT.name
+    text = UNIT.read_text()
+    assert "/opt/tiled-writer-sidecar/bin/" in text
+    unit.write_text(text.replace("/opt/tiled-writer-sidecar/bin/", f"{Path(sys.executable).parent}/"))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if UNIT.name in line] == []
+
+
+def test_unit_is_notify_with_watchdog_and_flags_the_command_accepts() -> None:
+    """Type=notify with a watchdog; ExecStart uses exactly the proxy's flags; memory is limited."""
+    text = UNIT.read_text()
+    assert "\nType=notify\n" in text and "\nWatchdogSec=" in text and "\nMemoryMax=" in text
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    flags = [word for word in exec_start.split() if word.startswith("--")]
+    assert flags == ["--in-address", "--out-address", "--max-buffer-bytes", "--metrics-address"]
+    help_text = run_proxy("--help").stdout
+    assert all(flag in help_text for flag in flags)
