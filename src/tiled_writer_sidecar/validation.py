@@ -23,7 +23,10 @@ Design:
   (`_EVENT_SCHEMA`, compared at compile time), and it too may only say
   "valid": anything else goes on to the compiled check.
 - ``ValidationError("schema", "<kind> <JSON path>: <message>")``, at most 200
-  characters of document content.
+  characters of document content, printable ASCII (escapes for the rest).
+  Nothing else leaves `validate_document`, whatever the document holds: a
+  check that fails unexpectedly (memory, recursion, a numpy comparison) is a
+  rejection, never a crash of the receiver.
 """
 
 from __future__ import annotations
@@ -331,7 +334,9 @@ def _compile_fast(schema: dict[str, Any]) -> _Check:
 
 
 def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """`text` as printable ASCII (escapes for the rest), at most `limit` characters."""
+    shown = text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def _explain(name: str, doc: dict[str, Any]) -> str | None:
@@ -339,20 +344,33 @@ def _explain(name: str, doc: dict[str, Any]) -> str | None:
     validator = schema_validators[DocumentNames(name)]
     try:
         errors = list(itertools.islice(validator.iter_errors(doc), 50))
-    except Exception as exc:  # noqa: BLE001  # event-model could not even look at it
+        if not errors:
+            return None
+        # A failing allOf branch leaves its properties "unevaluated": that error is an echo.
+        causes = [error for error in errors if error.validator != "unevaluatedProperties"] or errors
+        error = jsonschema.exceptions.best_match(causes)
+        path = _cut(str(error.json_path), _PATH_CHARS)
+        return f"{name} {path}: {_cut(str(error.message), _MESSAGE_CHARS - len(path))}"
+    except Exception as exc:  # noqa: BLE001  # event-model could not even look at it (MemoryError too)
         return f"{name}: cannot be checked ({type(exc).__name__})"
-    if not errors:
-        return None
-    # A failing allOf branch leaves its properties "unevaluated": that error is an echo.
-    causes = [error for error in errors if error.validator != "unevaluatedProperties"] or errors
-    error = jsonschema.exceptions.best_match(causes)
-    path = _cut(str(error.json_path), _PATH_CHARS)
-    return f"{name} {path}: {_cut(str(error.message), _MESSAGE_CHARS - len(path))}"
 
 
 def validate_document(name: str, doc: dict[str, Any]) -> None:
-    """Raise ``ValidationError("schema", ...)`` unless `doc` is a valid `name` document."""
-    check = _fast.get(name) or _compile(name)
+    """Raise ``ValidationError("schema", ...)`` unless `doc` is a valid `name` document.
+
+    Whatever `doc` holds, nothing but a ``ValidationError`` leaves: a check
+    that fails in an unexpected way (a numpy value compared, memory,
+    recursion) rejects the document. The detail is ASCII, at most ~200
+    characters of the document's content.
+    """
+    try:
+        check = _fast.get(name) or _compile(name)
+    except ValidationError:
+        raise
+    except Exception as exc:  # noqa: BLE001  # a schema we cannot compile rejects, never crashes
+        raise ValidationError(
+            "schema", f"{_cut(name, 40)}: cannot be checked ({type(exc).__name__})"
+        ) from None
     try:
         check(doc)
     except Exception:  # noqa: BLE001  # fast path says no (or choked): event-model decides
