@@ -152,6 +152,7 @@ def test_beyond_max_open_runs_the_idlest_run_is_closed_and_a_new_run_is_never_dr
     runs = [composed(0) for _ in range(5)]
     for docs in runs:
         rx.handle(frame(*docs[0]))
+        rx.tick()  # saves the first run's state: closing it later must save it again
     uids = [docs[0][1]["uid"] for docs in runs]
     assert list(rx.tracker.runs) == uids[2:] and list(rx.spooler.runs) == uids[2:]
     for uid in uids[:2]:

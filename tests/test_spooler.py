@@ -137,3 +137,15 @@ def test_shutdown_writes_and_saves_open_runs_and_resume_appends_after_them(tmp_p
     again.stage(resumed, "event", payload(2))
     again.flush(resumed)
     assert logged(again, "r1") == [payload(1), payload(2)]
+
+
+def test_closing_a_run_saved_a_moment_ago_still_saves_it_closed(tmp_path: Path) -> None:
+    """A run saved (nothing changed since), then closed: received.json says closed, with the reason."""
+    spooler = make(tmp_path)
+    run = spooler.open(Received(uid="r1"))
+    spooler.stage(run, "start", payload(0))
+    spooler.save(run)
+    run.received.closed, run.received.close_reason = True, "evicted"
+    spooler.close(run)
+    saved = Received.load(spooler.spool.run_dir("r1"))
+    assert saved is not None and saved.closed and saved.close_reason == "evicted"

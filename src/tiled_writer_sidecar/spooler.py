@@ -194,6 +194,7 @@ class RunSpooler:
 
     def close(self, run: SpooledRun) -> None:
         """Write, fsync and close a run's log (its descriptor is released) and save its state."""
+        run.dirty = True  # closing changes the state, whatever was saved before
         self.flush(run)
         if run.writer is not None:
             try:
