@@ -519,9 +519,9 @@ class PostgresTiledDeployment(Service):
 
     Every server serves the same catalog and tables databases with the same
     API key (behind a load balancer a client may reach any of them); each has
-    its own directory (log, arrays). The first server initialises the catalog
-    before the others start (``--init`` is not safe to race); the others
-    then start side by side. Each start may take `startup_timeout` (twice a
+    its own directory (log, arrays). The catalog is initialised once, before
+    any server starts (``--init`` is not safe to race: two servers would both
+    create its tables); then the servers start side by side. Each start may take `startup_timeout` (twice a
     lone server's: several servers start at once on a small machine).
     """
 
@@ -547,13 +547,30 @@ class PostgresTiledDeployment(Service):
 
     def start(self) -> Self:
         self.postgres.start()
-        first, *others = self.servers
-        first.start()
-        for server in others:
+        self.init_catalog()
+        for server in self.servers:  # side by side: each cold start is seconds of imports
             server.start(wait=False)
-        for server in others:
+        for server in self.servers:
             server.wait_ready()
         return self
+
+    def init_catalog(self) -> None:
+        """``tiled catalog init --if-not-exists`` once, so the servers' own ``--init`` finds it done."""
+        first = self.servers[0]
+        argv = [*tiled_command(), "catalog", "init", "--if-not-exists", first.catalog_uri]
+        first.directory.mkdir(parents=True, exist_ok=True)
+        log_path = first.directory / "catalog-init.log"
+        with log_path.open("ab") as log:
+            result = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=first.startup_timeout,
+                check=False,
+            )
+        if result.returncode != 0:
+            raise RuntimeError(f"tiled catalog init failed ({result.returncode}); log {log_path}")
 
     def server_for(self, index: int) -> PostgresTiledServer:
         """The server client number `index` talks to (round robin, as a load balancer would)."""
