@@ -266,6 +266,8 @@ class TiledRun:
         self.events: dict[str, int] = {}
         self.stopped = False
         self.oldest_unflushed: float | None = None  # event time of the oldest buffered row
+        self.first_rows_written: set[str] = set()  # streams whose table exists in Tiled
+        self.closed = False
 
     def feed(self, name: str, doc: dict[str, Any]) -> None:
         """Feed one document; it must be fresh (the normalizer edits events in place)."""
@@ -279,8 +281,33 @@ class TiledRun:
                 t = doc["time"] if name == "event" else doc["time"][0]
                 self.oldest_unflushed = float(t)
         self.normalizer(name, doc)
-        if name == "stop":
+        if name in ("event", "event_page"):
+            self._write_first_row(doc["descriptor"])
+        elif name == "stop":
             self.stopped = True
+            self.closed = True  # TiledWriter's stop closed every stream it wrote
+            self.oldest_unflushed = None
+
+    def _write_first_row(self, descriptor_uid: str) -> None:
+        """Write a stream's first rows at once: its table then exists for live subscribers.
+
+        Tiled streams a table's appends to subscribers only once they have
+        attached to it, and they can attach only after it is created, which
+        TiledWriter does with the first batch. Writing the first row alone
+        lets them attach while the scan runs; later rows follow by batch.
+        """
+        node = self.writer._desc_nodes.get(descriptor_uid)
+        if node is None:
+            return
+        desc_name = node.item["id"]
+        if desc_name in self.first_rows_written:
+            return
+        cache = self.writer._internal_data_cache.get(desc_name)
+        if cache:
+            self.writer._write_internal_data(cache, desc_node=node)
+            cache.clear()
+        self.first_rows_written.add(desc_name)
+        if not self.buffered_rows():
             self.oldest_unflushed = None
 
     def buffered_rows(self) -> int:
@@ -289,6 +316,10 @@ class TiledRun:
             return 0  # stop wrote everything (it leaves its caches filled, but done)
         rows = sum(len(cache) for cache in self.writer._internal_data_cache.values())
         return rows + len(self.writer._external_data_cache)
+
+    def buffered_age(self) -> float | None:
+        """Seconds since the event time of the oldest row held but not written (None if none)."""
+        return None if self.oldest_unflushed is None else time.time() - self.oldest_unflushed
 
     def flush(self) -> float | None:
         """Write every buffered row now; return the age of the oldest one flushed."""
@@ -307,5 +338,49 @@ class TiledRun:
     def finish_without_stop(self) -> None:
         """The stop never came: write what is buffered and close the streams."""
         self.flush()
-        if self.writer.root_node is not None:
-            self.writer._close_stream_tree()
+        self.close_streams()
+
+    def close_streams(self) -> None:
+        """Tell Tiled's subscribers that every node this run wrote is finished (``close_stream``).
+
+        Leaves first, the run last. Done once: TiledWriter's stop does it
+        too. Each node's stream gets an end-of-stream record, and
+        subscribers get ``stream_closed``.
+        """
+        if self.closed or self.writer.root_node is None:
+            return
+        self.writer._close_stream_tree()
+        self.closed = True
+
+    @staticmethod
+    def close_run_in_tiled(client: BaseClient, uid: str) -> int:
+        """Close the stream of every node of run `uid` in Tiled, leaves first; return how many.
+
+        For a run about to be deleted and rewritten by another writer
+        instance (this process's state for it is lost): Tiled's delete tells
+        subscribers nothing, so without this their subscriptions to the old
+        nodes stay open, and bluesky-tiled-plugins' `subscribe_to_streams`
+        never attaches to the rewritten nodes (it keys subscriptions by path).
+        """
+        from .tiled_client import check_uid
+
+        container: Any = client
+        if check_uid(uid) not in container:
+            return 0
+        run = container[uid]
+        nodes: list[Any] = []
+        for _, stream in TiledRun._children(run):
+            nodes.extend(child for _, child in TiledRun._children(stream))
+            nodes.append(stream)
+        nodes.append(run)
+        for node in nodes:
+            node.close_stream()
+        return len(nodes)
+
+    @staticmethod
+    def _children(node: Any) -> list[tuple[str, Any]]:
+        """The (key, client) children of a container node (a composite's own parts, not its columns)."""
+        base = getattr(node, "base", node)
+        if getattr(base, "structure_family", None) != "container":
+            return []
+        return list(base.items())

@@ -451,7 +451,7 @@ class Uploader:
         if run.tiled.buffered_rows():
             if run.first_buffered is None:
                 run.first_buffered = now
-            elif now - run.first_buffered >= self.config.tiled.batch_seconds:
+            if self._batch_due(run, now, caught_up=count < RECORDS_PER_PUMP):
                 self._flush(run)
         else:
             run.first_buffered = None
@@ -462,6 +462,21 @@ class Uploader:
         if count and now - run.last_status_save >= STATUS_INTERVAL_S and not run.tiled.buffered_rows():
             self._save_progress(run)
         return count > 0
+
+    def _batch_due(self, run: ActiveRun, now: float, *, caught_up: bool) -> bool:
+        """`batch_seconds` passed since the uploader first held a row, or since its event time.
+
+        The event time counts only once the run's log is read to its end
+        (not while draining a backlog, where rows are old and batches should
+        be full): rows then reach Tiled within `batch_seconds` of being
+        acquired, however late they reached the uploader.
+        """
+        seconds = self.config.tiled.batch_seconds
+        held = run.first_buffered
+        if held is not None and now - held >= seconds:
+            return True
+        age = run.tiled.buffered_age()
+        return caught_up and age is not None and age >= seconds
 
     def _flush(self, run: ActiveRun) -> None:
         rows = run.tiled.buffered_rows()

@@ -12,6 +12,12 @@ crashed when read while being written. Because everything lives in DIR,
 polled until 200 with a deadline (plus one authenticated request, so
 another server on the port cannot pass for ours); its log is
 `DIR/server.log`. Clients made by `client()` are closed by `close()`.
+
+With ``streaming_cache`` ("memory" or a ``redis://`` URI) the same catalog
+is served from a config file, `DIR/config.yml`, with a ``streaming_cache:``
+section, so Tiled streams writes to WebSocket subscribers (``tiled serve
+catalog --cache`` fails in tiled 0.2.20 without ``--temp``). `RedisServer`
+is Debian's ``redis-server`` on a free port, all state in one directory.
 """
 
 from __future__ import annotations
@@ -54,8 +60,11 @@ class TiledServer(Service):
         port: int | None = None,
         api_key: str | None = None,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+        streaming_cache: str | None = None,
     ) -> None:
         self._directory = Path(directory).resolve()
+        #: None (no streaming), "memory", or a redis:// URI.
+        self.streaming_cache = streaming_cache
         self._port_fixed = port is not None
         self._port = port if port is not None else free_port()
         self._api_key = api_key if api_key is not None else secrets.token_hex(16)
@@ -111,8 +120,38 @@ class TiledServer(Service):
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def config_path(self) -> Path:
+        """Tiled's config file, written at each start when `streaming_cache` is set."""
+        return self._directory / "config.yml"
+
+    def config_text(self) -> str:
+        """The `tiled serve config` file: this catalog plus the streaming cache."""
+        import json
+
+        catalog = {
+            "uri": f"sqlite:///{self.catalog_path}",
+            "init_if_not_exists": True,
+            "writable_storage": [str(self.data_path), f"sqlite:///{self.tables_path}"],
+        }
+        # JSON is YAML: no YAML writer needed, and paths are quoted.
+        return json.dumps({"catalog": catalog, "streaming_cache": {"uri": self.streaming_cache}}, indent=2)
+
     def command(self) -> list[str]:
         """The exact argv used to start the server."""
+        if self.streaming_cache is not None:
+            return [
+                *tiled_command(),
+                "serve",
+                "config",
+                str(self.config_path),
+                "--api-key",
+                self._api_key,
+                "--host",
+                LOCALHOST,
+                "--port",
+                str(self._port),
+            ]
         return [
             *tiled_command(),
             "serve",
@@ -159,6 +198,8 @@ class TiledServer(Service):
         if self.running:
             raise RuntimeError(f"{self!r} is already running")
         self.data_path.mkdir(parents=True, exist_ok=True)
+        if self.streaming_cache is not None:
+            self.config_path.write_text(self.config_text())
         self._process = ManagedProcess(self.command(), log_path=self.log_path, cwd=self._directory)
         self._process.spawn()
         self._spawned_at = time.monotonic()
@@ -290,3 +331,252 @@ class TiledContainer:
 
     def log_tail(self, lines: int = 60) -> str:
         return self.server.log_tail(lines)
+
+
+def redis_server_command() -> str | None:
+    """Debian's ``redis-server`` (package redis-server), or None if not installed."""
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+
+
+class RedisServer(Service):
+    """``redis-server`` on 127.0.0.1 and a free port, no persistence, its log in `directory`.
+
+    Ready means it answers ``PING`` (polled with a deadline).
+    """
+
+    def __init__(self, directory: Path | str, *, startup_timeout: float = 30.0) -> None:
+        self._directory = Path(directory).resolve()
+        self._port = free_port()
+        self.startup_timeout = startup_timeout
+        self._process: ManagedProcess | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"redis://{LOCALHOST}:{self._port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self._directory / "redis.log"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running
+
+    def command(self) -> list[str]:
+        executable = redis_server_command()
+        if executable is None:
+            raise RuntimeError("redis-server is not installed (scripts/system-deps.sh installs it)")
+        return [
+            executable,
+            "--bind",
+            LOCALHOST,
+            "--port",
+            str(self._port),
+            "--dir",
+            str(self._directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]
+
+    def start(self) -> Self:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        self._process = ManagedProcess(self.command(), log_path=self.log_path, cwd=self._directory)
+        self._process.spawn()
+        wait_until(self._answers, self.startup_timeout, what=f"redis-server at {self.uri}")
+        return self
+
+    def _answers(self) -> bool:
+        import socket
+
+        if self._process is None or not self._process.running:
+            raise RuntimeError(f"redis-server exited during start-up:\n{self.log_tail()}")
+        try:
+            with socket.create_connection((LOCALHOST, self._port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.terminate(5.0)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "" if self._process is None else self._process.log_tail(lines)
+
+
+class LiveSubscriber:
+    """bluesky-tiled-plugins' `subscribe_to_streams` on a container, recording every row it delivers.
+
+    Per run and stream it keeps each delivered row (``seq_num``, event
+    ``time``, arrival time) and each update's Tiled sequence number (per
+    node, from 1), and which nodes Tiled closed (``stream_closed``).
+    `problems()` names every gap or duplicate, in Tiled's sequence numbers
+    and in rows. `on_rows(run_uid, stream, frame)` is called per update.
+
+    What a careful consumer does, and this one does:
+
+    - **A run created again is a rewrite** (the sidecar deleted a partial
+      upload and writes it again): Tiled announces the same run uid a second
+      time. Everything held for that run is dropped (`rewrites` counts it),
+      the subscriptions to its old nodes are let go (Tiled's delete closes
+      nothing), and the new nodes are followed from their first row.
+    - **A gap is filled over HTTP**: a row whose ``seq_num`` is not the next
+      one, or a Tiled sequence number that went backwards (Tiled restarted
+      and its in-memory streaming cache started again at 1), means updates
+      were missed; the table is read over HTTP and merged (`resyncs`).
+      Rows are kept once per ``seq_num``; a row delivered again (an append
+      Tiled streamed but did not store, retried by the sidecar) is counted
+      in `redelivered`.
+
+    Works around bluesky-tiled-plugins 2.0.12 calling its own
+    ``_handle_subscription_closed`` with one argument too many (the closed
+    subscription was never let go).
+    """
+
+    def __init__(
+        self,
+        container: Any,
+        streams: dict[str, tuple[str, ...] | None] | None = None,
+        on_rows: Any = None,
+    ) -> None:
+        import threading
+
+        from bluesky_tiled_plugins.streaming import BlueskyStreamSubscription, _normalize_streams
+
+        self._lock = threading.Lock()
+        self.container = container
+        self.on_rows = on_rows
+        #: (run_uid, stream) -> seq_num -> (event time, arrival time), first delivery
+        self.rows: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+        #: (run_uid, stream) -> Tiled sequence numbers of the table node, in arrival order
+        self.sequences: dict[tuple[str, str], list[int]] = {}
+        #: run uid -> times Tiled announced it again after the first (rewrites)
+        self.rewrites: dict[str, int] = {}
+        #: (run_uid, stream) -> rows delivered live a second time, and HTTP catch-ups
+        self.redelivered: dict[tuple[str, str], int] = {}
+        self.resyncs: dict[tuple[str, str], int] = {}
+        #: URIs of nodes whose stream Tiled closed
+        self.closed: list[str] = []
+        self._known_runs: set[str] = set()
+        recorder = self
+
+        class _Recording(BlueskyStreamSubscription):  # type: ignore[misc]
+            def _handle_container_child(self, update: Any) -> None:
+                if recorder._run_announced(update.key):
+                    self._let_go(update.key)
+                super()._handle_container_child(update)
+
+            def _let_go(self, run_uid: str) -> None:
+                with self._lock:
+                    stale = [uri for uri in self._subscriptions if f"/{run_uid}" in uri]
+                    subscriptions = [self._subscriptions.pop(uri)[0] for uri in stale]
+                    for uri in stale:
+                        self._ordered_subscription_uris.remove(uri)
+                for subscription in subscriptions:
+                    subscription._disconnect(wait=False)  # not join: this may be its own thread
+
+            def _handle_subscription_closed(self, uri: str, subscription: Any, *_: Any) -> None:
+                with recorder._lock:
+                    recorder.closed.append(uri)
+                super()._handle_subscription_closed(uri, subscription)
+
+        self.subscription = _Recording(
+            container,
+            _normalize_streams(streams or {"primary": None}),
+            self._on_update,
+            start=0,
+            max_size=10_000_000,
+            run_filter=None,
+        )
+
+    def _run_announced(self, run_uid: str) -> bool:
+        """Note that Tiled announced `run_uid`; True (and forget its rows) if it did before."""
+        with self._lock:
+            if run_uid not in self._known_runs:
+                self._known_runs.add(run_uid)
+                return False
+            self.rewrites[run_uid] = self.rewrites.get(run_uid, 0) + 1
+            for key in [k for k in self.rows if k[0] == run_uid]:
+                self.rows.pop(key)
+                self.sequences.pop(key, None)
+            return True
+
+    def _on_update(self, update: Any) -> None:
+        arrived = time.time()
+        frame = update.update.data()  # the whole table update, seq_num and time included
+        rows = [(int(s), float(t)) for s, t in zip(frame["seq_num"], frame["time"], strict=True)]
+        key = (update.run_uid, update.stream_name)
+        with self._lock:
+            held = self.rows.setdefault(key, {})
+            sequences = self.sequences.setdefault(key, [])
+            missed = bool(rows) and rows[0][0] != max(held, default=0) + 1
+            missed |= bool(sequences) and update.sequence <= sequences[-1]
+            sequences.append(int(update.sequence))
+            for seq_num, t in rows:
+                if seq_num in held:
+                    self.redelivered[key] = self.redelivered.get(key, 0) + 1
+                else:
+                    held[seq_num] = (t, arrived)
+        if missed:
+            self._resync(key)
+        if self.on_rows is not None:
+            self.on_rows(update.run_uid, update.stream_name, frame)
+
+    def _resync(self, key: tuple[str, str]) -> None:
+        """Read the table over HTTP and add the rows missed live."""
+        from .tiled_readback import read_stream
+
+        frame = read_stream(self.container, key[0], key[1], arrays=False)
+        arrived = time.time()
+        with self._lock:
+            self.resyncs[key] = self.resyncs.get(key, 0) + 1
+            held = self.rows.setdefault(key, {})
+            for s, t in zip(frame["seq_num"], frame["time"], strict=True):
+                held.setdefault(int(s), (float(t), arrived))
+
+    def seq_nums(self, run_uid: str, stream: str = "primary") -> list[int]:
+        """The rows held for a stream, by seq_num, sorted."""
+        with self._lock:
+            return sorted(self.rows.get((run_uid, stream), {}))
+
+    def lags(self, run_uid: str, stream: str = "primary") -> list[float]:
+        """Seconds from each row's event time to its first arrival at the subscriber."""
+        with self._lock:
+            return [arrived - t for t, arrived in self.rows.get((run_uid, stream), {}).values()]
+
+    def arrivals(self, run_uid: str, stream: str = "primary") -> list[float]:
+        with self._lock:
+            return [arrived for _, arrived in self.rows.get((run_uid, stream), {}).values()]
+
+    def closed_for(self, run_uid: str) -> list[str]:
+        with self._lock:
+            return [uri for uri in self.closed if run_uid in uri]
+
+    def problems(self, run_uid: str, expected_rows: int, stream: str = "primary") -> list[str]:
+        """Gaps or duplicates in Tiled's sequence numbers and in the rows' seq_num; [] if none."""
+        key = (run_uid, stream)
+        with self._lock:
+            sequences = list(self.sequences.get(key, []))
+            seq_nums = set(self.rows.get(key, {}))
+            redelivered = self.redelivered.get(key, 0)
+            resyncs = self.resyncs.get(key, 0)
+        found = []
+        if sequences != list(range(1, len(sequences) + 1)):
+            found.append(f"Tiled sequence numbers not 1..{len(sequences)} in order: {sequences[:20]}")
+        if redelivered:
+            found.append(f"{redelivered} rows delivered twice")
+        if resyncs:
+            found.append(f"{resyncs} gaps filled over HTTP")
+        if seq_nums != set(range(1, expected_rows + 1)):
+            found.append(f"rows held {len(seq_nums)}, expected seq_num 1..{expected_rows}")
+        return found
+
+    def disconnect(self) -> None:
+        self.subscription.disconnect()
