@@ -21,6 +21,6 @@ def test_demo_passes_and_leaves_no_process_behind() -> None:
     assert "identical row for row" in result.stdout and "demo passed" in result.stdout
     assert "DIFFERENT" not in result.stdout
     leftovers = subprocess.run(
-        ["pgrep", "-f", "tiled serve catalog.*tiled-writer-sidecar-demo"], capture_output=True
+        ["pgrep", "-f", "(tiled serve|redis-server).*tiled-writer-sidecar-demo"], capture_output=True
     )
     assert leftovers.returncode == 1, leftovers.stdout
