@@ -186,6 +186,7 @@ def assert_uploader_never_restarted_and_no_traceback(sidecar: SidecarProcess) ->
 OPEN_RUNS = 70  # more than the 64 runs the uploader used to keep in memory at most
 
 
+@pytest.mark.timeout(900)  # 70 runs created in Tiled one by one, on a loaded 2-core machine
 def test_never_stopped_runs_do_not_keep_a_newer_run_from_being_uploaded(
     tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
