@@ -12,8 +12,8 @@ default high-water marks (1,000 messages per pipe): when it is descheduled
 or a subscriber is slow, a burst overflows a pipe and is dropped silently.
 Here:
 
-- in: a SUB socket (bind, subscribed to everything) whose RCVHWM is
-  `IN_HWM` messages, so 0MQ's I/O thread keeps reading the Publishers'
+- in: a SUB socket (bind, subscribed to everything; messages up to
+  `MAX_MESSAGE_BYTES`) whose RCVHWM is `IN_HWM` messages, so 0MQ's I/O thread keeps reading the Publishers'
   TCP streams while this process's Python thread is descheduled; a tight
   loop moves what arrived (up to `READ_BATCH` per wake) into
 - the buffer: a deque bounded in bytes (``--max-buffer-bytes``; each
@@ -71,6 +71,9 @@ MESSAGE_OVERHEAD = 64
 IN_HWM = 1_000_000
 #: SNDHWM of the out socket, per subscriber (messages); the buffer holds the rest.
 OUT_HWM = 10_000
+#: Largest message accepted on the in socket (0MQ disconnects a peer that sends more);
+#: the sidecar's decoder refuses larger ones too (`wire.decode_message` max_bytes).
+MAX_MESSAGE_BYTES = 64 * 2**20
 #: Messages read from the in socket per wake before forwarding again.
 READ_BATCH = 2_000
 #: Housekeeping period (watchdog, status) in seconds.
@@ -223,15 +226,6 @@ class BurstBuffer:
         stats.buffered_bytes = self._bytes
         return blocked
 
-    def drain(self) -> Iterator[Message]:
-        """Remove and yield everything buffered (shutdown)."""
-        while self._queue:
-            message, size = self._queue.popleft()
-            self._bytes -= size
-            yield message
-        self.stats.buffered = 0
-        self.stats.buffered_bytes = 0
-
 
 # -- sockets ---------------------------------------------------------------------------
 
@@ -286,6 +280,7 @@ class BufferingProxy:
         try:
             self.in_socket = self._context.socket(zmq.SUB)
             self.in_socket.setsockopt(zmq.RCVHWM, IN_HWM)
+            self.in_socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             self.in_socket.setsockopt(zmq.LINGER, 0)
             self.in_socket.setsockopt(zmq.SUBSCRIBE, b"")
             self.out_socket = self._context.socket(zmq.XPUB)

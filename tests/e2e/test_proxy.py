@@ -27,9 +27,10 @@ import zmq
 from bluesky.callbacks.zmq import Publisher
 from ophyd.sim import det, motor
 
-from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, free_port, wait_until
 from tiled_writer_sidecar.testing.acquisition import Document
 from tiled_writer_sidecar.testing.proxy import PROBE_PREFIX, SidecarProxy
+from tiled_writer_sidecar.testing.sidecar import sidecar_command
 
 EVENTS = 50_000
 
@@ -208,6 +209,45 @@ def test_runengine_publisher_and_remote_dispatcher_work_through_it_unchanged(
     finally:
         dispatcher.close()
     assert got == emitted
+
+
+def test_the_monitor_works_through_it_unchanged(sidecar_proxy: SidecarProxy, tmp_path: Path) -> None:
+    """`tiled-writer-sidecar monitor` subscribed to the project's proxy sees a whole scan: uid, events, stop."""
+    config = tmp_path / "monitor.toml"
+    config.write_text('[log]\nlevel = "INFO"\n')
+    out, err = tmp_path / "monitor.out", tmp_path / "monitor.err"
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        args = [
+            "--zmq",
+            sidecar_proxy.out_address,
+            "--sidecar",
+            nobody,
+            "--once",
+            "--json",
+            "--seconds",
+            "120",
+        ]
+        monitor = subprocess.Popen(
+            [*sidecar_command(), "monitor", "--config", str(config), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+        )
+    try:
+        with Acquisition.for_proxy(sidecar_proxy) as acq:
+            acq.wait_subscribers(lambda: "receiving from proxy" in err.read_text(errors="replace"))
+            (uid,) = acq.run(bp.count([det], 7))
+            wait_until(lambda: f"run stop uid={uid}" in err.read_text(errors="replace"), 60, what="the stop")
+        monitor.send_signal(signal.SIGINT)
+        assert monitor.wait(30) == 0, err.read_text()
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+    runs = {run["uid"]: run for run in json.loads(out.read_text())["runs"]}
+    assert runs[uid]["events"] == {"primary": 7} and runs[uid]["exit_status"] == "success", runs[uid]
+    assert runs[uid]["gaps"] == {}
 
 
 def test_burst_with_a_paused_subscriber_loses_nothing_where_bluesky_proxy_drops(tmp_path: Path) -> None:
