@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def test_status_command_exits_0_and_prints_escaped(tmp_path: Path) -> None:
     names escaped (table) or JSON-escaped (--json)."""
     spool = hostile_spool(tmp_path / "spool")
     base = [*sidecar_command(), "status", "--spool-dir", str(spool.root)]
-    table = subprocess.run(base, capture_output=True, text=True, timeout=120, env={"COLUMNS": "300"})
+    table = subprocess.run(
+        base, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"}
+    )
     assert table.returncode == 0, table.stderr
     assert "Traceback" not in table.stderr
     assert "[/bold]\\x1b[2J" in table.stdout
