@@ -150,6 +150,8 @@ def scan_v2(read_at: ReadAt, start: int, end: int, header_seed: int) -> Iterator
         rel = pos - buf_start
         if rel + HEADER_SIZE > len(buf):
             buf, buf_start, rel = read_at(pos, min(READ_CHUNK, end - pos)), pos, 0
+            if len(buf) < HEADER_SIZE:  # the file shrank under us (a write rolled back): a tail
+                return
         magic, length, payload_crc, header_crc = unpack(buf, rel)
         if magic != MAGIC or length > MAX_PAYLOAD or crc32(buf[rel : rel + 12], header_seed) != header_crc:
             following = _resync(read_at, pos + 1, end, header_seed)
