@@ -28,7 +28,15 @@ from typing import Any
 from . import backlog_drain, burst, live_latency, memory, receive_path, replay, report, runengine_cost
 from .common import Bench, loadavg, machine
 
-COMPARISONS: list[ModuleType] = [runengine_cost, receive_path, backlog_drain, live_latency, memory, replay, burst]
+COMPARISONS: list[ModuleType] = [
+    runengine_cost,
+    receive_path,
+    backlog_drain,
+    live_latency,
+    memory,
+    replay,
+    burst,
+]
 HERE = Path(__file__).resolve().parent
 
 
