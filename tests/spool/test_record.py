@@ -150,3 +150,13 @@ def test_file_header_survives_one_damaged_copy() -> None:
     assert record.read_file_header(bytes(header)) == SALT
     header[record.FILE_HEADER_SIZE // 2 + 12] ^= 1
     assert record.read_file_header(bytes(header)) is None
+
+
+def test_scan_of_a_whole_segment_file_uses_its_file_header() -> None:
+    """`scan` of a segment file's bytes reads its salt from the file header; offsets are file offsets."""
+    data = record.file_header(SALT) + record.encode(b"one", SALT) + record.encode(b"two", SALT)
+    items = list(record.scan(data))
+    assert [(i.offset, i.payload) for i in items if isinstance(i, record.Record)] == [
+        (record.FILE_HEADER_SIZE, b"one"),
+        (record.FILE_HEADER_SIZE + record.HEADER_SIZE + 3, b"two"),
+    ]

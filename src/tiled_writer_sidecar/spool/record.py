@@ -197,9 +197,19 @@ def _resync(read_at: ReadAt, start: int, end: int, header_seed: int) -> int:
     return -1
 
 
-def scan(data: bytes, base: int = 0, salt: bytes = bytes(SALT_SIZE)) -> Iterator[Record | Corruption]:
-    """`scan_v2` over a buffer of records (no file header); `base` is the offset of ``data[0]``."""
-    for item in scan_v2(bytes_reader(data), 0, len(data), seed(salt)):
+def scan(data: bytes, base: int = 0, salt: bytes | None = None) -> Iterator[Record | Corruption]:
+    """`scan_v2` over a buffer; `base` is the file offset of ``data[0]``.
+
+    Without `salt`, a buffer that starts with a v2 file header (a whole
+    segment file) is scanned with that segment's salt from the first record;
+    any other buffer with the default salt (records framed by `encode`).
+    """
+    start = 0
+    if salt is None:
+        salt = read_file_header(data[:FILE_HEADER_SIZE]) if len(data) >= FILE_HEADER_SIZE else None
+        start = 0 if salt is None else FILE_HEADER_SIZE
+        salt = bytes(SALT_SIZE) if salt is None else salt
+    for item in scan_v2(bytes_reader(data), start, len(data), seed(salt)):
         if isinstance(item, Record):
             yield Record(base + item.offset, item.payload)
         else:
