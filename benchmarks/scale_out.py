@@ -7,11 +7,13 @@ its ``catalog`` and ``tables`` databases; beamline i (its own
 bluesky-0MQ-proxy, a RunEngine in its own process, a sidecar daemon and its
 spool) talks to server i mod 2.
 
-- **Drain** (1 beamline, then 4 at once): each RunEngine (``ophyd.sim`` det,
-  ``count``) acquires its runs while its sidecar cannot reach Tiled (a
-  forwarder that refuses connections, as in comparison 5); then every
-  forwarder opens at once, and aggregate rows/s = all rows / time until the
-  last run is uploaded. The ratio 4 vs 1 is the scale-out.
+- **Drain** (1 beamline, then 4 at once): each sidecar spools a backlog
+  while it cannot reach Tiled (a forwarder that refuses connections, as in
+  comparison 5): synthetic scalar runs (comparison 5's documents) sent in
+  bluesky's Publisher framing through the beamline's proxy, flow-controlled
+  so nothing is dropped, because a RunEngine would take minutes to make
+  them. Then every forwarder opens at once, and aggregate rows/s = all rows /
+  time until the last run is uploaded. The ratio 4 vs 1 is the scale-out.
 - **PostgreSQL restart** (4 beamlines live): after the first runs PostgreSQL
   is stopped (fast shutdown) for a few seconds and started again while the
   RunEngines go on. RunEngine time per event is the gap between consecutive
@@ -202,16 +204,31 @@ def gap_stats(gaps: list[float]) -> dict[str, Any]:
 # ------------------------------------------------------------------ checks against Tiled and PostgreSQL
 
 
-def rows_in_postgres(postgres: Any) -> int:
-    """Rows of every table Tiled made in the ``tables`` database, counted by PostgreSQL."""
+def rows_in_postgres(postgres: Any) -> dict[str, int]:
+    """Rows in the ``tables`` database counted by PostgreSQL: of datasets the catalog knows, and others.
+
+    Others are rows Tiled left behind: it deletes a dataset's rows after
+    committing the deletion of its nodes, outside that transaction.
+    """
+    known = {
+        int(d)
+        for (d,) in postgres.query(
+            "SELECT parameters::jsonb ->> 'dataset_id' FROM data_sources WHERE parameters::jsonb ? 'dataset_id'",
+            database="catalog",
+        )
+    }
     tables = postgres.query(
         "SELECT quote_ident(table_name) FROM information_schema.tables"
         " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
         database="tables",
     )
-    return sum(
-        int(postgres.query(f"SELECT count(*) FROM {name}", database="tables")[0][0]) for (name,) in tables
-    )
+    out = {"referenced": 0, "left_behind": 0}
+    for (name,) in tables:
+        for dataset_id, count in postgres.query(
+            f"SELECT _dataset_id, count(*) FROM {name} GROUP BY _dataset_id", database="tables"
+        ):
+            out["referenced" if int(dataset_id) in known else "left_behind"] += int(count)
+    return out
 
 
 def check_runs(client: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -248,6 +265,14 @@ class Beamline:
         self.sidecar._alive()
         runs = self.sidecar.spool_dir / "runs"
         return all(Uploaded.load(runs / uid).state == "uploaded" for uid in uids)
+
+    def uploader_settled(self) -> bool:
+        """The uploader child has imported and tried Tiled once (its state is known)."""
+        self.sidecar._alive()
+        try:
+            return str(self.sidecar.health()["tiled"]["state"]) in ("up", "down", "unauthorized")
+        except Exception:  # noqa: BLE001 - not answering yet
+            return False
 
     def spooled(self, uids: list[str]) -> bool:
         from tiled_writer_sidecar.spool.index import Received
@@ -312,6 +337,37 @@ def acquire_all(
     return engines
 
 
+def publish_backlog(
+    beamlines: list[Beamline], runs: int, events: int
+) -> tuple[list[list[dict[str, Any]]], int]:
+    """`runs` synthetic runs of `events` events into each beamline's proxy; (runs per beamline, stalls)."""
+    from tiled_writer_sidecar.testing import probe_message, wait_until
+
+    from .common import RunTemplate, make_publisher, publisher_socket, send_flow_controlled
+
+    template = RunTemplate(events)
+    acquired, stalls = [], 0
+    for b in beamlines:
+        publisher = make_publisher(b.proxy.in_address)
+        sock = publisher_socket(publisher)
+        probe = probe_message(b.name.encode())
+        before = b.sidecar.messages_seen()
+
+        def seen(sock: Any = sock, probe: bytes = probe, b: Beamline = b, before: int = before) -> bool:
+            sock.send(probe)
+            return bool(b.sidecar.messages_seen() > before)
+
+        wait_until(seen, 60, what=f"{b.name} receiving")
+        runs_ = []
+        for i in range(runs):
+            uid, messages, sizes = template.fresh(events, scan_id=i + 1)
+            stalls += send_flow_controlled(sock, messages, sizes, b.sidecar.spool_dir / "runs" / uid)
+            runs_.append({"uid": uid, "events": events})
+        publisher.close()
+        acquired.append(runs_)
+    return acquired, stalls
+
+
 def stop_beamlines(beamlines: list[Beamline]) -> None:
     for b in beamlines:
         b.sidecar.terminate()
@@ -327,13 +383,14 @@ def drain_phase(bench: Any, deployment: Any, n_beamlines: int, runs: int, events
     from tiled_writer_sidecar.testing import wait_until
 
     tag = f"drain{n_beamlines}"
-    rows_before = rows_in_postgres(deployment.postgres)
+    rows_before = rows_in_postgres(deployment.postgres)["referenced"]
     beamlines = start_beamlines(bench, deployment, [f"{tag}-{i}" for i in range(n_beamlines)], open_now=False)
-    engines = acquire_all(bench, beamlines, tag, runs, events)
-    acquired = [e.wait() for e in engines]
+    acquired, stalls = publish_backlog(beamlines, runs, events)
     uids = [[r["uid"] for r in runs_] for runs_ in acquired]
     for b, u in zip(beamlines, uids, strict=True):
         wait_until(lambda b=b, u=u: b.spooled(u), 300, interval=0.2, what=f"{b.name}: runs spooled")
+    for b in beamlines:  # the uploader has imported and tried Tiled (down): not timed as draining
+        wait_until(b.uploader_settled, 600, interval=0.2, what=f"{b.name}: uploader settled")
     bench.log(
         f"  {n_beamlines} beamline(s): {n_beamlines * runs * events:,} events spooled; Tiled reachable now"
     )
@@ -359,9 +416,11 @@ def drain_phase(bench: Any, deployment: Any, n_beamlines: int, runs: int, events
         "rows": total,
         "drain_seconds": seconds,
         "rows_per_s": total / seconds,
+        "flow_control_stalls": stalls,
         "per_beamline_seconds": sorted(done_at.values()),
         "checks": checks,
-        "rows_added_in_postgres": rows_in_postgres(deployment.postgres) - rows_before,
+        "rows_added_in_postgres": rows_in_postgres(deployment.postgres)["referenced"] - rows_before,
+        "rows_left_behind_in_postgres": rows_in_postgres(deployment.postgres)["left_behind"],
     }
 
 
@@ -372,7 +431,7 @@ def restart_phase(
     from tiled_writer_sidecar.testing import wait_until
 
     tag = "restart"
-    rows_before = rows_in_postgres(deployment.postgres)
+    rows_before = rows_in_postgres(deployment.postgres)["referenced"]
     beamlines = start_beamlines(bench, deployment, [f"{tag}-{i}" for i in range(n_beamlines)], open_now=True)
     engines = acquire_all(bench, beamlines, tag, runs, events)
     first = max(1, runs // 4)
@@ -407,7 +466,8 @@ def restart_phase(
         "runengine_gap": {"before": before, "during": during, "after": after},
         "drained_s_after_acquisition": drained_after_acquisition,
         "checks": check_runs(deployment.client(), all_runs),
-        "rows_added_in_postgres": rows_in_postgres(deployment.postgres) - rows_before,
+        "rows_added_in_postgres": rows_in_postgres(deployment.postgres)["referenced"] - rows_before,
+        "rows_left_behind_in_postgres": rows_in_postgres(deployment.postgres)["left_behind"],
     }
 
 
@@ -416,9 +476,10 @@ def run(bench: Any) -> dict[str, Any]:
 
     reason = postgres_unavailable()
     if reason is not None:
-        raise RuntimeError(reason)
-    runs = bench.size(5, 2)
-    events = bench.size(20_000, 200)
+        bench.log(f"  skipped: {reason}")
+        return {"skipped": reason, "headline": {"target_met": None}}
+    runs = bench.size(4, 2)
+    events = bench.size(50_000, 200)
     deployment = bench.enter(PostgresTiledDeployment(bench.workdir / "deployment", servers=2))
     bench.log(f"  PostgreSQL + {len(deployment.servers)} Tiled servers up")
     one = drain_phase(bench, deployment, 1, runs, events)
@@ -426,7 +487,7 @@ def run(bench: Any) -> dict[str, Any]:
     four = drain_phase(bench, deployment, 4, runs, events)
     bench.log(f"  4 sidecars: {four['rows_per_s']:,.0f} rows/s aggregate")
     restart = restart_phase(
-        bench, deployment, 4, bench.size(12, 4), bench.size(2_000, 200), bench.size(5.0, 2.0)
+        bench, deployment, 4, bench.size(8, 4), bench.size(1_000, 100), bench.size(5.0, 2.0)
     )
     phases = {"drain_1": one, "drain_4": four, "restart": restart}
     exact = all(
@@ -456,6 +517,8 @@ def run(bench: Any) -> dict[str, Any]:
 
 def headline(c: dict[str, Any]) -> str:
     """One line for RESULTS.md's summary table."""
+    if "skipped" in c:
+        return f"skipped: {c['skipped']}"
     h = c["headline"]
     during = h["runengine_during_vs_before"]
     slowed = f"x{during:.2f}" if during is not None else "not measured"
@@ -468,9 +531,12 @@ def headline(c: dict[str, Any]) -> str:
 
 def section(c: dict[str, Any]) -> list[str]:
     """The section of RESULTS.md."""
+    if "skipped" in c:
+        return [f"Skipped: {c['skipped']}."]
     lines = [
-        "| phase | beamlines | runs | rows | seconds | rows/s | in order | duplicates | rows added in PostgreSQL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| phase | beamlines | runs | rows | seconds | rows/s | in order | duplicates | rows added in PostgreSQL"
+        " | rows left behind by deleted runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, label in (
         ("drain_1", "drain, 1 sidecar"),
@@ -482,7 +548,8 @@ def section(c: dict[str, Any]) -> list[str]:
         rate = f"{p['rows_per_s']:,.0f}" if "rows_per_s" in p else "-"
         lines.append(
             f"| {label} | {p['beamlines']} | {p['runs']} | {p['rows']:,} | {seconds:.1f} | {rate} | "
-            f"{p['checks']['in_order']}/{p['runs']} | {p['checks']['duplicates']} | {p['rows_added_in_postgres']:,} |"
+            f"{p['checks']['in_order']}/{p['runs']} | {p['checks']['duplicates']} | {p['rows_added_in_postgres']:,} | "
+            f"{p['rows_left_behind_in_postgres']:,} |"
         )
     g = c["restart"]["runengine_gap"]
     lines += [
@@ -499,6 +566,27 @@ def section(c: dict[str, Any]) -> list[str]:
         "Tiled: one PostgreSQL (catalog and tables), two `tiled serve` processes on it; sidecar i talks to server i mod 2.",
     ]
     return lines
+
+
+def analysis(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
+    """What limits it (RESULTS.md)."""
+    if "skipped" in c:
+        return []
+    one, four = c["drain_1"], c["drain_4"]
+    return [
+        f"- 4 sidecars drain x{four['rows_per_s'] / one['rows_per_s']:.2f} the rows/s of one: on this machine "
+        "the 4 uploaders, the 2 Tiled servers and PostgreSQL share its CPUs, so the aggregate is bounded by "
+        "CPU, not by the sidecars; on separate beamline hosts only Tiled and PostgreSQL are shared.",
+        "- Every run reads back in seq_num order because the sidecar creates each stream table with "
+        "`order_by_args = seq_num` (docs/upstream.md, item 1-2); PostgreSQL alone returns physical order.",
+    ]
+
+
+def closing(c: dict[str, Any]) -> str:
+    """One line for RESULTS.md's closing note."""
+    if "skipped" in c:
+        return f"- Scale-out: skipped ({c['skipped']})."
+    return f"- Scale-out (PostgreSQL, 2 Tiled servers): {headline(c)}."
 
 
 if __name__ == "__main__":
