@@ -1,0 +1,243 @@
+"""Live consumers: Tiled's streaming subscribers see every row while the scan runs.
+
+Real components only: Tiled serving its catalog with a streaming cache
+(in memory, and Debian's ``redis-server`` started here on a free port),
+bluesky's own proxy, the sidecar daemon with its default batching, a
+RunEngine publishing through bluesky's Publisher, and bluesky-tiled-plugins'
+``subscribe_to_streams`` as the consumer (`testing.tiled_server.LiveSubscriber`
+records what it delivers, with Tiled's per-node sequence numbers).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.plans as bp
+import bluesky.preprocessors as bpp
+import pytest
+from ophyd.sim import det
+
+from tiled_writer_sidecar.config import TiledConfig
+from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command, spool_documents
+from tiled_writer_sidecar.testing.tiled_server import LiveSubscriber, RedisServer, redis_server_command
+
+#: The sidecar's own default, so these tests run with default settings.
+DEFAULT_BATCH_SECONDS = TiledConfig().batch_seconds
+
+needs_redis = pytest.mark.skipif(redis_server_command() is None, reason="redis-server not installed")
+CACHES = ["memory", pytest.param("redis", marks=needs_redis)]
+
+
+def _tiled(directory: Path, cache: str, redis_dir: Path) -> Iterator[TiledServer]:
+    if cache == "memory":
+        with TiledServer(directory, streaming_cache="memory") as tiled:
+            yield tiled
+    else:
+        with RedisServer(redis_dir) as redis, TiledServer(directory, streaming_cache=redis.uri) as tiled:
+            yield tiled
+
+
+@pytest.fixture(scope="module", params=CACHES)
+def streaming_tiled(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TiledServer]:
+    """One streaming Tiled per cache kind for the tests that never stop it."""
+    base = tmp_path_factory.mktemp(f"live-{request.param}")
+    yield from _tiled(base / "tiled", request.param, base / "redis")
+
+
+def _sidecar(tmp_path: Path, proxy: ZmqProxy, tiled: TiledServer, **tiled_settings: Any) -> SidecarProcess:
+    settings = {"tiled": {"batch_seconds": DEFAULT_BATCH_SECONDS, **tiled_settings}}
+    return SidecarProcess(
+        tmp_path / "sidecar",
+        zmq_address=proxy.out_address,
+        tiled_uri=tiled.uri,
+        api_key=tiled.api_key,
+        settings=settings,
+    )
+
+
+def _wait_rows(subscriber: LiveSubscriber, uid: str, n: int, timeout: float = 120.0) -> None:
+    wait_until(
+        lambda: len(subscriber.seq_nums(uid)) >= n, timeout, what=f"{n} rows of {uid} at the subscriber"
+    )
+
+
+def test_rows_stream_live_exactly_once_and_streams_close(
+    streaming_tiled: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+) -> None:
+    """With default settings a 10 Hz scan's rows reach a subscriber while it runs, each exactly once.
+
+    The first row arrives before the scan ends (the table exists from the
+    first event); Tiled's sequence numbers of the table run 1..k without a
+    gap or a repeat, the rows are seq_num 1..40 once each; after the run,
+    the table, the stream and the run are closed (stream_closed).
+    """
+    subscriber = LiveSubscriber(streaming_tiled.client())
+    try:
+        with _sidecar(tmp_path, proxy, streaming_tiled) as sidecar:
+            acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+            sidecar.wait_uploader_connected()
+            (uid,) = acquisition.run(bp.count([det], 40, delay=0.1))
+            scan_ended = time.time()
+            sidecar.wait_drained([uid])
+            _wait_rows(subscriber, uid, 40)
+            wait_until(
+                lambda: len(subscriber.closed_for(uid)) >= 3, 60, what="stream_closed of table, stream, run"
+            )
+        arrivals = subscriber.arrivals(uid)
+        assert min(arrivals) < scan_ended, "the first row reached the subscriber only after the scan"
+        assert sum(a < scan_ended for a in arrivals) >= 20, (
+            f"only {sum(a < scan_ended for a in arrivals)} live"
+        )
+        assert subscriber.problems(uid, 40) == []
+        closed = subscriber.closed_for(uid)
+        assert any(uri.endswith("/primary/internal") for uri in closed), closed
+        assert any(uri.endswith("/primary") for uri in closed), closed
+        assert any(uri.endswith(uid) for uri in closed), closed
+    finally:
+        subscriber.disconnect()
+
+
+def test_a_run_closed_as_incomplete_is_closed_in_tiled(
+    streaming_tiled: TiledServer, acquisition: Acquisition, tmp_path: Path
+) -> None:
+    """A run whose stop never came is uploaded as `incomplete` and its streams are closed all the same."""
+    (uid,) = acquisition.run(bp.count([det], 5))
+    documents = [(name, doc) for name, doc in acquisition.documents if name != "stop"]
+    spool = tmp_path / "spool"
+    spool_documents(spool, documents)
+    subscriber = LiveSubscriber(streaming_tiled.client())
+    try:
+        env = {**os.environ, "TILED_API_KEY": streaming_tiled.api_key}
+        replay = subprocess.run(
+            [*sidecar_command(), "replay", "--spool-dir", str(spool), "--tiled-uri", streaming_tiled.uri],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        assert replay.returncode == 0, replay.stdout + replay.stderr
+        wait_until(
+            lambda: len(subscriber.closed_for(uid)) >= 3, 60, what="stream_closed of the incomplete run"
+        )
+        assert subscriber.seq_nums(uid) == [1, 2, 3, 4, 5]
+    finally:
+        subscriber.disconnect()
+
+
+def test_a_rewritten_run_is_announced_again_and_ends_with_the_run(
+    streaming_tiled: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+) -> None:
+    """The uploader is killed mid-run, so the run is deleted and rewritten from its first row.
+
+    The subscriber sees the run created a second time (a rewrite, not new
+    data), drops what it held of it, follows the new nodes, and ends with
+    exactly the run's 30 rows, each once.
+    """
+    subscriber = LiveSubscriber(streaming_tiled.client())
+    killed = threading.Event()
+    try:
+        with _sidecar(tmp_path, proxy, streaming_tiled) as sidecar:
+            acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+            sidecar.wait_uploader_connected()
+
+            def kill_at_row_10(name: str, doc: dict[str, Any]) -> None:
+                if name == "event" and doc["seq_num"] == 10 and not killed.is_set():
+                    wait_until(lambda: len(subscriber.seq_nums(doc_uid[0])) >= 1, 60, what="a first live row")
+                    sidecar.kill_uploader()
+                    killed.set()
+
+            doc_uid: list[str] = []
+            acquisition.subscribe(lambda n, d: doc_uid.append(d["uid"]) if n == "start" else None)
+            acquisition.subscribe(kill_at_row_10)
+            (uid,) = acquisition.run(bp.count([det], 30, delay=0.1))
+            assert killed.is_set()
+            sidecar.wait_drained([uid], timeout=300)
+            wait_until(lambda: subscriber.rewrites.get(uid, 0) >= 1, 120, what="the rewrite announced")
+            _wait_rows(subscriber, uid, 30)
+            wait_until(
+                lambda: len(subscriber.closed_for(uid)) >= 3, 60, what="stream_closed after the rewrite"
+            )
+        assert subscriber.seq_nums(uid) == list(range(1, 31))
+        assert subscriber.redelivered.get((uid, "primary"), 0) == 0
+    finally:
+        subscriber.disconnect()
+
+
+def uid_of(acquisition: Acquisition) -> str:
+    """The uid of the last run started."""
+    return [doc["uid"] for name, doc in acquisition.documents if name == "start"][-1]
+
+
+def _until(flag: threading.Event) -> Any:
+    """A run of `det` readings at 10 Hz until `flag` is set."""
+
+    def inner() -> Any:
+        while not flag.is_set():
+            yield from bps.trigger_and_read([det])
+            yield from bps.sleep(0.1)
+
+    return bpp.run_wrapper(bpp.stage_wrapper(inner(), [det]), md={"plan_name": "until"})
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_tiled_restart_mid_run(cache: str, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path) -> None:
+    """Tiled stops mid-run and comes back while the scan goes on: the subscriber ends with exactly the run.
+
+    Its subscriptions reconnect by themselves. With Redis the streams' records
+    outlive Tiled and are replayed from where the subscriber was; with the
+    memory cache they are gone and the sequence numbers start again at 1, so
+    the subscriber sees them go backwards and reads the missed rows over
+    HTTP. Either way every row of the run is held exactly once at the end.
+    """
+    tiled_gen = _tiled(tmp_path / "tiled", cache, tmp_path / "redis")
+    tiled = next(tiled_gen)
+    subscriber = LiveSubscriber(tiled.client())
+    done = threading.Event()
+    restarted = threading.Event()
+    try:
+        with _sidecar(tmp_path, proxy, tiled) as sidecar:
+            acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+            sidecar.wait_uploader_connected()
+
+            def outage() -> None:
+                try:
+                    wait_until(lambda: any(subscriber.rows), 120, what="first live rows")
+                    tiled.stop()
+                    tiled.start()
+                    restarted.set()
+                    # The scan goes on until the subscriber's connection is back (it retries with
+                    # a backoff of up to 45 s) and rows flow to it again.
+                    held = len(subscriber.seq_nums(uid_of(acquisition)))
+                    wait_until(
+                        lambda: len(subscriber.seq_nums(uid_of(acquisition))) >= held + 10,
+                        240,
+                        what="rows reaching the subscriber after the restart",
+                    )
+                finally:
+                    done.set()
+
+            thread = threading.Thread(target=outage)
+            thread.start()
+            (uid,) = acquisition.run(_until(done))
+            thread.join()
+            assert restarted.is_set()
+            n = max(doc["seq_num"] for name, doc in acquisition.documents if name == "event")
+            sidecar.wait_drained([uid], timeout=300)
+            _wait_rows(subscriber, uid, n, timeout=180)
+        assert subscriber.seq_nums(uid) == list(range(1, n + 1))
+        if cache == "memory":
+            assert subscriber.resyncs.get((uid, "primary"), 0) >= 1  # it had to read what it missed
+    finally:
+        subscriber.disconnect()
+        tiled_gen.close()
