@@ -239,3 +239,35 @@ def test_start_up_with_more_open_runs_than_max_open_runs_closes_the_idlest(tmp_p
     for uid in uids[:3]:
         assert "max_open_runs=2" in (state(rx, uid).close_reason or "")
     rx.close()
+
+
+def test_subscription_connects_receives_and_never_limits_message_size() -> None:
+    """A PUB socket on a free 127.0.0.1 port: the Subscription reports connected, hands each
+    message to the handler, and leaves ZMQ_MAXMSGSIZE unlimited (a limit would drop the proxy)."""
+    import zmq
+
+    from tiled_writer_sidecar.config import ZmqConfig
+    from tiled_writer_sidecar.subscription import Subscription
+    from tiled_writer_sidecar.testing import wait_until
+
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    subscription = Subscription(ZmqConfig(address=f"tcp://127.0.0.1:{port}"))
+    received: list[list[bytes]] = []
+    try:
+        assert subscription.socket.getsockopt(zmq.MAXMSGSIZE) == -1
+
+        def delivered() -> bool:
+            subscription.watch()
+            pub.send(b" probe x")
+            if subscription.wait(50):
+                subscription.drain(received.append)
+            return subscription.connected and bool(received)
+
+        wait_until(delivered, 10, what="the subscription to receive")
+        assert received[0] == [b" probe x"]
+    finally:
+        subscription.close()
+        pub.close(linger=0)
+        context.term()
