@@ -295,3 +295,21 @@ def test_a_failed_roll_is_retried_and_loses_only_its_record(
     reader = LogReader(tmp_path)
     assert list(reader.read()) == [b"x" * 5000, b"kept"]
     assert reader.damage == [] and reader.unread_tail() is None
+
+
+def test_a_damaged_last_record_is_kept_and_reported_never_cut(tmp_path: Path) -> None:
+    """A whole last record whose header was damaged (a follower may have read it) is not taken for
+    a torn write: reopening keeps it, new records follow it, and readers report it as damage."""
+    _write(tmp_path, [b"one", b"two", b"three"], segment_bytes=1 << 20)
+    path = list_segments(tmp_path)[-1]
+    data = bytearray(path.read_bytes())
+    last = len(data) - record.HEADER_SIZE - len(b"three")
+    data[last + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    writer = LogWriter(tmp_path, 1 << 20, FsyncPolicy("always"))
+    assert writer.truncated_bytes == 0
+    writer.append(b"four")
+    writer.close()
+    reader = LogReader(tmp_path)
+    assert list(reader.read()) == [b"one", b"two", b"four"]
+    assert [(d.offset, d.length) for d in reader.damage] == [(last, record.HEADER_SIZE + len(b"three"))]

@@ -10,7 +10,8 @@ each landed, and whether a flip damaged it. After every read: the reader
 returns exactly the intact records, in order; a damaged record is never
 returned (nor anything found inside it); reported damage never covers an
 intact record; a damaged record is reported, unless it is the damaged-header
-tail of the last segment (then `unread_tail` covers it, or reopening cuts it).
+tail of the last segment (then `unread_tail` covers it); reopening cuts only
+what a crash left, never a written record.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Rec:
     payload: bytes
     segment: int
     offset: int
-    state: str = "ok"  # ok | header (damaged) | payload (damaged) | gone (cut by a reopen)
+    state: str = "ok"  # ok | header (damaged) | payload (damaged)
 
     @property
     def end(self) -> int:
@@ -195,9 +196,7 @@ class SpoolMachine(RuleBasedStateMachine):
         if last:
             index, size = int(last[-1].stem), last[-1].stat().st_size
             for rec in self.records:
-                if rec.segment == index and rec.end > size and rec.state != "gone":
-                    assert rec.state == "header", f"reopen cut an undamaged record: {rec}"
-                    rec.state = "gone"
+                assert rec.segment != index or rec.end <= size, f"reopen cut a written record: {rec}"
         self._sync_position()
 
     @precondition(lambda self: any(r.state == "ok" for r in self.records))
@@ -247,7 +246,7 @@ class SpoolMachine(RuleBasedStateMachine):
             index = next(
                 i
                 for i, r in enumerate(self.records)
-                if (r.segment, r.end) == (position.segment, position.offset) and r.state != "gone"
+                if (r.segment, r.end) == (position.segment, position.offset)
             )
             skipped = self.records[self.followed + 1 : index]
             assert all(r.state != "ok" for r in skipped), "follower skipped an intact record"
@@ -270,7 +269,7 @@ class SpoolMachine(RuleBasedStateMachine):
         """A damaged header with no verified header after it in the last segment: a tail."""
         last = max(r.segment for r in self.records)
         later = [r for r in self.records if r.segment == rec.segment and r.offset > rec.offset]
-        return rec.segment == last and all(r.state in ("header", "gone") for r in later)
+        return rec.segment == last and all(r.state == "header" for r in later)
 
 
 SpoolMachine.TestCase.settings = settings(

@@ -19,7 +19,15 @@ from pathlib import Path
 from ..errors import SpoolLockedError
 from . import record
 from .directory import SpoolDir
-from .segment import NotRegularFile, detect_format, list_segments, open_in, scan_segment, truncate_tail_fd
+from .segment import (
+    NotRegularFile,
+    detect_format,
+    list_segments,
+    open_in,
+    scan_segment,
+    tail_is_torn,
+    truncate_tail_fd,
+)
 
 
 @dataclass
@@ -77,12 +85,12 @@ def _verify_segment(run_dir: Path, path: Path, *, last: bool, repair: bool) -> S
                 report.records += 1
             end = item.end
         if end < size:
-            if last:
+            if last and tail_is_torn(fd, fmt, end, size):
                 report.torn_tail = size - end
                 if repair:
                     truncate_tail_fd(fd)
                     report.repaired = True
-            else:
+            else:  # a damaged record at the end is kept and reported, never cut
                 report.corrupt.append((end, size - end))
         return report
     finally:

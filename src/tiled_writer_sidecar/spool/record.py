@@ -20,8 +20,11 @@ Format v2, its invariants:
   writer never knew the segment's random salt.
 - A header whose record runs past the end of the file, or bytes after the
   last item with no verified header behind them, are a *tail*: a record
-  being written (live reader) or a crash remnant (writer opening the log).
-  Nothing is ever allocated beyond what the file holds.
+  being written (live reader), a crash remnant, or a damaged last record.
+  The writer cuts only what a crash leaves (less than a header, a verified
+  header whose payload is short, zeros); a damaged record is kept and
+  reported, so an offset a reader passed is never reused. Nothing is ever
+  allocated beyond what the file holds.
 - Segments without the v2 file header are v1 (``MAGIC1 (2) | length (u32) |
   crc32 of length and payload (u32) | payload``): read whole with the v1
   scanner (`scan_v1`), never appended to again (the writer rolls).
@@ -94,6 +97,14 @@ def frame(payload: bytes, header_seed: int) -> bytes:
         raise ValueError(f"record payload of {length} bytes exceeds {MAX_PAYLOAD}")
     head = _HEAD.pack(MAGIC, length, zlib.crc32(payload))
     return head + zlib.crc32(head, header_seed).to_bytes(4, "little") + payload
+
+
+def verify_header(head: bytes, header_seed: int) -> bool:
+    """Whether `head` (`HEADER_SIZE` bytes) is a verified v2 record header."""
+    if len(head) < HEADER_SIZE:
+        return False
+    magic, length, _, header_crc = HEADER.unpack_from(head)
+    return bool(magic == MAGIC and length <= MAX_PAYLOAD and zlib.crc32(head[:12], header_seed) == header_crc)
 
 
 def encode_v1(payload: bytes) -> bytes:

@@ -17,7 +17,8 @@ loop received): whole records still reach readers at once, and the fsync
 policy is kept record for record (a roll, ``fsync_records`` and ``always``
 cut the batch where single appends would have fsynced or rolled).
 
-On open, the writer truncates a torn tail (a record cut short by a crash).
+On open, the writer truncates a torn tail (a record cut short by a crash;
+a damaged record at the end is kept, see `tail_is_torn`).
 A segment it cannot append to safely (format v1, a damaged file header, a
 symlink, not a regular file, more than one link) is left as it is and the
 writer rolls to a new segment. A failed write (disk full) is rolled back
@@ -178,16 +179,39 @@ def truncate_torn_tail(path: Path) -> int:
 
 
 def truncate_tail_fd(fd: int) -> int:
+    """`truncate_torn_tail` on an open segment."""
     size = os.fstat(fd).st_size
     fmt = detect_format(fd)
     if fmt.kind == "damaged":
         return 0
     end = scan_end(fd, fmt, size)
-    if end < size:
+    if end < size and tail_is_torn(fd, fmt, end, size):
         os.ftruncate(fd, end)
         os.fsync(fd)
         return size - end
     return 0
+
+
+def tail_is_torn(fd: int, fmt: SegmentFormat, end: int, size: int) -> bool:
+    """Whether the bytes from `end` (after the last record or damaged range) are a write cut short.
+
+    In v2 that is less than a header, a verified header whose payload runs
+    past the end, or zeros (a file extended by a crash): safe to cut. Anything
+    else is a record whose header was damaged after it was written (a reader
+    may have read it already): it is kept and reported, never cut, so no
+    offset is ever reused. v1 tails are cut as v1 did.
+    """
+    if fmt.kind != "v2" or size - end < HEADER_SIZE:
+        return True
+    if record.verify_header(os.pread(fd, HEADER_SIZE, end), fmt.seed):
+        return True
+    offset = end
+    while offset < size:
+        chunk = os.pread(fd, min(READ_CHUNK, size - offset), offset)
+        if not chunk or chunk.count(0) != len(chunk):
+            return False
+        offset += len(chunk)
+    return True
 
 
 class LogWriter:
