@@ -70,7 +70,11 @@ def _case(
                 acq.subscribe(TiledWriter(tiled.client(), batch_size=int(writer.rsplit("_", 1)[1])))
             (uid,) = acq.run(bp.count([det], n, delay=1 / rate))
             wall = acq.last_duration
-            ended = time.time()
+            # The scan ends with its stop document (an in-process writer's own work at the stop
+            # happens after it, inside RE(...)).
+            ended = next(
+                doc["time"] for name, doc in acq.documents if name == "stop" and doc["run_start"] == uid
+            )
         if writer == "sidecar":
             sidecar.wait_drained([uid], timeout=600)
         deadline = time.monotonic() + 120

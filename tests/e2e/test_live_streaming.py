@@ -29,6 +29,12 @@ from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy, wai
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command, spool_documents
 from tiled_writer_sidecar.testing.tiled_server import LiveSubscriber, RedisServer, redis_server_command
 
+# tiled 0.2.20's subscription threads open their WebSockets with websockets' deprecated direct
+# connect(); under filterwarnings=error that warning would kill them silently.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:connect\\(\\) must be used as a context manager:DeprecationWarning"
+)
+
 #: The sidecar's own default, so these tests run with default settings.
 DEFAULT_BATCH_SECONDS = TiledConfig().batch_seconds
 
@@ -71,6 +77,7 @@ def _wait_rows(subscriber: LiveSubscriber, uid: str, n: int, timeout: float = 12
     )
 
 
+@pytest.mark.timeout(900)  # Tiled, the proxy and the sidecar start cold on a loaded 2-core machine
 def test_rows_stream_live_exactly_once_and_streams_close(
     streaming_tiled: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
@@ -107,6 +114,7 @@ def test_rows_stream_live_exactly_once_and_streams_close(
         subscriber.disconnect()
 
 
+@pytest.mark.timeout(900)
 def test_a_run_closed_as_incomplete_is_closed_in_tiled(
     streaming_tiled: TiledServer, acquisition: Acquisition, tmp_path: Path
 ) -> None:
@@ -135,6 +143,7 @@ def test_a_run_closed_as_incomplete_is_closed_in_tiled(
         subscriber.disconnect()
 
 
+@pytest.mark.timeout(900)
 def test_a_rewritten_run_is_announced_again_and_ends_with_the_run(
     streaming_tiled: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
@@ -190,6 +199,7 @@ def _until(flag: threading.Event) -> Any:
     return bpp.run_wrapper(bpp.stage_wrapper(inner(), [det]), md={"plan_name": "until"})
 
 
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("cache", CACHES)
 def test_tiled_restart_mid_run(cache: str, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path) -> None:
     """Tiled stops mid-run and comes back while the scan goes on: the subscriber ends with exactly the run.
