@@ -210,17 +210,19 @@ def _dispatch(args: argparse.Namespace, config: Config, console: Console) -> int
 def _verify(config: Config, repair: bool, console: Console) -> int:
     from .spool.check import verify_spool
     from .spool.directory import SpoolDir
+    from .text import clean
 
     reports = verify_spool(SpoolDir(config.spool_dir, create=False), repair=repair)
     bad = 0
     for r in reports:
-        problems = [f"{n} corrupt bytes at offset {o}" for o, n in r.corrupt]
+        problems = [r.problem] if r.problem else [f"{n} corrupt bytes at offset {o}" for o, n in r.corrupt]
         if r.torn_tail:
             problems.append(f"torn tail of {r.torn_tail} bytes" + (" (truncated)" if r.repaired else ""))
         if problems:
             bad += 1
+        summary = "; ".join(problems) if problems else None
         print(
-            f"{r.run}/{r.segment}: {r.records} records" + (": " + "; ".join(problems) if problems else ", ok")
+            clean(f"{r.run}/{r.segment}: {r.records} records" + (f": {summary}" if summary else ", ok"), 1000)
         )
     records = sum(r.records for r in reports)
     print(f"{len(reports)} segment(s), {records} records, {bad} with problems")
