@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import scale_out
 from .common import fmt, fmt_summary, summary
 
 
@@ -491,6 +492,7 @@ def _burst(c: dict[str, Any]) -> list[str]:
 
 SECTIONS = {
     "burst": _burst,
+    "scale_out": scale_out.section,
     "runengine_cost": _runengine,
     "receive_path": _receive,
     "backlog_drain": _drain,
@@ -527,6 +529,8 @@ def _headline(name: str, c: dict[str, Any]) -> str:
         return f"{fmt(h['rows_per_s'])} rows/s, peak RSS {fmt(h['peak_rss_mib'])} MiB"
     if name == "burst":
         return "lost: " + ", ".join(f"{k} {v:,}" for k, v in h["lost"].items())
+    if name == "scale_out":
+        return scale_out.headline(c)
     return ""
 
 
@@ -802,6 +806,7 @@ def _an_burst(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
 
 ANALYSIS = {
     "burst": _an_burst,
+    "scale_out": scale_out.analysis,
     "runengine_cost": _an_runengine,
     "receive_path": _an_receive,
     "backlog_drain": _an_drain,
@@ -880,4 +885,7 @@ def _closing(comparisons: dict[str, Any]) -> list[str]:
             )
             + "."
         )
+    c = comparisons.get("scale_out", {})
+    if c.get("status") == "ok":
+        lines.append(scale_out.closing(c))
     return lines or ["(nothing ran)"]

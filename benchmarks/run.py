@@ -25,7 +25,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import backlog_drain, burst, live_latency, memory, receive_path, replay, report, runengine_cost
+from . import (
+    backlog_drain,
+    burst,
+    live_latency,
+    memory,
+    receive_path,
+    replay,
+    report,
+    runengine_cost,
+    scale_out,
+)
 from .common import Bench, loadavg, machine
 
 COMPARISONS: list[ModuleType] = [
@@ -36,6 +46,7 @@ COMPARISONS: list[ModuleType] = [
     memory,
     replay,
     burst,
+    scale_out,
 ]
 HERE = Path(__file__).resolve().parent
 
