@@ -140,7 +140,7 @@ def peak_of(call: Callable[[], Any]) -> int:
 # ----------------------------------------------------------- class 1: dtypes
 
 
-@pytest.mark.parametrize("offset", [8, 64, 2**20, 2**40])
+@pytest.mark.parametrize("offset", [8, 64, 2**20, 2**28, 2**40])
 def test_a_dtype_field_outside_its_item_size_is_refused_before_any_numpy_object_exists(offset: int) -> None:
     """Class 1: BUILD with a field offset beyond the item size (numpy read past its buffer when
     the message was formatted: heap bytes in the log, SIGSEGV for a large offset): garbage."""
