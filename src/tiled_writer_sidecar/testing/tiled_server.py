@@ -579,5 +579,10 @@ class LiveSubscriber:
             found.append(f"rows held {len(seq_nums)}, expected seq_num 1..{expected_rows}")
         return found
 
-    def disconnect(self) -> None:
-        self.subscription.disconnect()
+    def disconnect(self, timeout: float = 30.0) -> None:
+        """Let go of every subscription; give up waiting for tiled's threads after `timeout` s."""
+        import threading
+
+        closing = threading.Thread(target=self.subscription.disconnect, daemon=True)
+        closing.start()
+        closing.join(timeout)
