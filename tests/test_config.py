@@ -527,3 +527,14 @@ def test_check_config_of_the_example_file_succeeds() -> None:
     result = run_cli("run", "--check-config", "--config", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
     assert config_from_dict(tomllib.loads(result.stdout), "stdout") == Config()
+
+
+def test_a_key_read_from_api_key_file_is_redacted_from_log_lines(tmp_path: Path) -> None:
+    """Once read, a key from `api_key_file` never appears in a log line (as TILED_API_KEY's does not)."""
+    from tiled_writer_sidecar.logs import redact
+
+    key_file = tmp_path / "key"
+    key_file.write_text("file-secret-51c2e8d0\n")
+    key_file.chmod(0o600)
+    assert Config().with_overrides(tiled_api_key_file=str(key_file)).api_key() == "file-secret-51c2e8d0"
+    assert "file-secret-51c2e8d0" not in redact("request failed: Apikey file-secret-51c2e8d0 refused")

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "systemd"
 SIDECAR = "tiled-writer-sidecar.service"
 PROXY = "bluesky-0mq-proxy.service"
+BUFFERING_PROXY = "tiled-writer-sidecar-proxy.service"
 INSTALL_BIN = "/opt/tiled-writer-sidecar/bin/"
 VENV_BIN = Path(sys.executable).parent
 
@@ -67,14 +68,14 @@ def systemd_analyze() -> str:
 
 @pytest.fixture
 def installed_units(tmp_path: Path) -> Path:
-    """Both units as `verify` needs them: ExecStart pointing at binaries that exist.
+    """The units as `verify` needs them: ExecStart pointing at binaries that exist.
 
     `systemd-analyze verify` fails a unit whose ExecStart binary does not exist
     ("Command ... is not executable"). The units name the install prefix
     /opt/tiled-writer-sidecar/bin, which does not exist here, so the copies
     point at this venv's console scripts instead; nothing else is changed.
     """
-    for name in (SIDECAR, PROXY):
+    for name in (SIDECAR, PROXY, BUFFERING_PROXY):
         text = (UNITS / name).read_text()
         assert INSTALL_BIN in text, f"{name} no longer uses {INSTALL_BIN}; update this fixture"
         (tmp_path / name).write_text(text.replace(INSTALL_BIN, f"{VENV_BIN}/"))
@@ -92,7 +93,7 @@ def run_analyze(*args: str) -> subprocess.CompletedProcess[str]:
 # ------------------------------------------------------------------- verify
 
 
-@pytest.mark.parametrize("name", [SIDECAR, PROXY])
+@pytest.mark.parametrize("name", [SIDECAR, PROXY, BUFFERING_PROXY])
 def test_unit_passes_systemd_analyze_verify(systemd_analyze: str, installed_units: Path, name: str) -> None:
     """No error and no warning about the unit (verify only warns, exit 0, on an unknown key)."""
     result = run_analyze("verify", str(installed_units / name))
@@ -112,7 +113,7 @@ def test_verify_catches_a_misspelt_key(systemd_analyze: str, installed_units: Pa
 # ----------------------------------------------------------------- security
 
 
-@pytest.mark.parametrize("name", [SIDECAR, PROXY])
+@pytest.mark.parametrize("name", [SIDECAR, PROXY, BUFFERING_PROXY])
 def test_security_exposure_is_ok_or_better(
     systemd_analyze: str, installed_units: Path, name: str, record_property: Callable[[str, object], None]
 ) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .errors import ConfigError
+from .logs import register_secret
 
 DEFAULT_CONFIG_PATHS = (Path("/etc/tiled-writer-sidecar/tiled-writer-sidecar.toml"),)
 API_KEY_ENV = "TILED_API_KEY"
@@ -148,9 +149,11 @@ class Config:
                 raise ConfigError(
                     f"api_key_file {path} is readable by group or others; run: chmod 600 {path}"
                 )
-            return path.read_text().strip() or None
+            key = path.read_text().strip() or None
         except OSError as err:
             raise ConfigError(f"cannot read api_key_file {path}: {err.strerror}") from None
+        register_secret(key)  # redacted from every log line from now on
+        return key
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -154,7 +154,7 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
     ensure_file_limit(config.spool.max_open_runs)
     notifier = Notifier()
     os.umask(0o077)
-    spool = SpoolDir(config.spool_dir)
+    spool = SpoolDir(config.spool_dir, quarantine_max_bytes=config.spool.quarantine_max_bytes)
     spool.lock("receiver")
     stats = ReceiverStats()
     receiver = Receiver(config, spool, stats)
