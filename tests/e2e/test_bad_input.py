@@ -41,6 +41,7 @@ import httpx
 import pytest
 from ophyd.sim import det, motor
 
+from tiled_writer_sidecar.spool.directory import quarantine_entry
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, is_probe, wait_until
 from tiled_writer_sidecar.testing._process import ManagedProcess
 from tiled_writer_sidecar.testing.acquisition import Document, expected_rows
@@ -98,7 +99,7 @@ def quarantine(sidecar: SidecarProcess) -> dict[str, list[bytes]]:
     """``{reason: [raw message, ...]}`` from ``SPOOL/quarantine/<ns>-<reason>.bin``, oldest first."""
     kept: dict[str, list[bytes]] = {}
     for path in sorted((sidecar.spool_dir / "quarantine").iterdir()):
-        reason = path.name.split("-", 1)[1].removesuffix(".bin")
+        reason = path.name.split("-", 1)[1].removesuffix(".bin").removesuffix(".prefix")
         kept.setdefault(reason, []).append(path.read_bytes())
     return kept
 
@@ -113,7 +114,10 @@ def rejection_log_lines(sidecar: SidecarProcess) -> list[str]:
 
 
 def assert_rejected(sidecar: SidecarProcess, sent: list[tuple[str, list[bytes]]]) -> None:
-    """Every (reason, frames) in `sent` was counted, quarantined byte for byte and logged once per reason."""
+    """Every (reason, frames) in `sent` was counted, quarantined and logged once per reason.
+
+    A message is kept byte for byte, or (over 64 KiB) as `quarantine_entry` makes it: a header with
+    its length and sha256, then its first bytes."""
     counts = rejected_counts(sidecar)
     kept = quarantine(sidecar)
     # Counted == quarantined, reason by reason (probes included: they are rejected too).
@@ -121,7 +125,7 @@ def assert_rejected(sidecar: SidecarProcess, sent: list[tuple[str, list[bytes]]]
     # Each bad message is in the quarantine under its reason, nothing else is (but probes).
     expected: dict[str, Counter[bytes]] = {}
     for reason, frames in sent:
-        expected.setdefault(reason, Counter())[b"".join(frames)] += 1
+        expected.setdefault(reason, Counter())[quarantine_entry(b"".join(frames))] += 1
     assert {reason: Counter(raw) for reason, raw in without_probes(kept).items()} == expected
     # Logged once per reason, with the size of the first such message, never one line per message.
     lines = rejection_log_lines(sidecar)
