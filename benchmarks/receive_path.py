@@ -195,7 +195,8 @@ def run(bench: Bench) -> dict[str, Any]:
         inclusive={
             "decode (wire.decode_message)": "tiled_writer_sidecar/wire.py:decode_message",
             "validate (validation.validate_document)": "tiled_writer_sidecar/validation.py:validate_document",
-            "append to the log (receiver._append)": "tiled_writer_sidecar/receiver.py:_append",
+            "stage in the log (spooler.stage)": "tiled_writer_sidecar/spooler.py:stage",
+            "write the log (spooler.flush)": "tiled_writer_sidecar/spooler.py:flush",
         },
     )
     keys = [k for k, v in reps[0].items() if isinstance(v, dict)]
