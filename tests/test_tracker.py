@@ -266,3 +266,24 @@ def test_replay_of_a_log_holding_another_start_or_an_orphan_event_raises() -> No
         with pytest.raises(ValidationError) as info:
             RunTracker().replay(received_from_start(run.start), documents)
         assert info.value.reason == reason
+
+
+def test_resources_are_bounded_across_open_runs_not_only_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many open runs each under the per-run cap still cannot hold more than MAX_RESOURCES_OPEN together."""
+    import tiled_writer_sidecar.tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "MAX_RESOURCES_OPEN", 5)
+    tracker = RunTracker()
+    runs = [Run(), Run(), Run()]
+    for run in runs:
+        opened(tracker, run)
+
+    def resource(run: Run, n: int) -> dict[str, Any]:
+        uid = f"{run.start['uid']}-res-{n}"
+        return {"uid": uid, "run_start": run.start["uid"], "spec": "X", "root": "/", "resource_path": "f"}
+
+    for n in range(5):
+        tracker.route("resource", resource(runs[n % 3], n))
+    assert rejected(tracker, "resource", resource(runs[2], 99)) == "too-many-resources"
+    tracker.close(tracker.runs[runs[0].start["uid"]])
+    assert tracker.route("resource", resource(runs[2], 100)).uid == runs[2].start["uid"]

@@ -24,7 +24,7 @@ runs use this one copy of the rules. Contract:
   holes. A seq_num must be an integer in 1..2**53 (``bad-seq-num``).
 - Only plain bounded values reach `Received` (see `plain_int`,
   `plain_str`): whatever a schema-valid document holds, it can be saved.
-- Memory is bounded: descriptors and resources per run, and the closed
+- Memory is bounded: descriptors and resources per run and across open runs, and the closed
   runs remembered (to say ``after-stop``).
 """
 
@@ -45,7 +45,10 @@ from .spool.index import Received
 
 MAX_SEQ_NUM = 2**53
 MAX_DESCRIPTORS_PER_RUN = 10_000
-MAX_RESOURCES_PER_RUN = 1_000_000
+MAX_RESOURCES_PER_RUN = 100_000
+# Across all open runs (a few hundred bytes each), so max_open_runs hostile runs stay within ~100 MiB.
+MAX_DESCRIPTORS_OPEN = 100_000
+MAX_RESOURCES_OPEN = 500_000
 MAX_STREAMS = 10_000  # entries kept from a stop's num_events
 MAX_TEXT = 256  # characters kept of plan names, stream names, exit status
 CLOSED_RUN_MEMORY = 1000  # closed runs remembered, to reject their late documents as after-stop
@@ -265,6 +268,8 @@ class RunTracker(DocumentRouter):
         self._check_claim("descriptor", uid, run, self.run_of_descriptor)
         if uid not in run.streams and len(run.streams) >= MAX_DESCRIPTORS_PER_RUN:
             raise ValidationError("too-many-descriptors", f"run {run.uid} has {MAX_DESCRIPTORS_PER_RUN}")
+        if uid not in run.streams and len(self.run_of_descriptor) >= MAX_DESCRIPTORS_OPEN:
+            raise ValidationError("too-many-descriptors", f"open runs hold {MAX_DESCRIPTORS_OPEN}")
         run.streams[uid] = plain_str(doc.get("name", "primary")) or "primary"
         run.last_seq.setdefault(uid, 0)
         self.run_of_descriptor[uid] = run
@@ -355,6 +360,8 @@ class RunTracker(DocumentRouter):
             return
         if len(run.resources) >= MAX_RESOURCES_PER_RUN:
             raise ValidationError("too-many-resources", f"run {run.uid} has {MAX_RESOURCES_PER_RUN}")
+        if len(self.run_of_resource) >= MAX_RESOURCES_OPEN:
+            raise ValidationError("too-many-resources", f"open runs hold {MAX_RESOURCES_OPEN}")
         run.resources.append(uid)
         self.run_of_resource[uid] = run
 
