@@ -143,7 +143,7 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
     """The sidecar's state as one JSON-able dict (the body of /healthz)."""
     now = time.time()
     runs = spool.runs()
-    pending = [r for r in runs if r.uploaded.state not in ("uploaded", "quarantined")]
+    pending = [r for r in runs if not r.uploaded.state.finished]
     backlog_documents = sum(max(0, r.received.documents - r.uploaded.documents) for r in pending)
     backlog_bytes = sum(r.received.bytes for r in pending)
     oldest = min((r.received.first_received for r in pending), default=None)

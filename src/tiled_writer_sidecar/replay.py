@@ -28,7 +28,7 @@ from .config import Config
 from .errors import RejectedMessage, SidecarError, TiledUnavailableError
 from .receiver import Receiver
 from .spool.directory import SpoolDir
-from .spool.index import RunView, Uploaded
+from .spool.index import RunView, Uploaded, UploadState
 from .stats import ReceiverStats
 from .uploader import Uploader
 
@@ -52,7 +52,7 @@ def close_abandoned_runs(spool: SpoolDir) -> list[str]:
 def selected_runs(spool: SpoolDir, uids: list[str]) -> list[RunView]:
     runs = spool.runs()
     if not uids:
-        return [r for r in runs if r.uploaded.state in ("pending", "uploading")]
+        return [r for r in runs if not r.uploaded.state.finished]
     by_uid = {r.uid: r for r in runs}
     missing = [u for u in uids if u not in by_uid]
     if missing:
@@ -96,7 +96,7 @@ def replay(
     try:
         uploader.run(until_idle=not watch)
     except TiledUnavailableError as err:
-        left = [r.uid for r in spool.runs() if r.uploaded.state in ("pending", "uploading")]
+        left = [r.uid for r in spool.runs() if not r.uploaded.state.finished]
         raise TiledUnavailableError(f"{err}; {len(left)} run(s) remain in the spool") from None
     except KeyboardInterrupt:
         stop.set()
@@ -107,7 +107,7 @@ def replay(
             stop.set()
     elapsed = time.monotonic() - started
     done = [r for r in spool.runs() if (only is None or r.uid in only)]
-    quarantined = [r for r in done if r.uploaded.state == "quarantined"]
+    quarantined = [r for r in done if r.uploaded.state == UploadState.QUARANTINED]
     console.print(
         f"done in {elapsed:.1f} s: {uploader.status.runs_uploaded} run(s) uploaded, "
         f"{uploader.status.documents} documents, {uploader.status.rows} rows"
@@ -171,7 +171,7 @@ def import_backup(config: Config, paths: list[Path], console: Console | None = N
             new = [doc["uid"] for name, doc in documents if name == "start"]
             for uid in new:
                 # A backup exists because a write failed: whatever Tiled holds is partial.
-                uploaded = Uploaded(state="uploading")
+                uploaded = Uploaded(state=UploadState.UPLOADING)
                 uploaded.save(spool.run_dir(uid))
             imported += new
             console.print(f"{path}: {len(documents)} documents, run(s) {', '.join(new) or '-'}")

@@ -16,14 +16,14 @@ from rich.table import Table
 from rich.text import Text
 
 from .spool.directory import SpoolDir
-from .spool.index import STATES, read_json
+from .spool.index import STATES, RunState, read_json
 from .text import clean, text
 
 
 def status_report(spool: SpoolDir) -> dict[str, Any]:
     runs = [view.as_dict() for view in spool.runs()]
     now = time.time()
-    waiting = [r for r in runs if r["state"] in ("receiving", "pending", "uploading")]
+    waiting = [r for r in runs if RunState(r["state"]).waiting]
     oldest = min((r["first_received"] for r in waiting), default=None)
     return {
         "spool": str(spool.root),

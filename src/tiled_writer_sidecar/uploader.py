@@ -80,7 +80,7 @@ from .config import Config
 from .errors import BadRunDocument, TiledUnavailableError, UnsafeName
 from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
-from .spool.index import Received, RunView, Uploaded, atomic_write_json
+from .spool.index import Received, RunView, Uploaded, UploadState, atomic_write_json
 from .spool.segment import LogReader
 from .text import clean
 from .tiled_client import check_key, check_uid, connect, delete_run, read_seq_nums, run_exists
@@ -389,16 +389,16 @@ class Uploader:
                 continue
             state = view.uploaded.state
             if self.only is not None and uid in self.only:
-                wanted = state != "uploaded"
+                wanted = state != UploadState.UPLOADED
             else:
-                wanted = self.only is None and state in ("pending", "uploading")
+                wanted = self.only is None and not state.finished
             if uid in self.parked and wanted:
                 if self.parked[uid] == received.documents and not received.closed:
                     continue
                 del self.parked[uid]
             if wanted:
                 views.append(view)
-            elif state in ("uploaded", "quarantined"):
+            elif state.finished:
                 self.done.add(uid)
         views.sort(key=_age)
         return views
@@ -412,19 +412,19 @@ class Uploader:
         if view.received.uid != uid:
             raise BadRunDocument(f"received.json names run {clean(view.received.uid, 80)!r}, not {uid}")
         uploaded = view.uploaded
-        if uploaded.state in ("uploading", "quarantined"):
+        if uploaded.state in (UploadState.UPLOADING, UploadState.QUARANTINED):
             if run_exists(self.client, uid):
                 log.info("run %s: deleting the partial upload before rewriting it", uid)
                 delete_run(self.client, uid)
                 self.status.rewrites += 1
         elif run_exists(self.client, uid):
-            uploaded.state = "quarantined"
+            uploaded.state = UploadState.QUARANTINED
             uploaded.reason = "a run with this uid is already in Tiled (not written by this sidecar)"
             uploaded.save(view.directory)
             self.status.runs_quarantined += 1
             log.error("run %s quarantined: %s", uid, uploaded.reason)
             return
-        uploaded.state = "uploading"
+        uploaded.state = UploadState.UPLOADING
         uploaded.attempts += 1
         uploaded.documents = 0
         uploaded.damage = []
@@ -507,7 +507,7 @@ class Uploader:
         rows = self._verify_run(run)
         self.status.rows += sum(rows.values()) - run.rows_counted
         uploaded = run.view.uploaded
-        uploaded.state = "uploaded"
+        uploaded.state = UploadState.UPLOADED
         uploaded.documents = run.fed
         uploaded.rows = rows
         uploaded.save(run.view.directory)
@@ -605,7 +605,7 @@ class Uploader:
         view = run.view if isinstance(run, ActiveRun) else run
         uid = view.directory.name
         uploaded = view.uploaded
-        uploaded.state = "quarantined"
+        uploaded.state = UploadState.QUARANTINED
         uploaded.reason = reason
         self.active.pop(uid, None)
         self.rejections.pop(uid, None)

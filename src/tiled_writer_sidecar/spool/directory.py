@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from ..errors import SpoolError, SpoolLockedError
-from .index import Received, RunView, Uploaded
+from .index import Received, RunView, Uploaded, UploadState
 from .segment import list_segments, log_bytes
 
 HISTORY_RUNS = 200
@@ -198,9 +198,9 @@ class SpoolDir:
         if age_h >= retention_hours:
             for segment in list_segments(view.directory):
                 segment.unlink(missing_ok=True)
-        done = [v for v in self.runs() if v.uploaded.state in ("uploaded", "quarantined")]
+        done = [v for v in self.runs() if v.uploaded.state.finished]
         for old in done[: max(0, len(done) - HISTORY_RUNS)]:
-            if old.uploaded.state == "uploaded" and not list_segments(old.directory):
+            if old.uploaded.state == UploadState.UPLOADED and not list_segments(old.directory):
                 shutil.rmtree(old.directory, ignore_errors=True)
 
     def _quarantine_listing(self) -> list[tuple[str, int]]:

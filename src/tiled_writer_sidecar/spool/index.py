@@ -36,13 +36,45 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 RECEIVED = "received.json"
 UPLOADED = "uploaded.json"
 
-STATES = ("receiving", "pending", "uploading", "uploaded", "incomplete", "quarantined")
+
+class UploadState(StrEnum):
+    """The uploader's word for a run, in ``uploaded.json``."""
+
+    PENDING = "pending"  # not started (the default when uploaded.json is missing)
+    UPLOADING = "uploading"  # started; after a stop of the uploader it is rewritten
+    UPLOADED = "uploaded"  # Tiled has every record and verification passed
+    QUARANTINED = "quarantined"  # cannot be uploaded (reason in ``reason``); `replay UID` retries it
+
+    @property
+    def finished(self) -> bool:
+        """The uploader is done with the run: it is never looked at again unless replayed by uid."""
+        return self in (UploadState.UPLOADED, UploadState.QUARANTINED)
+
+
+class RunState(StrEnum):
+    """The one word `status` shows for a run: ``received.json`` and ``uploaded.json`` combined."""
+
+    RECEIVING = "receiving"  # open (no stop yet), upload not started
+    PENDING = "pending"  # closed, upload not started
+    UPLOADING = "uploading"
+    UPLOADED = "uploaded"
+    INCOMPLETE = "incomplete"  # uploaded, but with gaps, drops, damage or no stop
+    QUARANTINED = "quarantined"
+
+    @property
+    def waiting(self) -> bool:
+        """Not in Tiled yet: what the backlog and the oldest-not-uploaded age count."""
+        return self in (RunState.RECEIVING, RunState.PENDING, RunState.UPLOADING)
+
+
+STATES = tuple(RunState)
 
 #: Longest string kept in an index file; longer ones are cut.
 MAX_TEXT = 1024
@@ -218,8 +250,11 @@ def _optional_counts(value: Any) -> dict[str, int] | None:
     return None if value is None else as_counts(value)
 
 
-def _state(value: Any) -> str | None:
-    return value if isinstance(value, str) and value in STATES else None
+def _state(value: Any) -> UploadState:
+    try:
+        return UploadState(value)
+    except ValueError:
+        return UploadState.PENDING
 
 
 @dataclass
@@ -277,13 +312,16 @@ class Received:
 
 @dataclass
 class Uploaded:
-    state: str = "pending"
+    state: UploadState = UploadState.PENDING
     documents: int = 0
     attempts: int = 0
     reason: str | None = None
     damage: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     updated: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.state = _state(self.state)  # a plain string from a caller becomes its UploadState
 
     @classmethod
     def load(cls, run_dir: Path) -> Uploaded:
@@ -332,7 +370,7 @@ _RECEIVED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "close_reason": as_text,
 }
 _UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
-    "state": lambda v: _state(v) or "pending",
+    "state": _state,
     "documents": _number,
     "attempts": _number,
     "reason": as_text,
@@ -355,15 +393,16 @@ class RunView:
         return self.received.uid
 
     @property
-    def state(self) -> str:
+    def state(self) -> RunState:
         up = self.uploaded.state
-        if up == "quarantined":
-            return "quarantined"
-        if up == "uploaded":
-            return "incomplete" if self.received.problems() or self.uploaded.damage else "uploaded"
-        if not self.received.closed:
-            return "uploading" if up == "uploading" else "receiving"
-        return "uploading" if up == "uploading" else "pending"
+        if up == UploadState.QUARANTINED:
+            return RunState.QUARANTINED
+        if up == UploadState.UPLOADED:
+            incomplete = self.received.problems() or self.uploaded.damage
+            return RunState.INCOMPLETE if incomplete else RunState.UPLOADED
+        if up == UploadState.UPLOADING:
+            return RunState.UPLOADING
+        return RunState.PENDING if self.received.closed else RunState.RECEIVING
 
     def as_dict(self) -> dict[str, Any]:
         r = self.received
