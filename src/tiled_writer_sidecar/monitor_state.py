@@ -7,18 +7,25 @@ buckets), so it keeps up with the proxy whatever the terminal does. The
 render thread calls `snapshot()`, which copies everything it shows into one
 JSON-able dict under the same lock; rendering never touches live state.
 
-Per run it tracks identity (scan_id, uid, plan, start time), events per
-stream with a recent rate, the latest value of every scalar data key, gaps
-(`seq_num` holes per descriptor, then `stop.num_events` shortfalls) and the
-exit status. The plotted key is `plot_key` if given, else the first hinted
+Routing and counting are `tracker.RunTracker`'s, the receiver's one copy
+of the rules: which run a document belongs to, events per stream and gaps
+(a seq_num above the highest seen + 1 is a hole; a duplicate or late one is
+an event, never a gap; then `stop.num_events` shortfalls), so the monitor
+and the sidecar cannot disagree. A document of a run whose start the
+monitor missed is an orphan; one the tracker rejects otherwise is
+malformed. On top of that, per run, it keeps what only the screen needs:
+identity (scan_id, uid, plan, start time), a recent rate per stream,
+duplicates seen (the tracker's `on_repeat`), the latest value of every
+scalar data key, the plot and the exit status. The plotted key is `plot_key` if given, else the first hinted
 scalar numeric field of the first detector in the primary stream. Sidecar
 health (`/healthz` bodies or the error of the last poll) and the 0MQ
 connection state are stored here too, so `snapshot()` is the whole screen.
 No clock is read implicitly: `clock` (monotonic, for rates) and `wall`
 (epoch seconds, for ages) are injectable.
 
-Documents are untrusted. `feed` confines any exception to its document
-(counted as ``monitor-malformed``); identities used as keys (uids, data keys)
+Documents are untrusted. `feed` checks what it will show before the
+tracker counts the document, and confines any exception to its document
+(counted as ``monitor-malformed``); run uids and data keys
 longer than `MAX_KEY` are refused, counts beyond 2**63 and times that are not
 finite epoch seconds are refused or ignored, and every text the snapshot
 holds (names, values, reasons, errors) has passed `text.clean`, so it carries
@@ -37,7 +44,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TypeGuard
 
+from .errors import ValidationError
 from .text import clean
+from .tracker import RunTracker, TrackedRun
 
 #: Finished runs kept for the "last runs" table (open runs are always kept).
 MAX_RUNS = 20
@@ -119,8 +128,29 @@ def stream_name(value: Any) -> str:
     return clean(value or "primary", MAX_NAME)
 
 
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, (bool, int, float, str)) and not isinstance(value, bytes)
+def _is_orphan(reason: str) -> bool:
+    """A tracker rejection meaning "the run's start (or descriptor, resource) was never seen"."""
+    return reason.endswith(("-for-unknown-run", "-before-descriptor", "-before-resource"))
+
+
+def _by_name(counts: Mapping[str, int], names: Sequence[str] = ()) -> dict[str, int]:
+    """Per-stream counts of the tracker (raw stream names) keyed by the name shown."""
+    shown = dict.fromkeys(names, 0)
+    for raw, count in counts.items():
+        name = stream_name(raw)
+        shown[name] = shown.get(name, 0) + count
+    return shown
+
+
+def _rows(name: str, doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The data rows of an event or event_page (ValueError/KeyError/IndexError if malformed)."""
+    data = doc["data"]
+    if not isinstance(data, Mapping):
+        raise ValueError("data is not a mapping")
+    if name == "event":
+        return [data]
+    count = len(doc["seq_num"])
+    return [{key: values[i] for key, values in data.items()} for i in range(count)]
 
 
 class RateMeter:
@@ -156,10 +186,10 @@ class RateMeter:
 
 @dataclass
 class StreamState:
+    """What the screen shows of one stream beyond the tracker's counts."""
+
     name: str
-    events: int = 0
-    gaps: int = 0
-    duplicates: int = 0
+    duplicates: int = 0  # duplicate or late seq_nums (counted as events by the tracker)
     last_seq_num: int = 0
     first_arrival: float | None = None
     last_arrival: float | None = None
@@ -167,30 +197,30 @@ class StreamState:
     scalar_keys: dict[str, str] = field(default_factory=dict)  # key -> dtype
     latest: dict[str, Any] = field(default_factory=dict)
 
-    def mean_rate(self) -> float | None:
-        if self.first_arrival is None or self.last_arrival is None or self.events < 2:
+    def mean_rate(self, events: int) -> float | None:
+        if self.first_arrival is None or self.last_arrival is None or events < 2:
             return None
         span = self.last_arrival - self.first_arrival
-        return (self.events - 1) / span if span > 0 else None
+        return (events - 1) / span if span > 0 else None
 
 
 @dataclass
 class RunState:
+    """One run on screen: the tracker's run (counts, gaps) and what only the screen needs."""
+
     uid: str
+    tracked: TrackedRun
     scan_id: Any = None
     plan_name: str | None = None
     start_time: float | None = None
     detectors: list[str] = field(default_factory=list)
     documents: int = 0
     streams: dict[str, StreamState] = field(default_factory=dict)
-    descriptors: dict[str, str] = field(default_factory=dict)  # descriptor uid -> stream
-    last_seq: dict[str, int] = field(default_factory=dict)  # descriptor uid -> last seq_num
     stopped: bool = False
     exit_status: str | None = None
     reason: str | None = None
     stop_time: float | None = None
     num_events: dict[str, int] = field(default_factory=dict)
-    shortfall: dict[str, int] = field(default_factory=dict)  # stop.num_events minus received
     plot_stream: str | None = None
     plot_key: str | None = None
     plot_values: deque[float] = field(default_factory=lambda: deque(maxlen=PLOT_POINTS))
@@ -202,12 +232,13 @@ class RunState:
             stream = self.streams[name] = StreamState(name)
         return stream
 
+    def events(self) -> dict[str, int]:
+        """Events received per stream shown (the tracker's count; 0 for a stream without any)."""
+        return _by_name(self.tracked.received.events, list(self.streams))
+
     def gaps(self) -> dict[str, int]:
-        """Events missing per stream: seq_num holes plus stop.num_events shortfalls."""
-        gaps = {name: s.gaps for name, s in self.streams.items() if s.gaps}
-        for name, n in self.shortfall.items():
-            gaps[name] = gaps.get(name, 0) + n
-        return gaps
+        """Events missing per stream shown: the tracker's holes and stop.num_events shortfalls."""
+        return _by_name(self.tracked.received.gaps())
 
     @property
     def state(self) -> str:
@@ -291,7 +322,7 @@ class MonitorState:
         self.errors = 0
         self.last_error: str | None = None
         self.runs: OrderedDict[str, RunState] = OrderedDict()
-        self.run_of_descriptor: dict[str, str] = {}
+        self.tracker = RunTracker(on_repeat=self._repeated, safe_uids=False)
         # sidecar side
         self.sidecar_url = sidecar_url
         self.sidecar_state = "unknown"
@@ -338,44 +369,50 @@ class MonitorState:
                 self.last_error = clean(f"{name}: {type(err).__name__}: {err}", 300)
 
     def _feed(self, name: str, doc: Mapping[str, Any], now: float) -> None:
+        """Check what will be shown, let the tracker route and count, then update the screen's state."""
+        rows: list[Mapping[str, Any]] = []
+        num_events: dict[str, int] = {}
         if name == "start":
-            self._start(doc)
-            return
-        run: RunState | None
-        if name == "descriptor":
-            run = self.runs.get(as_key(doc.get("run_start")))
-            if run is None:
-                self.orphans += 1
-                return
-            self._descriptor(run, doc)
+            as_key(doc["uid"])
         elif name in ("event", "event_page"):
-            uid = self.run_of_descriptor.get(as_key(doc.get("descriptor")))
-            run = self.runs.get(uid) if uid is not None else None
-            if run is None:
-                self.orphans += 1
-                return
-            if name == "event":
-                self._events(run, doc, [doc["seq_num"]], [doc["data"]], now)
-            else:
-                seq_nums = list(doc["seq_num"])
-                data = doc["data"]
-                rows = [{k: v[i] for k, v in data.items()} for i in range(len(seq_nums))]
-                self._events(run, doc, seq_nums, rows, now)
+            rows = _rows(name, doc)
         elif name == "stop":
-            run = self.runs.get(as_key(doc.get("run_start")))
-            if run is None:
-                self.orphans += 1
-                return
-            self._stop(run, doc)
-        else:
-            return  # resources, datums, stream_resources: counted only
+            counts = doc.get("num_events")
+            items = islice(counts.items(), MAX_LATEST_KEYS) if isinstance(counts, Mapping) else ()
+            num_events = {stream_name(k): as_count(v) for k, v in items}
+        try:
+            tracked = self.tracker.route(name, doc if isinstance(doc, dict) else dict(doc))
+        except ValidationError as rejected:
+            if not _is_orphan(rejected.reason):
+                raise
+            self.orphans += 1
+            return
+        if name == "start":
+            self._start(tracked, doc)
+            return
+        run = self.runs[tracked.uid]
         run.documents += 1
+        if name == "descriptor":
+            self._descriptor(run, tracked.streams[doc["uid"]], doc)
+        elif name in ("event", "event_page"):
+            descriptor = doc["descriptor"]
+            stream = run.stream(stream_name(tracked.streams[descriptor]))
+            stream.last_seq_num = tracked.last_seq[descriptor]
+            self._events(run, stream, rows, now)
+        elif name == "stop":
+            self._stop(run, doc, num_events)
 
-    def _start(self, doc: Mapping[str, Any]) -> None:
-        uid = as_key(doc["uid"])
+    def _repeated(self, tracked: TrackedRun, stream: str, seq_num: int) -> None:
+        """The tracker's `on_repeat`: a duplicate or late seq_num (an event, not a gap)."""
+        run = self.runs.get(tracked.uid)
+        if run is not None:
+            run.stream(stream_name(stream)).duplicates += 1
+
+    def _start(self, tracked: TrackedRun, doc: Mapping[str, Any]) -> None:
         detectors = doc.get("detectors")
         run = RunState(
-            uid=uid,
+            uid=tracked.uid,
+            tracked=tracked,
             scan_id=plain(doc.get("scan_id")),
             plan_name=plain(doc.get("plan_name")),
             start_time=epoch(doc.get("time")),
@@ -384,26 +421,18 @@ class MonitorState:
             else [],
             documents=1,
         )
-        self.runs[uid] = run
+        self.runs[run.uid] = run
         self._evict()
 
     def _evict(self) -> None:
         finished = [uid for uid, run in self.runs.items() if run.stopped]
         while len(self.runs) > MAX_RUNS and finished:
-            self._forget(finished.pop(0))
+            self.runs.pop(finished.pop(0))
         while len(self.runs) > 4 * MAX_RUNS:  # open runs whose stop never came
-            self._forget(next(iter(self.runs)))
+            self.tracker.close(self.runs.pop(next(iter(self.runs))).tracked)
 
-    def _forget(self, uid: str) -> None:
-        run = self.runs.pop(uid)
-        for descriptor in run.descriptors:
-            self.run_of_descriptor.pop(descriptor, None)
-
-    def _descriptor(self, run: RunState, doc: Mapping[str, Any]) -> None:
-        uid = as_key(doc["uid"])
-        name = stream_name(doc.get("name"))
-        run.descriptors[uid] = name
-        self.run_of_descriptor[uid] = run.uid
+    def _descriptor(self, run: RunState, raw_name: str, doc: Mapping[str, Any]) -> None:
+        name = stream_name(raw_name)
         stream = run.stream(name)
         data_keys = doc.get("data_keys")
         for data_key, spec in (data_keys if isinstance(data_keys, Mapping) else {}).items():
@@ -429,26 +458,9 @@ class MonitorState:
                     run.plot_key, run.plot_stream = plot_key, name
 
     def _events(
-        self,
-        run: RunState,
-        doc: Mapping[str, Any],
-        seq_nums: list[Any],
-        rows: Sequence[Mapping[str, Any]],
-        now: float,
+        self, run: RunState, stream: StreamState, rows: Sequence[Mapping[str, Any]], now: float
     ) -> None:
-        descriptor = as_key(doc["descriptor"])
-        stream = run.stream(run.descriptors[descriptor])
-        last = run.last_seq.get(descriptor, 0)
-        for seq in [as_count(s) for s in seq_nums]:
-            if seq > last + 1:
-                stream.gaps += seq - last - 1
-            elif seq <= last:
-                stream.duplicates += 1
-            last = max(last, seq)
-        run.last_seq[descriptor] = last
-        stream.last_seq_num = last
-        stream.events += len(seq_nums)
-        stream.rate.add(len(seq_nums), now)
+        stream.rate.add(len(rows), now)
         if stream.first_arrival is None:
             stream.first_arrival = now
         stream.last_arrival = now
@@ -464,20 +476,13 @@ class MonitorState:
                     run.plot_values.append(float(value))
                     run.plot_count += 1
 
-    def _stop(self, run: RunState, doc: Mapping[str, Any]) -> None:
+    def _stop(self, run: RunState, doc: Mapping[str, Any], num_events: dict[str, int]) -> None:
         run.stopped = True
         run.exit_status = plain(doc.get("exit_status"))
         run.reason = plain(doc.get("reason")) or None
         run.stop_time = epoch(doc.get("time"))
-        num_events = doc.get("num_events")
-        items = islice(num_events.items(), MAX_LATEST_KEYS) if isinstance(num_events, Mapping) else ()
-        run.num_events = {stream_name(k): as_count(v) for k, v in items}
-        for name, expected in run.num_events.items():
-            stream = run.streams.get(name)
-            received = stream.events - stream.duplicates if stream else 0
-            missing = expected - received - (stream.gaps if stream else 0)
-            if missing > 0:
-                run.shortfall[name] = missing
+        run.num_events = num_events
+        self.tracker.close(run.tracked)
         self._evict()
 
     # ------------------------------------------------------- sidecar side
@@ -565,14 +570,15 @@ class MonitorState:
 
     def _run_dict(self, run: RunState, now: float, wall: float, *, latest: bool) -> dict[str, Any]:
         end = run.stop_time if run.stopped else wall
+        events, gaps = run.events(), run.gaps()
         streams = {}
         for name, s in run.streams.items():
             entry: dict[str, Any] = {
-                "events": s.events,
+                "events": events.get(name, 0),
                 "rate": round(s.rate.rate(now), 3),
-                "mean_rate": s.mean_rate(),
+                "mean_rate": s.mean_rate(events.get(name, 0)),
                 "last_seq_num": s.last_seq_num,
-                "gaps": s.gaps + run.shortfall.get(name, 0),
+                "gaps": gaps.get(name, 0),
                 "duplicates": s.duplicates,
             }
             if latest:
@@ -588,9 +594,9 @@ class MonitorState:
             "exit_status": run.exit_status,
             "reason": run.reason,
             "documents": run.documents,
-            "events": {name: s.events for name, s in run.streams.items()},
+            "events": events,
             "num_events": run.num_events or None,
-            "gaps": run.gaps(),
+            "gaps": gaps,
             "streams": streams,
         }
 

@@ -67,6 +67,7 @@ ROUTED = (
 )
 
 GapHandler = Callable[["TrackedRun", str, int, int], None]  # run, stream, first, last missing seq_num
+RepeatHandler = Callable[["TrackedRun", str, int], None]  # run, stream, a duplicate or late seq_num
 
 
 def plain_int(value: object, low: int, high: int) -> int | None:
@@ -155,7 +156,18 @@ class TrackedRun:
 class RunTracker(DocumentRouter):
     """Routes documents to open runs and counts their gaps; see the module docstring."""
 
-    def __init__(self, on_gap: GapHandler | None = None) -> None:
+    def __init__(
+        self,
+        on_gap: GapHandler | None = None,
+        *,
+        on_repeat: RepeatHandler | None = None,
+        safe_uids: bool = True,
+    ) -> None:
+        """`on_gap` / `on_repeat` hear of each hole / duplicate-or-late seq_num as it is counted.
+
+        `safe_uids=False` (the monitor: it shows runs, never stores them)
+        accepts any string as a run uid, not only a safe directory name.
+        """
         super().__init__()
         self.runs: dict[str, TrackedRun] = {}  # open runs, oldest first
         self.run_of_descriptor: dict[str, TrackedRun] = {}
@@ -163,6 +175,8 @@ class RunTracker(DocumentRouter):
         self.closed_runs: dict[str, None] = {}
         self.closed_owner: dict[str, str] = {}  # descriptor / resource uid -> its closed run
         self.on_gap = on_gap
+        self.on_repeat = on_repeat
+        self.safe_uids = safe_uids
         self._run: TrackedRun | None = None
         self._routes: dict[str, Callable[[Any], object]] = {name: getattr(self, name) for name in ROUTED}
 
@@ -252,7 +266,7 @@ class RunTracker(DocumentRouter):
     # ---------------------------------------------- one method per document
     def start(self, doc: Any) -> None:
         uid = doc["uid"]
-        if not is_safe_uid(uid):
+        if not (is_safe_uid(uid) if self.safe_uids else isinstance(uid, str)):
             raise ValidationError(
                 "unsafe-uid", repr(uid)[:80] if isinstance(uid, str) else type(uid).__name__
             )
@@ -377,6 +391,8 @@ class RunTracker(DocumentRouter):
                 received.missing[stream] = received.missing.get(stream, 0) + missing
                 if self.on_gap is not None:
                     self.on_gap(run, stream, last + 1, seq - 1)
+            elif seq <= last and self.on_repeat is not None:
+                self.on_repeat(run, stream, seq)
             last = max(last, seq)
         run.last_seq[descriptor] = last
 
