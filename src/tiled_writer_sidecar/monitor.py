@@ -4,11 +4,12 @@ A second subscriber on the proxy's out-address, independent of the sidecar
 (either one runs without the other). Three threads, so a slow terminal never
 makes the monitor fall behind:
 
-- decode (`Subscriber`): reads 0MQ frames (high receive HWM), decodes them
-  with `wire.decode_message` and feeds `monitor_state.MonitorState`; all
-  counting happens here. A socket monitor turns ZMTP events into the
-  connection state (connecting / connected / disconnected); 0MQ reconnects
-  by itself when the proxy starts late or restarts.
+- decode (`Subscriber`): reads 0MQ frames from a `subscription.Subscription`
+  (the daemon's SUB socket: high receive HWM, CURVE, unpaced here), decodes
+  them with `wire.decode_message` and feeds `monitor_state.MonitorState`;
+  all counting happens here. The subscription's connection events become
+  the connection state (connecting / connected / disconnected / error); 0MQ
+  reconnects by itself when the proxy starts late or restarts.
 - health (`HealthPoller`): polls the sidecar's ``/healthz`` once a second;
   a refused connection or a timeout is shown as "sidecar down", not raised.
 - main: renders `MonitorState.snapshot()` with rich at a fixed frame rate
@@ -19,7 +20,7 @@ one snapshot (``--json``: the snapshot dict) and exits 0. In that mode run
 starts/stops and connection changes are also logged to stderr, which lets
 scripts wait for them. Expected trouble never shows a traceback.
 
-Hostile input: the socket sets no ``ZMQ_MAXMSGSIZE`` (libzmq would drop the
+Hostile input: `Subscription` sets no ``ZMQ_MAXMSGSIZE`` (libzmq would drop the
 connection to the proxy for good on a larger message); `wire.decode_message`
 refuses oversized messages instead, and any exception while decoding or
 accounting for one message is confined to it (counted). Everything shown
@@ -55,6 +56,7 @@ from .config import Config, ZmqConfig
 from .errors import ConfigError, RejectedMessage
 from .logs import TextFormatter
 from .monitor_state import MonitorState
+from .subscription import Subscription
 from .text import clean, text
 
 log = logging.getLogger(__name__)
@@ -62,19 +64,9 @@ log = logging.getLogger(__name__)
 FRAMES_PER_SECOND = 4.0
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 2.0
-RECONNECT_IVL_MS = 200
-RECONNECT_IVL_MAX_MS = 2000
+POLL_MS = 100
 
 Decoder = Callable[..., tuple[str, dict[str, Any]]]
-
-_ZMQ_EVENTS: dict[int, str] = {
-    zmq.EVENT_HANDSHAKE_SUCCEEDED: "connected",
-    zmq.EVENT_DISCONNECTED: "disconnected",
-    zmq.EVENT_CONNECT_RETRIED: "retry",
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth-failed",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol-failed",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake-failed",
-}
 
 
 def health_url(sidecar: str | None, metrics_address: str) -> str:
@@ -92,7 +84,7 @@ def health_url(sidecar: str | None, metrics_address: str) -> str:
 
 # ------------------------------------------------------------------ threads
 class Subscriber:
-    """The decode thread: SUB socket -> decode -> `MonitorState.feed`."""
+    """The decode thread: `Subscription` -> decode -> `MonitorState.feed`."""
 
     def __init__(self, config: ZmqConfig, state: MonitorState, decode: Decoder | None = None) -> None:
         if decode is None:
@@ -106,36 +98,14 @@ class Subscriber:
         self.stopping = threading.Event()
         self._got_message = False
         self._connected = False
-        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._connects = 0
+        self._retries = 0
+        self._problem: str | None = None
         try:
-            self.socket = self._make_socket()
-        except BaseException:
-            self.context.destroy(linger=0)
-            raise
-        self.thread = threading.Thread(target=self._run, name="monitor-decode", daemon=True)
-
-    def _make_socket(self) -> zmq.Socket[bytes]:
-        socket: zmq.Socket[bytes] = self.context.socket(zmq.SUB)
-        socket.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
-        # No ZMQ_MAXMSGSIZE: libzmq treats a larger message as a protocol error and drops the
-        # connection to the proxy for good. decode_message refuses it instead (counted).
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        if self.config.curve_secret_key_file:
-            from .curve import apply_client_curve
-
-            apply_client_curve(socket, self.config)
-        socket.setsockopt(zmq.SUBSCRIBE, self.prefix + b" " if self.prefix else b"")
-        mask = 0
-        for event in _ZMQ_EVENTS:
-            mask |= event
-        self.events = socket.get_monitor_socket(mask)
-        try:
-            socket.connect(self.config.address)
+            self.subscription = Subscription(config, pace=False)
         except zmq.ZMQError as err:
-            raise ConfigError(f"cannot subscribe to {self.config.address}: {err}") from None
-        return socket
+            raise ConfigError(f"cannot subscribe to {config.address}: {err}") from None
+        self.thread = threading.Thread(target=self._run, name="monitor-decode", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -145,59 +115,47 @@ class Subscriber:
         if self.thread.ident is not None:
             self.thread.join(timeout=5)
         if not self.thread.is_alive():
-            self.socket.disable_monitor()
-            self.events.close(linger=0)
-            self.socket.close(linger=0)
-            self.context.term()
+            self.subscription.close()
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        poller.register(self.events, zmq.POLLIN)
+        subscription = self.subscription
         while not self.stopping.is_set():
             try:
-                ready = dict(poller.poll(100))
-                if self.events in ready:
-                    self._drain_events()
-                if self.socket in ready:
-                    self._drain_messages()
+                subscription.watch()
+                self._follow_connection()
+                if subscription.wait(POLL_MS):
+                    subscription.drain(self.handle)
             except Exception as err:  # noqa: BLE001 - the view must outlive any surprise
                 self.state.error(f"decode thread: {type(err).__name__}: {err}")
                 log.warning("monitor decode thread: %s: %s", type(err).__name__, clean(err))
                 self.stopping.wait(0.1)
 
-    def _drain_events(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
+    def _follow_connection(self) -> None:
+        """Turn the subscription's connection state into the monitor's (and its log lines)."""
+        subscription, address = self.subscription, self.config.address
+        new = subscription.connects - self._connects
+        self._connects = subscription.connects
+        for n in range(new):
+            if self._connected or n > 0:  # a reconnection: the proxy went away in between
+                self._went_away()
+            self._connected, self._got_message = True, False
+            self.state.set_connection("connected")
+            log.info("connected to proxy %s", address)
+        if self._connected and not subscription.connected:
+            self._went_away()
+        if subscription.problem and subscription.problem != self._problem:
+            self.state.set_connection("error", f"{subscription.problem} (check the CURVE keys)")
+        self._problem = subscription.problem
+        retried, self._retries = subscription.retries != self._retries, subscription.retries
+        if retried and not self._connected and self.state.connection == "connecting":
+            self.state.set_connection(
+                "connecting", "nothing listens there yet (is bluesky-0MQ-proxy running?)"
+            )
 
-        while self.events.poll(0):
-            event = recv_monitor_message(self.events)
-            kind = _ZMQ_EVENTS.get(int(event["event"]))
-            address = self.config.address
-            if kind == "connected":
-                self._connected = True
-                self._got_message = False
-                self.state.set_connection("connected")
-                log.info("connected to proxy %s", address)
-            elif kind == "disconnected":
-                self._connected = False
-                self.state.set_connection("disconnected", "proxy went away; reconnecting")
-                log.warning("proxy %s went away; reconnecting", address)
-            elif kind == "retry" and not self._connected:
-                if self.state.connection != "disconnected":
-                    self.state.set_connection(
-                        "connecting", "nothing listens there yet (is bluesky-0MQ-proxy running?)"
-                    )
-            elif kind is not None and kind.endswith("failed"):
-                self.state.set_connection("error", f"{kind} (check the CURVE keys)")
-                log.warning("proxy %s: %s", address, kind)
-
-    def _drain_messages(self) -> None:
-        for _ in range(10_000):
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.handle(frames)
+    def _went_away(self) -> None:
+        self._connected = False
+        self.state.set_connection("disconnected", "proxy went away; reconnecting")
+        log.warning("proxy %s went away; reconnecting", self.config.address)
 
     def handle(self, frames: list[bytes]) -> None:
         """Decode one message and account for it (never raises for bad input)."""
@@ -715,6 +673,7 @@ def run_monitor(config: Config, args: argparse.Namespace) -> int:
         raise ConfigError("--seconds must not be negative")
     url = health_url(getattr(args, "sidecar", None), config.metrics.address)
     state = MonitorState(address=config.zmq.address, plot_key=getattr(args, "plot", None), sidecar_url=url)
+    logging.getLogger(Subscription.__module__).setLevel(logging.ERROR)  # the monitor logs the transitions
     subscriber = Subscriber(config.zmq, state)
     poller = HealthPoller(url, state)
     console = Console()

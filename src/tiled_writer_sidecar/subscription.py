@@ -9,7 +9,9 @@ Contract:
   protocol error and drops the connection for good, silently. Sizes are
   the decoder's business (``max_message_bytes``: counted and quarantined).
 - `watch` reads the socket's connection events; `connected` and `problem`
-  (a refused CURVE handshake) hold the state, each change logged once.
+  (a refused CURVE handshake) hold the state, each change logged once;
+  `connects` and `retries` count connections made and attempts refused
+  (nothing listens yet), so a reader that looks now and then misses none.
 - `wait` paces wakes: below `LOW_RATE` messages/s wakes are at least
   `WAKE_INTERVAL_S` apart, so what arrives meanwhile is handled in one batch
   (the socket's queue holds it; nothing upstream backs up). `drain` then
@@ -50,6 +52,8 @@ class Subscription:
         self.pace = pace
         self.connected = False
         self.problem: str | None = None
+        self.connects = 0  # connections made (a reconnection counts again)
+        self.retries = 0  # connection attempts that found nothing listening
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._last_wake = 0.0
         self._rate_since = 0.0
@@ -112,10 +116,14 @@ class Subscription:
             ):
                 if self.problem or not self.connected:
                     log.info("subscribed to the proxy at %s", self.config.address)
+                if not self.connected:
+                    self.connects += 1
                 self.connected, self.problem = True, None
             elif event == zmq.EVENT_DISCONNECTED:
                 self.connected = False
                 log.warning("proxy at %s disconnected; reconnecting", self.config.address)
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                self.retries += 1
             elif event in _HANDSHAKE_FAILURES:
                 problem = f"the proxy refused the subscription: {_HANDSHAKE_FAILURES[event]}"
                 if problem != self.problem:
