@@ -604,6 +604,36 @@ def test_render_shows_markup_and_escape_sequences_literally() -> None:
     assert not re.search(r"[\x00-\x1f\x7f-\x9f]", data_controls), repr(data_controls)
 
 
+def test_connection_state_follows_the_subscription_counters(caplog: pytest.LogCaptureFixture) -> None:
+    """The monitor reads the shared Subscription's state now and then: a refused attempt shows
+    "nothing listens there yet", and a reconnection that happened between two looks (connects
+    went up while it looked connected) is still logged as a went-away and counted as a connect."""
+    state = MonitorState()
+    subscriber = Subscriber(ZmqConfig(address=f"tcp://127.0.0.1:{free_port()}"), state)
+    subscription = subscriber.subscription
+    caplog.set_level(logging.INFO, logger="tiled_writer_sidecar.monitor")
+    try:
+        subscription.retries += 1
+        subscriber._follow_connection()
+        assert (state.connection, state.connects) == ("connecting", 0)
+        assert "bluesky-0MQ-proxy" in state.connection_detail
+        subscription.connects, subscription.connected = 1, True
+        subscriber._follow_connection()
+        assert (state.connection, state.connects) == ("connected", 1)
+        subscription.connects = 2  # disconnected and connected again between two looks
+        subscriber._follow_connection()
+        assert (state.connection, state.connects) == ("connected", 2)
+        assert caplog.text.count("went away") == 1 and caplog.text.count("connected to proxy") == 2
+        subscription.connected = False
+        subscriber._follow_connection()
+        assert state.connection == "disconnected"
+        subscription.problem = "the proxy refused the subscription: authentication refused"
+        subscriber._follow_connection()
+        assert state.connection == "error" and "CURVE" in state.connection_detail
+    finally:
+        subscriber.stop()
+
+
 def test_any_exception_from_the_decoder_is_counted_not_raised() -> None:
     """A decoder that raises something other than RejectedMessage (a bug, MemoryError...) costs that
     one message: counted as decode-error, its message escaped in the error line, the next decodes."""
