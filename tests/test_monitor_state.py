@@ -290,6 +290,34 @@ def test_documents_of_a_run_started_before_the_monitor_are_orphans(local_re: Acq
     assert snap["zmq"]["orphans"] == len(docs) - 3
 
 
+def test_resources_and_datums_are_routed_but_not_counted_as_run_documents() -> None:
+    """Resources and datums go through the tracker (a datum of an unknown resource is refused, not
+    attributed) but, as before, neither count among a run's documents nor as orphans."""
+    state = MonitorState()
+    state.feed("start", {"uid": "r1", "time": 1.0})
+    state.feed("descriptor", {"uid": "d1", "run_start": "r1", "name": "primary", "data_keys": {}})
+    state.feed("resource", {"uid": "res1", "run_start": "r1", "spec": "X", "root": "/", "resource_path": "a"})
+    state.feed("datum", {"datum_id": "res1/0", "resource": "res1", "datum_kwargs": {}})
+    state.feed("datum", {"datum_id": "other/0", "resource": "other", "datum_kwargs": {}})
+    state.feed("event", {"descriptor": "d1", "seq_num": 1, "data": {}})
+    state.feed(
+        "stop", {"run_start": "r1", "time": 2.0, "exit_status": "success", "num_events": {"primary": 1}}
+    )
+    snap = state.snapshot()
+    assert snap["run"]["documents"] == 4
+    assert snap["zmq"]["orphans"] == 0
+    assert snap["zmq"]["documents"] == {
+        "start": 1,
+        "descriptor": 1,
+        "resource": 1,
+        "datum": 2,
+        "event": 1,
+        "stop": 1,
+    }
+    assert snap["zmq"]["rejected"] == {}
+    assert state.tracker.closed_owner["res1"] == "r1"
+
+
 def test_a_malformed_document_is_counted_and_does_not_raise() -> None:
     """An event with a non-integer seq_num or a descriptor without uid never raises out of feed()."""
     state = MonitorState()

@@ -66,6 +66,9 @@ MAX_COUNT = 2**63
 RATE_WINDOW = 5.0
 RATE_RESOLUTION = 0.5
 
+#: Documents counted per run and, when their run is unknown, as orphans (resources and datums
+#: are routed by the tracker too, but counted only in the totals by name).
+RUN_DOCUMENTS = frozenset({"start", "descriptor", "event", "event_page", "stop"})
 SCALAR_DTYPES = frozenset({"number", "integer", "boolean", "string"})
 NUMERIC_DTYPES = frozenset({"number", "integer"})
 
@@ -385,13 +388,13 @@ class MonitorState:
         except ValidationError as rejected:
             if not _is_orphan(rejected.reason):
                 raise
-            self.orphans += 1
+            self.orphans += name in RUN_DOCUMENTS
             return
         if name == "start":
             self._start(tracked, doc)
             return
         run = self.runs[tracked.uid]
-        run.documents += 1
+        run.documents += name in RUN_DOCUMENTS
         if name == "descriptor":
             self._descriptor(run, tracked.streams[doc["uid"]], doc)
         elif name in ("event", "event_page"):
