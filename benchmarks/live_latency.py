@@ -16,9 +16,9 @@ were appends retried in place, and run rewrites, and the uploader's own
 flush lag (age of the oldest row of each flush).
 Between scans the previous run is left to finish uploading (untimed).
 
-Configurations: the product default (``batch_seconds = 1.0``) and
-``batch_seconds = 0.5``; each rate and configuration is run in every
-repetition, side by side.
+Configurations: the product default (``batch_seconds = 0.5``) and
+``batch_seconds = 1.0`` (the default before live streaming); each rate and
+configuration is run in every repetition, side by side.
 """
 
 from __future__ import annotations
@@ -135,14 +135,14 @@ def _specs(bench: Bench) -> tuple[dict[str, dict[str, Any] | None], dict[str, st
     specs: dict[str, dict[str, Any] | None] = {
         "up": {"tiled_uri": tiled.uri, "api_key": tiled.api_key, "settings": sidecar_settings()},
     }
-    variants = {"batch_seconds_1.0": "up"}
+    variants = {"batch_seconds_0.5": "up"}
     if not bench.smoke:
-        specs["up05"] = {
+        specs["up10"] = {
             "tiled_uri": tiled.uri,
             "api_key": tiled.api_key,
-            "settings": sidecar_settings(batch_seconds=0.5),
+            "settings": sidecar_settings(batch_seconds=1.0),
         }
-        variants["batch_seconds_0.5"] = "up05"
+        variants["batch_seconds_1.0"] = "up10"
     return specs, variants
 
 
@@ -218,6 +218,6 @@ def run(bench: Bench) -> dict[str, Any]:
     out["headline"] = {
         "p99_median": {k: out["p99"][k]["median"] for k in keys},
         "target_met_by": met,
-        "target_met": all(met[f"batch_seconds_1.0@{r}Hz"] for r in RATES),
+        "target_met": all(met[f"batch_seconds_0.5@{r}Hz"] for r in RATES),
     }
     return out

@@ -744,7 +744,7 @@ def _an_latency(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
     lags = ", ".join(f"{k} {fmt(v.get('median'))} s" for k, v in lag.items() if v.get("median") is not None)
     return [
         "- A row is readable at best `batch_seconds` after the first row of its batch was spooled, plus one "
-        "append round-trip: with the default `batch_seconds = 1.0` the p99 at 10 Hz cannot be under 1 s.",
+        "append round-trip: with `batch_seconds = 1.0` (the default before 0.5) the p99 at 10 Hz cannot be under 1 s.",
         "- The uploader's own flush lag (oldest row of each flush, no reader involved), median of the per-scan "
         f"maxima: {lags or 'n/a'}.",
         f"- Upload failures during the scans: {failures}, run rewrites: {rewrites}. Against SQLite-backed Tiled a "

@@ -49,7 +49,7 @@ class TiledConfig:
     uri: str = "http://127.0.0.1:8000"
     api_key_file: str = ""
     batch_rows: int = 10_000
-    batch_seconds: float = 1.0
+    batch_seconds: float = 0.5
     timeout_seconds: float = 30.0
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 30.0

@@ -64,3 +64,7 @@ class DecodeError(RejectedMessage):
 
 class ValidationError(RejectedMessage):
     """The document does not follow event-model's schema or run structure."""
+
+
+class IncompatibleDependency(SidecarError):
+    """An installed package lacks what the sidecar relies on (a version outside the supported range)."""

@@ -60,6 +60,7 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 from tiled.structures.table import TableStructure
 
+from .errors import IncompatibleDependency
 from .tiled_client import read_table_seq_nums
 from .validation import validate_document
 
@@ -78,14 +79,45 @@ class RetryPolicy(Protocol):
         """The request succeeded after failures."""
 
 
-class NoRetry:
-    """Give up at the first failure (the run is then rewritten)."""
+#: TiledWriter's private hooks this module relies on: method -> the parameters it must take, or
+#: attribute -> None (see the module docstring; the versions are bounded in pyproject.toml).
+PRIVATE_HOOKS: dict[str, tuple[str, ...] | None] = {
+    "_write_internal_data": ("data_cache", "desc_node"),
+    "_write_external_data": ("doc",),
+    "_append_with_retry": ("df_client", "table", "desc_name"),
+    "_close_stream_tree": (),
+    "_desc_nodes": None,
+    "_internal_data_cache": None,
+    "_external_data_cache": None,
+    "root_node": None,
+}
 
-    def wait(self, err: Exception) -> None:
-        raise err
 
-    def recovered(self) -> None:
-        pass
+def check_tiledwriter_api() -> None:
+    """Raise `IncompatibleDependency` naming the first hook the installed bluesky-tiled-plugins lacks.
+
+    Called when an uploader starts, so an upgrade that renames a private name fails at once with one
+    line, instead of falling back to TiledWriter's blind retry (possible duplicates) or raising mid-run.
+    """
+    import inspect
+    from importlib.metadata import version
+
+    writer = _RunWriter(None)  # the constructor only sets attributes
+    for name, parameters in PRIVATE_HOOKS.items():
+        hook = getattr(writer, name, _MISSING)
+        ok = hook is not _MISSING
+        if ok and parameters is not None:
+            ok = callable(hook) and list(inspect.signature(hook).parameters)[: len(parameters)] == list(
+                parameters
+            )
+        if not ok:
+            raise IncompatibleDependency(
+                f"bluesky-tiled-plugins {version('bluesky-tiled-plugins')} has no usable TiledWriter "
+                f"hook {name}; tiled-writer-sidecar supports bluesky-tiled-plugins >=2.0.12,<2.1"
+            )
+
+
+_MISSING = object()
 
 
 def retryable(err: BaseException) -> bool:
@@ -210,7 +242,6 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
         self.retry = retry
         self.table_rows: dict[str, int] = {}  # rows each internal table holds, by its URI
-        self.append_retries = 0
 
     def _append_with_retry(self, df_client: Any, table: Any, desc_name: str) -> None:
         before = self.table_rows.get(df_client.uri, 0)
@@ -223,7 +254,6 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
                 if not retryable(err):
                     raise
                 failed = True
-                self.append_retries += 1
                 self.retry.wait(err)
                 if self._landed(df_client, table, before, err, desc_name):
                     break
@@ -258,8 +288,8 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
 class TiledRun:
     """Feeds one run's documents into Tiled through TiledWriter's machinery."""
 
-    def __init__(self, client: BaseClient, batch_rows: int, retry: RetryPolicy | None = None) -> None:
-        self.writer = SidecarRunWriter(client, batch_rows, retry or NoRetry())
+    def __init__(self, client: BaseClient, batch_rows: int, retry: RetryPolicy) -> None:
+        self.writer = SidecarRunWriter(client, batch_rows, retry)
         self.normalizer = FastRunNormalizer()
         self.normalizer.subscribe(self.writer)
         self.streams: dict[str, str] = {}

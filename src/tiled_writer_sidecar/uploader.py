@@ -84,7 +84,7 @@ from .spool.index import Received, RunView, Uploaded, UploadState, atomic_write_
 from .spool.segment import LogReader
 from .text import clean
 from .tiled_client import check_key, check_uid, connect, delete_run, read_seq_nums, run_exists
-from .tiled_run import AppendAmbiguous, TiledRun, retryable
+from .tiled_run import AppendAmbiguous, TiledRun, check_tiledwriter_api, retryable
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,7 @@ class Uploader:
         stop: threading.Event | None = None,
         give_up_after: float | None = None,
     ) -> None:
+        check_tiledwriter_api()  # an unsupported bluesky-tiled-plugins fails here, in one line
         self.config = config
         self.spool = spool
         self.only = only
@@ -407,6 +408,18 @@ class Uploader:
         return bool(self.active) or bool(self._candidates())
 
     # ------------------------------------------------------------- one run
+    def _close_for_subscribers(self, uid: str) -> None:
+        """Close a partial run's nodes before deleting it: Tiled's delete tells live subscribers nothing.
+
+        Best effort: a node Tiled refuses to close (4xx) does not stop the rewrite; an outage does.
+        """
+        try:
+            TiledRun.close_run_in_tiled(self.client, uid)
+        except httpx.HTTPStatusError as err:
+            if retryable(err):
+                raise
+            log.info("run %s: could not close its streams before the rewrite: %s", uid, one_line(err))
+
     def _activate(self, view: RunView) -> None:
         uid = check_uid(view.directory.name)
         if view.received.uid != uid:
@@ -415,6 +428,7 @@ class Uploader:
         if uploaded.state in (UploadState.UPLOADING, UploadState.QUARANTINED):
             if run_exists(self.client, uid):
                 log.info("run %s: deleting the partial upload before rewriting it", uid)
+                self._close_for_subscribers(uid)
                 delete_run(self.client, uid)
                 self.status.rewrites += 1
         elif run_exists(self.client, uid):
