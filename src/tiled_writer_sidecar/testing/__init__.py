@@ -4,7 +4,9 @@ A Tiled server on SQLite storage (`TiledServer`), bluesky's own
 `bluesky-0MQ-proxy` (`ZmqProxy`), and a RunEngine publishing through it
 (`Acquisition`), each a context manager that cleans up its process group;
 plus what Tiled must then contain (`expected_rows`) and what it does
-contain (`read_stream`, `tree_summary`). Nothing here is mocked.
+contain (`read_stream`, `tree_summary`). Nothing here is mocked. `demo`
+uses these; `postgres.py` (PostgreSQL-backed Tiled) is for the tests and
+benchmarks of a checkout only and is left out of the wheel.
 """
 
 from .acquisition import (
