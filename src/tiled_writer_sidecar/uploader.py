@@ -78,6 +78,7 @@ import httpx
 from .backoff import Backoff
 from .config import Config
 from .errors import BadRunDocument, TiledUnavailableError, UnsafeName
+from .metrics import LagHistogram
 from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
 from .spool.index import Received, RunView, Uploaded, UploadState, atomic_write_json
@@ -225,7 +226,8 @@ class UploaderStatus:
     append_retries: int = 0
     flushes: int = 0
     last_lag_seconds: float | None = None
-    lag_seconds: list[float] = field(default_factory=list)
+    lag_seconds: list[float] = field(default_factory=list)  # the last 1,000 (benchmarks read them)
+    lag_histogram: dict[str, Any] = field(default_factory=dict)  # cumulative: /metrics exports it
     updated: float = field(default_factory=time.time)
 
 
@@ -293,6 +295,7 @@ class Uploader:
         self.rejections: dict[str, tuple[str, int]] = {}  # uid -> (last rejection, times in a row)
         self.max_in_memory = config.spool.max_open_runs + MAX_ACTIVE_RUNS
         self.status = UploaderStatus()
+        self.lag = LagHistogram()
         self._last_status_write = 0.0
         self.backoff = Backoff(config.tiled.backoff_initial_seconds, config.tiled.backoff_max_seconds)
         # Tiled answers but is busy (SQLite "database is locked" while a client reads): the same
@@ -503,6 +506,8 @@ class Uploader:
             self.status.last_lag_seconds = lag
             self.status.lag_seconds.append(lag)
             del self.status.lag_seconds[:-1000]
+            self.lag.observe(lag)
+            self.status.lag_histogram = self.lag.as_status()
         self._save_progress(run)
 
     def _save_progress(self, run: ActiveRun) -> None:
