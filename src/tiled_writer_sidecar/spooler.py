@@ -196,17 +196,21 @@ class RunSpooler:
         """Write, fsync and close a run's log (its descriptor is released) and save its state."""
         run.dirty = True  # closing changes the state, whatever was saved before
         self.flush(run)
+        self._close_log(run)
+        self.save(run)
+        if run.dirty:
+            self.unsaved_closed.append(run)  # retried by upkeep() until the disk has room
+        if self.runs.get(run.received.uid) is run:
+            del self.runs[run.received.uid]
+
+    def _close_log(self, run: SpooledRun) -> None:
+        """fsync and close a run's log, releasing its descriptor; a failed fsync is said, not raised."""
         if run.writer is not None:
             try:
                 run.writer.close()
             except OSError as err:
                 self.trouble(f"cannot fsync run {run.received.uid}: {err.strerror}")
             run.writer = None
-        self.save(run)
-        if run.dirty:
-            self.unsaved_closed.append(run)  # retried by upkeep() until the disk has room
-        if self.runs.get(run.received.uid) is run:
-            del self.runs[run.received.uid]
 
     def upkeep(self, save: bool) -> None:
         """Write what is staged, fsync when the policy says so; with `save`, save changed runs."""
@@ -229,9 +233,4 @@ class RunSpooler:
         """Write and save everything, close every log (the runs stay open for the next receiver)."""
         for run in [*self.runs.values(), *self.unsaved_closed]:
             self.save(run)
-            if run.writer is not None:
-                try:
-                    run.writer.close()
-                except OSError as err:
-                    self.trouble(f"cannot fsync run {run.received.uid}: {err.strerror}")
-                run.writer = None
+            self._close_log(run)
