@@ -55,6 +55,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------ the RunEngine process
 
 
+def _wait_for_file(path: Path | None, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while path is not None and not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no file {path}")
+        time.sleep(0.01)
+
+
 def acquire(argv: list[str]) -> int:
     """The RunEngine process: `runs` x ``count([det], events)`` through the proxy at `in_address`."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale_out acquire")
@@ -65,6 +73,8 @@ def acquire(argv: list[str]) -> int:
     parser.add_argument("--progress", type=Path, required=True, help="JSON lines: ready, then one per run")
     parser.add_argument("--result", type=Path, required=True, help="JSON written at the end")
     parser.add_argument("--go", type=Path, help="start acquiring once this file exists")
+    parser.add_argument("--pause-after", type=int, help="after this many runs, wait for --resume")
+    parser.add_argument("--resume", type=Path, help="go on after --pause-after runs once this file exists")
     parser.add_argument("--rows", action="store_true", help="also write the rows Tiled must hold")
     args = parser.parse_args(argv)
 
@@ -80,13 +90,11 @@ def acquire(argv: list[str]) -> int:
     with Acquisition(args.in_address, out_address=args.out_address) as acq:
         acq.wait_subscribers()
         note({"ready": time.time()})
-        deadline = time.monotonic() + 900
-        while args.go is not None and not args.go.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no go file {args.go}")
-            time.sleep(0.01)
+        _wait_for_file(args.go)
         runs = []
-        for _ in range(args.runs):
+        for i in range(args.runs):
+            if i == args.pause_after:
+                _wait_for_file(args.resume)
             started = time.time()
             (uid,) = acq.run(bp.count([det], args.events))
             runs.append({"uid": uid, "started": started, "ended": time.time(), "events": args.events})

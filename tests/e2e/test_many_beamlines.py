@@ -46,13 +46,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
 class RunEngineProcess:
     """``python -m benchmarks.scale_out acquire``: a RunEngine of its own, started by a go file."""
 
-    def __init__(self, directory: Path, proxy: ZmqProxy, go: Path) -> None:
+    def __init__(self, directory: Path, proxy: ZmqProxy, go: Path, resume: Path) -> None:
         directory.mkdir(parents=True)
         self.progress = directory / "progress.jsonl"
         self.result = directory / "acquired.json"
         argv = [sys.executable, "-m", "benchmarks.scale_out", "acquire", "--rows"]
         argv += ["--in-address", str(proxy.in_address), "--out-address", str(proxy.out_address)]
         argv += ["--runs", str(RUNS), "--events", str(EVENTS), "--go", str(go)]
+        argv += ["--pause-after", str(RUNS // 4), "--resume", str(resume)]
         argv += ["--progress", str(self.progress), "--result", str(self.result)]
         self.process = ManagedProcess(argv, log_path=directory / "runengine.log", cwd=ROOT)
 
@@ -154,7 +155,7 @@ def gaps_between(runs: list[list[dict[str, Any]]], start: float, end: float) -> 
     ]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_four_beamlines_into_two_tiled_servers_on_one_postgresql_through_a_postgresql_restart(
     deployment: PostgresTiledDeployment, tmp_path: Path
 ) -> None:
@@ -163,7 +164,7 @@ def test_four_beamlines_into_two_tiled_servers_on_one_postgresql_through_a_postg
     through the other Tiled server), every run is `uploaded` with no gap, PostgreSQL holds exactly the
     rows emitted for the runs in the catalog (no duplicate), and the RunEngines' median time per event while PostgreSQL was down is
     no worse than before (they never wait on Tiled; the 1.5x margin absorbs a shared machine's noise)."""
-    go = tmp_path / "go"
+    go, resume = tmp_path / "go", tmp_path / "resume"
     clock = Stopwatch()
     with logs_on_failure(deployment), contextlib.ExitStack() as stack:
         proxies = [
@@ -180,7 +181,8 @@ def test_four_beamlines_into_two_tiled_servers_on_one_postgresql_through_a_postg
             for i, proxy in enumerate(proxies)
         ]
         engines = [
-            RunEngineProcess(tmp_path / f"runengine-{i}", proxy, go) for i, proxy in enumerate(proxies)
+            RunEngineProcess(tmp_path / f"runengine-{i}", proxy, go, resume)
+            for i, proxy in enumerate(proxies)
         ]
         # Everything starts side by side (each start is seconds of imports); the sidecars wait for Tiled.
         for process in [*(s.process for s in sidecars), *(e.process for e in engines)]:
@@ -200,13 +202,14 @@ def test_four_beamlines_into_two_tiled_servers_on_one_postgresql_through_a_postg
         clock.lap("sidecars and RunEngine processes ready")
 
         # Mid-upload: once every sidecar has uploaded a run and every RunEngine acquired a quarter of its
-        # runs, PostgreSQL goes down until every RunEngine has acquired two more runs, then comes back.
+        # runs (and waits there), PostgreSQL goes down until every RunEngine has acquired two more runs,
+        # then comes back.
         wait_until(
             lambda: all(
                 e.runs_done() >= RUNS // 4 and uploaded(s, e.finished()[:1])
                 for e, s in zip(engines, sidecars, strict=True)
             ),
-            120,
+            300,
             interval=0.05,
             what="first runs acquired and uploaded",
         )
@@ -214,9 +217,10 @@ def test_four_beamlines_into_two_tiled_servers_on_one_postgresql_through_a_postg
         down_at = [e.runs_done() for e in engines]
         t_down = _now()
         deployment.postgres.stop()
+        resume.touch()  # each RunEngine paused after a quarter of its runs: it acquires on meanwhile
         wait_until(
             lambda: all(e.runs_done() >= n + 2 for e, n in zip(engines, down_at, strict=True)),
-            120,
+            300,  # 4 RunEngines, 4 sidecars, 2 Tiled servers on 2 cores: a run can take a minute
             interval=0.05,
             what="two runs per RunEngine acquired while PostgreSQL is down",
         )
