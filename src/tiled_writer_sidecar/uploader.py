@@ -64,12 +64,10 @@ Tiled client is built only once the server answers again.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -77,104 +75,35 @@ import httpx
 
 from .backoff import Backoff
 from .config import Config
-from .errors import BadRunDocument, TiledUnavailableError, UnsafeName
+from .errors import BadRunDocument, TiledUnavailableError
 from .metrics import LagHistogram
+from .outcomes import (
+    REJECTIONS_TO_QUARANTINE,
+    Outcome,
+    Stopping,
+    TiledDown,
+    VerificationFailed,
+    classify,
+    is_auth_error,
+    one_line,
+    rejection_key,
+)
 from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
 from .spool.index import Received, RunView, Uploaded, UploadState, atomic_write_json
 from .spool.segment import LogReader
 from .text import clean
 from .tiled_client import check_key, check_uid, connect, delete_run, read_seq_nums, run_exists
-from .tiled_run import AppendAmbiguous, TiledRun, check_tiledwriter_api, retryable
+from .tiled_run import TiledRun, check_tiledwriter_api, retryable
 
 log = logging.getLogger(__name__)
 
 MAX_ACTIVE_RUNS = 4  # runs with a backlog, uploaded at once (caught-up open runs do not count)
 RECORDS_PER_PUMP = 5000
 IDLE_WAIT_S = 0.05
-REJECTIONS_TO_QUARANTINE = 3  # the same rejection, in a row, while Tiled answers other requests
 STATUS_INTERVAL_S = 1.0
 BUSY_BACKOFF_INITIAL_S = 0.05  # retrying an append Tiled answered with a 5xx (see Uploader.busy_backoff)
 BUSY_BACKOFF_MAX_S = 1.0
-
-
-class Transient(Exception):
-    """Base of the uploader's own transient failures."""
-
-
-class VerificationFailed(Transient):
-    """Tiled's rows for a run differ from what was fed: rewrite the run."""
-
-
-class RunRejected(Exception):
-    """This run cannot be written (kept for callers; `classify` decides from the error itself)."""
-
-
-class TiledDown(Transient):
-    """Tiled was down and still does not answer (checked before connecting again)."""
-
-
-class Stopping(Exception):
-    """The uploader was asked to stop while a request was being retried."""
-
-
-class Outcome(StrEnum):
-    """What the uploader does after a failure (see `OUTCOMES` and `classify`)."""
-
-    STOP = "stop"  # stop uploading; every run stays as it is in the spool
-    TILED_DOWN = "tiled down"  # nothing can be uploaded now: back off, probe, reconnect; rewrite the run
-    RETRY = "retry"  # Tiled is busy: an append is retried in place, any other request by rewriting the run
-    REWRITE = "rewrite"  # the run's state in Tiled is unknown or wrong: delete it there, rewrite it whole
-    REJECTED = "rejected"  # rewrite; the same rejection repeated while Tiled answers: quarantine the run
-    QUARANTINE = "quarantine"  # the run itself can never be uploaded: quarantine it at once, no request
-
-
-#: The whole policy, one screen: (what failed, outcome). `classify` implements it row by row.
-OUTCOMES: tuple[tuple[str, Outcome], ...] = (
-    ("asked to stop; gave up waiting for Tiled (replay)", Outcome.STOP),
-    ("connection refused/reset, timeout, DNS; TiledDown; HTTP 401/403 (API key)", Outcome.TILED_DOWN),
-    ("HTTP 5xx, 408, 429 (Tiled busy or failing)", Outcome.RETRY),
-    ("append that may have landed (AppendAmbiguous); read-back differs", Outcome.REWRITE),
-    ("local resource: disk full, read-only, out of memory", Outcome.REWRITE),
-    ("any other HTTP 4xx; a document that raises inside TiledWriter", Outcome.REJECTED),
-    ("unsafe uid/stream/data key; a document not of this run", Outcome.QUARANTINE),
-)
-
-#: OS errors that say nothing about the run (the host is short of something).
-_LOCAL_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE})
-
-
-def classify(err: BaseException) -> Outcome:
-    """The outcome of one failure, from the error alone (the table is `OUTCOMES`)."""
-    if isinstance(err, (Stopping, TiledUnavailableError)):
-        return Outcome.STOP
-    if isinstance(err, (TiledDown, httpx.TransportError, ConnectionError, TimeoutError)) or _is_auth_error(
-        err
-    ):
-        return Outcome.TILED_DOWN
-    if isinstance(err, httpx.HTTPStatusError):
-        return Outcome.RETRY if retryable(err) else Outcome.REJECTED
-    if isinstance(err, (AppendAmbiguous, VerificationFailed, MemoryError)):
-        return Outcome.REWRITE
-    if isinstance(err, OSError) and err.errno in _LOCAL_RESOURCE_ERRNOS:
-        return Outcome.REWRITE
-    if isinstance(err, (UnsafeName, BadRunDocument)):
-        return Outcome.QUARANTINE
-    return Outcome.REJECTED
-
-
-def one_line(err: BaseException) -> str:
-    """`err` as one safe line (type, first line of its message; escaped and bounded)."""
-    text = str(err).strip().splitlines()
-    return clean(f"{type(err).__name__}: {text[0] if text else ''}", 300)
-
-
-def rejection_key(err: BaseException, fed: int) -> str:
-    """What makes two rejections "the same request": the position in the log and the failure."""
-    if isinstance(err, httpx.HTTPStatusError):
-        request = err.request
-        return f"{fed} {request.method} {request.url.path} -> {err.response.status_code}"
-    return f"{fed} {one_line(err)}"
 
 
 @dataclass
@@ -652,7 +581,7 @@ class Uploader:
         outcome = classify(err)
         if outcome in (Outcome.REWRITE, Outcome.REJECTED, Outcome.QUARANTINE):
             self.status.last_error = one_line(err)
-        elif _is_auth_error(err):
+        elif is_auth_error(err):
             self.client = None
             self._set_tiled("unauthorized", one_line(err))
         elif not isinstance(err, TiledDown) and self._tiled_reachable():
@@ -763,10 +692,6 @@ class Uploader:
             self.client.context.close()
             self.client = None
         self._write_status(force=True)
-
-
-def _is_auth_error(err: BaseException) -> bool:
-    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403)
 
 
 def _age(view: RunView) -> tuple[float, str]:

@@ -17,20 +17,19 @@ import pytest
 from tiled_writer_sidecar.backoff import Backoff
 from tiled_writer_sidecar.config import Config, SpoolConfig
 from tiled_writer_sidecar.errors import BadRunDocument, TiledUnavailableError, UnsafeName
-from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Received, RunView, Uploaded
-from tiled_writer_sidecar.tiled_run import AppendAmbiguous
-from tiled_writer_sidecar.uploader import (
+from tiled_writer_sidecar.outcomes import (
     OUTCOMES,
     REJECTIONS_TO_QUARANTINE,
     Outcome,
-    SeqNums,
     Stopping,
     TiledDown,
-    Uploader,
     VerificationFailed,
     classify,
 )
+from tiled_writer_sidecar.spool.directory import SpoolDir
+from tiled_writer_sidecar.spool.index import Received, RunView, Uploaded
+from tiled_writer_sidecar.tiled_run import AppendAmbiguous
+from tiled_writer_sidecar.uploader import SeqNums, Uploader
 
 URL = "http://127.0.0.1:8000/api/v1/table/partition/run/primary/internal"
 
