@@ -33,10 +33,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .spool.directory import SpoolDir
-from .spool.index import read_json
+from .spool.index import UploaderStatus
 from .stats import ReceiverStats
 
 LOOP_STALL_SECONDS = 10.0
+_NO_UPLOADER = UploaderStatus(tiled="unknown")  # no uploader.json yet: zero counts
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -147,7 +148,7 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
     backlog_documents = sum(max(0, r.received.documents - r.uploaded.documents) for r in pending)
     backlog_bytes = sum(r.received.bytes for r in pending)
     oldest = min((r.received.first_received for r in pending), default=None)
-    uploader = read_json(spool.root / "uploader.json") or {}
+    uploader = UploaderStatus.load(spool.root)
     reasons = []
     if now - loop_beat > LOOP_STALL_SECONDS:
         reasons.append(f"receiver loop stalled for {now - loop_beat:.0f} s")
@@ -155,6 +156,7 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
         reasons.append("spool is not writable or full; documents are being dropped")
     if stats.subscription_problem:
         reasons.append(stats.subscription_problem)
+    known = uploader or _NO_UPLOADER
     return {
         "status": "unhealthy" if reasons else "ok",
         "reasons": reasons,
@@ -178,18 +180,18 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
             "writable": stats.spool_writable,
         },
         "tiled": {
-            "state": uploader.get("tiled", "unknown"),
-            "since": uploader.get("since"),
-            "last_error": uploader.get("last_error"),
+            "state": known.tiled,
+            "since": uploader.since if uploader else None,
+            "last_error": uploader.last_error if uploader else None,
         },
         "upload": {
-            "documents": uploader.get("documents", 0),
-            "rows": uploader.get("rows", 0),
-            "runs_uploaded": uploader.get("runs_uploaded", 0),
-            "runs_quarantined": uploader.get("runs_quarantined", 0),
-            "retries": uploader.get("retries", 0),
-            "last_lag_seconds": uploader.get("last_lag_seconds"),
-            "status_age_seconds": now - uploader["updated"] if "updated" in uploader else None,
+            "documents": known.documents,
+            "rows": known.rows,
+            "runs_uploaded": known.runs_uploaded,
+            "runs_quarantined": known.runs_quarantined,
+            "retries": known.retries,
+            "last_lag_seconds": known.last_lag_seconds,
+            "status_age_seconds": now - uploader.updated if uploader else None,
         },
         "runs": [r.as_dict() for r in runs[-20:]],
     }
@@ -239,28 +241,22 @@ class SidecarCollector(Collector):
             "Age of the oldest run not yet fully in Tiled",
             value=spool["oldest_unuploaded_age_seconds"] or 0.0,
         )
-        uploader = read_json(self.spool.root / "uploader.json") or {}
+        loaded = UploaderStatus.load(self.spool.root)
+        uploader = loaded or _NO_UPLOADER
         yield GaugeMetricFamily(
-            f"{p}_tiled_up", "1 if the uploader reaches Tiled", value=int(uploader.get("tiled") == "up")
+            f"{p}_tiled_up", "1 if the uploader reaches Tiled", value=int(uploader.tiled == "up")
         )
+        yield CounterMetricFamily(f"{p}_uploaded_documents", "Documents uploaded", value=uploader.documents)
+        yield CounterMetricFamily(f"{p}_uploaded_rows", "Event rows uploaded", value=uploader.rows)
+        yield CounterMetricFamily(f"{p}_runs_uploaded", "Runs uploaded", value=uploader.runs_uploaded)
         yield CounterMetricFamily(
-            f"{p}_uploaded_documents", "Documents uploaded", value=uploader.get("documents", 0)
+            f"{p}_runs_quarantined", "Runs quarantined", value=uploader.runs_quarantined
         )
-        yield CounterMetricFamily(f"{p}_uploaded_rows", "Event rows uploaded", value=uploader.get("rows", 0))
-        yield CounterMetricFamily(
-            f"{p}_runs_uploaded", "Runs uploaded", value=uploader.get("runs_uploaded", 0)
-        )
-        yield CounterMetricFamily(
-            f"{p}_runs_quarantined", "Runs quarantined", value=uploader.get("runs_quarantined", 0)
-        )
-        yield CounterMetricFamily(
-            f"{p}_upload_retries", "Upload failures retried", value=uploader.get("retries", 0)
-        )
-        yield CounterMetricFamily(
-            f"{p}_upload_flushes", "Batches flushed to Tiled", value=uploader.get("flushes", 0)
-        )
-        with self._update_lock:
-            self.lag.update(uploader)
+        yield CounterMetricFamily(f"{p}_upload_retries", "Upload failures retried", value=uploader.retries)
+        yield CounterMetricFamily(f"{p}_upload_flushes", "Batches flushed to Tiled", value=uploader.flushes)
+        if loaded is not None:
+            with self._update_lock:
+                self.lag.update(loaded.plain())
         buckets, lag_sum = self.lag.buckets_for_prometheus()
         yield HistogramMetricFamily(
             f"{p}_event_to_tiled_seconds",

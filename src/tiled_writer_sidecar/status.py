@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .spool.directory import SpoolDir
-from .spool.index import STATES, RunState, read_json
+from .spool.index import STATES, RunState, UploaderStatus
 from .text import clean, text
 
 
@@ -39,7 +39,7 @@ def status_report(spool: SpoolDir) -> dict[str, Any]:
         },
         "receiver_running": spool.is_locked("receiver"),
         "uploader_running": spool.is_locked("uploader"),
-        "uploader": read_json(spool.root / "uploader.json"),
+        "uploader": uploader.plain() if (uploader := UploaderStatus.load(spool.root)) else None,
     }
 
 

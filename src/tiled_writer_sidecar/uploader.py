@@ -90,7 +90,7 @@ from .outcomes import (
 )
 from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
-from .spool.index import Received, RunView, Uploaded, UploadState, atomic_write_json
+from .spool.index import Received, RunView, Uploaded, UploaderStatus, UploadState
 from .spool.segment import LogReader
 from .text import clean
 from .tiled_client import check_key, check_uid, connect, delete_run, read_seq_nums, run_exists
@@ -137,27 +137,6 @@ class SeqNums:
 
     def values(self) -> list[int]:
         return [v for first, last in self.ranges for v in range(first, last + 1)]
-
-
-@dataclass
-class UploaderStatus:
-    """What the uploader tells the receiver's /metrics and /healthz (uploader.json)."""
-
-    tiled: str = "connecting"
-    since: float = field(default_factory=time.time)
-    last_error: str | None = None
-    documents: int = 0
-    rows: int = 0
-    runs_uploaded: int = 0
-    runs_quarantined: int = 0
-    rewrites: int = 0
-    retries: int = 0
-    append_retries: int = 0
-    flushes: int = 0
-    last_lag_seconds: float | None = None
-    lag_seconds: list[float] = field(default_factory=list)  # the last 1,000 (benchmarks read them)
-    lag_histogram: dict[str, Any] = field(default_factory=dict)  # cumulative: /metrics exports it
-    updated: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -676,7 +655,7 @@ class Uploader:
         self._last_status_write = now
         self.status.updated = now
         try:
-            atomic_write_json(self.spool.root / "uploader.json", self.status.__dict__)
+            self.status.save(self.spool.root)
         except OSError:
             pass
 

@@ -15,6 +15,10 @@ fsync dir), so a reader sees the old or the new version, never half of one:
 
 `RunView.state` combines both into the one word `status` reports.
 
+The spool's root holds ``uploader.json`` (`UploaderStatus`), written by the
+uploader about once a second and read by the receiver's ``/metrics`` and
+``/healthz`` and by `status`: the typed contract between the two processes.
+
 Whatever a (schema-valid) document put into these fields, `save` writes
 plain JSON values only: ints within 64 bits, finite floats, strings of at
 most `MAX_TEXT` characters, dicts and lists of at most `MAX_ITEMS` entries
@@ -42,6 +46,7 @@ from typing import Any
 
 RECEIVED = "received.json"
 UPLOADED = "uploaded.json"
+UPLOADER = "uploader.json"  # in the spool's root, not in a run directory
 
 
 class UploadState(StrEnum):
@@ -243,6 +248,8 @@ _OPTIONAL = {
     "exit_status",
     "close_reason",
     "reason",
+    "last_error",
+    "last_lag_seconds",
 }
 
 
@@ -376,6 +383,72 @@ _UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "reason": as_text,
     "damage": as_texts,
     "rows": as_counts,
+    "updated": _time,
+}
+
+
+@dataclass
+class UploaderStatus:
+    """What the uploader tells the receiver's /metrics and /healthz and `status` (``uploader.json``)."""
+
+    tiled: str = "connecting"  # connecting, up, down, unauthorized
+    since: float = field(default_factory=time.time)
+    last_error: str | None = None
+    documents: int = 0
+    rows: int = 0
+    runs_uploaded: int = 0
+    runs_quarantined: int = 0
+    rewrites: int = 0
+    retries: int = 0
+    append_retries: int = 0
+    flushes: int = 0
+    last_lag_seconds: float | None = None
+    lag_seconds: list[float] = field(default_factory=list)  # the last 1,000 (benchmarks read them)
+    lag_histogram: dict[str, Any] = field(default_factory=dict)  # cumulative: /metrics exports it
+    updated: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(cls, spool_root: Path) -> UploaderStatus | None:
+        """The spool's uploader.json, coerced field by field; None if it is missing or unreadable."""
+        data = read_json(spool_root / UPLOADER)
+        if data is None:
+            return None
+        return cls(**_fields_of(cls, data, _UPLOADER_STATUS_FIELDS))
+
+    def plain(self) -> dict[str, Any]:
+        return {name: coerce(getattr(self, name)) for name, coerce in _UPLOADER_STATUS_FIELDS.items()}
+
+    def save(self, spool_root: Path) -> None:
+        atomic_write_json(spool_root / UPLOADER, self.plain())
+
+
+def _finite_floats(value: Any) -> list[float]:
+    """The finite real numbers (not bools) of a list, at most MAX_ITEMS."""
+    if not isinstance(value, (list, tuple)):
+        return []
+    items = (as_float(v) for v in value[:MAX_ITEMS] if not isinstance(v, bool))
+    return [v for v in items if v is not None]
+
+
+def _plain_dict(value: Any) -> dict[str, Any]:
+    return plain(value) if isinstance(value, dict) else {}
+
+
+_UPLOADER_STATUS_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "tiled": lambda v: as_text(v) or "unknown",
+    "since": _time,
+    "last_error": as_text,
+    "documents": _number,
+    "rows": _number,
+    "runs_uploaded": _number,
+    "runs_quarantined": _number,
+    "rewrites": _number,
+    "retries": _number,
+    "append_retries": _number,
+    "flushes": _number,
+    "last_lag_seconds": as_float,
+    "lag_seconds": _finite_floats,
+    "lag_histogram": _plain_dict,
     "updated": _time,
 }
 
