@@ -11,6 +11,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from tests.support.daemon import make_sidecar
 
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
@@ -76,11 +77,6 @@ def sidecar(
     tmp_path: Path, proxy: ZmqProxy, tiled_container: TiledContainer, acquisition: Acquisition
 ) -> Iterator[SidecarProcess]:
     """The real daemon, default settings, writing to `tiled_container`, already subscribed to `proxy`."""
-    with SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled_container.uri,
-        api_key=tiled_container.api_key,
-    ) as running:
+    with make_sidecar(tmp_path, proxy, tiled_container) as running:
         acquisition.wait_subscribers(lambda: running.messages_seen() > 0)
         yield running

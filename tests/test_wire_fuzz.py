@@ -40,54 +40,22 @@ from bluesky.callbacks.zmq import Publisher
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ophyd.sim import hw
+from tests.support.framing import SERIALIZERS, raw_frame
+from tests.support.hostile_pickles import (
+    OBJECT_STATE,
+    PLAIN_STATE,
+    FakeDtype,
+    FakeScalar,
+    build_on_global_pickle,
+    object_array,
+    outside_field_dtype,
+    void_scalar_without_data,
+)
 
 from tiled_writer_sidecar import wire
 from tiled_writer_sidecar.errors import DecodeError, RejectedMessage
 from tiled_writer_sidecar.validation import validate_document
 from tiled_writer_sidecar.wire import REASONS, budget_for, decode_message
-
-_np_scalar = np._core.multiarray.scalar
-_np_reconstruct = np._core.multiarray._reconstruct
-PLAIN_STATE = (3, "<", None, None, None, -1, -1, 0)
-
-# ------------------------------------------------------------- hostile pickles
-
-
-class FakeDtype:
-    """Pickles exactly like a numpy dtype (``numpy.dtype`` + BUILD), with any state."""
-
-    def __init__(self, typecode: str, state: tuple[Any, ...]) -> None:
-        self.typecode = typecode
-        self.state = state
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (np.dtype, (self.typecode, False, True), self.state)
-
-
-class FakeScalar:
-    """Pickles like a numpy scalar: ``numpy._core.multiarray.scalar(dtype[, data])``."""
-
-    def __init__(self, dtype: FakeDtype, *data: bytes) -> None:
-        self.args = (dtype, *data)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_np_scalar, self.args)
-
-
-class FakeArray:
-    """Pickles like an ndarray: ``_reconstruct(ndarray, (0,), b"b")`` + BUILD with any state."""
-
-    def __init__(self, state: tuple[Any, ...]) -> None:
-        self.state = state
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_np_reconstruct, (np.ndarray, (0,), b"b"), self.state)
-
-
-def outside_field_dtype(offset: int) -> FakeDtype:
-    """A structured 8-byte dtype whose only field (float64) starts `offset` bytes in."""
-    field = FakeDtype("f8", PLAIN_STATE)
-    return FakeDtype("V8", (3, "|", None, ("x",), {"x": (field, offset)}, 8, 1, 16))
 
 
 def class1_start(offset: int) -> dict[str, Any]:
@@ -95,29 +63,9 @@ def class1_start(offset: int) -> dict[str, Any]:
     return {"uid": "c1", "time": FakeScalar(outside_field_dtype(offset), b"\x00" * 8)}
 
 
-def void_scalar_without_data(size: int) -> FakeScalar:
-    return FakeScalar(FakeDtype(f"V{size}", (3, "|", None, None, None, size, 1, 0)))
-
-
-def object_array(shape: tuple[int, ...]) -> FakeArray:
-    return FakeArray((1, shape, FakeDtype("O8", (3, "|", None, None, None, -1, -1, 63)), False, []))
-
-
-def build_on_global_pickle() -> bytes:
-    """A valid start document whose pickle first sets ``__defaults__`` of the decoder's scalar global."""
-    pickled = pickle.dumps({"uid": "c5", "time": 1.0}, protocol=4)
-    # STACK_GLOBAL numpy._core.multiarray scalar; BUILD (None, {"__defaults__": (b"x",)}); POP
-    attack = b"\x8c\x16numpy._core.multiarray\x8c\x06scalar\x93" + b"N}\x8c\x0c__defaults__C\x01x\x85s\x86b0"
-    return pickled[:2] + attack + pickled[2:]
-
-
-def message(name: str, payload: bytes) -> bytes:
-    return b" ".join([b"", name.encode(), payload])
-
-
 def reject(payload: bytes, name: str = "start") -> DecodeError:
     with pytest.raises(DecodeError) as caught:
-        decode_message([message(name, payload)])
+        decode_message([raw_frame(name, payload)])
     assert caught.value.reason in REASONS
     assert caught.value.detail.isascii() and len(caught.value.detail) <= 200
     return caught.value
@@ -151,7 +99,7 @@ def test_a_dtype_field_outside_its_item_size_is_refused_before_any_numpy_object_
 
 def test_dtype_states_numpy_never_writes_are_refused() -> None:
     """Object fields, unknown typecodes and units, nested depth, wrong sizes: refused, never built."""
-    obj = FakeDtype("O8", (3, "|", None, None, None, -1, -1, 63))
+    obj = FakeDtype("O8", OBJECT_STATE)
     bad = [
         FakeDtype("V8", (3, "|", None, ("x",), {"x": (obj, 0)}, 8, 1, 16)),  # Python objects in a struct
         FakeDtype("f8; import os", PLAIN_STATE),
@@ -167,7 +115,7 @@ def test_dtype_states_numpy_never_writes_are_refused() -> None:
 def test_validation_details_of_numpy_values_are_short_printable_ascii() -> None:
     """A start whose time is a (sound) structured scalar: schema error, detail ASCII and <= 200 chars."""
     value = np.zeros((), dtype=[("\u00e9" * 50, "<f8"), ("y", "S300")])[()]
-    _, doc = decode_message([message("start", pickle.dumps({"uid": "u", "time": value}))])
+    _, doc = decode_message([raw_frame("start", pickle.dumps({"uid": "u", "time": value}))])
     with pytest.raises(RejectedMessage) as caught:
         validate_document("start", doc)
     assert caught.value.detail.isascii() and caught.value.detail.isprintable()
@@ -193,7 +141,7 @@ def test_an_object_array_with_a_zero_dimension_costs_its_other_dimensions(shape:
 def test_sound_empty_and_zero_dimension_arrays_still_decode() -> None:
     """Arrays with a zero dimension of modest size (and their dtypes) come back as numpy made them."""
     doc = {"a": np.zeros((0, 3)), "b": np.zeros((5, 0), dtype=object), "c": np.zeros(0, dtype="V0")}
-    _, back = decode_message([message("event", pickle.dumps(doc))])
+    _, back = decode_message([raw_frame("event", pickle.dumps(doc))])
     for key, value in doc.items():
         assert back[key].shape == value.shape and back[key].dtype == value.dtype
 
@@ -221,7 +169,7 @@ def test_container_bombs_are_refused_before_they_are_built(kind: str) -> None:
     budget = budget_for(len(payload))
     peak = peak_of(lambda: reject(payload))
     with pytest.raises(DecodeError) as caught:
-        decode_message([message("event", payload)])
+        decode_message([raw_frame("event", payload)])
     assert caught.value.reason == "too-complex"
     assert peak < budget, (peak, budget)
     assert peak < 4 * len(payload) + 2**20  # refused before decoding, not after
@@ -234,7 +182,7 @@ def test_large_legitimate_payloads_stay_within_the_budget() -> None:
     payloads = [pickle.dumps(doc), pickle.dumps(texts, protocol=2), msgpack_numpy.packb(doc)]
     payloads.append(json.dumps(texts).encode())
     for payload in payloads:
-        name, back = decode_message([message("event", payload)])
+        name, back = decode_message([raw_frame("event", payload)])
         assert name == "event" and set(back) in ({"img", "floats"}, {"names"})
 
 
@@ -245,10 +193,10 @@ def test_build_on_an_allowed_global_is_refused_and_changes_nothing() -> None:
     """Class 5: BUILD on what find_class returned (setattr __defaults__) is pickle-forbidden-global,
     and the decoder's functions keep their state for the next message."""
     before = {name: getattr(wire, name).__defaults__ for name in ("_scalar", "_codecs_encode", "_frombuffer")}
-    assert reject(build_on_global_pickle()).reason == "pickle-forbidden-global"
+    assert reject(build_on_global_pickle({"uid": "c5", "time": 1.0})).reason == "pickle-forbidden-global"
     after = {name: getattr(wire, name).__defaults__ for name in before}
     assert after == before
-    assert decode_message([message("start", pickle.dumps({"x": np.float64(2.5)}))])[1] == {"x": 2.5}
+    assert decode_message([raw_frame("start", pickle.dumps({"x": np.float64(2.5)}))])[1] == {"x": 2.5}
 
 
 @pytest.mark.parametrize(
@@ -288,28 +236,6 @@ class CapturingPublisher(Publisher):  # type: ignore[misc]
 
     def close(self) -> None:
         self._context.destroy()
-
-
-def _json(doc: Any) -> bytes:
-    def plain(value: Any) -> Any:
-        if isinstance(value, (np.ndarray, np.generic)):
-            return value.tolist()
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    return json.dumps(plain(doc)).encode()
-
-
-SERIALIZERS: dict[str, Callable[[Any], bytes]] = {
-    "pickle": pickle.dumps,  # what Publisher uses by default
-    "pickle2": functools.partial(pickle.dumps, protocol=2),
-    "pickle5": functools.partial(pickle.dumps, protocol=5),
-    "msgpack_numpy": msgpack_numpy.packb,
-    "json": _json,
-}
 
 
 @functools.cache
@@ -504,7 +430,7 @@ def msgpack_trees(draw: st.DrawFn) -> bytes:
 @given(msgpack_trees())
 def test_generated_msgpack_numpy_maps_only_raise_decode_error_within_the_budget(payload: bytes) -> None:
     """msgpack_numpy array/scalar maps claiming any dtype, shape and data: document or DecodeError."""
-    check_message(message("event", payload))
+    check_message(raw_frame("event", payload))
 
 
 def test_every_real_message_still_decodes_and_validates() -> None:

@@ -27,41 +27,26 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import re
 import stat
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import bluesky.plans as bp
 import event_model
-import httpx
 import pytest
 from ophyd.sim import det, motor
+from tests.support.daemon import assert_runs_uploaded, make_sidecar, rejected_counts, run_documents
+from tests.support.framing import frame, new_uid
 
 from tiled_writer_sidecar.spool.directory import quarantine_entry
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, is_probe, wait_until
 from tiled_writer_sidecar.testing._process import ManagedProcess
-from tiled_writer_sidecar.testing.acquisition import Document, expected_rows
 from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command
-from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
-
-REJECTED = "tiled_writer_sidecar_messages_rejected_total"
-
 
 # -- helpers -------------------------------------------------------------------
-
-
-def frame(name: str, doc: Any) -> bytes:
-    """One message exactly as bluesky's `Publisher` frames it (empty prefix, pickle)."""
-    return b" ".join([b"", name.encode(), pickle.dumps(doc)])
-
-
-def new_uid() -> str:
-    return str(uuid.uuid4())
 
 
 class Reduce:
@@ -87,12 +72,6 @@ def malicious_messages(markers: Path) -> dict[str, bytes]:
         # Protocol 0, hand-written: MARK, GLOBAL posix.system, STRING, OBJ -> system("touch ...").
         "protocol-0 OBJ": b" event (cposix\nsystem\nS'touch " + str(markers / "proto0").encode() + b"'\no.",
     }
-
-
-def rejected_counts(sidecar: SidecarProcess) -> dict[str, float]:
-    """``{reason: count}`` from the daemon's /metrics."""
-    text = httpx.get(sidecar.metrics_url, timeout=10).text
-    return {m[1]: float(m[2]) for m in re.finditer(REJECTED + r'\{reason="([^"]+)"\} ([0-9.e+]+)', text)}
 
 
 def quarantine(sidecar: SidecarProcess) -> dict[str, list[bytes]]:
@@ -140,59 +119,10 @@ def assert_rejected(sidecar: SidecarProcess, sent: list[tuple[str, list[bytes]]]
     assert "Traceback" not in sidecar.log_tail(100_000)
 
 
-def run_documents(docs: Iterable[Document], uid: str) -> list[Document]:
-    """The documents of run `uid` (start, descriptors, events, stop) in emission order."""
-    docs = list(docs)
-    descriptors = {d["uid"] for n, d in docs if n == "descriptor" and d["run_start"] == uid}
-    return [
-        (n, d)
-        for n, d in docs
-        if (n == "start" and d["uid"] == uid)
-        or (n in ("descriptor", "stop") and d["run_start"] == uid)
-        or (n in ("event", "event_page") and d["descriptor"] in descriptors)
-    ]
-
-
-def assert_runs_intact(
-    sidecar: SidecarProcess, tiled: TiledContainer, acq: Acquisition, uids: list[str], timeout: float = 120
-) -> dict[str, Any]:
-    """Every run in `uids` is uploaded, complete, and in Tiled row for row; the spool holds no other run."""
-    status = sidecar.wait_drained(uids, timeout)
-    runs = {r["uid"]: r for r in status["runs"]}
-    assert sorted(runs) == sorted(uids), "a rejected message made a run of its own"
-    client = tiled.client()
-    for uid in uids:
-        docs = run_documents(acq.documents, uid)
-        run = runs[uid]
-        assert run["state"] == "uploaded", run
-        assert run["documents"] == run["uploaded_documents"] == len(docs), run
-        assert run["gaps"] == {} and run["problems"] == [], run
-        streams = {d["name"] for n, d in docs if n == "descriptor"}
-        assert streams
-        for stream in streams:
-            expected = expected_rows(acq.documents, stream, run_uid=uid)
-            assert expected
-            assert frame_rows(read_stream(client, uid, stream)) == expected
-    return status
-
-
 def assert_alive_and_healthy(sidecar: SidecarProcess) -> None:
     assert sidecar.process.running, sidecar.log_tail()
     health = sidecar.health()
     assert health["status"] == "ok", health
-
-
-def make_sidecar(
-    tmp_path: Path, proxy: ZmqProxy, tiled: TiledContainer, **settings: dict[str, Any]
-) -> SidecarProcess:
-    """The real daemon (not started yet) on `proxy` and `tiled`, with extra TOML `settings`."""
-    return SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled.uri,
-        api_key=tiled.api_key,
-        settings=settings or None,
-    )
 
 
 # -- malicious pickles ----------------------------------------------------------
@@ -226,7 +156,7 @@ def test_malicious_pickles_are_refused_before_any_side_effect_and_the_next_run_a
             acquisition.publisher.send_raw(message)
         (after,) = acquisition.run(bp.scan([det], motor, -1, 1, 7))
 
-        assert_runs_intact(sidecar, tiled_container, acquisition, [before, after])
+        assert_runs_uploaded(sidecar, tiled_container, acquisition, [before, after], only=True)
         assert list(markers.iterdir()) == [], "a malicious pickle ran"
         assert_rejected(sidecar, [("pickle-forbidden-global", [m]) for m in evil.values()])
         assert str(markers) not in sidecar.log_tail(100_000), "the pickle's arguments reached the log"
@@ -265,7 +195,7 @@ def test_garbage_truncated_misframed_and_unknown_messages_each_get_their_reason(
             socket.send_multipart(frames)
         (after,) = acquisition.run(bp.scan([det], motor, -1, 1, 7))
 
-        assert_runs_intact(sidecar, tiled_container, acquisition, [before, after])
+        assert_runs_uploaded(sidecar, tiled_container, acquisition, [before, after], only=True)
         assert_rejected(sidecar, bad)
         assert_alive_and_healthy(sidecar)
 
@@ -296,7 +226,7 @@ def test_documents_failing_event_model_schemas_are_rejected_as_schema(
             acquisition.publisher.send_raw(message)
         (after,) = acquisition.run(bp.scan([det], motor, -1, 1, 7))
 
-        assert_runs_intact(sidecar, tiled_container, acquisition, [before, after])
+        assert_runs_uploaded(sidecar, tiled_container, acquisition, [before, after], only=True)
         assert_rejected(sidecar, [("schema", [m]) for m in bad])
         (line,) = [line for line in rejection_log_lines(sidecar) if "reason=schema" in line]
         assert "seq_num" in line  # the first one says what is wrong with it
@@ -387,7 +317,7 @@ def test_documents_out_of_run_order_are_rejected_without_harming_the_live_run(
             acquisition.publisher.send_raw(message)
         (after,) = acquisition.run(bp.scan([det], motor, -1, 1, 7))
 
-        assert_runs_intact(sidecar, tiled_container, acquisition, [live, after])
+        assert_runs_uploaded(sidecar, tiled_container, acquisition, [live, after], only=True)
         assert_rejected(sidecar, injector.sent + after_run)
         assert not (sidecar.directory / "escaped").exists()
         assert not any(p.name == "escaped" for p in tmp_path.rglob("escaped"))
@@ -406,7 +336,7 @@ def test_an_event_of_a_run_that_already_stopped_is_rejected_as_after_stop(
         assert acquisition.publisher is not None
         acquisition.publisher.send_raw(late)
         (after,) = acquisition.run(bp.count([det], 3))
-        assert_runs_intact(sidecar, tiled_container, acquisition, [done, after])
+        assert_runs_uploaded(sidecar, tiled_container, acquisition, [done, after], only=True)
         assert_rejected(sidecar, [("after-stop", [late])])
 
 
@@ -430,7 +360,9 @@ def test_an_oversized_message_is_counted_and_the_run_published_right_after_it_ar
         (after,) = acquisition.run(bp.scan([det], motor, -1, 1, 7))
 
         try:
-            assert_runs_intact(sidecar, tiled_container, acquisition, [before, after], timeout=45)
+            assert_runs_uploaded(
+                sidecar, tiled_container, acquisition, [before, after], timeout=45, only=True
+            )
         finally:
             assert_alive_and_healthy(sidecar)
         assert_rejected(sidecar, [("oversized", [big])])
@@ -453,7 +385,7 @@ def test_spool_is_created_0700_with_0600_files_even_under_umask_000(
     try:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)  # probes: quarantine files
         (uid,) = acquisition.run(bp.count([det], 5))
-        assert_runs_intact(sidecar, tiled_container, acquisition, [uid])
+        assert_runs_uploaded(sidecar, tiled_container, acquisition, [uid], only=True)
         spool = sidecar.spool_dir
         modes: dict[str, tuple[bool, int]] = {}
         for path in [spool, *spool.rglob("*")]:

@@ -23,105 +23,59 @@ from __future__ import annotations
 import pickle
 import re
 import struct
-import uuid
 from pathlib import Path
-from typing import Any
 
 import bluesky.plans as bp
-import httpx
-import numpy as np
 from ophyd.sim import det, motor
+from tests.support.daemon import make_sidecar, rejected_counts
+from tests.support.framing import new_uid, raw_frame
+from tests.support.hostile_pickles import (
+    FakeScalar,
+    build_on_global_pickle,
+    object_array,
+    outside_field_dtype,
+    void_scalar_without_data,
+)
 
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing.acquisition import expected_rows
-from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 
-REJECTED = "tiled_writer_sidecar_messages_rejected_total"
 RSS_LIMIT = 2**30
-PLAIN_STATE = (3, "<", None, None, None, -1, -1, 0)
-
-
-class FakeDtype:
-    """Pickles exactly like a numpy dtype (``numpy.dtype`` + BUILD), with any state."""
-
-    def __init__(self, typecode: str, state: tuple[Any, ...]) -> None:
-        self.typecode = typecode
-        self.state = state
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (np.dtype, (self.typecode, False, True), self.state)
-
-
-class FakeScalar:
-    """Pickles like a numpy scalar: ``numpy._core.multiarray.scalar(dtype[, data])``."""
-
-    def __init__(self, dtype: FakeDtype, *data: bytes) -> None:
-        self.args = (dtype, *data)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (np._core.multiarray.scalar, self.args)
-
-
-class FakeArray:
-    """Pickles like an ndarray: ``_reconstruct(ndarray, (0,), b"b")`` + BUILD with any state."""
-
-    def __init__(self, state: tuple[Any, ...]) -> None:
-        self.state = state
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state)
-
-
-def new_uid() -> str:
-    return str(uuid.uuid4())
-
-
-def frame(name: str, payload: bytes) -> bytes:
-    return b" ".join([b"", name.encode(), payload])
 
 
 def outside_field_start(offset: int) -> bytes:
     """A start whose time is a void scalar whose one field starts `offset` bytes into 8."""
-    field = FakeDtype("f8", PLAIN_STATE)
-    dtype = FakeDtype("V8", (3, "|", None, ("x",), {"x": (field, offset)}, 8, 1, 16))
-    return frame("start", pickle.dumps({"uid": new_uid(), "time": FakeScalar(dtype, b"\x00" * 8)}))
+    scalar = FakeScalar(outside_field_dtype(offset), b"\x00" * 8)
+    return raw_frame("start", pickle.dumps({"uid": new_uid(), "time": scalar}))
 
 
 def void_scalar_start(size: int) -> bytes:
-    scalar = FakeScalar(FakeDtype(f"V{size}", (3, "|", None, None, None, size, 1, 0)))
-    return frame("start", pickle.dumps({"uid": new_uid(), "time": 1.0, "x": scalar}))
+    return raw_frame(
+        "start", pickle.dumps({"uid": new_uid(), "time": 1.0, "x": void_scalar_without_data(size)})
+    )
 
 
 def object_array_start(shape: tuple[int, ...]) -> bytes:
-    objects = FakeDtype("O8", (3, "|", None, None, None, -1, -1, 63))
-    array = FakeArray((1, shape, objects, False, []))
-    return frame("start", pickle.dumps({"uid": new_uid(), "time": 1.0, "x": array}))
+    return raw_frame("start", pickle.dumps({"uid": new_uid(), "time": 1.0, "x": object_array(shape)}))
 
 
 def empty_lists_msgpack(size: int) -> bytes:
     """A valid start (uid, time) whose `x` is `size` bytes of empty msgpack arrays."""
     uid = new_uid().encode()
     head = b"\x83\xa3uid\xd9" + bytes([len(uid)]) + uid + b"\xa4time\xcb" + struct.pack(">d", 1.0)
-    return frame("start", head + b"\xa1x\xdd" + struct.pack(">I", size) + b"\x90" * size)
+    return raw_frame("start", head + b"\xa1x\xdd" + struct.pack(">I", size) + b"\x90" * size)
 
 
 def empty_lists_json(size: int) -> bytes:
-    return frame(
+    return raw_frame(
         "start", b'{"uid": "%s", "time": 1.0, "x": [' % new_uid().encode() + b"[]," * (size // 3) + b"[]]}"
     )
 
 
 def build_on_global_start() -> bytes:
     """A valid start whose pickle first does BUILD on the scalar global: setattr __defaults__."""
-    pickled = pickle.dumps({"uid": new_uid(), "time": 1.0}, protocol=4)
-    attack = b"\x8c\x16numpy._core.multiarray\x8c\x06scalar\x93" + b"N}\x8c\x0c__defaults__C\x01x\x85s\x86b0"
-    return frame("start", pickled[:2] + attack + pickled[2:])
-
-
-def rejected_counts(sidecar: SidecarProcess) -> dict[str, float]:
-    text = httpx.get(sidecar.metrics_url, timeout=10).text
-    return {m[1]: float(m[2]) for m in re.finditer(REJECTED + r'\{reason="([^"]+)"\} ([0-9.e+]+)', text)}
+    return raw_frame("start", build_on_global_pickle({"uid": new_uid(), "time": 1.0}))
 
 
 def peak_rss(pid: int) -> int:
@@ -147,12 +101,7 @@ def test_hostile_numpy_pickles_and_container_bombs_are_rejected_and_the_next_sca
         ("too-complex", empty_lists_json(16 * 2**20)),
         ("pickle-forbidden-global", build_on_global_start()),  # class 5
     ]
-    with SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled_container.uri,
-        api_key=tiled_container.api_key,
-    ) as sidecar:
+    with make_sidecar(tmp_path, proxy, tiled_container) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         pid = sidecar.process.pid
         assert pid is not None

@@ -22,87 +22,22 @@ that the RunEngine's scan afterwards is in Tiled row for row and shown
 from __future__ import annotations
 
 import os
-import pickle
-import re
 import resource
-import uuid
 from pathlib import Path
 from typing import Any
 
 import bluesky.plans as bp
-import httpx
 import numpy as np
 import pytest
 from ophyd.sim import det, motor
+from tests.support.daemon import assert_runs_uploaded, make_sidecar, rejected_counts
+from tests.support.framing import frame, new_uid
+from tests.support.spool import plant_open_run
 
-from tiled_writer_sidecar.spool.codec import pack_document
-from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Received
-from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
-from tiled_writer_sidecar.testing.acquisition import Document, expected_rows
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
-from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 
-REJECTED = "tiled_writer_sidecar_messages_rejected_total"
 HUGE = 10**5000  # beyond the 4,300 digits int -> str allows by default: json cannot write it
-
-
-def frame(name: str, doc: Any) -> bytes:
-    """One message exactly as bluesky's `Publisher` frames it (empty prefix, pickle)."""
-    return b" ".join([b"", name.encode(), pickle.dumps(doc)])
-
-
-def new_uid() -> str:
-    return str(uuid.uuid4())
-
-
-def make_sidecar(
-    tmp_path: Path, proxy: ZmqProxy, tiled: TiledContainer, **settings: dict[str, Any]
-) -> SidecarProcess:
-    return SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled.uri,
-        api_key=tiled.api_key,
-        settings=settings or None,
-    )
-
-
-def rejected_counts(sidecar: SidecarProcess) -> dict[str, float]:
-    text = httpx.get(sidecar.metrics_url, timeout=10).text
-    return {m[1]: float(m[2]) for m in re.finditer(REJECTED + r'\{reason="([^"]+)"\} ([0-9.e+]+)', text)}
-
-
-def run_documents(docs: list[Document], uid: str) -> list[Document]:
-    descriptors = {d["uid"] for n, d in docs if n == "descriptor" and d["run_start"] == uid}
-    return [
-        (n, d)
-        for n, d in docs
-        if (n == "start" and d["uid"] == uid)
-        or (n in ("descriptor", "stop") and d["run_start"] == uid)
-        or (n in ("event", "event_page") and d["descriptor"] in descriptors)
-    ]
-
-
-def assert_arrived(
-    sidecar: SidecarProcess, tiled: TiledContainer, acq: Acquisition, uid: str
-) -> dict[str, Any]:
-    """Run `uid` is uploaded, complete, with every document, and in Tiled row for row."""
-    status = sidecar.wait_drained([uid], timeout=300)
-    (run,) = [r for r in status["runs"] if r["uid"] == uid]
-    docs = run_documents(acq.documents, uid)
-    assert run["state"] == "uploaded", run
-    assert run["documents"] == run["uploaded_documents"] == len(docs), run
-    assert run["gaps"] == {} and run["problems"] == [], run
-    streams = {d["name"] for n, d in docs if n == "descriptor"}
-    assert streams
-    client = tiled.client()
-    for stream in streams:
-        expected = expected_rows(acq.documents, stream, run_uid=uid)
-        assert expected
-        assert frame_rows(read_stream(client, uid, stream)) == expected
-    return status
 
 
 def assert_same_process(sidecar: SidecarProcess, pid: int | None) -> None:
@@ -110,18 +45,6 @@ def assert_same_process(sidecar: SidecarProcess, pid: int | None) -> None:
     assert pid is not None
     assert sidecar.process.running and sidecar.process.pid == pid, sidecar.log_tail()
     assert sidecar.health()["status"] == "ok"
-
-
-def plant_open_run(spool_dir: Path, docs: list[tuple[str, dict[str, Any]]]) -> str:
-    """An open run as the receiver of the current release leaves it: its log and received.json."""
-    uid = docs[0][1]["uid"]
-    run_dir = SpoolDir(spool_dir).run_dir(uid)
-    writer = LogWriter(run_dir, 2**20, FsyncPolicy())
-    for name, doc in docs:
-        writer.append(pack_document(name, doc))
-    writer.close()
-    Received(uid=uid, documents=len(docs)).save(run_dir)
-    return str(uid)
 
 
 # -- class 2 ---------------------------------------------------------------------
@@ -159,7 +82,7 @@ def test_values_json_cannot_write_neither_stop_the_daemon_nor_its_restart(
         for name, doc in [("start", start), ("descriptor", descriptor), ("event", event), ("stop", stop)]:
             acquisition.publisher.send_raw(frame(name, doc))
         (after,) = acquisition.run(bp.count([det], 5))
-        assert_arrived(sidecar, tiled_container, acquisition, after)
+        assert_runs_uploaded(sidecar, tiled_container, acquisition, [after], timeout=300)
         assert_same_process(sidecar, pid)
         assert rejected_counts(sidecar).get("bad-seq-num") == 1
         (run,) = [r for r in sidecar.status()["runs"] if r["uid"] == hostile]
@@ -179,7 +102,7 @@ def test_values_json_cannot_write_neither_stop_the_daemon_nor_its_restart(
         pid = restarted.process.pid
         acquisition.wait_subscribers(lambda: restarted.messages_seen() > 0)
         (later,) = acquisition.run(bp.scan([det], motor, -1, 1, 7))
-        assert_arrived(restarted, tiled_container, acquisition, later)
+        assert_runs_uploaded(restarted, tiled_container, acquisition, [later], timeout=300)
         assert_same_process(restarted, pid)
         (run,) = [r for r in restarted.status()["runs"] if r["uid"] == poisoned]
         assert run["closed"] and any("could not be replayed" in p for p in run["problems"]), run
@@ -216,7 +139,7 @@ def test_never_stopped_runs_cannot_exhaust_file_descriptors(
         assert fds <= base_fds + max_open + 8, (base_fds, fds)
 
         (after,) = acquisition.run(bp.count([det], 5))
-        status = assert_arrived(sidecar, tiled_container, acquisition, after)
+        status = assert_runs_uploaded(sidecar, tiled_container, acquisition, [after], timeout=300)
         assert_same_process(sidecar, pid)
         assert sidecar.health()["receiver"]["dropped"] == 0
         runs = {r["uid"]: r for r in status["runs"]}
@@ -263,7 +186,7 @@ def test_a_second_run_cannot_take_a_live_runs_descriptor(
         acquisition.unsubscribe(token)
         assert claimer.claims
 
-        assert_arrived(sidecar, tiled_container, acquisition, victim)
+        assert_runs_uploaded(sidecar, tiled_container, acquisition, [victim], timeout=300)
         assert_same_process(sidecar, pid)
         assert rejected_counts(sidecar).get("descriptor-claimed") == 1
         kept = [p.read_bytes() for p in (sidecar.spool_dir / "quarantine").glob("*-descriptor-claimed.bin")]

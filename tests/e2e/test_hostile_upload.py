@@ -26,23 +26,20 @@ One test per class of the issue:
 
 from __future__ import annotations
 
-import pickle
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import bluesky.plans as bp
 import pytest
 from ophyd.sim import det, motor
+from tests.support.daemon import assert_rows_in_tiled, make_sidecar
+from tests.support.framing import frame, new_uid
+from tests.support.spool import plant_closed_run
 
-from tiled_writer_sidecar.spool.codec import pack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Received
-from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
-from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 
@@ -51,25 +48,6 @@ SECRET = "hostile-secret-5c1e"
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def new_uid() -> str:
-    return str(uuid.uuid4())
-
-
-def frame(name: str, doc: dict[str, Any]) -> bytes:
-    """One message exactly as bluesky's `Publisher` frames it (empty prefix, pickle)."""
-    return b" ".join([b"", name.encode(), pickle.dumps(doc)])
-
-
-def make_sidecar(tmp_path: Path, proxy: ZmqProxy, tiled: TiledContainer, **settings: Any) -> SidecarProcess:
-    return SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled.uri,
-        api_key=tiled.api_key,
-        settings=settings or None,
-    )
 
 
 def a_run(uid: str, events: int, *, stream: str = "primary", t0: float | None = None) -> list[Document]:
@@ -119,27 +97,6 @@ def a_run(uid: str, events: int, *, stream: str = "primary", t0: float | None = 
     return docs
 
 
-def plant_run(spool: SpoolDir, directory_name: str, received_uid: str, documents: list[Document]) -> Path:
-    """A closed run written straight into the spool (bypassing the receiver's checks), oldest of all."""
-    directory = spool.runs_dir / directory_name
-    writer = LogWriter(directory, 2**20, FsyncPolicy(mode="always"))
-    for name, doc in documents:
-        writer.append(pack_document(name, doc))
-    writer.close()
-    received = Received(
-        uid=received_uid,
-        scan_id=1,
-        plan_name="planted",
-        first_received=time.time() - 3600,
-        last_received=time.time() - 3600,
-        documents=len(documents),
-        stop_received=True,
-        closed=True,
-    )
-    received.save(directory)
-    return directory
-
-
 def states(sidecar: SidecarProcess) -> dict[str, dict[str, Any]]:
     return {run["uid"]: run for run in sidecar.status()["runs"]}
 
@@ -159,12 +116,6 @@ def wait_states(sidecar: SidecarProcess, wanted: dict[str, str], timeout: float)
         print({uid: (runs.get(uid) or {}).get("state") for uid in wanted}, sidecar.log_tail(60))
         raise
     return runs
-
-
-def assert_in_tiled_row_for_row(tiled: TiledContainer, acq: Acquisition, uid: str) -> None:
-    expected = expected_rows(acq.documents, "primary", run_uid=uid)
-    assert expected
-    assert frame_rows(read_stream(tiled.client(), uid, "primary")) == expected
 
 
 def uploader_children(sidecar: SidecarProcess) -> list[int]:
@@ -208,7 +159,7 @@ def test_never_stopped_runs_do_not_keep_a_newer_run_from_being_uploaded(
         runs = sidecar.wait_drained([scan], timeout=120)
         by_uid = {run["uid"]: run for run in runs["runs"]}
         assert by_uid[scan]["state"] == "uploaded", by_uid[scan]
-        assert_in_tiled_row_for_row(tiled_container, acquisition, scan)
+        assert_rows_in_tiled(tiled_container, acquisition, scan)
         # The open runs are live in Tiled too (their start written), none dropped.
         wait_until(
             lambda: set(open_uids) <= set(tiled_container.client()),
@@ -236,19 +187,19 @@ def test_runs_that_cannot_be_uploaded_are_quarantined_and_later_runs_flow(
     """
     spool = SpoolDir(tmp_path / "sidecar" / "spool")
     newline_uid = new_uid() + "\n"
-    plant_run(spool, newline_uid, newline_uid, a_run(newline_uid, 3))
+    plant_closed_run(spool, newline_uid, newline_uid, a_run(newline_uid, 3))
     foreign_dir, other_start = new_uid(), new_uid()
-    plant_run(spool, foreign_dir, foreign_dir, a_run(other_start, 3))
+    plant_closed_run(spool, foreign_dir, foreign_dir, a_run(other_start, 3))
     invalid = new_uid()
     documents = a_run(invalid, 3)
     del documents[3][1]["timestamps"]  # schema-invalid: TiledWriter's normalizer refuses it
-    plant_run(spool, invalid, invalid, documents)
+    plant_closed_run(spool, invalid, invalid, documents)
 
     with make_sidecar(tmp_path, proxy, tiled_container) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         (scan,) = acquisition.run(bp.count([det], 5))
         sidecar.wait_drained([scan], timeout=120)
-        assert_in_tiled_row_for_row(tiled_container, acquisition, scan)
+        assert_rows_in_tiled(tiled_container, acquisition, scan)
 
         runs = wait_states(
             sidecar,
@@ -286,7 +237,7 @@ def test_a_stream_named_after_another_runs_path_never_touches_that_run(
             acquisition.publisher.send_raw(frame(name, doc))
         (after,) = acquisition.run(bp.scan([det], motor, -1, 1, 7))
         sidecar.wait_drained([after], timeout=120)
-        assert_in_tiled_row_for_row(tiled_container, acquisition, after)
+        assert_rows_in_tiled(tiled_container, acquisition, after)
 
         runs = wait_states(sidecar, {hostile: "quarantined"}, timeout=120)
         assert "stream name" in runs[hostile]["reason"] and victim in runs[hostile]["reason"]
@@ -318,7 +269,7 @@ def test_the_uploaders_argv_holds_no_configuration(
         assert int(Path(f"/proc/{child}/oom_score_adj").read_text()) > 0
         (scan,) = acquisition.run(bp.count([det], 3))
         sidecar.wait_drained([scan], timeout=120)
-        assert_in_tiled_row_for_row(tiled_container, acquisition, scan)
+        assert_rows_in_tiled(tiled_container, acquisition, scan)
 
 
 @pytest.mark.parametrize(

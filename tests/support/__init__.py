@@ -1,0 +1,14 @@
+"""Helpers shared by the test files (and `benchmarks`), each written once.
+
+Imported as ``tests.support.<module>``: pytest puts the repository root on
+``sys.path`` (``pythonpath`` in pyproject.toml) and so does ``python -m
+benchmarks.run``; ``tests`` itself is a namespace package. Nothing here is
+shipped in the wheel; the harness that ``demo`` needs stays in
+`tiled_writer_sidecar.testing`.
+
+- `framing`: messages framed as bluesky's `Publisher` sends them.
+- `hostile_pickles`: objects that pickle like numpy's, with states numpy never writes.
+- `daemon`: the running daemon as the e2e tests check it (``/metrics``, ``status``, Tiled rows).
+- `monitor_pane`: ``monitor`` live in a tmux pane.
+- `postgres`: PostgreSQL and a Tiled deployment on it.
+"""
