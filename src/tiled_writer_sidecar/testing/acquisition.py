@@ -2,10 +2,13 @@
 
 `Acquisition` owns a `RunEngine` (on its own event loop, closed again by
 `close()`) with two subscribers: a `DocumentRecorder` that keeps a deep
-copy of every (name, doc) emitted, and a standard
+copy of every (name, doc) emitted, and bluesky's standard
 `bluesky.callbacks.zmq.Publisher` (pickle, the default) connected to the
-proxy's `in` address (none with `in_address=None`: an in-process baseline
-where the caller subscribes `TiledWriter` to `RE` itself).
+proxy's `in` address, set up as the project recommends: deepened with
+`tiled_writer_sidecar.publisher.deepen` (a send queue of
+`DEFAULT_QUEUE_MESSAGES` instead of 0MQ's 1,000; ``queue_messages=None``
+keeps the stock Publisher). No Publisher with `in_address=None`: an
+in-process baseline where the caller subscribes `TiledWriter` to `RE` itself.
 `run(plan)` returns the run uids and records the plan's wall time.
 
 Slow joiners: a Publisher's first messages are dropped until the proxy's
@@ -43,6 +46,7 @@ from bluesky.callbacks.zmq import Publisher
 from bluesky.run_engine import RunEngineResult
 from event_model import unpack_event_page
 
+from ..publisher import DEFAULT_QUEUE_MESSAGES, deepen
 from .ports import wait_until
 from .proxy import PROBE_PREFIX, ZmqProxy, probe_message
 
@@ -95,6 +99,7 @@ class Acquisition:
         *,
         out_address: str | None = None,
         md: Mapping[str, Any] | None = None,
+        queue_messages: int | None = DEFAULT_QUEUE_MESSAGES,
     ) -> None:
         self.in_address = in_address
         self.out_address = out_address
@@ -105,6 +110,8 @@ class Acquisition:
         self.publisher: _ProbingPublisher | None = None
         if in_address is not None:
             self.publisher = _ProbingPublisher(in_address)
+            if queue_messages is not None:
+                deepen(self.publisher, queue_messages=queue_messages)
             self.subscribe(self.publisher)
         #: Wall time of each `run()` in seconds, in order.
         self.durations: list[float] = []
