@@ -26,10 +26,11 @@ from tiled_writer_sidecar.outcomes import (
     VerificationFailed,
     classify,
 )
+from tiled_writer_sidecar.run_upload import SeqNums
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import Received, RunView, Uploaded
 from tiled_writer_sidecar.tiled_run import AppendAmbiguous
-from tiled_writer_sidecar.uploader import SeqNums, Uploader
+from tiled_writer_sidecar.uploader import Uploader
 
 URL = "http://127.0.0.1:8000/api/v1/table/partition/run/primary/internal"
 
@@ -123,7 +124,7 @@ def fail(uploader: Uploader, view: RunView, err: Exception, fed: int = 7) -> boo
 
 
 def reachable(uploader: Uploader, answers: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(uploader, "_tiled_reachable", lambda: answers)
+    monkeypatch.setattr(uploader.link, "reachable", lambda: answers)
 
 
 def test_the_same_rejection_repeated_while_tiled_answers_quarantines_with_the_reason(
@@ -198,7 +199,7 @@ def test_a_planted_run_directory_with_an_unsafe_uid_is_quarantined_not_activated
     """A uid with a trailing newline (as `is_safe_uid` used to let through) never reaches Tiled."""
     reachable(uploader, True, monkeypatch)
     view = planted_run(uploader, "0123-abcd\n")
-    uploader.client = object()  # any request would fail loudly: none must be made
+    uploader.link.client = object()  # any request would fail loudly: none must be made
     uploader._schedule()
     assert not uploader.active
     uploaded = Uploaded.load(view.directory)
@@ -211,7 +212,7 @@ def test_received_json_naming_another_run_is_quarantined(
     reachable(uploader, True, monkeypatch)
     view = planted_run(uploader, "run-a")
     Received(uid="run-b", closed=True).save(view.directory)
-    uploader.client = object()
+    uploader.link.client = object()
     uploader._schedule()
     assert Uploaded.load(view.directory).state == "quarantined"
 

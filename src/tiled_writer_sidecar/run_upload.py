@@ -1,0 +1,362 @@
+"""One run's upload: its log read back, fed to TiledWriter, flushed, verified, finished.
+
+- `RunUpload.start` marks the run ``uploading`` (deleting a partial upload of
+  it in Tiled first) or quarantines a run Tiled holds that this spool never
+  started; `pump` feeds what is new in the log (at most `RECORDS_PER_PUMP`),
+  flushes when a batch is due, and finishes the run once it is closed and
+  read to its end.
+- Everything read back is untrusted: `feed` refuses a document that is not
+  of this run and names that could address another Tiled node
+  (`BadRunDocument`, `UnsafeName`: the run is quarantined, by `quarantine`).
+- `finish` verifies each stream's ``seq_num`` column against what was fed,
+  in order (`VerificationFailed` otherwise), then records ``uploaded`` and
+  releases the run's segments.
+- A failure leaves ``uploaded.json`` at ``uploading``: the scheduler forgets
+  the run (`abandon`) and the next `start` rewrites it whole.
+- ``received.json`` is read again only when it changed on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .config import Config
+from .errors import BadRunDocument
+from .metrics import LagHistogram
+from .outcomes import VerificationFailed, one_line
+from .spool.codec import unpack_document
+from .spool.directory import SpoolDir
+from .spool.index import RECEIVED, Received, RunView, UploaderStatus, UploadState
+from .spool.segment import LogReader
+from .text import clean
+from .tiled_client import check_key, check_uid, delete_run, read_seq_nums, run_exists
+from .tiled_link import InPlaceRetry, TiledLink
+from .tiled_run import TiledRun, retryable
+
+log = logging.getLogger(__name__)
+
+RECORDS_PER_PUMP = 5000
+PROGRESS_INTERVAL_S = 1.0  # uploaded.json's document count, while nothing is buffered
+_UNSEEN = (-1, -1, -1)
+
+
+@dataclass
+class SeqNums:
+    """A stream's ``seq_num`` values in order, as runs of consecutive numbers (O(1) for a normal scan)."""
+
+    ranges: list[list[int]] = field(default_factory=list)  # [first, last] of each run of +1 steps
+    count: int = 0
+
+    @classmethod
+    def of(cls, values: list[int]) -> SeqNums:
+        seq = cls()
+        for value in values:
+            seq.add(value)
+        return seq
+
+    def add(self, value: int) -> None:
+        if self.ranges and self.ranges[-1][1] + 1 == value:
+            self.ranges[-1][1] = value
+        else:
+            self.ranges.append([value, value])
+        self.count += 1
+
+    def describe_difference(self, tiled: list[int]) -> str:
+        """Why `tiled` (read back) is not these values in this order."""
+        duplicated = len(tiled) - len(set(tiled))
+        if len(tiled) != self.count or duplicated:
+            return f"Tiled holds {len(tiled)} rows ({duplicated} duplicated), expected {self.count}"
+        first = next((i for i, (a, b) in enumerate(zip(tiled, self.values(), strict=True)) if a != b), 0)
+        return f"Tiled's rows are out of order (row {first} holds seq_num {tiled[first]})"
+
+    def values(self) -> list[int]:
+        return [v for first, last in self.ranges for v in range(first, last + 1)]
+
+
+@dataclass
+class Shared:
+    """What every run's upload shares: settings, the spool, the Tiled link and the counters."""
+
+    config: Config
+    spool: SpoolDir
+    link: TiledLink
+    status: UploaderStatus
+    lag: LagHistogram = field(default_factory=LagHistogram)
+
+
+class RunUpload:
+    """One run in flight; see the module docstring."""
+
+    def __init__(self, view: RunView, tiled: TiledRun, shared: Shared) -> None:
+        self.view = view
+        self.tiled = tiled
+        self.shared = shared
+        self.reader = LogReader(view.directory)
+        self.received = view.received
+        self._received_key: tuple[int, int, int] | None = _UNSEEN
+        self.fed = 0
+        self.rows_counted = 0
+        self.first_buffered: float | None = None
+        self.last_progress_save = 0.0
+        self.started = time.monotonic()
+        self.waiting = False  # open, its log drained, nothing buffered: no work until more documents come
+        self.caught_up = False  # its last pass read less than RECORDS_PER_PUMP: no backlog, no upload slot
+        self.last_read = time.monotonic()  # when its last pass read a document
+        self.finished = False  # uploaded: the scheduler forgets it
+        self.start_seen = False
+        self.streams: dict[str, str] = {}  # descriptor uid -> stream name, as fed
+        self.seq_nums: dict[str, SeqNums] = {}  # stream -> seq_num fed, in order
+
+    @property
+    def uid(self) -> str:
+        return self.view.uid
+
+    @property
+    def busy(self) -> bool:
+        """It has a backlog: it holds an upload slot."""
+        return not (self.caught_up or self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        """Caught up with its log and holding no rows: it can be parked."""
+        return self.caught_up and not self.tiled.buffered_rows()
+
+    # ------------------------------------------------------------- start
+    @classmethod
+    def start(cls, view: RunView, shared: Shared) -> RunUpload | None:
+        """Mark the run ``uploading`` and make it ready to feed; None if it was quarantined instead."""
+        client = shared.link.client
+        uid = check_uid(view.directory.name)
+        if view.received.uid != uid:
+            raise BadRunDocument(f"received.json names run {clean(view.received.uid, 80)!r}, not {uid}")
+        uploaded = view.uploaded
+        if uploaded.state in (UploadState.UPLOADING, UploadState.QUARANTINED):
+            if run_exists(client, uid):
+                log.info("run %s: deleting the partial upload before rewriting it", uid)
+                _close_for_subscribers(client, uid)
+                delete_run(client, uid)
+                shared.status.rewrites += 1
+        elif run_exists(client, uid):
+            quarantine(
+                view, "a run with this uid is already in Tiled (not written by this sidecar)", shared.status
+            )
+            return None
+        uploaded.state = UploadState.UPLOADING
+        uploaded.attempts += 1
+        uploaded.documents = 0
+        uploaded.damage = []
+        uploaded.reason = None
+        uploaded.save(view.directory)
+        tiled = TiledRun(client, shared.config.tiled.batch_rows, InPlaceRetry(shared.link))
+        log.info("run %s: upload started (attempt %d)", uid, uploaded.attempts)
+        return cls(view, tiled, shared)
+
+    # ------------------------------------------------------------- one pass
+    def pump(self) -> bool:
+        """Feed what is new in the run's log; flush on time; finish when closed. True if it progressed."""
+        received = self.latest_received()
+        count = 0
+        damage_before = len(self.reader.damage)
+        for payload in self.reader.read(max_records=RECORDS_PER_PUMP):
+            name, doc = unpack_document(payload)
+            self.feed(name, doc)
+            count += 1
+        self.fed += count
+        for damage in self.reader.damage[damage_before:]:
+            log.error("run %s: %s; skipped", self.uid, damage)
+            self.view.uploaded.damage.append(str(damage))
+        now = time.monotonic()
+        if self.tiled.buffered_rows():
+            if self.first_buffered is None:
+                self.first_buffered = now
+            if self._batch_due(now, caught_up=count < RECORDS_PER_PUMP):
+                self.flush()
+        else:
+            self.first_buffered = None
+        if count == 0 and received.closed:
+            self.finish(received)
+            return True
+        self.waiting = count == 0 and not self.tiled.buffered_rows()
+        self.caught_up = count < RECORDS_PER_PUMP
+        if count:
+            self.last_read = now
+            if now - self.last_progress_save >= PROGRESS_INTERVAL_S and not self.tiled.buffered_rows():
+                self._save_progress()
+        return count > 0
+
+    def latest_received(self) -> Received:
+        """The run's ``received.json``, read again only if the file changed (inode, mtime, size)."""
+        try:
+            st = os.stat(self.view.directory / RECEIVED, follow_symlinks=False)
+            key: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if key != self._received_key:
+            self._received_key = key
+            self.received = Received.load(self.view.directory) or self.view.received
+        return self.received
+
+    def _batch_due(self, now: float, *, caught_up: bool) -> bool:
+        """`batch_seconds` passed since the uploader first held a row, or since its event time.
+
+        The event time counts only once the run's log is read to its end
+        (not while draining a backlog, where rows are old and batches should
+        be full): rows then reach Tiled within `batch_seconds` of being
+        acquired, however late they reached the uploader.
+        """
+        seconds = self.shared.config.tiled.batch_seconds
+        held = self.first_buffered
+        if held is not None and now - held >= seconds:
+            return True
+        age = self.tiled.buffered_age()
+        return caught_up and age is not None and age >= seconds
+
+    def flush(self) -> None:
+        """Write the buffered rows to Tiled, count them and their lag, record the progress."""
+        status = self.shared.status
+        rows = self.tiled.buffered_rows()
+        lag = self.tiled.flush()
+        self.first_buffered = None
+        status.flushes += 1
+        status.rows += rows
+        self.rows_counted += rows
+        if lag is not None:
+            status.last_lag_seconds = lag
+            status.lag_seconds.append(lag)
+            del status.lag_seconds[:-1000]
+            self.shared.lag.observe(lag)
+            status.lag_histogram = self.shared.lag.as_status()
+        self._save_progress()
+
+    def _save_progress(self) -> None:
+        """Record how many documents Tiled holds (everything fed, once flushed)."""
+        self.view.uploaded.documents = self.fed
+        self.view.uploaded.save(self.view.directory)
+        self.last_progress_save = time.monotonic()
+
+    # ------------------------------------------------------------- untrusted documents
+    def feed(self, name: str, doc: dict[str, Any]) -> None:
+        """Check that a document read back from the spool belongs to this run, note its seq_nums, feed it."""
+        if not isinstance(doc, dict):
+            raise BadRunDocument(f"a {clean(name, 40)!r} record that is not a document")
+        if not self.start_seen:
+            if name != "start" or doc.get("uid") != self.uid:
+                raise BadRunDocument(f"the log starts with {_describe(name, doc)}, not this run's start")
+            self.start_seen = True
+        elif name == "start":
+            raise BadRunDocument(f"a second start in the log: {_describe(name, doc)}")
+        elif name in ("descriptor", "stop") and doc.get("run_start") != self.uid:
+            raise BadRunDocument(f"{_describe(name, doc)} of another run")
+        if name == "descriptor":
+            stream = check_key(doc.get("name"), "stream name")
+            for key in doc.get("data_keys") or {}:
+                check_key(key, f"data key of stream {stream!r}:")
+            self.streams[doc["uid"]] = stream
+        elif name in ("event", "event_page"):
+            of_stream = self.streams.get(str(doc.get("descriptor")))
+            if of_stream is None:
+                raise BadRunDocument(f"{_describe(name, doc)} of a descriptor not in this run")
+            seq = self.seq_nums.setdefault(of_stream, SeqNums())
+            for value in [doc["seq_num"]] if name == "event" else doc["seq_num"]:
+                seq.add(int(value))
+        elif name == "stream_resource":
+            check_key(doc.get("data_key"), "stream_resource data key")
+        self.tiled.feed(name, doc)
+
+    # ------------------------------------------------------------- the end
+    def finish(self, received: Received) -> None:
+        """The log is read to its end and closed: stop, verify, record ``uploaded``, release segments."""
+        uid = self.uid
+        shared = self.shared
+        if (tail := self.reader.unread_tail()) is not None:
+            log.error("run %s: %s at the end of the log; skipped", uid, tail)
+            self.view.uploaded.damage.append(str(tail))
+        if not self.tiled.stopped:
+            self.tiled.finish_without_stop()
+        rows = self.verify()
+        shared.status.rows += sum(rows.values()) - self.rows_counted
+        uploaded = self.view.uploaded
+        uploaded.state = UploadState.UPLOADED
+        uploaded.documents = self.fed
+        uploaded.rows = rows
+        uploaded.save(self.view.directory)
+        self.finished = True
+        shared.status.runs_uploaded += 1
+        shared.status.documents += self.fed
+        problems = received.problems() + uploaded.damage
+        log.info(
+            "run uploaded uid=%s scan_id=%s documents=%d rows=%s seconds=%.1f %s",
+            uid,
+            received.scan_id,
+            self.fed,
+            rows,
+            time.monotonic() - self.started,
+            "incomplete: " + "; ".join(problems) if problems else "complete",
+        )
+        shared.spool.release_run(
+            RunView(self.view.directory, received, uploaded), shared.config.spool.retention_hours
+        )
+
+    def verify(self) -> dict[str, int]:
+        """Rows per stream in Tiled, checked against what was fed; raise VerificationFailed otherwise."""
+        streams = set(self.seq_nums) | set(self.tiled.events)
+        return {stream: self._verify(stream) for stream in sorted(streams)}
+
+    def _verify(self, stream: str) -> int:
+        """Rows of `stream` in Tiled: exactly the seq_nums fed, in the order they were fed."""
+        fed = self.seq_nums.get(stream, SeqNums())
+        tiled = read_seq_nums(self.shared.link.client, self.uid, stream)
+        if tiled is None:
+            if fed.count == 0:
+                return 0
+            raise VerificationFailed(f"run {self.uid} stream {stream}: no table in Tiled after upload")
+        if SeqNums.of(tiled) != fed:
+            raise VerificationFailed(f"run {self.uid} stream {stream}: {fed.describe_difference(tiled)}")
+        return len(tiled)
+
+    # ------------------------------------------------------------- failures
+    def abandon(self, err: Exception) -> None:
+        """Say why this upload is given up: the run stays ``uploading`` and is rewritten."""
+        if isinstance(err, VerificationFailed):
+            log.warning("%s; rewriting the run", err)
+        else:
+            log.warning("run %s: upload failed (%s); it will be rewritten", self.uid, one_line(err))
+
+
+def quarantine(view: RunView, reason: str, status: UploaderStatus) -> None:
+    """Record that the run can never be uploaded (``uploaded.json``, the status, one log line)."""
+    uid = view.directory.name
+    uploaded = view.uploaded
+    uploaded.state = UploadState.QUARANTINED
+    uploaded.reason = reason
+    status.runs_quarantined += 1
+    status.last_error = f"run {clean(uid, 80)} quarantined: {reason}"
+    log.error("run %s quarantined: %s", clean(uid, 80), reason)
+    try:
+        uploaded.save(view.directory)
+    except OSError as err:  # shown in the log; the run is not retried by this process
+        log.error("run %s: cannot record its quarantine: %s", clean(uid, 80), one_line(err))
+
+
+def _close_for_subscribers(client: Any, uid: str) -> None:
+    """Close a partial run's nodes before deleting it: Tiled's delete tells live subscribers nothing.
+
+    Best effort: a node Tiled refuses to close (4xx) does not stop the rewrite; an outage does.
+    """
+    try:
+        TiledRun.close_run_in_tiled(client, uid)
+    except httpx.HTTPStatusError as err:
+        if retryable(err):
+            raise
+        log.info("run %s: could not close its streams before the rewrite: %s", uid, one_line(err))
+
+
+def _describe(name: str, doc: dict[str, Any]) -> str:
+    """A document named for a reason: kind and uid, escaped and bounded."""
+    return f"{clean(name, 40)} {clean(doc.get('uid'), 80)!r}"
