@@ -20,8 +20,6 @@ import os
 import pty
 import re
 import select
-import shlex
-import shutil
 import signal
 import struct
 import subprocess
@@ -36,6 +34,8 @@ import bluesky.preprocessors as bpp
 import pytest
 from ophyd.sim import det, det1, motor, motor1
 from rich.console import Console
+from tests.support.daemon import make_sidecar, run_documents
+from tests.support.monitor_pane import MonitorPane
 
 from tiled_writer_sidecar.config import ZmqConfig
 from tiled_writer_sidecar.errors import ConfigError
@@ -46,7 +46,7 @@ from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import Received, atomic_write_json
 from tiled_writer_sidecar.stats import ReceiverStats
 from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy, free_port, wait_until
-from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command
+from tiled_writer_sidecar.testing.sidecar import sidecar_command
 
 Document = tuple[str, dict[str, Any]]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]|\r")
@@ -146,18 +146,6 @@ def health_server(tmp_path: Path) -> Iterator[MetricsServer]:
 
 def nobody_listens() -> str:
     return f"http://127.0.0.1:{free_port()}"
-
-
-def run_documents(docs: list[Document], uid: str) -> list[Document]:
-    """The documents of run `uid`, in order."""
-    descriptors = {d["uid"] for n, d in docs if n == "descriptor" and d["run_start"] == uid}
-    return [
-        (name, doc)
-        for name, doc in docs
-        if (name == "start" and doc["uid"] == uid)
-        or (name in ("descriptor", "stop") and doc["run_start"] == uid)
-        or (name in ("event", "event_page") and doc["descriptor"] in descriptors)
-    ]
 
 
 def sent_events(docs: list[Document], uid: str) -> dict[str, int]:
@@ -371,81 +359,39 @@ def test_monitor_started_before_the_proxy_follows_it_through_a_restart(
     assert snap["zmq"]["connects"] == 2
 
 
-@pytest.fixture
-def tmux(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """`tmux(*args)` runs tmux on a private server socket; the server is killed in teardown."""
-    if shutil.which("tmux") is None:
-        pytest.fail("tmux is needed for the live-screen test: apt-get install -y tmux")
-    socket = tmp_path / "tmux.sock"
-
-    def run(*args: str) -> str:
-        done = subprocess.run(
-            ["tmux", "-S", str(socket), *args], capture_output=True, text=True, timeout=30, check=True
-        )
-        return done.stdout
-
-    yield run
-    subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True, timeout=30)
-
-
 def test_live_screen_in_tmux_shows_scan_id_event_count_and_sidecar_down(
-    proxy: ZmqProxy, acquisition: Acquisition, tmux: Callable[..., str], tmp_path: Path
+    proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """The live view in a 140x45 tmux pane shows the scan's scan_id, its event count, the plot and
     'sidecar down'; Ctrl+C ends it with status 0 and no traceback."""
-    config = tmp_path / "monitor.toml"
-    config.write_text("")
-    monitor_command = shlex.join(
-        [*sidecar_command(), "monitor", "--config", str(config), "--zmq", proxy.out_address,
-         "--sidecar", nobody_listens()]
-    )  # fmt: skip
-    # The pane's shell outlives the monitor (`trap :` lets Ctrl+C reach only the monitor's exit
-    # path) and prints its exit status. `env -u`: a COLUMNS inherited by the tmux server would pin
-    # rich's width to it.
-    command = f'trap : INT; env -u COLUMNS -u LINES {monitor_command}; echo "monitor exit status $?"'
-    tmux("new-session", "-d", "-s", "mon", "-x", "140", "-y", "45", command,
-         ";", "set-option", "-t", "mon", "remain-on-exit", "on")  # fmt: skip
+    with MonitorPane(tmp_path, zmq=proxy.out_address, sidecar=nobody_listens(), width=140) as pane:
+        acquisition.wait_subscribers(lambda: pane.messages_on_screen() > 0)
+        acquisition.RE.md["scan_id"] = 4100
+        (uid,) = acquisition.run(bp.count([det], 37))
 
-    def screen() -> str:
-        return tmux("capture-pane", "-p", "-t", "mon")
-
-    def messages_on_screen() -> int:
-        found = re.search(r"([\d,]+) messages", screen())
-        return int(found.group(1).replace(",", "")) if found else 0
-
-    acquisition.wait_subscribers(lambda: messages_on_screen() > 0)
-    acquisition.RE.md["scan_id"] = 4100
-    (uid,) = acquisition.run(bp.count([det], 37))
-
-    def shows_the_scan() -> bool:
-        text = screen()
-        return all(
-            (
-                re.search(r"scan_id 4101\b", text),
-                re.search(r"primary\s+37\s", text),
-                "● success" in text,
-                "sidecar ● down" in text,
+        def shows_the_scan() -> bool:
+            text = pane.screen()
+            return all(
+                (
+                    re.search(r"scan_id 4101\b", text),
+                    re.search(r"primary\s+37\s", text),
+                    "● success" in text,
+                    "sidecar ● down" in text,
+                )
             )
-        )
 
-    try:
-        wait_until(shows_the_scan, 30, what="scan_id 4101, 37 events and 'sidecar down' on the screen")
-    except TimeoutError:
-        pytest.fail("screen was:\n" + screen())
-    text = screen()
-    assert uid in text
-    assert "plot det" in text
-    assert "nothing listens there" in text
-    assert "● connected" in text
+        try:
+            wait_until(shows_the_scan, 30, what="scan_id 4101, 37 events and 'sidecar down' on the screen")
+        except TimeoutError:
+            pytest.fail("screen was:\n" + pane.screen())
+        text = pane.screen()
+        assert uid in text
+        assert "plot det" in text
+        assert "nothing listens there" in text
+        assert "● connected" in text
 
-    tmux("send-keys", "-t", "mon", "C-c")
-
-    def exit_status() -> str | None:
-        found = re.search(r"monitor exit status (\d+)", screen())
-        return found.group(1) if found else None
-
-    assert wait_until(exit_status, 30, what="the monitor to exit after Ctrl+C") == "0"
-    assert "Traceback" not in screen()
+        assert pane.interrupt() == "0"
+        assert "Traceback" not in pane.screen()
 
 
 def test_a_slow_terminal_loses_no_events(proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path) -> None:
@@ -523,12 +469,7 @@ def test_sidecar_panel_from_the_real_daemon(
 ) -> None:
     """Real proxy, RunEngine, sidecar daemon and Tiled: the monitor sees the scan and, from /healthz,
     Tiled up, the run uploaded, an empty backlog and the uploaded document count."""
-    with SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled_server.uri,
-        api_key=tiled_server.api_key,
-    ) as sidecar:
+    with make_sidecar(tmp_path, proxy, tiled_server) as sidecar:
         mon = monitor(
             "--zmq",
             proxy.out_address,

@@ -36,11 +36,10 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 from bluesky import plans as bp
-from bluesky.callbacks.zmq import Publisher
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ophyd.sim import hw
-from tests.support.framing import SERIALIZERS, raw_frame
+from tests.support.framing import SERIALIZERS, CapturingPublisher, raw_frame
 from tests.support.hostile_pickles import (
     OBJECT_STATE,
     PLAIN_STATE,
@@ -220,22 +219,6 @@ def test_a_pickle_gets_fresh_objects_every_time() -> None:
 
 
 # ------------------------------------------------------------- real messages
-
-
-class CapturingPublisher(Publisher):  # type: ignore[misc]
-    """bluesky's own Publisher; its 0MQ send replaced by an append to `sent`."""
-
-    def __init__(self, serializer: Callable[[Any], bytes]) -> None:
-        super().__init__("127.0.0.1:9", serializer=serializer)
-        self.sent: list[bytes] = []
-        self._socket.close()
-        self._socket = self
-
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
-
-    def close(self) -> None:
-        self._context.destroy()
 
 
 @functools.cache

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
-import shutil
 import subprocess
 import unicodedata
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,8 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import pytest
 from ophyd.sim import det, det1
+from tests.support.daemon import run_documents
+from tests.support.monitor_pane import MonitorPane
 
 from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, free_port, wait_until
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command
@@ -66,17 +65,6 @@ def status(sidecar: SidecarProcess, *args: str) -> subprocess.CompletedProcess[s
     )
 
 
-def run_documents(docs: list[tuple[str, dict[str, Any]]], uid: str) -> int:
-    descriptors = {d["uid"] for n, d in docs if n == "descriptor" and d["run_start"] == uid}
-    return sum(
-        1
-        for n, d in docs
-        if (n == "start" and d["uid"] == uid)
-        or (n in ("descriptor", "stop") and d["run_start"] == uid)
-        or (n == "event" and d["descriptor"] in descriptors)
-    )
-
-
 def unsafe(text: str) -> list[str]:
     """Control characters other than the line ends, C1, bidi controls, U+2028/9."""
     return [
@@ -86,105 +74,64 @@ def unsafe(text: str) -> list[str]:
     ]
 
 
-@pytest.fixture
-def tmux(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """`tmux(*args)` runs tmux on a private server socket; the server is killed in teardown."""
-    if shutil.which("tmux") is None:
-        pytest.fail("tmux is needed for the live-screen test: apt-get install -y tmux")
-    socket = tmp_path / "tmux.sock"
-
-    def run(*args: str) -> str:
-        done = subprocess.run(
-            ["tmux", "-S", str(socket), *args], capture_output=True, text=True, timeout=30, check=True
-        )
-        return done.stdout
-
-    yield run
-    subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True, timeout=30)
-
-
 def test_hostile_names_are_escaped_in_status_monitor_and_the_log(
-    sidecar: SidecarProcess,
-    proxy: ZmqProxy,
-    acquisition: Acquisition,
-    tmux: Callable[..., str],
-    tmp_path: Path,
+    sidecar: SidecarProcess, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """Two RunEngine runs through the real proxy into the running daemon, watched by a live monitor:
     one whose plan is '[/bold]\\x1b[2J' with a stream '[/y]\\n', one whose plan name holds a newline
     and a fake log line. `status` and `status --json` exit 0 and print the names escaped; the
     monitor keeps running and shows them escaped; every line of the daemon's log starts with its
     timestamp prefix and holds no control character."""
-    config = tmp_path / "monitor.toml"
-    config.write_text("")
-    monitor = shlex.join(
-        [*sidecar_command(), "monitor", "--config", str(config), "--zmq", proxy.out_address,
-         "--sidecar", f"http://127.0.0.1:{free_port()}"]
-    )  # fmt: skip
-    command = f'trap : INT; env -u COLUMNS -u LINES {monitor}; echo "monitor exit status $?"'
-    tmux("new-session", "-d", "-s", "mon", "-x", "160", "-y", "45", command,
-         ";", "set-option", "-t", "mon", "remain-on-exit", "on")  # fmt: skip
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with MonitorPane(tmp_path, zmq=proxy.out_address, sidecar=nobody, width=160) as pane:
+        acquisition.wait_subscribers(lambda: pane.messages_on_screen() > 0)
+        (forging,) = acquisition.run(hostile_plan(FORGING_PLAN, "main", 2))
+        (hostile,) = acquisition.run(hostile_plan(PLAN, STREAM, 3))
 
-    def screen() -> str:
-        return tmux("capture-pane", "-p", "-t", "mon")
+        # The monitor shows the hostile run's names escaped, and keeps running.
+        def shows_the_run() -> bool:
+            text = pane.screen()
+            if "monitor exit status" in text:
+                raise AssertionError("the monitor exited:\n" + text)
+            return (
+                f"plan {PLAN_SHOWN}" in text
+                and re.search(re.escape(STREAM_SHOWN) + r"\s+3\s", text) is not None
+            )
 
-    def messages_on_screen() -> int:
-        found = re.search(r"([\d,]+) messages", screen())
-        return int(found.group(1).replace(",", "")) if found else 0
+        try:
+            wait_until(shows_the_run, 60, what="the hostile run, escaped, on the monitor's screen")
+        except TimeoutError:
+            pytest.fail("screen was:\n" + pane.screen())
+        assert hostile in pane.screen()
 
-    acquisition.wait_subscribers(lambda: messages_on_screen() > 0)
-    (forging,) = acquisition.run(hostile_plan(FORGING_PLAN, "main", 2))
-    (hostile,) = acquisition.run(hostile_plan(PLAN, STREAM, 3))
+        # status: both runs spooled whole (their stops arrived), then the table and the JSON.
+        docs = acquisition.documents
+        sent = {uid: len(run_documents(docs, uid)) for uid in (forging, hostile)}
 
-    # The monitor shows the hostile run's names escaped, and keeps running.
-    def shows_the_run() -> bool:
-        text = screen()
-        if "monitor exit status" in text:
-            raise AssertionError("the monitor exited:\n" + text)
-        return (
-            f"plan {PLAN_SHOWN}" in text and re.search(re.escape(STREAM_SHOWN) + r"\s+3\s", text) is not None
-        )
+        def spooled() -> bool:
+            runs = {r["uid"]: r for r in sidecar.status()["runs"]}
+            return all(uid in runs and runs[uid]["documents"] == n for uid, n in sent.items())
 
-    try:
-        wait_until(shows_the_run, 60, what="the hostile run, escaped, on the monitor's screen")
-    except TimeoutError:
-        pytest.fail("screen was:\n" + screen())
-    assert hostile in screen()
+        wait_until(spooled, 60, interval=0.25, what="both runs spooled")
+        table = status(sidecar)
+        assert table.returncode == 0, table.stderr
+        assert "Traceback" not in table.stderr
+        assert PLAN_SHOWN in table.stdout
+        assert "count\\n2026-01-01" in table.stdout
+        assert unsafe(table.stdout) == [], repr(table.stdout)
+        as_json = status(sidecar, "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        assert unsafe(as_json.stdout) == []
+        runs = {r["uid"]: r for r in json.loads(as_json.stdout)["runs"]}
+        assert runs[hostile]["plan_name"] == PLAN
+        assert runs[forging]["plan_name"] == FORGING_PLAN
 
-    # status: both runs spooled whole (their stops arrived), then the table and the JSON.
-    docs = acquisition.documents
-    sent = {uid: run_documents(docs, uid) for uid in (forging, hostile)}
-
-    def spooled() -> bool:
-        runs = {r["uid"]: r for r in sidecar.status()["runs"]}
-        return all(uid in runs and runs[uid]["documents"] == n for uid, n in sent.items())
-
-    wait_until(spooled, 60, interval=0.25, what="both runs spooled")
-    table = status(sidecar)
-    assert table.returncode == 0, table.stderr
-    assert "Traceback" not in table.stderr
-    assert PLAN_SHOWN in table.stdout
-    assert "count\\n2026-01-01" in table.stdout
-    assert unsafe(table.stdout) == [], repr(table.stdout)
-    as_json = status(sidecar, "--json")
-    assert as_json.returncode == 0, as_json.stderr
-    assert unsafe(as_json.stdout) == []
-    runs = {r["uid"]: r for r in json.loads(as_json.stdout)["runs"]}
-    assert runs[hostile]["plan_name"] == PLAN
-    assert runs[forging]["plan_name"] == FORGING_PLAN
-
-    # The monitor is still running after a few more frames; Ctrl+C ends it with status 0.
-    messages = messages_on_screen()
-    acquisition.wait_subscribers(lambda: messages_on_screen() > messages)
-    assert "monitor exit status" not in screen()
-    tmux("send-keys", "-t", "mon", "C-c")
-
-    def exit_status() -> str | None:
-        found = re.search(r"monitor exit status (\d+)", screen())
-        return found.group(1) if found else None
-
-    assert wait_until(exit_status, 30, what="the monitor to exit after Ctrl+C") == "0"
-    assert "Traceback" not in screen()
+        # The monitor is still running after a few more frames; Ctrl+C ends it with status 0.
+        messages = pane.messages_on_screen()
+        acquisition.wait_subscribers(lambda: pane.messages_on_screen() > messages)
+        assert "monitor exit status" not in pane.screen()
+        assert pane.interrupt() == "0"
+        assert "Traceback" not in pane.screen()
 
     # The daemon's log: one line per event, none forged, no control character.
     log = sidecar.process.log_path.read_bytes().decode("utf-8", "replace")

@@ -3,7 +3,8 @@
 The prefix is empty (what `Publisher` sends without one); `frame` pickles the
 document as `Publisher` does by default, `raw_frame` takes a payload already
 encoded (a hostile pickle, msgpack or JSON). `SERIALIZERS` are the encodings
-a `Publisher` can be given (``serializer=``) that the sidecar decodes.
+a `Publisher` can be given (``serializer=``) that the sidecar decodes;
+`CapturingPublisher` is bluesky's own `Publisher` keeping what it would send.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import msgpack_numpy
 import numpy as np
+from bluesky.callbacks.zmq import Publisher
 
 
 def new_uid() -> str:
@@ -57,3 +59,19 @@ SERIALIZERS: dict[str, Callable[[Any], bytes]] = {
     "msgpack_numpy": msgpack_numpy.packb,
     "json": json_serializer,
 }
+
+
+class CapturingPublisher(Publisher):  # type: ignore[misc]
+    """bluesky's own Publisher, its 0MQ send replaced by an append to `sent`."""
+
+    def __init__(self, serializer: Callable[[Any], bytes] = pickle.dumps, prefix: bytes = b"") -> None:
+        super().__init__("127.0.0.1:9", serializer=serializer, prefix=prefix)
+        self.sent: list[bytes] = []
+        self._socket.close()
+        self._socket = self  # Publisher.__call__ does self._socket.send(message)
+
+    def send(self, message: bytes) -> None:
+        self.sent.append(message)
+
+    def close(self) -> None:
+        self._context.destroy()
