@@ -1,16 +1,14 @@
 """`replay` and `import-backup`: upload what a spool holds, by hand, then exit.
 
-`replay` takes the spool's uploader lock (so it can never upload a run the
-daemon is uploading), closes runs whose stop never came if no receiver is
-running, and uploads the selected runs (all by default) with the same
-uploader the daemon uses: exactly once, verified row by row. ``--dry-run``
-lists what would be uploaded; ``--watch`` keeps uploading as new runs
-appear (woken by watchfiles).
-
-`import-backup` reads the JSON Lines files in-process TiledWriter writes to
-its ``backup_directory`` after a failure, spools them as runs marked for
-rewrite (Tiled may hold a partial copy from the failed attempt, which is
-deleted first), then uploads them like `replay`.
+- `replay` takes the uploader lock, closes the runs left open when no receiver
+  runs (`Ingest.recover`: their logs replayed, their stop never comes) and
+  uploads the selected runs with the daemon's `Uploader`. ``--dry-run`` lists
+  them; ``--watch`` keeps uploading as runs appear.
+- `import-backup` feeds TiledWriter's JSON Lines backups through `Ingest`, as
+  the receiver feeds the wire, marks their runs for rewrite (Tiled may hold a
+  partial copy) and replays them. A backup file is untrusted: an entry that is
+  not JSON, not ``{"name": ..., "doc": {...}}`` or rejected by `Ingest` is
+  skipped and counted per reason (exit 1), never raised.
 """
 
 from __future__ import annotations
@@ -19,34 +17,42 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rich.console import Console
 
-from .config import Config
+from .config import Config, SpoolConfig
 from .errors import RejectedMessage, SidecarError, TiledUnavailableError
-from .receiver import Receiver
+from .ingest import Ingest
 from .spool.directory import SpoolDir
 from .spool.index import RunView, Uploaded, UploadState
 from .stats import ReceiverStats
+from .text import clean
 from .uploader import Uploader
 
 log = logging.getLogger(__name__)
 
+ABANDONED = "closed by replay; no receiver was running"
+NO_STOP = "the backup file ends without a stop"
+PROGRESS_S = 10.0  # long work says how far it got this often
 
-def close_abandoned_runs(spool: SpoolDir) -> list[str]:
-    """Close runs still open with no receiver running: their stop will never come."""
+#: A backup entry: a (name, doc) pair, or why it is not one.
+Entry = tuple[str, dict[str, Any]] | RejectedMessage
+
+
+def close_abandoned_runs(spool: SpoolDir, config: SpoolConfig | None = None) -> list[tuple[str, str]]:
+    """Close the runs left open if no receiver is running (their stop will never come): (uid, reason) each."""
     if spool.is_locked("receiver"):
         return []
-    closed = []
-    for view in spool.runs():
-        if not view.received.closed:
-            view.received.closed = True
-            view.received.close_reason = "closed by replay; no receiver was running"
-            view.received.save(view.directory)
-            closed.append(view.uid)
-    return closed
+    ingest = Ingest(config or SpoolConfig(), spool, ReceiverStats())
+    try:
+        return ingest.recover(close_reason=ABANDONED)
+    finally:
+        ingest.shutdown()
 
 
 def selected_runs(spool: SpoolDir, uids: list[str]) -> list[RunView]:
@@ -58,6 +64,32 @@ def selected_runs(spool: SpoolDir, uids: list[str]) -> list[RunView]:
     if missing:
         raise SidecarError(f"not in spool {spool.root}: {', '.join(missing)}")
     return [by_uid[u] for u in uids]
+
+
+def _say(console: Console, line: str) -> None:
+    """One line on the console, shown as it is (no markup, control characters escaped)."""
+    console.print(clean(line, 2000), markup=False, highlight=False, soft_wrap=True)
+
+
+def list_runs(spool: SpoolDir, uids: list[str], console: Console) -> int:
+    """`replay --dry-run`: what would be uploaded; nothing is changed."""
+    runs = selected_runs(spool, uids)
+    for view in runs:
+        _say(
+            console,
+            f"would upload {view.uid} scan_id={view.received.scan_id} "
+            f"documents={view.received.documents} state={view.state}",
+        )
+    _say(console, f"{len(runs)} run(s) would be uploaded (dry run: nothing was changed)")
+    return 0
+
+
+def _closed_line(uid: str, reason: str) -> str:
+    if reason == ABANDONED:
+        return f"run {uid}: closed; its stop never arrived"
+    if reason == "stop":
+        return f"run {uid}: closed; its stop was in its log"
+    return f"run {uid}: closed; {reason}"
 
 
 def replay(
@@ -72,27 +104,22 @@ def replay(
     console = console or Console(stderr=True)
     spool = SpoolDir(config.spool_dir, create=False)
     if dry_run:
-        runs = selected_runs(spool, uids)
-        for view in runs:
-            console.print(
-                f"would upload {view.uid} scan_id={view.received.scan_id} "
-                f"documents={view.received.documents} state={view.state}"
-            )
-        console.print(f"{len(runs)} run(s) would be uploaded (dry run: nothing was changed)")
-        return 0
+        return list_runs(spool, uids, console)
     spool.lock("uploader")
     if warning := config.insecure_transport_warning():
         log.warning("%s", warning)
-    for uid in close_abandoned_runs(spool):
-        console.print(f"run {uid}: closed; its stop never arrived")
+    for uid, reason in close_abandoned_runs(spool, config.spool):
+        _say(console, _closed_line(uid, reason))
     runs = selected_runs(spool, uids)
     only = {r.uid for r in runs} if uids else None
     total = sum(r.received.documents for r in runs)
-    console.print(f"uploading {len(runs)} run(s), {total} documents, to {config.tiled.uri}")
+    _say(console, f"uploading {len(runs)} run(s), {total} documents, to {config.tiled.uri}")
     stop = threading.Event()
     uploader = Uploader(config, spool, only=only, stop=stop, give_up_after=None if watch else give_up_after)
     started = time.monotonic()
     watcher = _start_watcher(spool, uploader) if watch else None
+    finished = threading.Event()
+    _start_progress(console, uploader, finished)
     try:
         uploader.run(until_idle=not watch)
     except TiledUnavailableError as err:
@@ -100,20 +127,39 @@ def replay(
         raise TiledUnavailableError(f"{err}; {len(left)} run(s) remain in the spool") from None
     except KeyboardInterrupt:
         stop.set()
-        console.print("interrupted; what was not uploaded stays in the spool")
+        _say(console, "interrupted; what was not uploaded stays in the spool")
         return 130
     finally:
+        finished.set()
         if watcher is not None:
             stop.set()
     elapsed = time.monotonic() - started
     done = [r for r in spool.runs() if (only is None or r.uid in only)]
     quarantined = [r for r in done if r.uploaded.state == UploadState.QUARANTINED]
-    console.print(
+    _say(
+        console,
         f"done in {elapsed:.1f} s: {uploader.status.runs_uploaded} run(s) uploaded, "
         f"{uploader.status.documents} documents, {uploader.status.rows} rows"
-        + (f"; {len(quarantined)} quarantined (see status)" if quarantined else "")
+        + (f"; {len(quarantined)} quarantined (see status)" if quarantined else ""),
     )
     return 1 if quarantined else 0
+
+
+def _start_progress(console: Console, uploader: Uploader, finished: threading.Event) -> threading.Thread:
+    """Say every PROGRESS_S how far the upload got, until `finished`."""
+
+    def loop() -> None:
+        while not finished.wait(PROGRESS_S):
+            status = uploader.status
+            _say(
+                console,
+                f"... {status.runs_uploaded} run(s) uploaded, {status.documents} documents, "
+                f"{status.rows} rows so far",
+            )
+
+    thread = threading.Thread(target=loop, name="progress", daemon=True)
+    thread.start()
+    return thread
 
 
 def _start_watcher(spool: SpoolDir, uploader: Uploader) -> threading.Thread:
@@ -131,52 +177,148 @@ def _start_watcher(spool: SpoolDir, uploader: Uploader) -> threading.Thread:
     return thread
 
 
-def read_backup(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """The (name, doc) pairs of one TiledWriter JSON Lines (or JSON array) backup."""
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise SidecarError(f"cannot read backup {path}: {err.strerror}") from None
-    documents: list[tuple[str, dict[str, Any]]] = []
-    try:
-        if text.lstrip().startswith("["):
-            items = json.loads(text)
+# ------------------------------------------------------------ import-backup
+@dataclass
+class BackupImport:
+    """What importing one backup file did."""
+
+    documents: int = 0
+    runs: list[str] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    first_problem: str = ""
+    dropped: int = 0
+
+    def skip(self, where: str, problem: RejectedMessage) -> None:
+        self.skipped[problem.reason] += 1
+        if not self.first_problem:
+            detail = f" ({problem.detail[:200]})" if problem.detail else ""
+            self.first_problem = f"{where}: {problem.reason}{detail}"
+
+    def summary(self, path: Path) -> str:
+        line = f"{path}: {self.documents} documents, run(s) {', '.join(self.runs) or '-'}"
+        if self.skipped:
+            counts = ", ".join(f"{reason} {n}" for reason, n in self.skipped.most_common())
+            line += f"; skipped {self.skipped.total()} ({counts}), first at {self.first_problem}"
+        if self.dropped:
+            line += f"; {self.dropped} dropped (the spool is full or not writable)"
+        return line
+
+
+def backup_entries(path: Path, max_line_bytes: int) -> Iterator[tuple[str, Entry]]:
+    """(where, entry) for each entry of a TiledWriter backup; OSError if the file cannot be read.
+
+    JSON Lines (``JSONLinesWriter``), or a JSON array: read whole if it is at
+    most `max_line_bytes`, else (or if it does not parse, as ``JSONWriter``
+    leaves it after a crash) one entry per line. A line over `max_line_bytes`
+    is skipped without being held in memory.
+    """
+    if not path.is_file():  # a directory, a FIFO or a device would never end
+        raise OSError(0, "not a regular file" if path.exists() else "no such file")
+    with path.open("rb") as file:
+        if _starts_array(file) and path.stat().st_size <= max_line_bytes:
+            items = _parse(file.read())
+            if isinstance(items, list):
+                yield from ((f"entry {n}", _entry(item)) for n, item in enumerate(items, 1))
+                return
+            file.seek(0)
+        for n, line in enumerate(_lines(file, max_line_bytes), 1):
+            if line is None:
+                yield f"line {n}", RejectedMessage("line-too-long", f"over {max_line_bytes} bytes")
+                continue
+            line = line.strip()
+            if line.endswith(b","):  # JSONWriter's array, one entry per line
+                line = line[:-1]
+            if line not in (b"", b"[", b"]"):
+                yield f"line {n}", _entry(_parse(line))
+
+
+def _starts_array(file: BinaryIO) -> bool:
+    head = file.read(4096).lstrip()
+    file.seek(0)
+    return head.startswith(b"[")
+
+
+def _lines(file: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """The lines of `file`; None for a line over `limit` bytes (read past, never held)."""
+    while line := file.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := file.readline(2**20)) and not rest.endswith(b"\n"):
+                pass
+            yield None
         else:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError as err:
-        raise SidecarError(f"{path} is not a TiledWriter backup (JSON Lines): {err}") from None
-    for n, item in enumerate(items, 1):
-        if not (
-            isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("doc"), dict)
-        ):
-            raise SidecarError(f"{path}: entry {n} is not {{'name': ..., 'doc': {{...}}}}")
-        documents.append((item["name"], item["doc"]))
-    return documents
+            yield line
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        return RejectedMessage("not-json", f"{type(err).__name__}: {str(err)[:100]}")
+
+
+def _entry(item: Any) -> Entry:
+    if isinstance(item, RejectedMessage):
+        return item
+    if isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("doc"), dict):
+        return item["name"], item["doc"]
+    return RejectedMessage("not-a-document", "not {'name': ..., 'doc': {...}}")
+
+
+def import_file(
+    ingest: Ingest, path: Path, max_line_bytes: int, say: Callable[[str], None] = lambda _: None
+) -> BackupImport:
+    """Feed one backup file through `ingest`, close its runs and mark them for rewrite; never raises
+    for what the file holds (an unreadable file is one skipped entry)."""
+    result = BackupImport()
+    dropped = ingest.stats.dropped
+    report_at = time.monotonic() + PROGRESS_S
+    try:
+        for where, entry in backup_entries(path, max_line_bytes):
+            if isinstance(entry, RejectedMessage):
+                result.skip(where, entry)
+                continue
+            name, doc = entry
+            try:
+                ingest.accept(name, doc)
+            except RejectedMessage as rejected:
+                result.skip(where, rejected)
+                continue
+            result.documents += 1
+            if name == "start" and doc["uid"] in ingest.spooler.runs:
+                result.runs.append(doc["uid"])
+            if result.documents % 1000 == 0:
+                ingest.upkeep()
+                if time.monotonic() >= report_at:
+                    report_at = time.monotonic() + PROGRESS_S
+                    say(f"{path}: ... {result.documents} documents so far")
+    except OSError as err:
+        result.skip("the file", RejectedMessage("unreadable", err.strerror or type(err).__name__))
+    ingest.close_all(NO_STOP)
+    for uid in result.runs:
+        # A backup exists because a write failed: whatever Tiled holds is partial.
+        Uploaded(state=UploadState.UPLOADING).save(ingest.spool.run_dir(uid))
+    result.dropped = ingest.stats.dropped - dropped
+    return result
 
 
 def import_backup(config: Config, paths: list[Path], console: Console | None = None) -> int:
     console = console or Console(stderr=True)
     spool = SpoolDir(config.spool_dir)
     spool.lock("uploader")
-    receiver = Receiver(config, spool, ReceiverStats(), subscribe=False)
+    ingest = Ingest(config.spool, spool, ReceiverStats())
     imported: list[str] = []
+    skipped = 0
     try:
+        ingest.upkeep()  # learns the spool's size, for max_bytes
         for path in paths:
-            documents = read_backup(path)
-            for n, (name, doc) in enumerate(documents, 1):
-                try:
-                    receiver.accept(name, doc)
-                except RejectedMessage as err:
-                    raise SidecarError(f"{path}: document {n} ({name}) rejected: {err}") from None
-            new = [doc["uid"] for name, doc in documents if name == "start"]
-            for uid in new:
-                # A backup exists because a write failed: whatever Tiled holds is partial.
-                uploaded = Uploaded(state=UploadState.UPLOADING)
-                uploaded.save(spool.run_dir(uid))
-            imported += new
-            console.print(f"{path}: {len(documents)} documents, run(s) {', '.join(new) or '-'}")
-        receiver.close_open_runs("the backup file ends without a stop")
+            result = import_file(ingest, path, config.zmq.max_message_bytes, lambda line: _say(console, line))
+            _say(console, result.summary(path))
+            imported += result.runs
+            skipped += result.skipped.total()
     finally:
-        receiver.close()
+        ingest.shutdown()
     spool.unlock()
-    return replay(config, imported) if imported else 0
+    if skipped:
+        _say(console, f"{skipped} backup entries were not imported (see above)")
+    uploaded = replay(config, imported, console=console) if imported else 0
+    return max(uploaded, 1 if skipped else 0)
