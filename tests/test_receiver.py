@@ -1,7 +1,8 @@
-"""Receiver in process (no socket): containment, bounded open runs, start-up from any spool.
+"""Receiver in process: containment, bounded open runs, start-up from any spool.
 
 Messages are framed exactly as bluesky's `Publisher` frames them and handed
-to `Receiver.handle`; the spool is real (tmp_path).
+to `Receiver.handle`; the receiver's socket points at a free port nobody
+publishes on; the spool is real (tmp_path).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import event_model
 import numpy as np
 import pytest
 
-from tiled_writer_sidecar.config import Config, SpoolConfig
+from tiled_writer_sidecar.config import Config, SpoolConfig, ZmqConfig
 from tiled_writer_sidecar.errors import RejectedMessage
 from tiled_writer_sidecar.receiver import Receiver
 from tiled_writer_sidecar.spool.codec import pack_document
@@ -23,6 +24,7 @@ from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import Received
 from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
 from tiled_writer_sidecar.stats import ReceiverStats
+from tiled_writer_sidecar.testing import free_port
 
 DATA_KEYS: dict[str, Any] = {"det": {"dtype": "number", "shape": [], "source": "SIM:det"}}
 
@@ -47,8 +49,10 @@ def composed(n_events: int, **metadata: Any) -> list[tuple[str, dict[str, Any]]]
 
 def receiver(tmp_path: Path, **spool: Any) -> Receiver:
     root = tmp_path / "spool"
-    config = Config(spool=SpoolConfig(dir=str(root), **spool))
-    return Receiver(config, SpoolDir(root), ReceiverStats(), subscribe=False)
+    config = Config(
+        zmq=ZmqConfig(address=f"tcp://127.0.0.1:{free_port()}"), spool=SpoolConfig(dir=str(root), **spool)
+    )
+    return Receiver(config, SpoolDir(root), ReceiverStats())
 
 
 def state(rx: Receiver, uid: str) -> Received:
@@ -221,6 +225,20 @@ def test_start_up_closes_a_run_whose_log_cannot_be_replayed_and_reopens_the_othe
     rx.close()
     reopened = state(rx, good)
     assert reopened.closed and reopened.documents == len(good_docs) and reopened.problems() == []
+
+
+def test_start_up_closes_a_run_whose_stop_is_in_its_log(tmp_path: Path) -> None:
+    """A receiver killed after writing a run's stop but before saving it closed: the next one finds the
+    stop in the log and closes the run complete instead of reopening it."""
+    root = tmp_path / "spool"
+    docs = composed(2)
+    uid = spool_open_run(root, docs)
+    rx = receiver(tmp_path)
+    assert rx.tracker.runs == {} and rx.spooler.runs == {}
+    received = state(rx, uid)
+    assert received.closed and received.close_reason == "stop"
+    assert received.documents == len(docs) and received.problems() == []
+    rx.close()
 
 
 def test_start_up_with_more_open_runs_than_max_open_runs_closes_the_idlest(tmp_path: Path) -> None:
