@@ -1,22 +1,13 @@
-"""RunSpooler: the receiver's writes, one append-only log per open run.
+"""RunSpooler: the writes of open runs, one append-only log each (see docs/design.md, "The spool").
 
-Contract:
-
-- `open` creates a run's directory, log and ``received.json`` (OSError if it
-  cannot: nothing of the run is kept); `resume` reopens a run left open by
-  the last receiver (a torn tail is truncated by `LogWriter`).
-- `stage` counts a document as spooled at once and keeps its record in
-  memory; `flush` writes a run's staged records with one ``write``
-  (`LogWriter.append_many`); `stage` flushes by itself at `STAGE_RECORDS` /
-  `STAGE_BYTES` (``fsync = "always"``: at once). A record the disk refuses
-  is uncounted and counted dropped, exactly as if it had been written
-  alone. Over ``max_bytes`` only the small control documents are still
-  kept; the others are dropped.
+- `open` creates a run (OSError if it cannot: nothing of it is kept);
+  `resume` reopens one left open (a torn tail is truncated).
+- `stage` counts a document as spooled at once and keeps its record until
+  `flush` writes the run's staged records in one ``write`` (by itself at
+  `STAGE_RECORDS` / `STAGE_BYTES`); a record the disk refuses is uncounted
+  and counted dropped; over ``max_bytes`` only `CONTROL_DOCUMENTS` are kept.
 - ``received.json`` never counts a record that is not in the log (`save`
-  flushes first). `upkeep` writes what is staged, runs the group commit and,
-  when asked, saves changed runs (a save that failed is retried).
-- At most one file descriptor per open run (its `LogWriter`); `close`
-  releases it.
+  flushes first); at most one file descriptor per open run.
 - Disk trouble never raises out of here: it is counted (``dropped``) and said
   once per episode (``spool_writable``).
 """
@@ -102,20 +93,23 @@ class RunSpooler:
 
     def read_back(self, received: Received) -> Iterator[tuple[str, dict[str, Any]]]:
         """The documents of a run's log, counted anew into `received` (documents, bytes) as read."""
+        for payload in self._recount(received):
+            yield unpack_document(payload)
+
+    def _recount(self, received: Received) -> Iterator[bytes]:
+        """The records of a run's log, counted anew into `received` as read."""
         received.documents = received.bytes = 0
         for payload in LogReader(self.spool.run_dir(received.uid)).read():
             received.documents += 1
             received.bytes += HEADER_SIZE + len(payload)
-            yield unpack_document(payload)
+            yield payload
 
     def close_unopened(self, received: Received, reason: str) -> None:
         """Mark a run that was never (re)opened closed, with the reason and its records counted; never raises."""
         received.closed, received.close_reason = True, reason
         try:
-            received.documents = received.bytes = 0
-            for payload in LogReader(self.spool.run_dir(received.uid)).read():
-                received.documents += 1
-                received.bytes += HEADER_SIZE + len(payload)
+            for _ in self._recount(received):
+                pass
             received.save(self.spool.run_dir(received.uid))
         except Exception as err:  # noqa: BLE001  # the uploader will find the run as it is
             log.error("cannot save the state of run %s (%s)", received.uid, type(err).__name__)
