@@ -116,7 +116,7 @@ class FakeTiled:
 def config_for(spool: SpoolDir, **spool_options: Any) -> Config:
     return Config(
         spool=SpoolConfig(dir=str(spool.root), **spool_options),
-        tiled=TiledConfig(batch_rows=100, batch_seconds=0.5, backoff_initial_seconds=0.01),
+        tiled=TiledConfig(batch_rows=100, batch_seconds=0.0, backoff_initial_seconds=0.01),
     )
 
 

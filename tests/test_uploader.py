@@ -1,0 +1,288 @@
+"""The scheduler in milliseconds: the quarantine rule, candidates, slots, parking, uploader.json.
+
+A real spool in tmp_path, written by the real `RunSpooler`; Tiled is the fake
+of tests/test_run_upload.py, and "is Tiled answering other requests"
+(`TiledLink.reachable`) is set by each test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.test_outcomes import http_error, transport
+from tests.test_run_upload import FakeClient, FakeTiled, Spool, scan
+
+from tiled_writer_sidecar.config import Config, SpoolConfig
+from tiled_writer_sidecar.errors import UnsafeName
+from tiled_writer_sidecar.outcomes import REJECTIONS_TO_QUARANTINE
+from tiled_writer_sidecar.spool.directory import SpoolDir
+from tiled_writer_sidecar.spool.index import (
+    UPLOADER,
+    Received,
+    RunView,
+    Uploaded,
+    UploaderStatus,
+    UploadState,
+)
+from tiled_writer_sidecar.uploader import MAX_ACTIVE_RUNS, Uploader
+
+# ----------------------------------------------------------------- the quarantine rule
+
+
+@pytest.fixture
+def uploader(tmp_path: Path) -> Uploader:
+    spool = SpoolDir(tmp_path / "spool")
+    return Uploader(Config(spool=SpoolConfig(dir=str(spool.root))), spool)
+
+
+def planted_run(uploader: Uploader, uid: str = "run-1") -> RunView:
+    directory = uploader.spool.runs_dir / uid
+    directory.mkdir()
+    received = Received(uid=uid, closed=True)
+    received.save(directory)
+    Uploaded(state="uploading").save(directory)
+    return RunView(directory, received, Uploaded.load(directory))
+
+
+def fail(uploader: Uploader, view: RunView, err: Exception, fed: int = 7) -> bool:
+    """Report one failure of `view`'s upload; True if the uploader re-raised it (backoff, rewrite)."""
+    try:
+        uploader._run_failed(view, err, fed=fed)
+    except Exception as raised:  # noqa: BLE001 - the test inspects what came back
+        assert raised is err
+        return True
+    return False
+
+
+def reachable(uploader: Uploader, answers: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uploader.link, "reachable", lambda: answers)
+
+
+def test_the_same_rejection_repeated_while_tiled_answers_quarantines_with_the_reason(
+    uploader: Uploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """N-1 times: rewrite (re-raised); the N-th time in a row: quarantined, reason in uploaded.json."""
+    reachable(uploader, True, monkeypatch)
+    view = planted_run(uploader)
+    for _ in range(REJECTIONS_TO_QUARANTINE - 1):
+        assert fail(uploader, view, http_error(422))
+        assert Uploaded.load(view.directory).state == "uploading"
+    assert not fail(uploader, view, http_error(422))
+    uploaded = Uploaded.load(view.directory)
+    assert uploaded.state == "quarantined"
+    assert uploaded.reason is not None and "422" in uploaded.reason
+    assert f"rejected {REJECTIONS_TO_QUARANTINE} times" in uploaded.reason
+    assert uploader.status.runs_quarantined == 1
+
+
+def test_rejections_while_tiled_does_not_answer_never_count(
+    uploader: Uploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 4xx seen while Tiled's root does not answer may be a proxy's: never counted."""
+    reachable(uploader, False, monkeypatch)
+    view = planted_run(uploader)
+    for _ in range(REJECTIONS_TO_QUARANTINE * 3):
+        assert fail(uploader, view, http_error(404))
+    assert Uploaded.load(view.directory).state == "uploading"
+
+
+def test_different_rejections_do_not_add_up(uploader: Uploader, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rejection at another place in the log (the rewrite got further) starts counting again."""
+    reachable(uploader, True, monkeypatch)
+    view = planted_run(uploader)
+    for fed in range(REJECTIONS_TO_QUARANTINE * 3):
+        assert fail(uploader, view, http_error(400), fed=fed)
+    assert Uploaded.load(view.directory).state == "uploading"
+
+
+@pytest.mark.parametrize(
+    "err",
+    [http_error(500), http_error(502), transport(httpx.ConnectError), transport(httpx.ReadTimeout)],
+    ids=["500", "502", "connect", "read-timeout"],
+)
+def test_a_tiled_that_keeps_failing_never_quarantines_a_run(
+    err: Exception, uploader: Uploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: ten (here thirty) crashes of Tiled mid-upload leave the run to be rewritten, not quarantined."""
+    reachable(uploader, True, monkeypatch)
+    view = planted_run(uploader)
+    for _ in range(30):
+        assert fail(uploader, view, err)
+    assert Uploaded.load(view.directory).state == "uploading"
+    assert uploader.status.runs_quarantined == 0
+
+
+def test_the_runs_own_bad_content_is_quarantined_at_once(
+    uploader: Uploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unsafe name needs no repeat and no request to Tiled."""
+    reachable(uploader, False, monkeypatch)
+    view = planted_run(uploader)
+    assert not fail(uploader, view, UnsafeName("stream name '../other/primary' could address another node"))
+    uploaded = Uploaded.load(view.directory)
+    assert uploaded.state == "quarantined" and "../other/primary" in (uploaded.reason or "")
+    assert "run-1" in uploader.done
+
+
+def test_a_planted_run_directory_with_an_unsafe_uid_is_quarantined_not_activated(
+    uploader: Uploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A uid with a trailing newline (as `is_safe_uid` used to let through) never reaches Tiled."""
+    reachable(uploader, True, monkeypatch)
+    view = planted_run(uploader, "0123-abcd\n")
+    uploader.link.client = object()  # any request would fail loudly: none must be made
+    uploader._schedule()
+    assert not uploader.active
+    uploaded = Uploaded.load(view.directory)
+    assert uploaded.state == "quarantined" and "not a safe Tiled key" in (uploaded.reason or "")
+
+
+def test_received_json_naming_another_run_is_quarantined(
+    uploader: Uploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reachable(uploader, True, monkeypatch)
+    view = planted_run(uploader, "run-a")
+    Received(uid="run-b", closed=True).save(view.directory)
+    uploader.link.client = object()
+    uploader._schedule()
+    assert Uploaded.load(view.directory).state == "quarantined"
+
+
+# ----------------------------------------------------------------- candidates, slots, parking
+
+
+def scheduler(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> Uploader:
+    """An Uploader on `spool`, connected to the fake Tiled, Tiled answering."""
+    uploader = Uploader(spool.config, spool.dir)
+    uploader.link.client = FakeClient()
+    monkeypatch.setattr(uploader.link, "reachable", lambda: True)
+    return uploader
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+@pytest.fixture
+def tiled(monkeypatch: pytest.MonkeyPatch) -> FakeTiled:
+    return FakeTiled().install(monkeypatch)
+
+
+def test_at_most_max_active_runs_with_a_backlog_oldest_first(
+    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six closed runs: the four oldest start; the rest wait for a slot; all end uploaded, in order."""
+    uids = [spool.closed_run(first_received=1000.0 - n) for n in range(MAX_ACTIVE_RUNS + 2)]
+    oldest_first = uids[::-1]
+    uploader = scheduler(spool, monkeypatch)
+    uploader._schedule()
+    assert list(uploader.active) == oldest_first[:MAX_ACTIVE_RUNS]
+    uploader.run(until_idle=True)
+    assert sorted(tiled.runs) == sorted(uids)
+    assert uploader.done == set(uids) and not uploader.active
+    assert all(Uploaded.load(spool.dir.run_dir(u)).state == UploadState.UPLOADED for u in uids)
+
+
+def test_caught_up_open_runs_take_no_slot(
+    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More open, caught-up runs than slots never keep a newer closed run waiting."""
+    open_runs = [spool.open(scan()[1], first_received=100.0 + n) for n in range(MAX_ACTIVE_RUNS + 1)]
+    uploader = scheduler(spool, monkeypatch)
+    for _ in range(3):
+        uploader.step()
+    assert len(uploader.active) == len(open_runs)
+    closed = spool.closed_run(first_received=500.0)
+    for _ in range(3):
+        uploader.step()
+    assert closed in uploader.done
+    assert Uploaded.load(spool.dir.run_dir(closed)).state == UploadState.UPLOADED
+
+
+def test_beyond_the_memory_bound_the_longest_idle_run_is_parked_then_resumed(
+    tmp_path: Path, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_open_runs + MAX_ACTIVE_RUNS runs in memory at most; the parked one comes back (rewritten)
+    once its log grows, and is uploaded whole once it closes."""
+    spool = Spool(tmp_path / "spool", max_open_runs=1)
+    runs = []
+    for n in range(MAX_ACTIVE_RUNS + 2):
+        uid, docs, stop = scan()
+        runs.append((uid, spool.open(docs, first_received=100.0 + n), docs, stop))
+    uploader = scheduler(spool, monkeypatch)
+    for _ in range(6):
+        uploader.step()
+    assert len(uploader.active) == MAX_ACTIVE_RUNS + 1
+    assert len(uploader.parked) == 1
+    (parked,) = uploader.parked
+    uid, spooled, docs, stop = next(r for r in runs if r[0] == parked)
+    for _ in range(3):
+        uploader.step()
+    assert parked not in uploader.active  # unchanged: stays parked
+    spool.close(spooled, stop)
+    for _ in range(4):
+        uploader.step()
+    assert parked not in uploader.parked and parked in uploader.done
+    assert tiled.runs[parked] == {"primary": [1, 2, 3]}
+    assert Uploaded.load(spool.dir.run_dir(parked)).attempts == 2
+
+
+def test_replay_of_named_runs_takes_only_those_and_retries_a_quarantined_one(
+    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`only`: the named runs (a quarantined one too), never the others."""
+    named, other = spool.closed_run(), spool.closed_run()
+    Uploaded(state=UploadState.QUARANTINED, reason="earlier").save(spool.dir.run_dir(named))
+    uploader = Uploader(spool.config, spool.dir, only={named})
+    uploader.link.client = FakeClient()
+    uploader.run(until_idle=True)
+    assert list(tiled.runs) == [named]
+    assert Uploaded.load(spool.dir.run_dir(other)).state == UploadState.PENDING
+
+
+# ----------------------------------------------------------------- uploader.json
+
+
+def test_uploader_json_is_written_and_read_back_as_the_typed_status(
+    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the scheduler writes is what /metrics, /healthz and `status` load."""
+    spool.closed_run(events=4)
+    uploader = scheduler(spool, monkeypatch)
+    uploader.run(until_idle=True)
+    loaded = UploaderStatus.load(spool.dir.root)
+    assert loaded is not None
+    assert (loaded.runs_uploaded, loaded.documents, loaded.rows) == (1, 7, 4)
+    assert loaded == uploader.status
+
+
+def test_a_hostile_uploader_json_loads_as_plain_values(tmp_path: Path) -> None:
+    """uploader.json is untrusted input: wrong types become defaults, nothing raises."""
+    root = tmp_path / "spool"
+    root.mkdir()
+    assert UploaderStatus.load(root) is None
+    (root / UPLOADER).write_text(
+        json.dumps(
+            {
+                "tiled": ["up"],
+                "documents": "12",
+                "rows": 2**70,
+                "retries": 3.0,
+                "last_error": "x" * 10_000,
+                "lag_seconds": [0.5, "1", True, None, 2.5],
+                "lag_histogram": [1, 2],
+                "updated": "now",
+            }
+        )
+    )
+    loaded = UploaderStatus.load(root)
+    assert loaded is not None
+    assert loaded.tiled == "unknown" and loaded.documents == 0 and loaded.rows == 0 and loaded.retries == 3
+    assert loaded.last_error is not None and len(loaded.last_error) == 1024
+    assert loaded.lag_seconds == [0.5, 2.5] and loaded.lag_histogram == {} and loaded.updated == 0.0
+    (root / UPLOADER).write_text("not json")
+    assert UploaderStatus.load(root) is None
