@@ -15,11 +15,11 @@ from typing import Any
 import event_model
 import numpy as np
 import pytest
+from tests.support.spool import plant_open_run
 
 from tiled_writer_sidecar.config import Config, SpoolConfig, ZmqConfig
 from tiled_writer_sidecar.errors import RejectedMessage
 from tiled_writer_sidecar.receiver import Receiver
-from tiled_writer_sidecar.spool.codec import pack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import Received
 from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
@@ -184,18 +184,6 @@ def test_a_second_run_cannot_take_a_live_runs_descriptor(tmp_path: Path) -> None
     assert state(rx, b[0][1]["uid"]).events == {}
 
 
-def spool_open_run(root: Path, docs: list[tuple[str, dict[str, Any]]]) -> str:
-    """Leave a run open in the spool as a killed receiver would: its log and received.json."""
-    uid = docs[0][1]["uid"]
-    run_dir = SpoolDir(root).run_dir(uid)
-    writer = LogWriter(run_dir, 2**20, FsyncPolicy())
-    for name, doc in docs:
-        writer.append(pack_document(name, doc))
-    writer.close()
-    Received(uid=uid, documents=len(docs)).save(run_dir)
-    return str(uid)
-
-
 @pytest.mark.parametrize("poison", ["unknown-descriptor", "huge-seq-num", "not-a-document"])
 def test_start_up_closes_a_run_whose_log_cannot_be_replayed_and_reopens_the_others(
     tmp_path: Path, poison: str
@@ -210,12 +198,12 @@ def test_start_up_closes_a_run_whose_log_cannot_be_replayed_and_reopens_the_othe
         event["descriptor"] = "nobody"
     elif poison == "huge-seq-num":
         event["seq_num"] = 10**5000
-    bad = spool_open_run(root, [*bad_docs[:2], ("event", event)])
+    bad = plant_open_run(root, [*bad_docs[:2], ("event", event)])
     if poison == "not-a-document":
         writer = LogWriter(SpoolDir(root).run_dir(bad), 2**20, FsyncPolicy())
         writer.append(b"\x00not a packed document")
         writer.close()
-    good = spool_open_run(root, good_docs[:3])
+    good = plant_open_run(root, good_docs[:3])
     rx = receiver(tmp_path)
     assert list(rx.tracker.runs) == [good]
     closed = state(rx, bad)
@@ -232,7 +220,7 @@ def test_start_up_closes_a_run_whose_stop_is_in_its_log(tmp_path: Path) -> None:
     stop in the log and closes the run complete instead of reopening it."""
     root = tmp_path / "spool"
     docs = composed(2)
-    uid = spool_open_run(root, docs)
+    uid = plant_open_run(root, docs)
     rx = receiver(tmp_path)
     assert rx.tracker.runs == {} and rx.spooler.runs == {}
     received = state(rx, uid)
@@ -246,7 +234,7 @@ def test_start_up_with_more_open_runs_than_max_open_runs_closes_the_idlest(tmp_p
     root = tmp_path / "spool"
     uids = []
     for n in range(5):
-        uid = spool_open_run(root, composed(1)[:3])
+        uid = plant_open_run(root, composed(1)[:3])
         received = Received.load(SpoolDir(root).run_dir(uid))
         assert received is not None
         received.last_received = 1000.0 + n

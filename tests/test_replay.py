@@ -14,16 +14,15 @@ from typing import Any
 import event_model
 import pytest
 from bluesky_tiled_plugins.writing._json_writer import JSONLinesWriter, JSONWriter
+from tests.support.spool import plant_open_run
 
 from tiled_writer_sidecar import replay as replay_module
 from tiled_writer_sidecar.cli import main
 from tiled_writer_sidecar.config import SpoolConfig
 from tiled_writer_sidecar.ingest import Ingest
 from tiled_writer_sidecar.replay import NO_STOP, backup_entries, close_abandoned_runs, import_file
-from tiled_writer_sidecar.spool.codec import pack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import Received, Uploaded, UploadState
-from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
 from tiled_writer_sidecar.stats import ReceiverStats
 
 Document = tuple[str, dict[str, Any]]
@@ -190,26 +189,15 @@ def test_the_command_reports_bad_files_in_one_line_each_and_exits_1(
     assert "unreadable (not a regular file)" in lines[1] and "unreadable (no such file)" in lines[2]
 
 
-def spool_open_run(root: Path, docs: list[Document]) -> str:
-    """Leave a run open in the spool as a killed receiver would: its log and a stale received.json."""
-    uid: str = docs[0][1]["uid"]
-    run_dir = SpoolDir(root).run_dir(uid)
-    writer = LogWriter(run_dir, 2**20, FsyncPolicy())
-    for name, doc in docs:
-        writer.append(pack_document(name, doc))
-    writer.close()
-    Received(uid=uid, documents=1).save(run_dir)
-    return uid
-
-
 def test_replay_closes_abandoned_runs_with_counts_from_their_logs(tmp_path: Path) -> None:
     """Runs a dead receiver left open: replay closes them with their log's counts and gaps; a run
     whose stop is in its log is closed by it; none is touched while a receiver holds its lock."""
     root = tmp_path / "spool"
     cut = composed(5)
-    without_stop = spool_open_run(root, [*cut[:4], *cut[5:6]])  # seq_num 3 missing, no stop
-    with_stop = spool_open_run(root, composed(1))
+    without_stop = plant_open_run(root, [*cut[:4], *cut[5:6]])  # seq_num 3 missing, no stop
+    with_stop = plant_open_run(root, composed(1))
     spool = SpoolDir(root)
+    Received(uid=without_stop, documents=1).save(spool.run_dir(without_stop))  # saved long before the kill
     spool.lock("receiver")
     assert close_abandoned_runs(SpoolDir(root)) == []
     spool.unlock()
