@@ -7,13 +7,18 @@ hostile file spoils them.
 
 from __future__ import annotations
 
+import io
 import json
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import event_model
 import pytest
 from bluesky_tiled_plugins.writing._json_writer import JSONLinesWriter, JSONWriter
+from rich.console import Console
 from tests.support.spool import plant_open_run
 
 from tiled_writer_sidecar import replay as replay_module
@@ -24,6 +29,7 @@ from tiled_writer_sidecar.replay import NO_STOP, backup_entries, close_abandoned
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import Received, Uploaded, UploadState
 from tiled_writer_sidecar.stats import ReceiverStats
+from tiled_writer_sidecar.testing import wait_until
 
 Document = tuple[str, dict[str, Any]]
 DATA_KEYS: dict[str, Any] = {"det": {"dtype": "number", "shape": [], "source": "SIM:det"}}
@@ -207,3 +213,23 @@ def test_replay_closes_abandoned_runs_with_counts_from_their_logs(tmp_path: Path
     assert state is not None and state.closed and state.documents == 5 and state.missing == {"primary": 1}
     finished = Received.load(spool.run_dir(with_stop))
     assert finished is not None and finished.closed and finished.problems() == []
+
+
+def test_a_long_upload_says_how_far_it_got_only_when_it_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """replay's progress line: printed when the uploader's counts change, not again while they stand
+    still, and never after the upload finished."""
+    monkeypatch.setattr(replay_module, "PROGRESS_S", 0.01)
+    out = io.StringIO()
+    status = SimpleNamespace(runs_uploaded=0, documents=0, rows=0)
+    finished = threading.Event()
+    thread = replay_module._start_progress(
+        Console(file=out, width=200),
+        SimpleNamespace(status=status),  # type: ignore[arg-type]
+        finished,
+    )
+    status.runs_uploaded, status.documents, status.rows = 1, 8, 5
+    wait_until(lambda: "so far" in out.getvalue(), 10, what="a progress line")
+    time.sleep(0.1)  # several intervals with nothing new: nothing more is said
+    finished.set()
+    thread.join(5)
+    assert out.getvalue() == "... 1 run(s) uploaded, 8 documents, 5 rows so far\n"

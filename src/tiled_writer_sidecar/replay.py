@@ -146,16 +146,16 @@ def replay(
 
 
 def _start_progress(console: Console, uploader: Uploader, finished: threading.Event) -> threading.Thread:
-    """Say every PROGRESS_S how far the upload got, until `finished`."""
+    """Say every PROGRESS_S how far the upload got (if it moved), until `finished`."""
 
     def loop() -> None:
+        said = (0, 0, 0)
         while not finished.wait(PROGRESS_S):
             status = uploader.status
-            _say(
-                console,
-                f"... {status.runs_uploaded} run(s) uploaded, {status.documents} documents, "
-                f"{status.rows} rows so far",
-            )
+            now = (status.runs_uploaded, status.documents, status.rows)
+            if now != said:
+                said = now
+                _say(console, "... {} run(s) uploaded, {} documents, {} rows so far".format(*now))
 
     thread = threading.Thread(target=loop, name="progress", daemon=True)
     thread.start()
