@@ -27,8 +27,6 @@ from .subscription import Subscription
 from .tracker import RunTracker
 from .wire import decode_message
 
-__all__ = ["Receiver", "internal_error"]
-
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.1  # connection events are read this often
