@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 RECEIVED = "received.json"
 UPLOADED = "uploaded.json"
@@ -264,88 +264,6 @@ def _state(value: Any) -> UploadState:
         return UploadState.PENDING
 
 
-@dataclass
-class Received:
-    uid: str
-    scan_id: int | None = None
-    plan_name: str | None = None
-    start_time: float | None = None
-    first_received: float = field(default_factory=time.time)
-    last_received: float = field(default_factory=time.time)
-    documents: int = 0
-    bytes: int = 0
-    events: dict[str, int] = field(default_factory=dict)
-    missing: dict[str, int] = field(default_factory=dict)
-    expected_events: dict[str, int] | None = None
-    stop_received: bool = False
-    exit_status: str | None = None
-    dropped: int = 0
-    closed: bool = False
-    close_reason: str | None = None
-
-    @classmethod
-    def load(cls, run_dir: Path) -> Received | None:
-        """The run's received.json, or None if it is missing, unreadable or has no usable uid."""
-        data = read_json(run_dir / RECEIVED)
-        if data is None or not as_text(data.get("uid")):
-            return None
-        return cls(**_fields_of(cls, data, _RECEIVED_FIELDS))
-
-    def plain(self) -> dict[str, Any]:
-        """The fields as plain, bounded JSON values (see the module docstring)."""
-        return {name: coerce(getattr(self, name)) for name, coerce in _RECEIVED_FIELDS.items()}
-
-    def save(self, run_dir: Path) -> None:
-        atomic_write_json(run_dir / RECEIVED, self.plain())
-
-    def gaps(self) -> dict[str, int]:
-        """Events missing per stream: seq_num holes and stop.num_events shortfalls."""
-        gaps = {k: v for k, v in self.missing.items() if v}
-        for stream, expected in (self.expected_events or {}).items():
-            shortfall = expected - self.events.get(stream, 0) - gaps.get(stream, 0)
-            if shortfall > 0:
-                gaps[stream] = gaps.get(stream, 0) + shortfall
-        return gaps
-
-    def problems(self) -> list[str]:
-        """Why this run is incomplete, one phrase each; empty if it is complete."""
-        problems = [f"{n} {s} events missing" for s, n in sorted(self.gaps().items())]
-        if self.closed and not self.stop_received:
-            problems.append(f"stop never came ({self.close_reason or 'closed'})")
-        if self.dropped:
-            problems.append(f"{self.dropped} documents dropped (spool full)")
-        return problems
-
-
-@dataclass
-class Uploaded:
-    state: UploadState = UploadState.PENDING
-    documents: int = 0
-    attempts: int = 0
-    reason: str | None = None
-    damage: list[str] = field(default_factory=list)
-    rows: dict[str, int] = field(default_factory=dict)
-    updated: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        self.state = _state(self.state)  # a plain string from a caller becomes its UploadState
-
-    @classmethod
-    def load(cls, run_dir: Path) -> Uploaded:
-        """The run's uploaded.json; defaults (pending) if it is missing or unreadable."""
-        data = read_json(run_dir / UPLOADED)
-        if data is None:
-            return cls()
-        return cls(**_fields_of(cls, data, _UPLOADED_FIELDS))
-
-    def plain(self) -> dict[str, Any]:
-        return {name: coerce(getattr(self, name)) for name, coerce in _UPLOADED_FIELDS.items()}
-
-    def save(self, run_dir: Path) -> None:
-        self.updated = time.time()
-        atomic_write_json(run_dir / UPLOADED, self.plain())
-
-
 def _number(value: Any) -> int:
     return as_int(value) or 0
 
@@ -387,41 +305,6 @@ _UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-@dataclass
-class UploaderStatus:
-    """What the uploader tells the receiver's /metrics and /healthz and `status` (``uploader.json``)."""
-
-    tiled: str = "connecting"  # connecting, up, down, unauthorized
-    since: float = field(default_factory=time.time)
-    last_error: str | None = None
-    documents: int = 0
-    rows: int = 0
-    runs_uploaded: int = 0
-    runs_quarantined: int = 0
-    rewrites: int = 0
-    retries: int = 0
-    append_retries: int = 0
-    flushes: int = 0
-    last_lag_seconds: float | None = None
-    lag_seconds: list[float] = field(default_factory=list)  # the last 1,000 (benchmarks read them)
-    lag_histogram: dict[str, Any] = field(default_factory=dict)  # cumulative: /metrics exports it
-    updated: float = field(default_factory=time.time)
-
-    @classmethod
-    def load(cls, spool_root: Path) -> UploaderStatus | None:
-        """The spool's uploader.json, coerced field by field; None if it is missing or unreadable."""
-        data = read_json(spool_root / UPLOADER)
-        if data is None:
-            return None
-        return cls(**_fields_of(cls, data, _UPLOADER_STATUS_FIELDS))
-
-    def plain(self) -> dict[str, Any]:
-        return {name: coerce(getattr(self, name)) for name, coerce in _UPLOADER_STATUS_FIELDS.items()}
-
-    def save(self, spool_root: Path) -> None:
-        atomic_write_json(spool_root / UPLOADER, self.plain())
-
-
 def _finite_floats(value: Any) -> list[float]:
     """The finite real numbers (not bools) of a list, at most MAX_ITEMS."""
     if not isinstance(value, (list, tuple)):
@@ -451,6 +334,129 @@ _UPLOADER_STATUS_FIELDS: dict[str, Callable[[Any], Any]] = {
     "lag_histogram": _plain_dict,
     "updated": _time,
 }
+
+
+class _IndexFile:
+    """An index file's typed fields, coerced to and from plain JSON (see the module docstring)."""
+
+    FILE: ClassVar[str]
+    FIELDS: ClassVar[dict[str, Callable[[Any], Any]]]
+
+    @classmethod
+    def _fields_in(cls, directory: Path) -> dict[str, Any] | None:
+        """The file's fields as constructor arguments, coerced; None if it cannot be read."""
+        data = read_json(directory / cls.FILE)
+        return None if data is None else _fields_of(cls, data, cls.FIELDS)
+
+    def plain(self) -> dict[str, Any]:
+        """The fields as plain, bounded JSON values (see the module docstring)."""
+        return {name: coerce(getattr(self, name)) for name, coerce in self.FIELDS.items()}
+
+    def save(self, directory: Path) -> None:
+        atomic_write_json(directory / self.FILE, self.plain())
+
+
+@dataclass
+class Received(_IndexFile):
+    FILE: ClassVar[str] = RECEIVED
+    FIELDS: ClassVar[dict[str, Callable[[Any], Any]]] = _RECEIVED_FIELDS
+
+    uid: str
+    scan_id: int | None = None
+    plan_name: str | None = None
+    start_time: float | None = None
+    first_received: float = field(default_factory=time.time)
+    last_received: float = field(default_factory=time.time)
+    documents: int = 0
+    bytes: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+    missing: dict[str, int] = field(default_factory=dict)
+    expected_events: dict[str, int] | None = None
+    stop_received: bool = False
+    exit_status: str | None = None
+    dropped: int = 0
+    closed: bool = False
+    close_reason: str | None = None
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Received | None:
+        """The run's received.json, or None if it is missing, unreadable or has no usable uid."""
+        kwargs = cls._fields_in(run_dir)
+        return cls(**kwargs) if kwargs and kwargs.get("uid") else None
+
+    def gaps(self) -> dict[str, int]:
+        """Events missing per stream: seq_num holes and stop.num_events shortfalls."""
+        gaps = {k: v for k, v in self.missing.items() if v}
+        for stream, expected in (self.expected_events or {}).items():
+            shortfall = expected - self.events.get(stream, 0) - gaps.get(stream, 0)
+            if shortfall > 0:
+                gaps[stream] = gaps.get(stream, 0) + shortfall
+        return gaps
+
+    def problems(self) -> list[str]:
+        """Why this run is incomplete, one phrase each; empty if it is complete."""
+        problems = [f"{n} {s} events missing" for s, n in sorted(self.gaps().items())]
+        if self.closed and not self.stop_received:
+            problems.append(f"stop never came ({self.close_reason or 'closed'})")
+        if self.dropped:
+            problems.append(f"{self.dropped} documents dropped (spool full)")
+        return problems
+
+
+@dataclass
+class Uploaded(_IndexFile):
+    FILE: ClassVar[str] = UPLOADED
+    FIELDS: ClassVar[dict[str, Callable[[Any], Any]]] = _UPLOADED_FIELDS
+
+    state: UploadState = UploadState.PENDING
+    documents: int = 0
+    attempts: int = 0
+    reason: str | None = None
+    damage: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    updated: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.state = _state(self.state)  # a plain string from a caller becomes its UploadState
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Uploaded:
+        """The run's uploaded.json; defaults (pending) if it is missing or unreadable."""
+        return cls(**(cls._fields_in(run_dir) or {}))
+
+    def save(self, run_dir: Path) -> None:
+        self.updated = time.time()
+        super().save(run_dir)
+
+
+@dataclass
+class UploaderStatus(_IndexFile):
+    """What the uploader tells the receiver's /metrics and /healthz and `status` (``uploader.json``)."""
+
+    FILE: ClassVar[str] = UPLOADER
+    FIELDS: ClassVar[dict[str, Callable[[Any], Any]]] = _UPLOADER_STATUS_FIELDS
+
+    tiled: str = "connecting"  # connecting, up, down, unauthorized
+    since: float = field(default_factory=time.time)
+    last_error: str | None = None
+    documents: int = 0
+    rows: int = 0
+    runs_uploaded: int = 0
+    runs_quarantined: int = 0
+    rewrites: int = 0
+    retries: int = 0
+    append_retries: int = 0
+    flushes: int = 0
+    last_lag_seconds: float | None = None
+    lag_seconds: list[float] = field(default_factory=list)  # the last 1,000 (benchmarks read them)
+    lag_histogram: dict[str, Any] = field(default_factory=dict)  # cumulative: /metrics exports it
+    updated: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(cls, spool_root: Path) -> UploaderStatus | None:
+        """The spool's uploader.json, coerced field by field; None if it is missing or unreadable."""
+        kwargs = cls._fields_in(spool_root)
+        return None if kwargs is None else cls(**kwargs)
 
 
 @dataclass
