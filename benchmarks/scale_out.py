@@ -480,7 +480,7 @@ def restart_phase(
 
 
 def run(bench: Any) -> dict[str, Any]:
-    from tiled_writer_sidecar.testing.postgres import PostgresTiledDeployment, postgres_unavailable
+    from tests.support.postgres import PostgresTiledDeployment, postgres_unavailable
 
     reason = postgres_unavailable()
     if reason is not None:

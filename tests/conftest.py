@@ -16,8 +16,16 @@ from tests.support.daemon import make_sidecar
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 
-#: Fixture names whose values have a `log_tail()` worth showing on failure.
-_LOGGED_FIXTURES = ("tiled_server", "shared_tiled_server", "tiled_container", "proxy")
+#: Fixture names whose values have a `log_tail()` worth showing on failure (a test module may define
+#: `postgres` or `deployment`: tests.support.postgres).
+_LOGGED_FIXTURES = (
+    "tiled_server",
+    "shared_tiled_server",
+    "tiled_container",
+    "proxy",
+    "postgres",
+    "deployment",
+)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -30,7 +38,8 @@ def pytest_runtest_makereport(
         for name in _LOGGED_FIXTURES:
             service = funcargs.get(name)
             if service is not None:
-                report.sections.append((f"{name} log (tail of {service.log_path})", service.log_tail()))
+                where = getattr(service, "log_path", "each of its logs")
+                report.sections.append((f"{name} log (tail of {where})", service.log_tail()))
     return report
 
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.postgres import PostgresTiledDeployment, postgres_unavailable
 
 from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing._process import ManagedProcess
-from tiled_writer_sidecar.testing.postgres import PostgresTiledDeployment, postgres_unavailable
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 
@@ -102,15 +102,6 @@ def deployment(tmp_path: Path) -> Iterator[PostgresTiledDeployment]:
         deployment.close()
 
 
-@contextlib.contextmanager
-def logs_on_failure(deployment: PostgresTiledDeployment) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        print(f"\n---- deployment logs ----\n{deployment.log_tail(40)}")
-        raise
-
-
 def rows_in_postgres(deployment: PostgresTiledDeployment) -> tuple[int, int]:
     """Rows in the ``tables`` database counted by PostgreSQL: (of datasets the catalog knows, of others).
 
@@ -166,7 +157,7 @@ def test_four_beamlines_into_two_tiled_servers_on_one_postgresql_through_a_postg
     no worse than before (they never wait on Tiled; the 1.5x margin absorbs a shared machine's noise)."""
     go, resume = tmp_path / "go", tmp_path / "resume"
     clock = Stopwatch()
-    with logs_on_failure(deployment), contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         proxies = [
             stack.enter_context(ZmqProxy(log_path=tmp_path / f"proxy-{i}.log")) for i in range(BEAMLINES)
         ]

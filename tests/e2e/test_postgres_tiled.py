@@ -16,7 +16,6 @@ installs it (scripts/system-deps.sh).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,11 @@ import bluesky.preprocessors as bpp
 import pytest
 from bluesky_tiled_plugins import TiledWriter
 from ophyd.sim import det, motor
+from tests.support.daemon import assert_rows_in_tiled, make_sidecar, run_documents
+from tests.support.postgres import PostgresServer, PostgresTiledServer, postgres_unavailable
 
 from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing.acquisition import expected_rows, run_uids
-from tiled_writer_sidecar.testing.postgres import PostgresServer, PostgresTiledServer, postgres_unavailable
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 from tiled_writer_sidecar.tiled_client import read_seq_nums
@@ -61,37 +61,6 @@ def tiled_server(postgres: PostgresServer, tmp_path: Path) -> Iterator[PostgresT
         yield server
 
 
-@contextlib.contextmanager
-def postgres_log_on_failure(postgres: PostgresServer) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        print(f"\n---- postgres log (tail of {postgres.log_path}) ----\n{postgres.log_tail(80)}")
-        raise
-
-
-def check_rows(tiled: PostgresTiledServer, acq: Acquisition, uid: str, stream: str = "primary") -> int:
-    """The stream's rows in Tiled equal, value by value and in order, what the RunEngine emitted."""
-    expected = expected_rows(acq.documents, stream, run_uid=uid)
-    got = frame_rows(read_stream(tiled.client(), uid, stream))
-    assert got == expected
-    return len(got)
-
-
-def documents_of(acq: Acquisition, uid: str) -> int:
-    """How many documents the RunEngine emitted for run `uid` (start, descriptors, events, stop)."""
-    descriptors = {d["uid"] for n, d in acq.documents if n == "descriptor" and d["run_start"] == uid}
-    count = 0
-    for name, doc in acq.documents:
-        if name == "start":
-            count += doc["uid"] == uid
-        elif name in ("descriptor", "stop"):
-            count += doc["run_start"] == uid
-        elif name in ("event", "event_page"):
-            count += doc["descriptor"] in descriptors
-    return count
-
-
 def run_status(sidecar: SidecarProcess, uid: str) -> dict[str, Any]:
     for run in sidecar.status()["runs"]:
         if run["uid"] == uid:
@@ -102,7 +71,7 @@ def run_status(sidecar: SidecarProcess, uid: str) -> dict[str, Any]:
 def assert_uploaded(status: dict[str, Any], acq: Acquisition, uids: list[str]) -> None:
     runs = {r["uid"]: r for r in status["runs"]}
     for uid in uids:
-        sent = documents_of(acq, uid)
+        sent = len(run_documents(acq.documents, uid))
         assert runs[uid]["state"] == "uploaded", runs[uid]
         assert runs[uid]["documents"] == sent
         assert runs[uid]["uploaded_documents"] == sent
@@ -139,24 +108,15 @@ def test_catalog_and_tables_in_postgresql_survive_a_tiled_restart(
     tiled = tiled_server
     assert not (tiled.directory / "catalog.db").exists()
     assert not (tiled.directory / "tables.db").exists()
-    with (
-        postgres_log_on_failure(postgres),
-        SidecarProcess(
-            tmp_path / "sidecar",
-            zmq_address=proxy.out_address,
-            tiled_uri=tiled.uri,
-            api_key=tiled.api_key,
-            settings=SETTINGS,
-        ) as sidecar,
-    ):
+    with make_sidecar(tmp_path, proxy, tiled, **SETTINGS) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
 
         # 1. Tiled up: both runs arrive whole.
         (count_uid,) = acquisition.run(bp.count([det], 30))
         (scan_uid,) = acquisition.run(bp.scan([det], motor, -1, 1, 20))
         assert_uploaded(sidecar.wait_drained([count_uid, scan_uid]), acquisition, [count_uid, scan_uid])
-        assert check_rows(tiled, acquisition, count_uid) == 30
-        assert check_rows(tiled, acquisition, scan_uid) == 20
+        assert assert_rows_in_tiled(tiled, acquisition, count_uid) == 30
+        assert assert_rows_in_tiled(tiled, acquisition, scan_uid) == 20
         assert tiled.client()[scan_uid].metadata["stop"]["exit_status"] == "success"
         # ... and they are in PostgreSQL, not somewhere else.
         assert runs_in_catalog(postgres, [count_uid, scan_uid]) == {count_uid, scan_uid}
@@ -166,7 +126,7 @@ def test_catalog_and_tables_in_postgresql_survive_a_tiled_restart(
         tiled.stop()
         assert not tiled.running
         (backlog_uid,) = acquisition.run(bp.scan([det], motor, 0, 1, 15))
-        sent = documents_of(acquisition, backlog_uid)
+        sent = len(run_documents(acquisition.documents, backlog_uid))
         pending = wait_until(
             lambda: (run := run_status(sidecar, backlog_uid))["documents"] == sent and run,
             30,
@@ -179,9 +139,9 @@ def test_catalog_and_tables_in_postgresql_survive_a_tiled_restart(
         # 3. Tiled started again on the same PostgreSQL: the backlog drains, nothing is lost or doubled.
         tiled.start()
         assert_uploaded(sidecar.wait_drained([backlog_uid]), acquisition, [count_uid, scan_uid, backlog_uid])
-        assert check_rows(tiled, acquisition, backlog_uid) == 15
-        assert check_rows(tiled, acquisition, count_uid) == 30
-        assert check_rows(tiled, acquisition, scan_uid) == 20
+        assert assert_rows_in_tiled(tiled, acquisition, backlog_uid) == 15
+        assert assert_rows_in_tiled(tiled, acquisition, count_uid) == 30
+        assert assert_rows_in_tiled(tiled, acquisition, scan_uid) == 20
         uids = [count_uid, scan_uid, backlog_uid]
         assert runs_in_catalog(postgres, uids) == set(uids)
         assert rows_in_postgres(postgres) == 30 + 20 + 15
@@ -232,16 +192,7 @@ def test_runs_read_back_in_seq_num_order_after_postgresql_reuses_freed_space(
     acquisition.unsubscribe(token)
     first, second = 60, 600
     acquisition.subscribe(TiledWriter(root["inprocess"], batch_size=first))  # appends every 60 rows
-    with (
-        postgres_log_on_failure(postgres),
-        SidecarProcess(
-            tmp_path / "sidecar",
-            zmq_address=proxy.out_address,
-            tiled_uri=tiled.uri,
-            api_key=tiled.api_key,
-            settings={"tiled": {"batch_rows": first, "batch_seconds": 0.2}},
-        ) as sidecar,
-    ):
+    with make_sidecar(tmp_path, proxy, tiled, tiled={"batch_rows": first, "batch_seconds": 0.2}) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
 
         def free_space_before_the_rest() -> None:

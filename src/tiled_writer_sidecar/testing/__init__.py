@@ -5,8 +5,9 @@ A Tiled server on SQLite storage (`TiledServer`), bluesky's own
 (`Acquisition`), each a context manager that cleans up its process group;
 plus what Tiled must then contain (`expected_rows`) and what it does
 contain (`read_stream`, `tree_summary`). Nothing here is mocked. `demo`
-uses these; `postgres.py` (PostgreSQL-backed Tiled) is for the tests and
-benchmarks of a checkout only and is left out of the wheel.
+uses these, so they ship in the wheel; what only the tests and benchmarks of
+a checkout need (PostgreSQL-backed Tiled, hostile pickles, a monitor in a
+tmux pane) is in ``tests/support/``, not here.
 """
 
 from .acquisition import (

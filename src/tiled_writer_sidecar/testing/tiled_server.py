@@ -1,6 +1,6 @@
 """A real Tiled server in a subprocess, with all of its state in one directory.
 
-`tiled serve catalog DIR/catalog.db --init --write DIR/data
+`tiled serve catalog sqlite:///DIR/catalog.db --init --write DIR/data
 --write sqlite:///DIR/tables.db` keeps the catalog (nodes, metadata) in
 one SQLite file, appendable tables (TiledWriter's `internal` tables) in a
 second SQLite file, and arrays in `DIR/data`. SQLite, not the DuckDB file
@@ -14,7 +14,8 @@ another server on the port cannot pass for ours); its log is
 `DIR/server.log`. Clients made by `client()` are closed by `close()`.
 
 With ``streaming_cache`` ("memory" or a ``redis://`` URI) the same catalog
-is served from a config file, `DIR/config.yml`, with a ``streaming_cache:``
+(`catalog_uri`, `tables_uri`: a subclass that changes them changes both) is
+served from a config file, `DIR/config.yml`, with a ``streaming_cache:``
 section, so Tiled streams writes to WebSocket subscribers (``tiled serve
 catalog --cache`` fails in tiled 0.2.20 without ``--temp``). `RedisServer`
 is Debian's ``redis-server`` on a free port, all state in one directory.
@@ -122,6 +123,16 @@ class TiledServer(Service):
         return self._process.pid if self._process is not None else None
 
     @property
+    def catalog_uri(self) -> str:
+        """The catalog database: ``sqlite:///DIR/catalog.db``."""
+        return f"sqlite:///{self.catalog_path}"
+
+    @property
+    def tables_uri(self) -> str:
+        """The appendable tables' storage: ``sqlite:///DIR/tables.db``."""
+        return f"sqlite:///{self.tables_path}"
+
+    @property
     def config_path(self) -> Path:
         """Tiled's config file, written at each start when `streaming_cache` is set."""
         return self._directory / "config.yml"
@@ -131,38 +142,30 @@ class TiledServer(Service):
         import json
 
         catalog = {
-            "uri": f"sqlite:///{self.catalog_path}",
+            "uri": self.catalog_uri,
             "init_if_not_exists": True,
-            "writable_storage": [str(self.data_path), f"sqlite:///{self.tables_path}"],
+            "writable_storage": [str(self.data_path), self.tables_uri],
         }
         # JSON is YAML: no YAML writer needed, and paths are quoted.
         return json.dumps({"catalog": catalog, "streaming_cache": {"uri": self.streaming_cache}}, indent=2)
 
     def command(self) -> list[str]:
-        """The exact argv used to start the server."""
+        """The exact argv used to start the server: one launcher, with or without a config file.
+
+        Without a streaming cache, ``tiled serve catalog CATALOG --init --write
+        DATA --write TABLES``; with one, ``tiled serve config DIR/config.yml``,
+        whose catalog section says the same (`config_text`). Either way on our
+        API key, host and port.
+        """
         if self.streaming_cache is not None:
-            return [
-                *tiled_command(),
-                "serve",
-                "config",
-                str(self.config_path),
-                "--api-key",
-                self._api_key,
-                "--host",
-                LOCALHOST,
-                "--port",
-                str(self._port),
-            ]
+            source = ["config", str(self.config_path)]
+        else:
+            source = ["catalog", self.catalog_uri, "--init", "--write", str(self.data_path)]
+            source += ["--write", self.tables_uri]
         return [
             *tiled_command(),
             "serve",
-            "catalog",
-            str(self.catalog_path),
-            "--init",
-            "--write",
-            str(self.data_path),
-            "--write",
-            f"sqlite:///{self.tables_path}",
+            *source,
             "--api-key",
             self._api_key,
             "--host",

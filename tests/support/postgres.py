@@ -38,6 +38,9 @@ login role and its databases. `stop()` is a *fast* shutdown (SIGINT: abort
 sessions, checkpoint, exit; SIGTERM would wait for every client to hang
 up). `close()` stops and deletes the cluster. ``fsync`` is off by default:
 the tests exercise Tiled and the sidecar, not PostgreSQL's crash safety.
+
+Test-only (the tests and `benchmarks.scale_out`, from a checkout): it lives
+here, not in `tiled_writer_sidecar.testing`, so the wheel never holds it.
 """
 
 from __future__ import annotations
@@ -56,10 +59,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from ._process import ManagedProcess, Service
-from .ports import LOCALHOST, free_port, wait_until
-from .tiled_server import DEFAULT_STARTUP_TIMEOUT as DEFAULT_TILED_STARTUP_TIMEOUT
-from .tiled_server import TiledServer, tiled_command
+from tiled_writer_sidecar.testing._process import ManagedProcess, Service
+from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
+from tiled_writer_sidecar.testing.tiled_server import DEFAULT_STARTUP_TIMEOUT as DEFAULT_TILED_STARTUP_TIMEOUT
+from tiled_writer_sidecar.testing.tiled_server import TiledServer, tiled_command
 
 #: The account PostgreSQL runs as when we are root (Debian's package creates it).
 POSTGRES_ACCOUNT = "postgres"
@@ -479,6 +482,8 @@ class PostgresTiledServer(TiledServer):
         self.catalog_database = catalog_database or postgres.databases[0]
         self.tables_database = tables_database or postgres.databases[-1]
 
+    # `TiledServer.command()` serves these two (and `config_text()` writes them).
+
     @property
     def catalog_uri(self) -> str:
         """``postgresql://...`` (Tiled adds ``+asyncpg`` itself)."""
@@ -488,26 +493,6 @@ class PostgresTiledServer(TiledServer):
     def tables_uri(self) -> str:
         """Tabular storage: a `tiled.storage.RemoteSQLStorage` (ADBC PostgreSQL driver)."""
         return self.postgres.database_uri(self.tables_database)
-
-    def command(self) -> list[str]:
-        """The exact argv used to start the server."""
-        return [
-            *tiled_command(),
-            "serve",
-            "catalog",
-            self.catalog_uri,
-            "--init",
-            "--write",
-            str(self.data_path),
-            "--write",
-            self.tables_uri,
-            "--api-key",
-            self.api_key,
-            "--host",
-            LOCALHOST,
-            "--port",
-            str(self.port),
-        ]
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
