@@ -6,9 +6,10 @@ benchmarks.run``; ``tests`` itself is a namespace package. Nothing here is
 shipped in the wheel; the harness that ``demo`` needs stays in
 `tiled_writer_sidecar.testing`.
 
-- `framing`: messages framed as bluesky's `Publisher` sends them.
+- `framing`: messages framed as bluesky's `Publisher` sends them, its serializers, a capturing `Publisher`.
 - `hostile_pickles`: objects that pickle like numpy's, with states numpy never writes.
 - `daemon`: the running daemon as the e2e tests check it (``/metrics``, ``status``, Tiled rows).
+- `spool`: runs planted straight into a spool.
 - `monitor_pane`: ``monitor`` live in a tmux pane.
-- `postgres`: PostgreSQL and a Tiled deployment on it.
+- `postgres`: PostgreSQL, and Tiled (one server or a deployment of several) on it.
 """
