@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import scale_out
+from . import live_streaming, scale_out
 from .common import fmt, fmt_summary, summary
 
 
@@ -493,6 +493,7 @@ def _burst(c: dict[str, Any]) -> list[str]:
 SECTIONS = {
     "burst": _burst,
     "scale_out": scale_out.section,
+    "live_streaming": live_streaming.section,
     "runengine_cost": _runengine,
     "receive_path": _receive,
     "backlog_drain": _drain,
@@ -531,6 +532,8 @@ def _headline(name: str, c: dict[str, Any]) -> str:
         return "lost: " + ", ".join(f"{k} {v:,}" for k, v in h["lost"].items())
     if name == "scale_out":
         return scale_out.headline(c)
+    if name == "live_streaming":
+        return live_streaming.headline(c)
     return ""
 
 
@@ -591,7 +594,12 @@ def write(results: dict[str, Any], path: Path, order: list[str]) -> None:
         c = comparisons.get(name)
         if c is None or c.get("status") != "ok":
             continue
-        out += [f"## {i}. {c['title']}", "", f"Target: {c['target']}. Took {fmt(c.get('seconds'))} s.", ""]
+        took = (
+            f"Took {fmt(c['seconds'])} s."
+            if c.get("seconds") is not None
+            else "Merged from standalone runs (listed below)."
+        )
+        out += [f"## {i}. {c['title']}", "", f"Target: {c['target']}. {took}", ""]
         try:
             out += SECTIONS[name](c)
             if name in plots:
@@ -807,6 +815,7 @@ def _an_burst(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
 ANALYSIS = {
     "burst": _an_burst,
     "scale_out": scale_out.analysis,
+    "live_streaming": live_streaming.analysis,
     "runengine_cost": _an_runengine,
     "receive_path": _an_receive,
     "backlog_drain": _an_drain,
@@ -888,4 +897,7 @@ def _closing(comparisons: dict[str, Any]) -> list[str]:
     c = comparisons.get("scale_out", {})
     if c.get("status") == "ok":
         lines.append(scale_out.closing(c))
+    c = comparisons.get("live_streaming", {})
+    if c.get("status") == "ok":
+        lines.append(live_streaming.closing(c))
     return lines or ["(nothing ran)"]

@@ -29,6 +29,7 @@ from . import (
     backlog_drain,
     burst,
     live_latency,
+    live_streaming,
     memory,
     receive_path,
     replay,
@@ -47,6 +48,7 @@ COMPARISONS: list[ModuleType] = [
     replay,
     burst,
     scale_out,
+    live_streaming,
 ]
 HERE = Path(__file__).resolve().parent
 

@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARISONS = ("runengine_cost", "receive_path", "backlog_drain", "live_latency", "memory", "replay", "burst")
+COMPARISONS = (
+    "runengine_cost",
+    "receive_path",
+    "backlog_drain",
+    "live_latency",
+    "memory",
+    "replay",
+    "burst",
+    "live_streaming",
+)
 # scale_out (4 sidecars, PostgreSQL, 2 Tiled servers) is left out here: tests/e2e/test_many_beamlines.py
 # runs the same deployment end to end.
 
@@ -93,6 +102,13 @@ def test_smoke_run_writes_every_comparison_with_numbers(tmp_path: Path) -> None:
     burst = comparisons["burst"]
     assert all(lost == 0 for lost in burst["headline"]["lost_in_or_after_proxy"].values())
 
+    streaming = comparisons["live_streaming"]
+    assert streaming["headline"]["every_row_once"], streaming["results"]
+    for row in streaming["results"]:
+        assert row["rows_delivered"] == row["events"] and not row["problems"], row
+        assert _number(row["lag_p99_s"]) and _number(row["runengine_cost_per_event_ms"]), row
+    assert all(_number(v) for v in streaming["headline"]["sidecar_p99_s"].values())
+
     report = (tmp_path / "RESULTS.md").read_text()
     for name in (
         "RunEngine cost",
@@ -102,6 +118,7 @@ def test_smoke_run_writes_every_comparison_with_numbers(tmp_path: Path) -> None:
         "Memory",
         "Spool replay",
         "Bursts through",
+        "Live streaming",
     ):
         assert name in report
     for plot in ("runengine_cost", "receive_path", "backlog_drain", "live_latency", "memory"):
