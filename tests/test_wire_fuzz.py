@@ -20,7 +20,6 @@ ASCII detail.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import pickle
@@ -34,7 +33,6 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from bluesky import plans as bp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,6 +51,7 @@ from tests.support.hostile_pickles import (
 
 from tiled_writer_sidecar import wire
 from tiled_writer_sidecar.errors import DecodeError, RejectedMessage
+from tiled_writer_sidecar.testing import Acquisition
 from tiled_writer_sidecar.validation import validate_document
 from tiled_writer_sidecar.wire import REASONS, budget_for, decode_message
 
@@ -224,22 +223,18 @@ def test_a_pickle_gets_fresh_objects_every_time() -> None:
 @functools.cache
 def real_messages() -> dict[str, tuple[bytes, ...]]:
     """A real RunEngine's count, scan and image runs, as each serializer's Publisher sent them."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
     devices = hw()
     publishers = {label: CapturingPublisher(serializer) for label, serializer in SERIALIZERS.items()}
-    for publisher in publishers.values():
-        engine.subscribe(publisher)
     try:
-        engine(bp.count([devices.det], num=2))
-        engine(bp.scan([devices.det1, devices.det2], devices.motor, -1, 1, 3))
-        engine(bp.count([devices.direct_img, devices.det], num=2))
+        with Acquisition(None) as acquisition:  # a RunEngine of its own, no proxy
+            for publisher in publishers.values():
+                acquisition.subscribe(publisher)
+            acquisition.run(bp.count([devices.det], num=2))
+            acquisition.run(bp.scan([devices.det1, devices.det2], devices.motor, -1, 1, 3))
+            acquisition.run(bp.count([devices.direct_img, devices.det], num=2))
     finally:
         for publisher in publishers.values():
             publisher.close()
-        loop.call_soon_threadsafe(loop.stop)
-        engine._th.join(timeout=10)
-        loop.close()
     return {label: tuple(publisher.sent) for label, publisher in publishers.items()}
 
 
