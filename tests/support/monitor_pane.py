@@ -15,18 +15,18 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import pytest
 
 from tiled_writer_sidecar.testing import wait_until
+from tiled_writer_sidecar.testing._process import Service
 from tiled_writer_sidecar.testing.sidecar import sidecar_command
 
 SESSION = "mon"
 
 
-class MonitorPane:
+class MonitorPane(Service):
     """``monitor --zmq ZMQ --sidecar URL`` in a `width` x `height` tmux pane; started by ``with``."""
 
     def __init__(self, directory: Path, *, zmq: str, sidecar: str, width: int, height: int = 45) -> None:
@@ -79,15 +79,3 @@ class MonitorPane:
     def close(self) -> None:
         """Kill the private tmux server (and with it the monitor); safe to call again."""
         subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, timeout=30)
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
