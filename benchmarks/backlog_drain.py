@@ -60,25 +60,23 @@ class _RetryCounter(logging.Handler):
 
 
 def make_backlog(root: Path, runs: int, events: int) -> dict[str, Any]:
-    """Spool `runs` runs of `events` events with the sidecar's Receiver; return counts and speed."""
-    from tiled_writer_sidecar.config import Config, SpoolConfig
-    from tiled_writer_sidecar.receiver import Receiver
+    """Spool `runs` runs of `events` events through the receiver's `Ingest`; return counts and speed."""
+    from tiled_writer_sidecar.config import SpoolConfig
+    from tiled_writer_sidecar.ingest import Ingest
     from tiled_writer_sidecar.spool.directory import SpoolDir
     from tiled_writer_sidecar.stats import ReceiverStats
 
-    receiver = Receiver(
-        Config(spool=SpoolConfig(dir=str(root))), SpoolDir(root), ReceiverStats(), subscribe=False
-    )
+    ingest = Ingest(SpoolConfig(dir=str(root)), SpoolDir(root), ReceiverStats())
     documents = 0
     seconds = 0.0
     for i in range(runs):
         batch = list(synthetic_run(events, scan_id=i + 1))
         t0 = time.perf_counter()
         for name, doc in batch:
-            receiver.accept(name, doc)
+            ingest.accept(name, doc)
         seconds += time.perf_counter() - t0
         documents += len(batch)
-    receiver.close()
+    ingest.shutdown()
     return {"runs": runs, "events": runs * events, "documents": documents, "accept_rate": documents / seconds}
 
 

@@ -109,14 +109,18 @@ def _burst(
 
 
 def _in_process(bench: Bench, messages: list[bytes], fsync: str, tag: str, profile: bool = False) -> Any:
-    from tiled_writer_sidecar.config import Config, SpoolConfig
+    from tiled_writer_sidecar.config import Config, SpoolConfig, ZmqConfig
     from tiled_writer_sidecar.receiver import Receiver
     from tiled_writer_sidecar.spool.directory import SpoolDir
     from tiled_writer_sidecar.stats import ReceiverStats
+    from tiled_writer_sidecar.testing import free_port
 
     root = bench.workdir / f"receive-inprocess-{tag}"
-    config = Config(spool=SpoolConfig(dir=str(root), fsync=fsync))
-    receiver = Receiver(config, SpoolDir(root), ReceiverStats(), subscribe=False)
+    # The socket is connected to a port nothing binds: messages are handed to `handle` directly.
+    config = Config(
+        zmq=ZmqConfig(address=f"tcp://127.0.0.1:{free_port()}"), spool=SpoolConfig(dir=str(root), fsync=fsync)
+    )
+    receiver = Receiver(config, SpoolDir(root), ReceiverStats())
     frames = [[m] for m in messages]
     profiler = cProfile.Profile() if profile else None
     t0 = time.perf_counter()

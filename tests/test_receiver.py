@@ -118,7 +118,7 @@ def test_an_unexpected_exception_is_confined_to_its_message(
     assert rx.stats.rejected == {"internal-error:ZeroDivisionError": 1}
     assert quarantined(rx) == ["internal-error_zerodivisionerror.bin"]
     with pytest.raises(RejectedMessage) as info:
-        rx.accept(*docs[1])
+        rx.ingest.accept(*docs[1])
     assert info.value.reason == "internal-error:ZeroDivisionError"
     monkeypatch.setattr(rx.tracker, "route", real)
     for name, doc in docs[1:]:

@@ -33,15 +33,9 @@ WATCH_INTERVAL_S = 0.1  # connection events are read this often
 
 
 class Receiver:
-    """Subscribes to the proxy and spools what arrives; see the module docstring.
+    """Subscribes to the proxy and spools what arrives; see the module docstring."""
 
-    ``subscribe=False`` (no socket) is kept only for callers not yet moved to
-    `Ingest`, which is the socketless path.
-    """
-
-    def __init__(
-        self, config: Config, spool: SpoolDir, stats: ReceiverStats, *, subscribe: bool = True
-    ) -> None:
+    def __init__(self, config: Config, spool: SpoolDir, stats: ReceiverStats) -> None:
         self.config = config
         self.spool = spool
         self.stats = stats
@@ -51,7 +45,7 @@ class Receiver:
         self.ingest = Ingest(config.spool, spool, stats)
         self._last_watch = 0.0
         self._upkeep_failing = False
-        self.subscription = Subscription(config.zmq) if subscribe else None
+        self.subscription = Subscription(config.zmq)
         self.ingest.recover()
 
     @property
@@ -64,17 +58,15 @@ class Receiver:
 
     @property
     def socket(self) -> Any:
-        return self.subscription.socket if self.subscription is not None else None
+        return self.subscription.socket
 
     def close(self) -> None:
         self.ingest.shutdown()
-        if self.subscription is not None:
-            self.subscription.close()
+        self.subscription.close()
 
     def poll_once(self, timeout_ms: int = 100) -> int:
         """Wait up to `timeout_ms` for messages, handle those waiting, do the upkeep; return how many."""
         subscription = self.subscription
-        assert subscription is not None, "a Receiver made with subscribe=False has no socket"
         count = subscription.drain(self.handle) if subscription.wait(timeout_ms) else 0
         self.tick()
         return count
@@ -95,14 +87,6 @@ class Receiver:
                 self._reject(rejected, frames)
         except Exception as err:  # noqa: BLE001  # confined to this message, by design
             self._reject(internal_error(err), frames)
-
-    def accept(self, name: str, doc: dict[str, Any]) -> None:
-        """`Ingest.accept` (kept for callers of the socketless receiver)."""
-        self.ingest.accept(name, doc)
-
-    def close_open_runs(self, reason: str) -> None:
-        """`Ingest.close_all` (kept for callers of the socketless receiver)."""
-        self.ingest.close_all(reason)
 
     def _reject(self, rejected: RejectedMessage, frames: list[bytes]) -> None:
         reason = rejected.reason
@@ -142,7 +126,7 @@ class Receiver:
 
     def _upkeep(self) -> None:
         now = time.monotonic()
-        if self.subscription is not None and now - self._last_watch >= WATCH_INTERVAL_S:
+        if now - self._last_watch >= WATCH_INTERVAL_S:
             self._last_watch = now
             self.subscription.watch()
             self.stats.connected = self.subscription.connected

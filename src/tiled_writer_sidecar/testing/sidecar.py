@@ -179,14 +179,13 @@ def _to_toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 def spool_documents(spool_dir: Path, documents: list[tuple[str, dict[str, Any]]]) -> None:
-    """Spool documents through the receiver's own code path (validation, routing, log), no 0MQ."""
-    from ..config import Config
-    from ..receiver import Receiver
+    """Spool documents through the receiver's own code path (`Ingest`: validation, routing, log), no 0MQ."""
+    from ..config import SpoolConfig
+    from ..ingest import Ingest
     from ..spool.directory import SpoolDir
     from ..stats import ReceiverStats
 
-    config = Config().with_overrides(spool_dir=str(spool_dir))
-    receiver = Receiver(config, SpoolDir(spool_dir), ReceiverStats(), subscribe=False)
+    ingest = Ingest(SpoolConfig(dir=str(spool_dir)), SpoolDir(spool_dir), ReceiverStats())
     for name, doc in documents:
-        receiver.accept(name, doc)
-    receiver.close()
+        ingest.accept(name, doc)
+    ingest.shutdown()
