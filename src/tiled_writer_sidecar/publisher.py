@@ -16,7 +16,8 @@ restart) takes the socket's option too, so nothing is reconnected here
 (measured with libzmq 4.3.5 in tests/test_publisher.py). The queue also
 keeps what is published while the proxy restarts (PUB keeps a connecting
 peer's queue and subscription across reconnections) and delivers it when
-the proxy is back: up to `queue_messages`, nothing is lost.
+the proxy is back, up to `queue_messages`; the restarted proxy itself may
+still drop the first of them, before its subscribers have reconnected.
 
 ``ZMQ_SNDBUF`` is left alone on purpose: setting ``SO_SNDBUF`` turns off
 Linux's TCP buffer autotuning (``net.ipv4.tcp_wmem``, up to 4 MiB) and
