@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import live_streaming, scale_out
+from . import burst, live_streaming, scale_out
 from .common import fmt, fmt_summary, summary
 
 
@@ -462,36 +462,8 @@ def _replay(c: dict[str, Any]) -> list[str]:
     ]
 
 
-def _burst(c: dict[str, Any]) -> list[str]:
-    """Both proxies side by side, one row per burst."""
-    rows = []
-    for key in c["lost"]:
-        kind, _, label = key.partition("_")
-        name = "tiled-writer-sidecar proxy" if kind == "sidecar" else "bluesky-0MQ-proxy"
-        burst = f"{label.removeprefix('paused_')} events" + (
-            f", daemon paused {c['pause_s']:g} s" if label.startswith("paused_") else ""
-        )
-        before = c.get("lost_before_proxy", {}).get(key)
-        rows.append(
-            [
-                burst,
-                name,
-                fmt_summary(c["publish_rate"][key]),
-                f"{c['lost'][key]:,} of {c['documents'][key]:,}"
-                + ("" if before is None else f" ({before:,} before the proxy)"),
-                fmt_summary(c["proxy_peak_rss_mib"][key]),
-            ]
-        )
-    return [
-        _table(
-            ["burst", "proxy", "published docs/s", "documents lost (all repetitions)", "proxy peak RSS MiB"],
-            rows,
-        )
-    ]
-
-
 SECTIONS = {
-    "burst": _burst,
+    "burst": burst.section,
     "scale_out": scale_out.section,
     "live_streaming": live_streaming.section,
     "runengine_cost": _runengine,
@@ -529,7 +501,7 @@ def _headline(name: str, c: dict[str, Any]) -> str:
     if name == "replay":
         return f"{fmt(h['rows_per_s'])} rows/s, peak RSS {fmt(h['peak_rss_mib'])} MiB"
     if name == "burst":
-        return "lost: " + ", ".join(f"{k} {v:,}" for k, v in h["lost"].items())
+        return burst.headline(c)
     if name == "scale_out":
         return scale_out.headline(c)
     if name == "live_streaming":
@@ -789,31 +761,8 @@ def _an_replay(c: dict[str, Any], all_: dict[str, Any]) -> list[str]:
     ]
 
 
-def _an_burst(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
-    ours = [k for k in c["lost"] if k.startswith("sidecar_")]
-    before = sum(c["lost_before_proxy"][k] for k in ours)
-    inside = sum(c["lost"][k] for k in ours) - before
-    theirs = sum(c["lost"][k] for k in c["lost"] if k.startswith("bluesky_"))
-    peak = max(c["buffer_peak_mib"][k]["max"] or 0.0 for k in ours)
-    return [
-        f"- tiled-writer-sidecar proxy: {inside} documents lost in or after the proxy, "
-        f"{sum(c['proxy_dropped'][k] for k in ours)} dropped by its buffer limit; its buffer held at most "
-        f"{peak:.1f} MiB. bluesky-0MQ-proxy lost {theirs:,} in the same bursts: its 1,000-message queues overflow "
-        "when the subscriber (or the proxy itself) is not scheduled in time.",
-        (
-            f"- {before} documents never reached the project's proxy (its own counter): bluesky's Publisher dropped "
-            "them at its 1,000-message high-water mark (no option to change it) when its I/O thread was not "
-            "scheduled in time on this shared 2-core machine. No proxy can recover those; the sidecar reports "
-            "them as gaps."
-            if before
-            else "- Every document the Publisher sent reached the project's proxy (its own counter): nothing was "
-            "dropped at the Publisher's 1,000-message high-water mark in these runs."
-        ),
-    ]
-
-
 ANALYSIS = {
-    "burst": _an_burst,
+    "burst": burst.analysis,
     "scale_out": scale_out.analysis,
     "live_streaming": live_streaming.analysis,
     "runengine_cost": _an_runengine,
@@ -886,14 +835,7 @@ def _closing(comparisons: dict[str, Any]) -> list[str]:
         )
     c = comparisons.get("burst", {})
     if c.get("status") == "ok":
-        lines.append(
-            "- Bursts through bluesky's Publisher, documents lost (all repetitions): "
-            + ", ".join(
-                f"{k.replace('sidecar_', 'project proxy ').replace('bluesky_', 'bluesky-0MQ-proxy ')} {v:,}"
-                for k, v in c["lost"].items()
-            )
-            + "."
-        )
+        lines.append(burst.closing(c))
     c = comparisons.get("scale_out", {})
     if c.get("status") == "ok":
         lines.append(scale_out.closing(c))
