@@ -3,7 +3,8 @@
 Starts, on 127.0.0.1 with free ports and in a temporary directory: a Tiled
 server (SQLite catalog and SQLite tables), bluesky's own `bluesky-0MQ-proxy`,
 the sidecar daemon, and a RunEngine with `ophyd.sim` devices publishing
-through bluesky's standard `Publisher`. Then:
+through bluesky's standard `Publisher`, made with `publisher.deep_publisher`
+(a deeper send queue, so bursts are not dropped before the proxy). Then:
 
 1. runs a scan and reads it back from Tiled (as the bluesky tutorial does
    with in-process TiledWriter), while a live subscriber (bluesky-tiled-
@@ -66,6 +67,7 @@ def _demo(console: Console, workdir: Path) -> int:
             f"the demo needs the test extras ({err.name} is missing): pip install 'tiled-writer-sidecar[test]'"
         ) from None
 
+    from .publisher import send_queue
     from .testing import Acquisition, TiledServer, ZmqProxy
     from .testing.acquisition import expected_rows
     from .testing.sidecar import SidecarProcess
@@ -90,6 +92,11 @@ def _demo(console: Console, workdir: Path) -> int:
         console.print(f"Tiled server        {tiled.uri}  (SQLite catalog and tables in {tiled.directory})")
         console.print(f"Tiled streaming     cache {cache}")
         console.print(f"bluesky-0MQ-proxy   in {proxy.in_address}  out {proxy.out_address}")
+        if acq.publisher is not None:
+            console.print(
+                f"RunEngine           RE.subscribe(deep_publisher({proxy.in_address!r}))"
+                f"  send queue {send_queue(acq.publisher):,} messages"
+            )
         console.print(f"sidecar             spool {sidecar.spool_dir}  health {sidecar.health_url}")
         acq.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         sidecar.wait_uploader_connected()
