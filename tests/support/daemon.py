@@ -26,9 +26,10 @@ REJECTED = "tiled_writer_sidecar_messages_rejected_total"
 
 
 def make_sidecar(
-    tmp_path: Path, proxy: ZmqProxy, tiled: TiledContainer | TiledServer, **settings: dict[str, Any]
+    tmp_path: Path, proxy: ZmqProxy, tiled: TiledContainer | TiledServer, /, **settings: dict[str, Any]
 ) -> SidecarProcess:
-    """The real daemon (not started yet) on `proxy` and `tiled`, with extra TOML `settings` sections."""
+    """The real daemon (not started yet) on `proxy` and `tiled`, with extra TOML `settings` sections
+    (``tiled={...}`` too: the first three arguments are positional-only)."""
     return SidecarProcess(
         tmp_path / "sidecar",
         zmq_address=proxy.out_address,
