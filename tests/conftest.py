@@ -11,10 +11,16 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from tests.support.daemon import make_sidecar
 
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
+
+# Hypothesis tests check behaviour, not speed: on this shared 2-core machine under `-n 3` an example can take
+# longer than hypothesis's default 200 ms deadline, which would fail a correct test.
+settings.register_profile("shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("shared-machine")
 
 #: Fixture names whose values have a `log_tail()` worth showing on failure (a test module may define
 #: `postgres` or `deployment`: tests.support.postgres).
