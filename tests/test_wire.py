@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 from bluesky import plans as bp
-from bluesky.callbacks.zmq import Publisher
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from ophyd.sim import SynSignal, hw
 
+from tests.support.framing import CapturingPublisher, json_serializer, jsonable
 from tiled_writer_sidecar import wire
 from tiled_writer_sidecar.errors import DecodeError
 from tiled_writer_sidecar.spool.codec import pack_document
@@ -58,42 +58,12 @@ def same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-class CapturingPublisher(Publisher):  # type: ignore[misc]
-    """bluesky's own Publisher, its 0MQ send replaced by an append to `sent`."""
-
-    def __init__(self, serializer: Serializer = pickle.dumps, prefix: bytes = b"") -> None:
-        super().__init__("127.0.0.1:9", serializer=serializer, prefix=prefix)
-        self.sent: list[bytes] = []
-        self._socket.close()
-        self._socket = self  # Publisher.__call__ does self._socket.send(message)
-
-    def send(self, message: bytes) -> None:
-        self.sent.append(message)
-
-    def close(self) -> None:
-        self._context.destroy()
-
-
 def _array_signal() -> SynSignal:
     return SynSignal(func=lambda: np.arange(6, dtype=np.int32).reshape(2, 3), name="waveform")
 
 
 def _plain_msgpack(doc: Any) -> bytes:
-    return msgpack.packb(_jsonable(doc))  # type: ignore[no-any-return]
-
-
-def _json(doc: Any) -> bytes:
-    return json.dumps(_jsonable(doc)).encode()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+    return msgpack.packb(jsonable(doc))  # type: ignore[no-any-return]
 
 
 #: label -> (serializer, prefix) of the Publishers subscribed to the one real acquisition.
@@ -102,7 +72,7 @@ PUBLISHERS: dict[str, tuple[Serializer, bytes]] = {
     **{f"pickle{p}": ((lambda d, p=p: pickle.dumps(d, protocol=p)), b"") for p in range(6)},
     "msgpack_numpy": (msgpack_numpy.packb, b""),
     "msgpack": (_plain_msgpack, b""),
-    "json": (_json, b""),
+    "json": (json_serializer, b""),
     "pickle-BL1": (pickle.dumps, b"BL1"),
 }
 
