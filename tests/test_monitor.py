@@ -34,9 +34,9 @@ import bluesky.preprocessors as bpp
 import pytest
 from ophyd.sim import det, det1, motor, motor1
 from rich.console import Console
+
 from tests.support.daemon import make_sidecar, run_documents
 from tests.support.monitor_pane import MonitorPane
-
 from tiled_writer_sidecar.config import ZmqConfig
 from tiled_writer_sidecar.errors import ConfigError
 from tiled_writer_sidecar.metrics import MetricsServer

@@ -15,8 +15,8 @@ from typing import Any
 import event_model
 import numpy as np
 import pytest
-from tests.support.spool import plant_open_run
 
+from tests.support.spool import plant_open_run
 from tiled_writer_sidecar.config import Config, SpoolConfig, ZmqConfig
 from tiled_writer_sidecar.errors import RejectedMessage
 from tiled_writer_sidecar.receiver import Receiver

@@ -19,8 +19,8 @@ import event_model
 import pytest
 from bluesky_tiled_plugins.writing._json_writer import JSONLinesWriter, JSONWriter
 from rich.console import Console
-from tests.support.spool import plant_open_run
 
+from tests.support.spool import plant_open_run
 from tiled_writer_sidecar import replay as replay_module
 from tiled_writer_sidecar.cli import main
 from tiled_writer_sidecar.config import SpoolConfig

@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+
 from tests.test_outcomes import http_error, transport
 from tests.test_run_upload import FakeClient, FakeTiled, Spool, scan
-
 from tiled_writer_sidecar.config import Config, SpoolConfig
 from tiled_writer_sidecar.errors import UnsafeName
 from tiled_writer_sidecar.metrics import health_snapshot

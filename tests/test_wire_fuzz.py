@@ -37,6 +37,7 @@ from bluesky import plans as bp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ophyd.sim import hw
+
 from tests.support.framing import SERIALIZERS, CapturingPublisher, raw_frame
 from tests.support.hostile_pickles import (
     OBJECT_STATE,
@@ -48,7 +49,6 @@ from tests.support.hostile_pickles import (
     outside_field_dtype,
     void_scalar_without_data,
 )
-
 from tiled_writer_sidecar import wire
 from tiled_writer_sidecar.errors import DecodeError, RejectedMessage
 from tiled_writer_sidecar.testing import Acquisition

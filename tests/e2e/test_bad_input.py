@@ -37,9 +37,9 @@ import bluesky.plans as bp
 import event_model
 import pytest
 from ophyd.sim import det, motor
+
 from tests.support.daemon import assert_runs_uploaded, make_sidecar, rejected_counts, run_documents
 from tests.support.framing import frame, new_uid
-
 from tiled_writer_sidecar.spool.directory import quarantine_entry
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, is_probe, wait_until
 from tiled_writer_sidecar.testing._process import ManagedProcess

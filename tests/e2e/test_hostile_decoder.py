@@ -27,6 +27,7 @@ from pathlib import Path
 
 import bluesky.plans as bp
 from ophyd.sim import det, motor
+
 from tests.support.daemon import make_sidecar, rejected_counts
 from tests.support.framing import new_uid, raw_frame
 from tests.support.hostile_pickles import (
@@ -36,7 +37,6 @@ from tests.support.hostile_pickles import (
     outside_field_dtype,
     void_scalar_without_data,
 )
-
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream

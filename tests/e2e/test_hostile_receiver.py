@@ -30,10 +30,10 @@ import bluesky.plans as bp
 import numpy as np
 import pytest
 from ophyd.sim import det, motor
+
 from tests.support.daemon import assert_runs_uploaded, make_sidecar, rejected_counts
 from tests.support.framing import frame, new_uid
 from tests.support.spool import plant_open_run
-
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 

@@ -24,9 +24,9 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import pytest
 from ophyd.sim import det, det1
+
 from tests.support.daemon import run_documents
 from tests.support.monitor_pane import MonitorPane
-
 from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, free_port, wait_until
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command
 

@@ -34,10 +34,10 @@ from typing import Any
 import bluesky.plans as bp
 import pytest
 from ophyd.sim import det, motor
+
 from tests.support.daemon import assert_rows_in_tiled, make_sidecar
 from tests.support.framing import frame, new_uid
 from tests.support.spool import plant_closed_run
-
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command

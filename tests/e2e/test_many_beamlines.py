@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.postgres import PostgresTiledDeployment, postgres_unavailable
 
+from tests.support.postgres import PostgresTiledDeployment, postgres_unavailable
 from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing._process import ManagedProcess
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess

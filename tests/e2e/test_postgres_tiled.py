@@ -26,9 +26,9 @@ import bluesky.preprocessors as bpp
 import pytest
 from bluesky_tiled_plugins import TiledWriter
 from ophyd.sim import det, motor
+
 from tests.support.daemon import assert_rows_in_tiled, make_sidecar, run_documents
 from tests.support.postgres import PostgresServer, PostgresTiledServer, postgres_unavailable
-
 from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing.acquisition import expected_rows, run_uids
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
