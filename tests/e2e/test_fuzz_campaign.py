@@ -20,24 +20,19 @@ daemon's pid never changed, it is healthy, and its receiver's peak RSS
 
 from __future__ import annotations
 
-import functools
-import json
-import pickle
 import pickletools
 import random
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import bluesky.plans as bp
-import msgpack_numpy
-import numpy as np
 from ophyd.sim import det, hw, motor
 
+from tests.support.daemon import make_sidecar
+from tests.support.framing import SERIALIZERS, raw_frame
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing.acquisition import expected_rows
-from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 
 FRAMES = 100_000
@@ -82,25 +77,6 @@ HUGE_HEADERS = [
     b"\x80\x05\x96\xff\xff\xff\xff\xff\xff\xff\x7f",
     b'{"a": ' + b"[" * 5000,
 ]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-SERIALIZERS: dict[str, Callable[[Any], bytes]] = {
-    "pickle": pickle.dumps,
-    "pickle2": functools.partial(pickle.dumps, protocol=2),
-    "pickle5": functools.partial(pickle.dumps, protocol=5),
-    "msgpack_numpy": msgpack_numpy.packb,
-    "json": lambda doc: json.dumps(_plain(doc)).encode(),
-}
 
 
 class Campaign:
@@ -154,7 +130,7 @@ class Campaign:
             )
         else:  # random bytes in place of the whole frame
             return rnd.randbytes(rnd.randint(0, 64))
-        return b" ".join([b"", name.encode(), bytes(data)])
+        return raw_frame(name, bytes(data))
 
 
 def peak_rss(pid: int) -> int:
@@ -169,13 +145,7 @@ def test_a_hundred_thousand_mutated_frames_leave_the_daemon_running_and_the_next
 ) -> None:
     """>= 100,000 mutated frames through the real proxy: every one reaches the daemon (counted), the
     daemon keeps its pid and health, its peak RSS stays < 1 GiB, and the scan after is in Tiled."""
-    with SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled_container.uri,
-        api_key=tiled_container.api_key,
-        settings={"spool": {"quarantine_max_bytes": 4 * 2**20}},
-    ) as sidecar:
+    with make_sidecar(tmp_path, proxy, tiled_container, spool={"quarantine_max_bytes": 4 * 2**20}) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         pid = sidecar.process.pid
         assert pid is not None
