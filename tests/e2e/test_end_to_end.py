@@ -15,17 +15,10 @@ import bluesky.plans as bp
 import bluesky.preprocessors as bpp
 from ophyd.sim import det, det1, det2, motor, motor1
 
+from tests.support.daemon import assert_rows_in_tiled, assert_runs_uploaded, make_sidecar
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy
-from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
-from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
-
-
-def _check_rows(tiled: TiledContainer, acq: Acquisition, uid: str, stream: str = "primary") -> int:
-    expected = expected_rows(acq.documents, stream, run_uid=uid)
-    got = frame_rows(read_stream(tiled.client(), uid, stream))
-    assert got == expected
-    return len(got)
+from tiled_writer_sidecar.testing.tiled_readback import read_stream
 
 
 def test_count_and_scan_arrive_row_for_row(
@@ -34,28 +27,12 @@ def test_count_and_scan_arrive_row_for_row(
     """bp.count(50) and bp.scan(20): every event is a row in Tiled with the emitted values."""
     (count_uid,) = acquisition.run(bp.count([det], 50))
     (scan_uid,) = acquisition.run(bp.scan([det], motor, -1, 1, 20))
-    status = sidecar.wait_drained([count_uid, scan_uid])
-    assert _check_rows(tiled_container, acquisition, count_uid) == 50
-    assert _check_rows(tiled_container, acquisition, scan_uid) == 20
-    runs = {r["uid"]: r for r in status["runs"]}
-    for uid in (count_uid, scan_uid):
-        sent = sum(1 for name, doc in acquisition.documents if _belongs(name, doc, uid, acquisition))
-        assert runs[uid]["state"] == "uploaded"
-        assert runs[uid]["documents"] == sent
-        assert runs[uid]["uploaded_documents"] == sent
-        assert runs[uid]["gaps"] == {}
+    assert_runs_uploaded(sidecar, tiled_container, acquisition, [count_uid, scan_uid])
+    assert assert_rows_in_tiled(tiled_container, acquisition, count_uid) == 50
+    assert assert_rows_in_tiled(tiled_container, acquisition, scan_uid) == 20
     client = tiled_container.client()
     assert client[scan_uid].metadata["stop"]["exit_status"] == "success"
     assert client.values().last().metadata["start"]["uid"] == scan_uid
-
-
-def _belongs(name: str, doc: dict, uid: str, acq: Acquisition) -> bool:  # type: ignore[type-arg]
-    if name in ("start",):
-        return bool(doc["uid"] == uid)
-    if name in ("descriptor", "stop"):
-        return bool(doc["run_start"] == uid)
-    descriptors = {d["uid"] for n, d in acq.documents if n == "descriptor" and d["run_start"] == uid}
-    return name in ("event", "event_page") and doc["descriptor"] in descriptors
 
 
 def test_several_streams_and_runs(
@@ -66,22 +43,16 @@ def test_several_streams_and_runs(
     (uid1,) = acquisition.run(plan)
     (uid2,) = acquisition.run(bp.count([det, det1], 5))
     sidecar.wait_drained([uid1, uid2])
-    assert _check_rows(tiled_container, acquisition, uid1, "primary") == 7
-    assert _check_rows(tiled_container, acquisition, uid1, "baseline") == 2
-    assert _check_rows(tiled_container, acquisition, uid2, "primary") == 5
+    assert assert_rows_in_tiled(tiled_container, acquisition, uid1, "primary") == 7
+    assert assert_rows_in_tiled(tiled_container, acquisition, uid1, "baseline") == 2
+    assert assert_rows_in_tiled(tiled_container, acquisition, uid2, "primary") == 5
 
 
 def test_slow_scan_is_visible_within_a_batch_period(
     tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """batch_seconds flushes rows of a live 5 Hz scan before the run ends (not only at stop)."""
-    with SidecarProcess(
-        tmp_path / "sidecar",
-        zmq_address=proxy.out_address,
-        tiled_uri=tiled_container.uri,
-        api_key=tiled_container.api_key,
-        settings={"tiled": {"batch_seconds": 0.5}},
-    ) as sidecar:
+    with make_sidecar(tmp_path, proxy, tiled_container, tiled={"batch_seconds": 0.5}) as sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
         sidecar.wait_uploader_connected()
         seen_live: list[int] = []
@@ -106,4 +77,4 @@ def test_slow_scan_is_visible_within_a_batch_period(
         (uid,) = acquisition.run(bp.count([det], 20, delay=0.2))
         assert max(seen_live) >= 5, f"rows visible while the run was live: {seen_live}"
         sidecar.wait_drained([uid])
-        assert _check_rows(tiled_container, acquisition, uid) == 20
+        assert assert_rows_in_tiled(tiled_container, acquisition, uid) == 20
