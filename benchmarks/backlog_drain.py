@@ -235,7 +235,7 @@ def _profiles(bench: Bench, tiled: Any, root_client: Any, source: Path) -> dict[
         "copy.deepcopy": "copy.py:deepcopy",
         "HTTP requests (httpx Client.send)": "httpx/_client.py:send",
         "documents through normalizer and writer (DocumentRouter)": "event_model/__init__.py:__call__",
-        "uploader verification (_verify)": "tiled_writer_sidecar/uploader.py:_verify",
+        "uploader verification (_verify)": "tiled_writer_sidecar/run_upload.py:_verify",
         "reading the spool (LogReader.read)": "tiled_writer_sidecar/spool/segment.py:read",
         "writing a batch (_RunWriter._write_internal_data)": "bluesky_tiled_plugins/writing/tiled_writer.py:_write_internal_data",
     }
