@@ -12,6 +12,7 @@ import errno
 import httpx
 import pytest
 
+from tests.support.fake_tiled import http_error, transport
 from tiled_writer_sidecar.errors import BadRunDocument, TiledUnavailableError, UnsafeName
 from tiled_writer_sidecar.outcomes import (
     OUTCOMES,
@@ -22,18 +23,6 @@ from tiled_writer_sidecar.outcomes import (
     classify,
 )
 from tiled_writer_sidecar.tiled_run import AppendAmbiguous
-
-URL = "http://127.0.0.1:8000/api/v1/table/partition/run/primary/internal"
-
-
-def http_error(code: int, method: str = "PATCH", url: str = URL) -> httpx.HTTPStatusError:
-    request = httpx.Request(method, url)
-    return httpx.HTTPStatusError(f"{code}", request=request, response=httpx.Response(code, request=request))
-
-
-def transport(cls: type[httpx.TransportError]) -> httpx.TransportError:
-    return cls("boom", request=httpx.Request("GET", URL))
-
 
 CASES: list[tuple[BaseException, Outcome]] = [
     (Stopping(), Outcome.STOP),

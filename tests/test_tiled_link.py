@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_outcomes import http_error, transport
+from tests.support.fake_tiled import http_error, transport
 from tiled_writer_sidecar import tiled_link
 from tiled_writer_sidecar.backoff import Backoff
 from tiled_writer_sidecar.config import Config, TiledConfig

@@ -1,7 +1,7 @@
 """The scheduler in milliseconds: the quarantine rule, candidates, slots, parking, uploader.json.
 
 A real spool in tmp_path, written by the real `RunSpooler`; Tiled is the fake
-of tests/test_run_upload.py, and "is Tiled answering other requests"
+of tests/support/fake_tiled.py, and "is Tiled answering other requests"
 (`TiledLink.reachable`) is set by each test.
 """
 
@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_outcomes import http_error, transport
-from tests.test_run_upload import FakeClient, FakeTiled, Spool, scan
+from tests.support.fake_tiled import FakeClient, FakeTiled, Spool, http_error, scan, transport
 from tiled_writer_sidecar.config import Config, SpoolConfig
 from tiled_writer_sidecar.errors import UnsafeName
 from tiled_writer_sidecar.metrics import health_snapshot
