@@ -8,9 +8,7 @@ of tests/support/fake_tiled.py, and "is Tiled answering other requests"
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +16,6 @@ import pytest
 from tests.support.fake_tiled import FakeClient, FakeTiled, Spool, http_error, scan, transport
 from tiled_writer_sidecar.config import Config, SpoolConfig
 from tiled_writer_sidecar.errors import UnsafeName
-from tiled_writer_sidecar.metrics import health_snapshot
 from tiled_writer_sidecar.outcomes import REJECTIONS_TO_QUARANTINE
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import (
@@ -28,9 +25,7 @@ from tiled_writer_sidecar.spool.index import (
     Uploaded,
     UploaderStatus,
     UploadState,
-    read_json,
 )
-from tiled_writer_sidecar.stats import ReceiverStats
 from tiled_writer_sidecar.uploader import MAX_ACTIVE_RUNS, Uploader
 
 # ----------------------------------------------------------------- the quarantine rule
@@ -290,43 +285,3 @@ def test_a_hostile_uploader_json_loads_as_plain_values(tmp_path: Path) -> None:
     assert loaded.lag_seconds == [0.5, 2.5] and loaded.lag_histogram == {} and loaded.updated == 0.0
     (root / UPLOADER).write_text("not json")
     assert UploaderStatus.load(root) is None
-
-
-def _healthz_as_before(raw: dict[str, Any], now: float) -> dict[str, Any]:
-    """/healthz's Tiled and upload sections as they were read from the raw JSON before the typed contract."""
-    return {
-        "tiled": {
-            "state": raw.get("tiled", "unknown"),
-            "since": raw.get("since"),
-            "last_error": raw.get("last_error"),
-        },
-        "upload": {
-            "documents": raw.get("documents", 0),
-            "rows": raw.get("rows", 0),
-            "runs_uploaded": raw.get("runs_uploaded", 0),
-            "runs_quarantined": raw.get("runs_quarantined", 0),
-            "retries": raw.get("retries", 0),
-            "last_lag_seconds": raw.get("last_lag_seconds"),
-            "status_age_seconds": now - raw["updated"] if "updated" in raw else None,
-        },
-    }
-
-
-@pytest.mark.parametrize("written", [True, False], ids=["uploader.json", "no-uploader.json"])
-def test_healthz_shows_uploader_json_as_it_did_before(tmp_path: Path, written: bool) -> None:
-    """Reading uploader.json through UploaderStatus.load leaves /healthz's dict unchanged."""
-    spool = SpoolDir(tmp_path / "spool")
-    if written:
-        status = UploaderStatus(
-            tiled="down", last_error="ConnectError: boom", documents=12, rows=9, retries=3
-        )
-        status.last_lag_seconds = 0.25
-        status.save(spool.root)
-    raw = read_json(spool.root / UPLOADER) or {}
-    snapshot = health_snapshot(ReceiverStats(), spool, time.time())
-    expected = _healthz_as_before(raw, time.time())
-    for section in ("tiled", "upload"):
-        got, want = dict(snapshot[section]), dict(expected[section])
-        if want.get("status_age_seconds") is not None:
-            assert got.pop("status_age_seconds") == pytest.approx(want.pop("status_age_seconds"), abs=1.0)
-        assert got == want

@@ -28,12 +28,12 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any
 
 from .backoff import Backoff
 from .config import Config
 from .errors import ConfigError
-from .metrics import MetricsServer, health_snapshot
+from .health import health_snapshot
+from .metrics import MetricsServer
 from .receiver import Receiver
 from .sdnotify import Notifier
 from .spool.directory import SpoolDir
@@ -204,8 +204,8 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
             if now - last_status >= STATUS_INTERVAL_S:
                 last_status = now
                 snapshot = health_snapshot(stats, spool, time.time())
-                supervisor.kill_if_stale(snapshot["upload"]["status_age_seconds"])
-                notifier.status(_status_line(snapshot))
+                supervisor.kill_if_stale(snapshot.upload.status_age_seconds)
+                notifier.status(snapshot.status_line())
     finally:
         notifier.stopping()
         notifier.close()
@@ -217,11 +217,3 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
         spool.unlock()
         log.info("stopped")
     return 0
-
-
-def _status_line(snapshot: dict[str, Any]) -> str:
-    spool, receiver = snapshot["spool"], snapshot["receiver"]
-    return (
-        f"received {receiver['documents']} docs; backlog {spool['backlog_documents']} docs in "
-        f"{spool['backlog_runs']} run(s); tiled {snapshot['tiled']['state']}"
-    )

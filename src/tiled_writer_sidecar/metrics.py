@@ -3,10 +3,9 @@
 Served from a thread of the receiver process. Nothing is computed on the
 receive path: a custom collector reads the receiver's plain counters
 (`stats.ReceiverStats`), the uploader's ``uploader.json`` and the spool's
-per-run files when scraped. ``/healthz`` answers 200 while the sidecar can
-receive and spool and 503 with the reason when it cannot (receiver loop
-stalled, spool not writable or full). Tiled being down is reported in the
-body but is not unhealthy: the sidecar is built for that.
+per-run files when scraped. ``/healthz`` serves `health.health_snapshot`:
+200 while the sidecar can receive and spool, 503 with the reasons when it
+cannot.
 
 The lag histogram (``event_to_tiled_seconds``) is cumulative, as Prometheus
 needs for ``rate()`` and ``histogram_quantile``: `LagHistogram` adds only what
@@ -32,12 +31,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .health import NO_UPLOADER_YET, health_snapshot
 from .spool.directory import SpoolDir
 from .spool.index import UploaderStatus
 from .stats import ReceiverStats
 
-LOOP_STALL_SECONDS = 10.0
-_NO_UPLOADER = UploaderStatus(tiled="unknown")  # no uploader.json yet: zero counts
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -140,63 +138,6 @@ def _histogram_status(value: Any) -> tuple[list[int], float] | None:
     return buckets, float(total)
 
 
-def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> dict[str, Any]:
-    """The sidecar's state as one JSON-able dict (the body of /healthz)."""
-    now = time.time()
-    runs = spool.runs()
-    pending = [r for r in runs if not r.uploaded.state.finished]
-    backlog_documents = sum(max(0, r.received.documents - r.uploaded.documents) for r in pending)
-    backlog_bytes = sum(r.received.bytes for r in pending)
-    oldest = min((r.received.first_received for r in pending), default=None)
-    uploader = UploaderStatus.load(spool.root)
-    reasons = []
-    if now - loop_beat > LOOP_STALL_SECONDS:
-        reasons.append(f"receiver loop stalled for {now - loop_beat:.0f} s")
-    if not stats.spool_writable:
-        reasons.append("spool is not writable or full; documents are being dropped")
-    if stats.subscription_problem:
-        reasons.append(stats.subscription_problem)
-    known = uploader or _NO_UPLOADER
-    return {
-        "status": "unhealthy" if reasons else "ok",
-        "reasons": reasons,
-        "receiver": {
-            "connected": stats.connected,
-            "messages": stats.messages,
-            "documents": sum(stats.documents.values()),
-            "rejected": dict(stats.rejected),
-            "gaps": stats.gaps,
-            "dropped": stats.dropped,
-            "last_message_age_seconds": now - stats.last_message if stats.last_message else None,
-        },
-        "spool": {
-            "directory": str(spool.root),
-            "bytes": stats.spool_bytes,
-            "runs": len(runs),
-            "backlog_runs": len(pending),
-            "backlog_documents": backlog_documents,
-            "backlog_bytes": backlog_bytes,
-            "oldest_unuploaded_age_seconds": now - oldest if oldest else None,
-            "writable": stats.spool_writable,
-        },
-        "tiled": {
-            "state": known.tiled,
-            "since": uploader.since if uploader else None,
-            "last_error": uploader.last_error if uploader else None,
-        },
-        "upload": {
-            "documents": known.documents,
-            "rows": known.rows,
-            "runs_uploaded": known.runs_uploaded,
-            "runs_quarantined": known.runs_quarantined,
-            "retries": known.retries,
-            "last_lag_seconds": known.last_lag_seconds,
-            "status_age_seconds": now - uploader.updated if uploader else None,
-        },
-        "runs": [r.as_dict() for r in runs[-20:]],
-    }
-
-
 class SidecarCollector(Collector):
     def __init__(self, stats: ReceiverStats, spool: SpoolDir) -> None:
         self.stats = stats
@@ -228,21 +169,18 @@ class SidecarCollector(Collector):
         yield GaugeMetricFamily(
             f"{p}_spool_writable", "1 if the spool accepts writes", value=int(s.spool_writable)
         )
-        health = health_snapshot(s, self.spool, time.time())
-        spool = health["spool"]
+        spool = health_snapshot(s, self.spool, time.time()).spool
         yield GaugeMetricFamily(
-            f"{p}_backlog_documents", "Documents not yet in Tiled", value=spool["backlog_documents"]
+            f"{p}_backlog_documents", "Documents not yet in Tiled", value=spool.backlog_documents
         )
-        yield GaugeMetricFamily(
-            f"{p}_backlog_runs", "Runs not yet fully in Tiled", value=spool["backlog_runs"]
-        )
+        yield GaugeMetricFamily(f"{p}_backlog_runs", "Runs not yet fully in Tiled", value=spool.backlog_runs)
         yield GaugeMetricFamily(
             f"{p}_oldest_unuploaded_age_seconds",
             "Age of the oldest run not yet fully in Tiled",
-            value=spool["oldest_unuploaded_age_seconds"] or 0.0,
+            value=spool.oldest_unuploaded_age_seconds or 0.0,
         )
         loaded = UploaderStatus.load(self.spool.root)
-        uploader = loaded or _NO_UPLOADER
+        uploader = loaded or NO_UPLOADER_YET
         yield GaugeMetricFamily(
             f"{p}_tiled_up", "1 if the uploader reaches Tiled", value=int(uploader.tiled == "up")
         )
@@ -282,8 +220,8 @@ class MetricsServer:
                     body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
                 elif self.path.startswith("/healthz"):
                     snapshot = health_snapshot(stats, spool, server.loop_beat)
-                    body = json.dumps(snapshot).encode()
-                    ctype, code = "application/json", 200 if snapshot["status"] == "ok" else 503
+                    body = json.dumps(snapshot.as_dict()).encode()
+                    ctype, code = "application/json", 200 if snapshot.healthy else 503
                 else:
                     body, ctype, code = b"not found: try /metrics or /healthz\n", "text/plain", 404
                 self.send_response(code)

@@ -1,0 +1,76 @@
+"""The health snapshot in milliseconds: what makes the sidecar unhealthy, the backlog, uploader.json.
+
+A real spool in tmp_path written by the real `RunSpooler` (tests/support/fake_tiled's
+`Spool`); the receiver's counters are a plain `ReceiverStats`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tests.support.fake_tiled import Spool, scan
+from tiled_writer_sidecar.health import LOOP_STALL_SECONDS, health_snapshot
+from tiled_writer_sidecar.spool.directory import SpoolDir
+from tiled_writer_sidecar.spool.index import UploaderStatus
+from tiled_writer_sidecar.stats import ReceiverStats
+
+
+def test_an_empty_spool_without_an_uploader_yet_is_healthy_with_zero_counts(tmp_path: Path) -> None:
+    """No uploader.json yet: Tiled's state is "unknown", upload counts are 0 and no status age is made up."""
+    health = health_snapshot(ReceiverStats(), SpoolDir(tmp_path / "spool"), time.time())
+    assert health.healthy and health.reasons == []
+    assert health.tiled.state == "unknown" and health.tiled.since is None
+    assert health.upload.documents == 0 and health.upload.status_age_seconds is None
+    assert health.spool.backlog_runs == 0 and health.spool.oldest_unuploaded_age_seconds is None
+
+
+def test_tiled_down_is_reported_but_is_not_unhealthy(tmp_path: Path) -> None:
+    """The sidecar is built for a Tiled outage: uploader.json's state and error show, the status stays ok."""
+    spool = SpoolDir(tmp_path / "spool")
+    UploaderStatus(tiled="down", last_error="ConnectError: refused", documents=12, rows=9, retries=3).save(
+        spool.root
+    )
+    health = health_snapshot(ReceiverStats(), spool, time.time())
+    assert health.healthy
+    assert (health.tiled.state, health.tiled.last_error) == ("down", "ConnectError: refused")
+    assert (health.upload.documents, health.upload.rows, health.upload.retries) == (12, 9, 3)
+    assert health.upload.status_age_seconds is not None and 0 <= health.upload.status_age_seconds < 60
+
+
+def test_a_stalled_loop_an_unwritable_spool_and_a_broken_subscription_are_unhealthy(tmp_path: Path) -> None:
+    """Each of the three conditions under which documents could be lost is a reason, and only those."""
+    stats = ReceiverStats()
+    stats.spool_writable = False
+    stats.subscription_problem = "subscription lost: message too large"
+    stalled = time.time() - LOOP_STALL_SECONDS - 5
+    health = health_snapshot(stats, SpoolDir(tmp_path / "spool"), stalled)
+    assert not health.healthy and health.status == "unhealthy"
+    assert len(health.reasons) == 3
+    assert health.reasons[0].startswith("receiver loop stalled")
+    assert "not writable" in health.reasons[1] and health.reasons[2] == stats.subscription_problem
+
+
+def test_backlog_counts_runs_not_yet_uploaded(tmp_path: Path) -> None:
+    """Two spooled runs (one open, one closed), nothing uploaded: both are backlog, with every document."""
+    spool = Spool(tmp_path / "spool")
+    spool.closed_run(events=3, first_received=time.time() - 30)
+    _, docs, _ = scan(events=2)
+    spool.open(docs)
+    health = health_snapshot(ReceiverStats(), spool.dir, time.time())
+    assert health.spool.runs == 2 and health.spool.backlog_runs == 2
+    assert health.spool.backlog_documents == (2 + 3 + 1) + (2 + 2)  # start, descriptor, events (, stop)
+    assert health.spool.oldest_unuploaded_age_seconds is not None
+    assert health.spool.oldest_unuploaded_age_seconds >= 29
+
+
+def test_the_healthz_body_is_json_with_the_sections_the_monitor_reads(tmp_path: Path) -> None:
+    """`as_dict` round-trips through JSON with status, reasons, receiver, spool, tiled, upload and runs."""
+    spool = Spool(tmp_path / "spool")
+    spool.closed_run()
+    health = health_snapshot(ReceiverStats(), spool.dir, time.time())
+    body = json.loads(json.dumps(health.as_dict()))
+    assert set(body) == {"status", "reasons", "receiver", "spool", "tiled", "upload", "runs"}
+    assert body["spool"]["backlog_runs"] == 1 and len(body["runs"]) == 1
+    assert health.status_line() == "received 0 docs; backlog 6 docs in 1 run(s); tiled unknown"
