@@ -633,3 +633,14 @@ class RunTemplate:
         sizes += self.event_sizes[:n]
         sizes.append(HEADER_SIZE + len(pack_document("stop", stop)))
         return str(start["uid"]), messages, sizes
+
+
+def rounded(value: Any) -> Any:
+    """Floats to 5 significant digits (the measurements are not more precise), recursively."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v) for v in value]
+    return value

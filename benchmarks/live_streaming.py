@@ -30,10 +30,11 @@ so 10,000 events at 10 Hz need no 1,000 s baseline scan.
 Under ``make bench`` it is the ``live_streaming`` comparison. Standalone,
 ``python -m benchmarks.live_streaming [--cases N@rate,...] [--writers ...]``
 writes ``live_streaming.json`` next to this file (or ``--out``), rewritten
-after each case, and ``--merge FILE... --into results.json`` puts such
-files' rows into ``results.json`` (later files replace the same case and
-writer; sidecar rows only at the current default ``batch_seconds``) and
-regenerates RESULTS.md, as ``benchmarks.run --only`` does.
+after each case; ``python -m benchmarks.merge FILE...`` puts such files'
+rows into ``results.json`` (`merged_comparison`: later files replace the
+same case and writer; sidecar rows only at the current default
+``batch_seconds``) and regenerates RESULTS.md, as ``benchmarks.run --only``
+does.
 ``live_streaming_batch_seconds.json`` holds the sidecar's ``batch_seconds``
 sweep (0.5 vs 0.25) that chose the default 0.5.
 """
@@ -51,6 +52,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from .common import rounded
 
 NAME = "live_streaming"
 TITLE = "Live streaming (event time to a Tiled subscriber's callback)"
@@ -345,7 +348,10 @@ def section(c: dict[str, Any]) -> list[str]:
     ]
     sources = c.get("sources")
     if sources:
-        lines += ["", "Rows come from standalone runs of `python -m benchmarks.live_streaming`, merged:"]
+        lines += [
+            "",
+            "Rows come from standalone runs of `python -m benchmarks.live_streaming`, merged by `python -m benchmarks.merge`:",
+        ]
         lines += [f"- {s}" for s in sources]
     lines += ["", *_sweep_lines()]
     return lines
@@ -426,16 +432,13 @@ def _load_note(run_: dict[str, Any], default: float) -> str:
     return note + f"load at the end {', '.join(f'{x:.1f}' for x in load) if load else '?'}"
 
 
-def merge(files: Iterable[Path], results_path: Path) -> dict[str, Any]:
-    """Put standalone runs' rows into ``results_path`` and regenerate RESULTS.md next to it.
+def merged_comparison(files: Iterable[Path]) -> dict[str, Any]:
+    """This comparison's entry of results.json, made from standalone runs' files.
 
     Later files replace a case and writer of earlier ones; sidecar rows are
     taken only from runs at the current default ``batch_seconds``.
     """
     from tiled_writer_sidecar.config import TiledConfig
-
-    from . import report
-    from . import run as bench_run
 
     default = TiledConfig().batch_seconds
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -459,8 +462,7 @@ def merge(files: Iterable[Path], results_path: Path) -> dict[str, Any]:
             if taken:
                 sources.append(f"`{Path(path).name}` ({_load_note(run_, default)}): " + ", ".join(taken))
     ordered = sorted(rows.values(), key=lambda r: (r["events"], r["rate_hz"], WRITERS.index(r["writer"])))
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"comparisons": {}}
-    results.setdefault("comparisons", {})[NAME] = bench_run._rounded(
+    return rounded(
         {
             "title": TITLE,
             "target": TARGET,
@@ -474,12 +476,6 @@ def merge(files: Iterable[Path], results_path: Path) -> dict[str, Any]:
             "headline": headline_figures(ordered, default),
         }
     )
-    # Key order and the other comparisons' figures as they are: the diff shows only this comparison.
-    tmp = results_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    tmp.replace(results_path)
-    report.write(results, results_path.with_name("RESULTS.md"), [m.NAME for m in bench_run.COMPARISONS])
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,14 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         default=200,
         help="events in the no-writer baseline scan at each rate (its cost is per event)",
     )
-    parser.add_argument("--merge", type=Path, nargs="+", help="standalone result files to merge (no run)")
-    parser.add_argument("--into", type=Path, default=HERE / "results.json", help="results.json for --merge")
     args = parser.parse_args(argv)
-
-    if args.merge:
-        merge(args.merge, args.into)
-        print(f"merged {len(args.merge)} file(s) into {args.into} and regenerated RESULTS.md")
-        return 0
 
     from tiled_writer_sidecar.config import TiledConfig
 

@@ -37,7 +37,7 @@ from . import (
     runengine_cost,
     scale_out,
 )
-from .common import Bench, loadavg, machine
+from .common import Bench, loadavg, machine, rounded
 
 COMPARISONS: list[ModuleType] = [
     runengine_cost,
@@ -149,20 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _rounded(value: Any) -> Any:
-    """Floats to 5 significant digits (the measurements are not more precise), recursively."""
-    if isinstance(value, float):
-        return float(f"{value:.5g}")
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_rounded(v) for v in value]
-    return value
-
-
 def _write(path: Path, results: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_rounded(results), indent=1, sort_keys=True, default=str) + "\n")
+    tmp.write_text(json.dumps(rounded(results), indent=1, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
 
 
