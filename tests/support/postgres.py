@@ -59,8 +59,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from tiled_writer_sidecar.testing._process import ManagedProcess, Service
-from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
+from tiled_writer_sidecar.testing._process import LocalServer, Service
+from tiled_writer_sidecar.testing.ports import LOCALHOST, wait_until
 from tiled_writer_sidecar.testing.tiled_server import DEFAULT_STARTUP_TIMEOUT as DEFAULT_TILED_STARTUP_TIMEOUT
 from tiled_writer_sidecar.testing.tiled_server import TiledServer, tiled_command
 
@@ -130,13 +130,16 @@ def postgres_unavailable() -> str | None:
     return None
 
 
-class PostgresServer(Service):
+class PostgresServer(LocalServer):
     """A PostgreSQL cluster of its own on a free 127.0.0.1 port.
 
     `uri` is ``postgresql://USER:PASSWORD@127.0.0.1:PORT/DB`` for the first
     of `databases`; `database_uri(name)` for any of them. The role `user`
     owns every database and is not a superuser.
     """
+
+    name = "postgres"
+    port_taken = "could not bind"
 
     def __init__(
         self,
@@ -153,20 +156,14 @@ class PostgresServer(Service):
                 raise ValueError(f"not a plain lower-case SQL identifier: {name!r}")
         if not databases:
             raise ValueError("at least one database is needed")
+        super().__init__(port=port, startup_timeout=startup_timeout)
         self._directory = Path(directory).resolve()
-        self._port_fixed = port is not None
-        self._port = port if port is not None else free_port()
         self.user = user
         self.databases = tuple(databases)
         self.password = secrets.token_hex(16)
         self._superuser_password = secrets.token_hex(16)
         self.fsync = fsync
-        self.startup_timeout = startup_timeout
-        #: Seconds from spawn to accepting connections, one per start.
-        self.startup_times: list[float] = []
         self._root: Path | None = None
-        self._process: ManagedProcess | None = None
-        self._spawned_at = 0.0
         self._initialized = False
         self._created = False
 
@@ -176,10 +173,6 @@ class PostgresServer(Service):
     def directory(self) -> Path:
         """Where the log is (the cluster itself is in `root`)."""
         return self._directory
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def root(self) -> Path:
@@ -211,14 +204,6 @@ class PostgresServer(Service):
             raise KeyError(f"{database!r} is not one of {self.databases}")
         return f"postgresql://{self.user}:{self.password}@{LOCALHOST}:{self._port}/{database}"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
     def command(self) -> list[str]:
         """The exact argv of the postmaster."""
         bindir = self._bindir()
@@ -243,21 +228,11 @@ class PostgresServer(Service):
     def start(self, *, timeout: float | None = None) -> Self:
         """initdb (first time), spawn, wait for connections, create role and databases (first time).
 
-        A port from `free_port` can be taken before the postmaster binds it;
-        on the very first start another port is then tried.
+        On the very first start a port taken before the postmaster bound it is
+        replaced by another free one (`LocalServer`).
         """
         self._initdb()
-        attempts = 1 if (self._port_fixed or self.startup_times) else 3
-        for attempt in range(attempts):
-            self._spawn()
-            try:
-                self.wait_ready(timeout)
-                break
-            except RuntimeError:
-                if attempt + 1 < attempts and "could not bind" in self.log_tail(20).lower():
-                    self._port = free_port()
-                    continue
-                raise
+        self._start_process(timeout=timeout)
         if not self._created:
             self._create_databases()
             self._created = True
@@ -322,51 +297,14 @@ class PostgresServer(Service):
             )
         self._initialized = True
 
-    def _spawn(self) -> None:
-        if self.running:
-            raise RuntimeError(f"{self!r} is already running")
-        self._process = ManagedProcess(self.command(), log_path=self.log_path, cwd=self.root)
-        self._process.spawn()
-        self._spawned_at = time.monotonic()
+    def _spawn(self, cwd: Path | None = None) -> None:
+        super()._spawn(cwd or self.root)
 
-    def wait_ready(self, timeout: float | None = None) -> float:
-        """Poll ``pg_isready`` until the server accepts connections; return seconds since spawn.
-
-        Raises:
-            RuntimeError: the postmaster exited (its log tail is in the message).
-            TimeoutError: not ready before the deadline.
-        """
-        process = self._require_process()
-        argv = [
-            str(self._bindir() / "pg_isready"),
-            "--host",
-            LOCALHOST,
-            "--port",
-            str(self._port),
-            "--dbname",
-            "postgres",
-            "--timeout",
-            "2",
-        ]
-
-        def ready() -> bool:
-            if not process.running:
-                raise RuntimeError(
-                    f"postgres exited with {process.returncode} during start-up;"
-                    f" log {self.log_path}:\n{self.log_tail()}"
-                )
-            result = subprocess.run(argv, capture_output=True, timeout=10, check=False)
-            return result.returncode == 0
-
-        wait_until(
-            ready,
-            timeout if timeout is not None else self.startup_timeout,
-            interval=0.1,
-            what=f"postgres on {LOCALHOST}:{self._port} (log {self.log_path})",
-        )
-        elapsed = time.monotonic() - self._spawned_at
-        self.startup_times.append(elapsed)
-        return elapsed
+    def _answers(self) -> bool:
+        """``pg_isready`` says the server accepts connections."""
+        argv = [str(self._bindir() / "pg_isready"), "--host", LOCALHOST, "--port", str(self._port)]
+        argv += ["--dbname", "postgres", "--timeout", "2"]
+        return subprocess.run(argv, capture_output=True, timeout=10, check=False).returncode == 0
 
     def psql(self, sql: str, *, database: str = "postgres", superuser: bool = True) -> str:
         """Run `sql` with ``psql`` over TCP; return its unaligned, tuples-only output.
@@ -440,19 +378,6 @@ class PostgresServer(Service):
             self._root = None
             self._initialized = False
             self._created = False
-
-    def log_tail(self, lines: int = 60) -> str:
-        """The end of ``postgres.log`` (initdb and every start), for failure reports."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def _require_process(self) -> ManagedProcess:
-        if self._process is None:
-            raise RuntimeError("postgres was never started")
-        return self._process
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -7,7 +7,9 @@ terminal does not reach it behind our back. Its stdout and stderr go to a
 log file that is appended to across restarts (each start writes a header
 line), so a failing test can show it. Each live process is registered, and
 an `atexit` hook SIGKILLs whatever a crashed test or an interrupted demo
-left behind.
+left behind. A `LocalServer` is a `Service` whose process listens on a
+127.0.0.1 port: it holds the start-up (retry on a taken port, readiness polled
+with a deadline) that every such server shares.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from .ports import LOCALHOST, free_port, wait_until
 
 _LIVE: set[ManagedProcess] = set()
 
@@ -128,11 +132,16 @@ class ManagedProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         """The last `lines` lines of the log file ('' if there is none yet)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return read_log_tail(self.log_path, lines)
+
+
+def read_log_tail(path: Path, lines: int = 60) -> str:
+    """The last `lines` lines of the log file at `path` ('' if there is none yet)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 class Service:
@@ -158,3 +167,111 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class LocalServer(Service):
+    """A server `ManagedProcess` on 127.0.0.1 and a port picked free at run time (or given).
+
+    A subclass gives `name`, `log_path`, `command()` and `_answers()` (one
+    readiness probe). `_start_process()` spawns it and polls `_answers()` with
+    a deadline; a port from `free_port` can be taken before the server binds
+    it, so on the very first start only, when the log then says `port_taken`,
+    another free port is tried. A restart keeps the port (clients hold the URI).
+    """
+
+    #: What messages call the server.
+    name = "server"
+    #: Lower-case text of the server's log that means another process took the port first.
+    port_taken = "address already in use"
+
+    def __init__(self, *, port: int | None, startup_timeout: float) -> None:
+        self._port_fixed = port is not None
+        self._port = port if port is not None else free_port()
+        self.startup_timeout = startup_timeout
+        #: Seconds from spawn to ready, one per start.
+        self.startup_times: list[float] = []
+        self._process: ManagedProcess | None = None
+        self._spawned_at = 0.0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def log_path(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def command(self) -> list[str]:
+        """The exact argv of the server."""
+        raise NotImplementedError
+
+    def _answers(self) -> bool:
+        """One readiness probe of the spawned server (False: not yet)."""
+        raise NotImplementedError
+
+    def _start_process(self, *, wait: bool = True, timeout: float | None = None) -> None:
+        """Spawn (`_spawn`) and, with `wait`, wait until ready; on the first start retry a taken port."""
+        attempts = 1 if (self._port_fixed or self.startup_times) else 3
+        for attempt in range(attempts):
+            self._spawn()
+            if not wait:
+                return
+            try:
+                self.wait_ready(timeout)
+                return
+            except RuntimeError:
+                if attempt + 1 < attempts and self.port_taken in self.log_tail(20).lower():
+                    self._port = free_port()
+                    continue
+                raise
+
+    def _spawn(self, cwd: Path | None = None) -> None:
+        if self.running:
+            raise RuntimeError(f"{self!r} is already running")
+        self._process = ManagedProcess(self.command(), log_path=self.log_path, cwd=cwd)
+        self._process.spawn()
+        self._spawned_at = time.monotonic()
+
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Poll `_answers()` until the server is ready; return seconds since spawn.
+
+        Raises:
+            RuntimeError: the process exited (its log tail is in the message).
+            TimeoutError: not ready before the deadline (`startup_timeout` unless `timeout`).
+        """
+        process = self._require_process()
+
+        def ready() -> bool:
+            if not process.running:
+                raise RuntimeError(
+                    f"{self.name} exited with {process.returncode} during start-up;"
+                    f" log {self.log_path}:\n{self.log_tail()}"
+                )
+            return self._answers()
+
+        wait_until(
+            ready,
+            timeout if timeout is not None else self.startup_timeout,
+            interval=0.1,
+            what=f"{self.name} on {LOCALHOST}:{self._port} (log {self.log_path})",
+        )
+        elapsed = time.monotonic() - self._spawned_at
+        self.startup_times.append(elapsed)
+        return elapsed
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The end of the server's log, for failure reports."""
+        return read_log_tail(self.log_path, lines)
+
+    def _require_process(self) -> ManagedProcess:
+        if self._process is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self._process

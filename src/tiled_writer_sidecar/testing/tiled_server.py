@@ -32,8 +32,8 @@ from typing import Any, Self
 
 import httpx
 
-from ._process import ManagedProcess, Service
-from .ports import LOCALHOST, free_port, wait_until
+from ._process import LocalServer
+from .ports import LOCALHOST
 
 #: How long a cold start may take (tiled imports dask, pandas, numba, ...:
 #: 8-16 s measured on an idle 2-core machine, over 120 s on one with a load
@@ -52,8 +52,10 @@ def tiled_command() -> list[str]:
     return [sys.executable, "-m", "tiled"]
 
 
-class TiledServer(Service):
+class TiledServer(LocalServer):
     """A Tiled server process serving a writable catalog in `directory`."""
+
+    name = "tiled server"
 
     def __init__(
         self,
@@ -64,17 +66,11 @@ class TiledServer(Service):
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         streaming_cache: str | None = None,
     ) -> None:
+        super().__init__(port=port, startup_timeout=startup_timeout)
         self._directory = Path(directory).resolve()
         #: None (no streaming), "memory", or a redis:// URI.
         self.streaming_cache = streaming_cache
-        self._port_fixed = port is not None
-        self._port = port if port is not None else free_port()
         self._api_key = api_key if api_key is not None else secrets.token_hex(16)
-        self.startup_timeout = startup_timeout
-        #: Seconds from spawn to the first 200 of `GET /api/v1/`, one per start.
-        self.startup_times: list[float] = []
-        self._process: ManagedProcess | None = None
-        self._spawned_at = 0.0
         self._clients: list[Any] = []
 
     # -- where things are -------------------------------------------------
@@ -82,10 +78,6 @@ class TiledServer(Service):
     @property
     def directory(self) -> Path:
         return self._directory
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def api_key(self) -> str:
@@ -113,14 +105,6 @@ class TiledServer(Service):
     @property
     def log_path(self) -> Path:
         return self._directory / "server.log"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     @property
     def catalog_uri(self) -> str:
@@ -179,73 +163,31 @@ class TiledServer(Service):
     def start(self, *, wait: bool = True, timeout: float | None = None) -> Self:
         """Spawn the server and (by default) wait until it answers.
 
-        A port picked by `free_port` can be taken by someone else before the
-        server binds it; then, on the very first start only, another port is
-        tried. On a restart the port is kept (clients hold the URI).
+        On the very first start a port taken before the server bound it is
+        replaced by another free one (`LocalServer`); a restart keeps it.
         """
-        attempts = 1 if (self._port_fixed or self.startup_times) else 3
-        for attempt in range(attempts):
-            self._spawn()
-            if not wait:
-                return self
-            try:
-                self.wait_ready(timeout)
-                return self
-            except RuntimeError:
-                if attempt + 1 < attempts and "address already in use" in (self.log_tail(20).lower()):
-                    self._port = free_port()
-                    continue
-                raise
-        raise AssertionError("unreachable")
+        self._start_process(wait=wait, timeout=timeout)
+        return self
 
-    def _spawn(self) -> None:
-        if self.running:
-            raise RuntimeError(f"{self!r} is already running")
+    def _spawn(self, cwd: Path | None = None) -> None:
         self.data_path.mkdir(parents=True, exist_ok=True)
         if self.streaming_cache is not None:
             self.config_path.write_text(self.config_text())
-        self._process = ManagedProcess(self.command(), log_path=self.log_path, cwd=self._directory)
-        self._process.spawn()
-        self._spawned_at = time.monotonic()
+        super()._spawn(cwd or self._directory)
 
-    def wait_ready(self, timeout: float | None = None) -> float:
-        """Poll until the server answers; return seconds since spawn.
-
-        Ready means `GET /api/v1/` is 200 and so is `GET /api/v1/metadata/`
-        with our API key: a 200 from some other server that holds the port
-        does not count.
-
-        Raises:
-            RuntimeError: the process exited (its log tail is in the message).
-            TimeoutError: not ready before the deadline.
-        """
-        process = self._require_process()
+    def _answers(self) -> bool:
+        """`GET /api/v1/` is 200 and so is `GET /api/v1/metadata/` with our API key: a 200 from
+        some other server that holds the port does not count."""
         url = f"{self.uri}/api/v1/"
         headers = {"Authorization": f"Apikey {self._api_key}"}
-
-        def ready() -> bool:
-            if not process.running:
-                raise RuntimeError(
-                    f"tiled server exited with {process.returncode} during start-up;"
-                    f" log {self.log_path}:\n{self.log_tail()}"
-                )
-            try:
-                return (
-                    httpx.get(url, timeout=2.0).status_code == 200
-                    and httpx.get(f"{url}metadata/", headers=headers, timeout=2.0).status_code == 200
-                )
-            except httpx.HTTPError:
-                return False
-
-        wait_until(
-            ready,
-            timeout if timeout is not None else self.startup_timeout,
-            interval=0.1,
-            what=f"tiled server at {url} (log {self.log_path})",
-        )
-        elapsed = time.monotonic() - self._spawned_at
-        self.startup_times.append(elapsed)
-        return elapsed
+        try:
+            public = httpx.get(url, timeout=2.0).status_code
+            return (
+                public == 200
+                and httpx.get(f"{url}metadata/", headers=headers, timeout=2.0).status_code == 200
+            )
+        except httpx.HTTPError:
+            return False
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (graceful), then SIGKILL after `timeout` s; return exit status."""
@@ -299,17 +241,6 @@ class TiledServer(Service):
         for client in clients:
             client.context.close()
 
-    def log_tail(self, lines: int = 60) -> str:
-        """The end of `server.log`, for failure reports."""
-        if self._process is None:
-            return ""
-        return self._process.log_tail(lines)
-
-    def _require_process(self) -> ManagedProcess:
-        if self._process is None:
-            raise RuntimeError("tiled server was never started")
-        return self._process
-
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"TiledServer({self.uri}, {self._directory}, {state})"
@@ -344,17 +275,17 @@ def redis_server_command() -> str | None:
     )
 
 
-class RedisServer(Service):
+class RedisServer(LocalServer):
     """``redis-server`` on 127.0.0.1 and a free port, no persistence, its log in `directory`.
 
     Ready means it answers ``PING`` (polled with a deadline).
     """
 
+    name = "redis-server"
+
     def __init__(self, directory: Path | str, *, startup_timeout: float = 30.0) -> None:
+        super().__init__(port=None, startup_timeout=startup_timeout)
         self._directory = Path(directory).resolve()
-        self._port = free_port()
-        self.startup_timeout = startup_timeout
-        self._process: ManagedProcess | None = None
 
     @property
     def uri(self) -> str:
@@ -363,10 +294,6 @@ class RedisServer(Service):
     @property
     def log_path(self) -> Path:
         return self._directory / "redis.log"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
 
     def command(self) -> list[str]:
         executable = redis_server_command()
@@ -390,16 +317,15 @@ class RedisServer(Service):
 
     def start(self) -> Self:
         self._directory.mkdir(parents=True, exist_ok=True)
-        self._process = ManagedProcess(self.command(), log_path=self.log_path, cwd=self._directory)
-        self._process.spawn()
-        wait_until(self._answers, self.startup_timeout, what=f"redis-server at {self.uri}")
+        self._start_process()
         return self
+
+    def _spawn(self, cwd: Path | None = None) -> None:
+        super()._spawn(cwd or self._directory)
 
     def _answers(self) -> bool:
         import socket
 
-        if self._process is None or not self._process.running:
-            raise RuntimeError(f"redis-server exited during start-up:\n{self.log_tail()}")
         try:
             with socket.create_connection((LOCALHOST, self._port), timeout=1.0) as sock:
                 sock.sendall(b"PING\r\n")
@@ -410,9 +336,6 @@ class RedisServer(Service):
     def close(self) -> None:
         if self._process is not None:
             self._process.terminate(5.0)
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "" if self._process is None else self._process.log_tail(lines)
 
 
 class LiveSubscriber:
