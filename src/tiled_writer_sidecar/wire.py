@@ -1,58 +1,28 @@
 """0MQ frames from bluesky's ``Publisher`` -> ``(name, document)``, safely.
 
-Design:
+Contract of `decode_message`:
 
-- Envelope: one frame, ``prefix name payload`` split like RemoteDispatcher
-  (``split(b" ", 2)``); as there, an empty configured prefix accepts any.
-- Nothing the sender chooses runs. pickle: a regex opcode scan first refuses
-  memo indices the payload cannot need (CPython's C unpickler allocates
-  ``16 * index`` bytes for LONG_BINPUT: 9 bytes could cost 64 GiB) and sets,
-  then an Unpickler whose ``find_class`` knows only numpy array/scalar/dtype
-  rebuilding (``numpy.core`` and ``numpy._core``), OrderedDict (as dict),
-  complex and protocol-2 bytes. Each is handed out as a sealed object (no
-  ``__dict__``, BUILD refused) bound to this load only: nothing a pickle
-  touches outlives its message. numpy's own classes never see the pickle:
-  ``numpy.dtype(...)`` + BUILD yields a `_DtypeSpec` whose state is checked
-  (known typecodes and datetime units, struct fields inside the item size,
-  no Python objects in structs) before a real dtype is made from it, as
-  msgpack's ``_msgpack_dtype`` does; ``_reconstruct`` + BUILD yields an
-  `_ArraySpec` whose array is built from checked shape, dtype and bytes and
-  swapped in by the walk; numpy scalars need exactly their bytes.
-  msgpack: msgpack_numpy's ``nd`` maps are rebuilt here, never unpickled
-  (object arrays are refused). JSON: ``json.loads``.
-- Memory: a message may cost at most ``budget = min(32 MiB + 24 x payload,
-  512 MiB)`` decoded (`budget_for`); more is ``too-complex``. A payload of
-  32 KiB or less cannot allocate more than 72 bytes per byte (an empty list
-  and its slot) plus 16 MiB of memo, so fits in the 32 MiB slack. A longer one is estimated
-  before it is decoded, at C speed where possible: pickle from the opcode
-  scan (container opcodes 72, other opcode bytes 24, long strings their
-  length, text x4; `_pickle_estimate`), msgpack by a header walk
-  (`_msgpack_estimate`), JSON by counting ``[``, ``{`` and ``"``
-  (`_json_estimate`). While unpickling, numpy objects charge their bytes and
-  element counts; after it, the walk charges containers their Python size
-  (a shared reference each time it is reached).
-- ``auto`` reads the first byte: 0x80 is pickle's PROTO and also msgpack's
-  empty map, which can only be the whole payload, so a lone ``0x80`` is ``{}``
-  and anything longer is pickle; ``(``/``}`` pickle protocol 0/1;
-  0x81-0x8f/0xde/0xdf msgpack; ``{`` (after JSON whitespace) JSON; else garbage.
-- One iterative walk checks the result: str keys; only values the spool
-  codec stores; depth <= 100; the memory budget above; arrays cost their
-  bytes plus 8 per element of their non-zero dimensions (an object array of
-  shape (2**40, 0) is 2**40 lists to ``tolist()``).
-- Pickle skeletons (`_Skeletons`): a stream's events are pickled alike, so a
-  pickle of plain data (dicts, lists, tuples, ASCII str, bytes, int, float,
-  bool, None) that passed the opcode scan and the walk has its *skeleton*
-  remembered: its length and the bytes that decide tokenization, object
-  types and sharing (opcodes, string lengths, memo indices). A payload with
-  the same skeleton unpickles to a tree of the same shape and types with
-  strings no longer, so the scan and the walk would pass it: both are
-  skipped, and it is loaded by plain ``pickle.loads`` (no skeleton opcode
-  imports or calls anything, so there is nothing for ``find_class`` to
-  refuse). Anything else (other opcodes, a new skeleton) takes the full path.
-- Failures are ``DecodeError(reason, detail)``: ``REASONS`` lists the stable
-  reasons; details are ASCII and at most ~200 characters. `decode_message`
-  raises nothing else for any frames (MemoryError and RecursionError are
-  ``too-complex``, anything unexpected ``garbage``).
+- Envelope: one frame, ``prefix name payload`` split as RemoteDispatcher does
+  (``split(b" ", 2)``); an empty configured prefix accepts any.
+- ``auto`` picks the format by the first byte: a lone ``0x80`` is msgpack's
+  ``{}``, a longer ``0x80`` payload or ``(``/``}`` is pickle; 0x81-0x8f/0xde/0xdf
+  msgpack; ``{`` (after JSON whitespace) JSON; anything else garbage.
+- Nothing the sender names runs: pickle goes through an opcode scan and an
+  Unpickler that knows only numpy rebuilding (from checked descriptions),
+  OrderedDict (as dict), complex and protocol-2 bytes, as sealed objects bound
+  to this load; msgpack_numpy ``nd`` maps are rebuilt here (no object arrays);
+  JSON is ``json.loads``. Known plain-data pickle skeletons (`_Skeletons`) skip
+  the scan and the walk, which they would pass, and load by ``pickle.loads``.
+- The result has str keys, only values the spool codec stores, depth <= 100,
+  and costs at most `budget_for` (``min(32 MiB + 24 x payload, 512 MiB)``)
+  decoded: estimated before decoding, charged while unpickling, walked after.
+- Failures are ``DecodeError(reason, detail)``: a reason from ``REASONS``, an
+  ASCII detail of at most ~200 characters. Nothing else is raised for any
+  frames (MemoryError and RecursionError are ``too-complex``, anything
+  unexpected ``garbage``).
+
+How and why (the memo limit, the estimates, skeletons): docs/design.md,
+"Trust boundaries: the invariant".
 """
 
 from __future__ import annotations
