@@ -1,46 +1,26 @@
 """One run's TiledWriter pipeline, with a flush the uploader can call.
 
-`TiledWriter` is a `RunRouter` that builds, per run, a `RunNormalizer`
-feeding a `_RunWriter`; the sidecar already routes documents by run, so it
-builds that same per-run pair itself (exactly what `TiledWriter._factory`
-does, so what lands in Tiled is what an in-process `TiledWriter` writes).
-The private names used here are pinned by the lock file and covered by the
-parity tests. Three things differ from TiledWriter's own pair:
+`TiledRun` builds, per run, the `RunNormalizer` -> `_RunWriter` pair that
+`TiledWriter._factory` builds (the sidecar already routes documents by run),
+so what lands in Tiled is what an in-process `TiledWriter` writes, except:
 
-- **Flush.** TiledWriter has no public API for writing rows it has buffered
-  before ``batch_size`` is reached; `TiledRun.flush` does what
-  `_RunWriter.stop` does for them, so a slow scan shows up in Tiled within
-  ``batch_seconds``.
-- **Appends retried in place, exactly once** (`SidecarRunWriter`).
-  TiledWriter answers a failed append (a 5xx, a lost response) by appending
-  again blindly and writing a note into the run's metadata: the rows may be
-  duplicated and the run's metadata differs from a clean upload. The sidecar
-  instead reads the table's ``seq_num`` column back and decides: the rows
-  are there (the response was lost) -> done; they are not and Tiled finished
-  the request (it answered 500/503/429, or the request never left this
-  host) -> append again; anything else (the table changed some other way,
-  or the request may still be running in Tiled: a timeout, a 502/504 from
-  a proxy) -> `AppendAmbiguous`, and the uploader rewrites that run. Waiting
-  between attempts (backoff, status, giving up) is the uploader's, through
-  `RetryPolicy`.
-- **Validation and copies** (`FastRunNormalizer`). The normalizer validates
-  every document it emits; here with the sidecar's compiled validators
-  instead of jsonschema (the same event-model schemas, ~100x cheaper). It
-  also deep-copies every event so as not to modify its caller's document; the
-  sidecar's documents come fresh from the spool codec and nobody else holds
-  them, so that copy is skipped.
-- **Read back in seq_num order** (`SidecarRunWriter`, `SeqNumOrderedNode`).
-  Tiled keeps the rows of every run with the same columns in one SQL table
-  (keyed by ``_dataset_id``) and reads a run back ``ORDER BY _partition_id``,
-  with an insertion-order tiebreaker only on SQLite and DuckDB; PostgreSQL
-  returns physical order, which concurrent appends and the space freed by a
-  deleted (rewritten) run do not keep. So each stream table is created with
-  the data-source parameter ``order_by_args = [{"column": "seq_num",
-  "direction": "asc"}]``: Tiled then reads ``ORDER BY seq_num``. This is the
-  one difference from in-process TiledWriter's tree: that parameter on each
-  ``internal`` table's data source (same SQL table, same rows, same
-  metadata). A table split off above 1024 columns that has no ``seq_num``
-  column cannot be ordered this way (docs/upstream.md has the upstream fix).
+- `TiledRun.flush` writes the rows buffered below ``batch_size``, as
+  `_RunWriter.stop` does.
+- `SidecarRunWriter` retries a failed append in place, landing it once: it
+  reads the table's ``seq_num`` column back; the rows are there -> done; they
+  are not and Tiled finished the request (500/503/429, or it never left this
+  host) -> append again; anything else (a timeout, a 502/504, the table
+  changed some other way) -> `AppendAmbiguous`, and the uploader rewrites the
+  run. Waiting between attempts is the uploader's (`RetryPolicy`).
+- `FastRunNormalizer` validates with the sidecar's compiled validators and
+  does not deep-copy events.
+- Each stream table is created with the data-source parameter
+  ``order_by_args = [{"column": "seq_num", "direction": "asc"}]``
+  (`SeqNumOrderedNode`), so Tiled reads it back in seq_num order; a table
+  split off above 1024 columns without a ``seq_num`` column is not ordered.
+
+The private names used are pinned by the lock file and covered by the parity
+tests. Why each difference: docs/design.md, "Upload: one table of outcomes".
 """
 
 from __future__ import annotations
