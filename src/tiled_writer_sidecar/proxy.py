@@ -4,41 +4,23 @@ Same flags (``--in-address``, ``--out-address``, ``--verbose``,
 ``--logfile``), same address forms (a bare port binds ``tcp://0.0.0.0:PORT``,
 ``HOST:PORT`` and ``tcp://HOST:PORT``, ``ipc://PATH``, no address or no port
 a random one) and the same wire: every message is forwarded unchanged,
-multipart included, so bluesky's `Publisher` and `RemoteDispatcher`, the
-sidecar and its monitor work with it as with bluesky's.
+multipart included.
 
-Design. bluesky's proxy is ``zmq.device(FORWARDER, SUB, PUB)`` with 0MQ's
-default high-water marks (1,000 messages per pipe): when it is descheduled
-or a subscriber is slow, a burst overflows a pipe and is dropped silently.
-Here:
+- in: a SUB socket (bind, subscribed to everything, messages up to
+  `MAX_MESSAGE_BYTES`, RCVHWM `IN_HWM`) drained by a tight loop, up to
+  `READ_BATCH` messages per wake, into
+- the buffer: a deque bounded in bytes (``--max-buffer-bytes``; a message
+  costs its length plus `MESSAGE_OVERHEAD`), sent from its head by
+- out: an XPUB socket (bind, ``ZMQ_XPUB_NODROP``, SNDHWM `OUT_HWM`; the
+  subscription frames it reports are read and discarded). A message stays
+  at the head until every matching subscriber has room; once the buffer is
+  over its limit, a message that would block is sent lossy (NODROP off for
+  that send) and counted as dropped.
 
-- in: a SUB socket (bind, subscribed to everything; messages up to
-  `MAX_MESSAGE_BYTES`) whose RCVHWM is `IN_HWM` messages, so 0MQ's I/O thread keeps reading the Publishers'
-  TCP streams while this process's Python thread is descheduled; a tight
-  loop moves what arrived (up to `READ_BATCH` per wake) into
-- the buffer: a deque bounded in bytes (``--max-buffer-bytes``; each
-  message costs its length plus `MESSAGE_OVERHEAD`);
-- out: an XPUB socket (bind) with ``ZMQ_XPUB_NODROP`` and SNDHWM `OUT_HWM`:
-  a send that would overflow a subscriber's pipe fails (EAGAIN) instead of
-  dropping, and the message stays at the head of the buffer until every
-  matching subscriber has room. Subscriptions are filtered by the XPUB as
-  a PUB would; the subscription frames it reports are read and discarded.
-
-The bound: RSS is at most the process's base (~40 MiB) + the buffer limit
-+ what 0MQ's pipes hold (at most `IN_HWM` messages on the way in and
-`OUT_HWM` per subscriber on the way out, plus kernel socket buffers).
-
-A slow subscriber: with NODROP every subscriber gets every message in the
-same order, so a stalled subscriber (a frozen GUI, a SIGSTOPped process)
-holds the others back while the buffer fills. Once the buffer is over its
-limit, a message that would block is sent *lossy* (NODROP off for that
-send): 0MQ drops it for the subscribers whose pipes are full and delivers
-it to the others, and a subscriber it dropped for keeps missing messages
-(0MQ skips its pipe) until it has read half its pipe (0MQ's low-water
-mark), so the others are no longer held back. Lossy sends are counted as
-dropped: a lower bound of what the stalled subscriber missed (its own gap
-detection, e.g. the sidecar's per-run ``gaps``, is exact). Nothing a sender
-does can crash the proxy or grow the buffer past its limit.
+Guarantees: nothing a sender does crashes the proxy or grows the buffer past
+its limit; RSS is at most the base + the buffer limit + 0MQ's pipes. Why, and
+what a stalled subscriber does to the others: docs/design.md, "What 0MQ
+loses, and how it is reported".
 """
 
 from __future__ import annotations

@@ -1,31 +1,17 @@
 """bluesky's `Publisher` with a send queue deep enough for a burst: `deep_publisher`.
 
-Why. bluesky's `Publisher` sends each document on a 0MQ PUB socket with
-0MQ's default send high-water mark, 1,000 messages. When the proxy does not
-read for a moment (descheduled on a loaded host, restarting, SIGSTOPped),
-the kernel's socket buffers fill, then those 1,000 messages, and PUB then
-drops every further document silently, before any proxy could buffer it.
-No proxy, the project's included, can get those back.
+`deep_publisher` builds bluesky's own `Publisher`, unchanged (same arguments,
+same wire: ``prefix name pickle``, so `RemoteDispatcher`, bluesky-0MQ-proxy
+and the sidecar see no difference), then sets its socket's ``ZMQ_SNDHWM`` to
+`queue_messages`. The connection already made and every reconnection take
+the new value, so nothing is reconnected; what is published while the proxy
+is away is queued, up to `queue_messages`, and delivered when it is back.
+``ZMQ_SNDBUF`` is left alone.
 
-Design. Build bluesky's own `Publisher`, unchanged (same arguments, same
-wire: ``prefix name pickle``, so `RemoteDispatcher`, bluesky-0MQ-proxy and
-the sidecar see no difference), then raise its socket's ``ZMQ_SNDHWM`` to
-`queue_messages`. libzmq >= 4.2 applies a new HWM to the connection
-already made in ``Publisher.__init__``, and every reconnection (a proxy
-restart) takes the socket's option too, so nothing is reconnected here
-(measured with libzmq 4.3.5 in tests/test_publisher.py). The queue also
-keeps what is published while the proxy restarts (PUB keeps a connecting
-peer's queue and subscription across reconnections) and delivers it when
-the proxy is back, up to `queue_messages`; the restarted proxy itself may
-still drop the first of them, before its subscribers have reconnected.
-
-``ZMQ_SNDBUF`` is left alone on purpose: setting ``SO_SNDBUF`` turns off
-Linux's TCP buffer autotuning (``net.ipv4.tcp_wmem``, up to 4 MiB) and
-caps the buffer at ``net.core.wmem_max``, so it can only make things worse.
-
-The one private attribute used is ``Publisher._socket`` (bluesky has kept
-it since 1.0); it is checked, and a bluesky without it fails at once with
-one line (`IncompatibleDependency`) naming the supported versions.
+The one private attribute used is ``Publisher._socket``; it is checked, and a
+bluesky without it fails at once with one line (`IncompatibleDependency`)
+naming the supported versions. Why, and what it cannot save:
+docs/design.md, "What 0MQ loses, and how it is reported".
 """
 
 from __future__ import annotations
