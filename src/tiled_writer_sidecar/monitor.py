@@ -1,31 +1,25 @@
 """`tiled-writer-sidecar monitor`: a live view of acquisition and of the sidecar.
 
 A second subscriber on the proxy's out-address, independent of the sidecar
-(either one runs without the other). Three threads, so a slow terminal never
-makes the monitor fall behind:
+(either one runs without the other), in three threads:
 
 - decode (`Subscriber`): reads 0MQ frames from a `subscription.Subscription`
-  (the daemon's SUB socket: high receive HWM, CURVE, unpaced here), decodes
-  them with `wire.decode_message` and feeds `monitor_state.MonitorState`;
-  all counting happens here. The subscription's connection events become
-  the connection state (connecting / connected / disconnected / error); 0MQ
-  reconnects by itself when the proxy starts late or restarts.
+  (unpaced here), decodes them with `wire.decode_message` and feeds
+  `monitor_state.MonitorState`; the subscription's connection events become
+  the connection state (connecting / connected / disconnected / error).
 - health (`HealthPoller`): polls the sidecar's ``/healthz`` once a second;
   a refused connection or a timeout is shown as "sidecar down", not raised.
-- main: renders `MonitorState.snapshot()` with rich at a fixed frame rate
-  (`FRAMES_PER_SECOND`); if the terminal blocks, only frames are skipped.
+- main: renders `MonitorState.snapshot()` with rich at `FRAMES_PER_SECOND`;
+  if the terminal blocks, only frames are skipped.
 
-``--once`` listens for ``--seconds`` (or until SIGINT/SIGTERM), then prints
-one snapshot (``--json``: the snapshot dict) and exits 0. In that mode run
-starts/stops and connection changes are also logged to stderr, which lets
-scripts wait for them. Expected trouble never shows a traceback.
-
-Hostile input: `Subscription` sets no ``ZMQ_MAXMSGSIZE`` (libzmq would drop the
-connection to the proxy for good on a larger message); `wire.decode_message`
-refuses oversized messages instead, and any exception while decoding or
-accounting for one message is confined to it (counted). Everything shown
-passes `text.clean` and reaches rich only as plain `Text`, never as markup;
-a frame that cannot be rendered is replaced by an error line, never a crash.
+``--once`` listens for ``--seconds`` (or until SIGINT/SIGTERM), prints one
+snapshot (``--json``: the snapshot dict), exits 0, and logs run starts/stops
+and connection changes to stderr. Expected trouble never shows a traceback.
+An exception while decoding or accounting for one message is confined to it
+(counted); everything shown passes `text.clean` and reaches rich only as
+plain `Text`; a frame that cannot be rendered becomes an error line. Why
+three threads, and sizes left to the decoder: docs/design.md, "The receive
+side: three parts, composed once".
 """
 
 from __future__ import annotations

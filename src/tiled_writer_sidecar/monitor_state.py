@@ -1,36 +1,27 @@
 """What `monitor` knows, as a pure model fed one decoded document at a time.
 
-`MonitorState.feed(name, doc)` is called by the decode thread for every
-message; it only updates small counters and bounded buffers (the last
-`MAX_RUNS` runs, the last `PLOT_POINTS` values of the plotted key, rate
-buckets), so it keeps up with the proxy whatever the terminal does. The
-render thread calls `snapshot()`, which copies everything it shows into one
-JSON-able dict under the same lock; rendering never touches live state.
+`MonitorState.feed(name, doc)` (decode thread) only updates small counters and
+bounded buffers: the last `MAX_RUNS` runs, the last `PLOT_POINTS` values of
+the plotted key, rate buckets. `snapshot()` (render thread) copies everything
+shown, under the same lock, into one JSON-able dict that is the whole screen,
+sidecar health (``/healthz`` bodies or the last poll's error) and the 0MQ
+connection state included; rendering never touches live state. No clock is
+read implicitly: `clock` (monotonic, rates) and `wall` (epoch seconds, ages).
 
-Routing and counting are `tracker.RunTracker`'s, the receiver's one copy
-of the rules: which run a document belongs to, events per stream and gaps
-(a seq_num above the highest seen + 1 is a hole; a duplicate or late one is
-an event, never a gap; then `stop.num_events` shortfalls), so the monitor
-and the sidecar cannot disagree. A document of a run whose start the
-monitor missed is an orphan; one the tracker rejects otherwise is
-malformed. On top of that, per run, it keeps what only the screen needs:
-identity (scan_id, uid, plan, start time), a recent rate per stream,
-duplicates seen (the tracker's `on_repeat`), the latest value of every
-scalar data key, the plot and the exit status. The plotted key is `plot_key` if given, else the first hinted
-scalar numeric field of the first detector in the primary stream. Sidecar
-health (`/healthz` bodies or the error of the last poll) and the 0MQ
-connection state are stored here too, so `snapshot()` is the whole screen.
-No clock is read implicitly: `clock` (monotonic, for rates) and `wall`
-(epoch seconds, for ages) are injectable.
+Routing, per-stream counts and gaps are `tracker.RunTracker`'s; duplicates
+come from its `on_repeat`. A document of a run whose start was missed is an
+orphan; one the tracker otherwise rejects is malformed. Per run it adds
+identity (scan_id, uid, plan, start time), a recent rate per stream, the
+latest value of every scalar data key, the plot and the exit status. The
+plotted key is `plot_key` if given, else the first hinted scalar numeric
+field of the first detector in the primary stream.
 
-Documents are untrusted. `feed` checks what it will show before the
-tracker counts the document, and confines any exception to its document
-(counted as ``monitor-malformed``); run uids and data keys
-longer than `MAX_KEY` are refused, counts beyond 2**63 and times that are not
-finite epoch seconds are refused or ignored, and every text the snapshot
-holds (names, values, reasons, errors) has passed `text.clean`, so it carries
-no control character and is bounded. The snapshot is still not markup-safe:
-the renderer shows it as plain rich `Text` only.
+Documents are untrusted: `feed` checks what it will show before the tracker
+counts it and confines any exception to its document (``monitor-malformed``);
+run uids and data keys longer than `MAX_KEY`, counts beyond 2**63 and times
+that are not finite epoch seconds are refused or ignored; every text in the
+snapshot has passed `text.clean`. It is not markup-safe: render it as plain
+rich `Text` only.
 """
 
 from __future__ import annotations
