@@ -1,15 +1,12 @@
 """How one document is stored in a spool record: msgpack, numpy kept exact.
 
-Design:
-
-- A payload is the msgpack array ``[1, name, doc]``; ``1`` is this format's
-  version (another version is ``DecodeError("spool-version")``).
-- Plain values are msgpack's own: ``None``, ``bool``, ``float`` (binary64,
-  exact: NaN payloads, -0.0), ``str`` (lone surrogates too), ``bytes``,
-  ``list``, ``dict`` (any msgpack-able keys), ``int`` in [-2**63, 2**64).
-  Tuples and other list/dict/str/int/float subclasses (``OrderedDict``,
-  ``IntEnum``) come back as the plain built-in type.
-- Everything else is a msgpack extension type:
+A payload is the msgpack array ``[1, name, doc]``; ``1`` is this format's
+version (another is ``DecodeError("spool-version")``). Plain values are
+msgpack's own: ``None``, ``bool``, ``float`` (binary64, exact: NaN payloads,
+-0.0), ``str`` (lone surrogates too), ``bytes``, ``list``, ``dict`` (any
+msgpack-able keys), ``int`` in [-2**63, 2**64); tuples and subclasses
+(``OrderedDict``, ``IntEnum``) come back as the plain built-in type. The
+rest are msgpack extension types:
 
   ====  ==============  ===============================================
   code  value           ext payload
@@ -20,14 +17,13 @@ Design:
   4     complex         real, imag as two float64 LE
   ====  ==============  ===============================================
 
-  ``dtype`` is UTF-8: ``dtype.str`` (``<f8``, ``|b1``, ``<U7``, ``<M8[ns]``)
-  or, for structured dtypes, ``repr`` of numpy's ``.npy`` header descr,
-  read back with ``ast.literal_eval`` (no code runs). Arrays and scalars come
-  back with the same dtype and shape; arrays are writable and own their
-  memory. Object arrays are stored as (nested) lists of their elements.
-- Anything else cannot be packed: ``TypeError`` (the wire decoder only lets
-  through what is listed here). Anything that is not a payload of this
-  format unpacks to ``DecodeError("spool-corrupt")``, never another error.
+``dtype`` is UTF-8: ``dtype.str`` (``<f8``, ``<M8[ns]``) or, structured,
+``repr`` of numpy's ``.npy`` header descr, read back with
+``ast.literal_eval`` (no code runs). Arrays and scalars come back with the
+same dtype and shape, arrays writable and owning their memory; object arrays
+are stored as nested lists. Packing anything else is ``TypeError`` (the wire
+decoder lets through only what is listed here); unpacking anything that is
+not this format is ``DecodeError("spool-corrupt")``, never another error.
 """
 
 from __future__ import annotations

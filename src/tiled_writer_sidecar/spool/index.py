@@ -1,33 +1,28 @@
 """The per-run view of the spool: what was received, what Tiled has.
 
-Each run directory holds its log (segments) and two small JSON files, each
-with exactly one writer and always replaced atomically (tmp, fsync, rename,
-fsync dir), so a reader sees the old or the new version, never half of one:
+Beside its log, each run directory holds two small JSON files, each with
+exactly one writer and replaced atomically (tmp, fsync, rename, fsync dir),
+so a reader sees the old or the new version, never half of one:
 
-- ``received.json`` — written by the receiver: run identity (uid, scan_id,
-  plan), documents and bytes spooled, events per stream, gaps found
-  (missing seq_nums, ``stop.num_events`` mismatches, a stop that never came),
-  documents dropped (disk full), and ``closed`` once no more documents will
-  be appended.
-- ``uploaded.json`` — written by the uploader: ``uploading`` / ``uploaded`` /
-  ``quarantined``, documents confirmed by Tiled, the reason for a
-  quarantine, and how many attempts it took.
+- ``received.json`` (receiver): run identity (uid, scan_id, plan), documents
+  and bytes spooled, events per stream, gaps (missing seq_nums,
+  ``stop.num_events`` mismatches, a stop that never came), documents
+  dropped (disk full), and ``closed`` once no more will be appended.
+- ``uploaded.json`` (uploader): ``uploading`` / ``uploaded`` /
+  ``quarantined``, documents confirmed by Tiled, a quarantine's reason and
+  the attempts it took.
 
-`RunView.state` combines both into the one word `status` reports.
+`RunView.state` combines both into the one word `status` reports. The
+spool's root holds ``uploader.json`` (`UploaderStatus`), written by the
+uploader about once a second, read by ``/metrics``, ``/healthz`` and `status`.
 
-The spool's root holds ``uploader.json`` (`UploaderStatus`), written by the
-uploader about once a second and read by the receiver's ``/metrics`` and
-``/healthz`` and by `status`: the typed contract between the two processes.
-
-Whatever a (schema-valid) document put into these fields, `save` writes
-plain JSON values only: ints within 64 bits, finite floats, strings of at
-most `MAX_TEXT` characters, dicts and lists of at most `MAX_ITEMS` entries
-(numpy numbers become Python numbers; anything else becomes ``None``).
-`load` never raises, whatever the file holds (wrong types, garbage, huge):
-it returns the same plain values, defaults where a field is unusable, or
-``None``/defaults for a file it cannot read. Files are never opened through
-a symlink; temporary files have unpredictable names and are created
-exclusively.
+`save` writes plain JSON values only: ints within 64 bits, finite floats,
+strings of at most `MAX_TEXT` characters, dicts and lists of at most
+`MAX_ITEMS` entries (numpy numbers become Python numbers, anything else
+``None``). `load` never raises: it returns the same plain values, defaults
+for unusable fields, ``None``/defaults for a file it cannot read. No file is
+opened through a symlink; temporary files have unpredictable names and are
+created exclusively.
 """
 
 from __future__ import annotations

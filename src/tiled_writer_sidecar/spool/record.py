@@ -2,32 +2,27 @@
 
 Format v2, its invariants:
 
-- A segment file starts with a file header, written twice (a flipped bit in
-  one copy leaves the other): ``b"TWSPOOL2" | salt (8 random bytes) |
-  crc32`` = 20 bytes, so records start at `FILE_HEADER_SIZE` (40).
+- A segment file starts with a file header, written twice: ``b"TWSPOOL2" |
+  salt (8 random bytes) | crc32`` = 20 bytes, so records start at
+  `FILE_HEADER_SIZE` (40).
 - A record is ``MAGIC (4) | length (u32) | payload crc32 (u32) | header
-  crc32 (u32) | payload`` (all little-endian, `HEADER_SIZE` = 16). The header
-  CRC covers the segment's salt and the header's first 12 bytes; the payload
-  CRC covers the payload. A header is *verified* when its magic and CRC match
-  and ``length <= MAX_PAYLOAD``.
-- Reading is linear in bytes: a verified header's payload is read whole (by
-  its length, however many read chunks it spans) and never searched inside,
-  so whatever a payload holds (encoded records, fake headers) is only data.
-  A payload whose CRC fails is damage of exactly that record, skipped by its
-  length. Only a header that does not verify starts a resynchronisation: a
-  forward scan for the next header that verifies, each candidate costing a
-  16-byte CRC. Headers embedded in payloads carry no valid CRC, as their
-  writer never knew the segment's random salt.
-- A header whose record runs past the end of the file, or bytes after the
-  last item with no verified header behind them, are a *tail*: a record
-  being written (live reader), a crash remnant, or a damaged last record.
-  The writer cuts only what a crash leaves (less than a header, a verified
-  header whose payload is short, zeros); a damaged record is kept and
-  reported, so an offset a reader passed is never reused. Nothing is ever
-  allocated beyond what the file holds.
-- Segments without the v2 file header are v1 (``MAGIC1 (2) | length (u32) |
-  crc32 of length and payload (u32) | payload``): read whole with the v1
-  scanner (`scan_v1`), never appended to again (the writer rolls).
+  crc32 (u32) | payload`` (little-endian, `HEADER_SIZE` = 16). The header CRC
+  covers the segment's salt and the header's first 12 bytes. A header is
+  *verified* when its magic and CRC match and ``length <= MAX_PAYLOAD``.
+- Reading is linear in bytes: a verified header's payload is read whole by
+  its length and never searched inside; a payload whose CRC fails is damage
+  of exactly that record, skipped by its length. Only a header that does not
+  verify starts a forward scan for the next one that does (16-byte CRC per
+  candidate). Nothing is allocated beyond what the file holds.
+- A record running past the end of the file, or bytes after the last item
+  with no verified header, are a *tail*: a record being written, a crash
+  remnant or a damaged last record. The writer cuts only crash remnants
+  (less than a header, a verified header whose payload is short, zeros); a
+  damaged record is kept and reported, so an offset a reader passed is
+  never reused.
+- v1 segments (no v2 file header: ``MAGIC1 (2) | length (u32) | crc32 of
+  length and payload (u32) | payload``) are read whole by `scan_v1` and
+  never appended to. Why a salt: docs/design.md, "The spool".
 """
 
 from __future__ import annotations

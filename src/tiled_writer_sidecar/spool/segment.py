@@ -1,36 +1,25 @@
 """Segment files: one append-only log of records per run.
 
-A run's log is a sequence of files ``0000000000.seg``, ``0000000001.seg``, …
-(fixed-width names, so a directory listing sorts them), each starting with
-the v2 file header and its random salt (see record.py for the format and
-how reading stays linear and never looks inside a payload). Only the
-receiver writes (`LogWriter`); it appends each record with one unbuffered
-``write``, so readers in other processes see whole records as soon as they
-are written, and it rolls to a new segment at ``segment_bytes``. Durability
-follows the fsync policy: ``always`` (fsync after every record), ``batch``
-(group commit: at most ``fsync_records`` records or ``fsync_interval_ms``
-between fsyncs — that is the window a power loss can take) or ``never``.
+A run's log is ``0000000000.seg``, ``0000000001.seg``, … (fixed-width names,
+so a listing sorts them), each starting with the v2 file header (record.py).
+Only the receiver writes (`LogWriter`): a record, or a batch
+(`append_many`), reaches the file with one unbuffered ``write`` per segment
+and fsync window, so readers in other processes see whole records at once.
+It rolls at ``segment_bytes`` and fsyncs per policy, record for record even
+within a batch: ``always``, ``batch`` (at most ``fsync_records`` records or
+``fsync_interval_ms`` between fsyncs) or ``never``.
 
-`LogWriter.append_many` writes a batch of records with one ``write`` per
-segment and per fsync window (the receiver hands it what one wake of its
-loop received): whole records still reach readers at once, and the fsync
-policy is kept record for record (a roll, ``fsync_records`` and ``always``
-cut the batch where single appends would have fsynced or rolled).
-
-On open, the writer truncates a torn tail (a record cut short by a crash;
-a damaged record at the end is kept, see `tail_is_torn`).
-A segment it cannot append to safely (format v1, a damaged file header, a
-symlink, not a regular file, more than one link) is left as it is and the
-writer rolls to a new segment. A failed write (disk full) is rolled back
-with ``ftruncate`` so the log never holds half a record; a failed batch is
-retried record by record, so exactly the records that do not fit are lost,
-as with single appends. `LogReader` follows a log from a position and
-reports corruption with its segment and offset; a torn tail of the *last*
-segment is a record still being written and is simply not returned yet.
-
-Every file is opened relative to the run directory's descriptor with
-``O_NOFOLLOW`` (the directory itself too): a symlink is never followed,
-never written through; readers report it as damage.
+Invariants: the log never holds half a record (a failed write, e.g. disk
+full, is rolled back with ``ftruncate``; a failed batch is retried record by
+record, so exactly the records that do not fit are lost). On open the
+writer truncates a torn tail but keeps a damaged last record
+(`tail_is_torn`), and rolls past a segment it cannot append to safely (v1,
+a damaged file header, a symlink, not a regular file, more than one link).
+`LogReader` follows a log from a position and reports corruption with its
+segment and offset; a torn tail of the *last* segment is a record still
+being written and is not returned yet. Every file, and the run directory,
+is opened relative to the directory's descriptor with ``O_NOFOLLOW``: a
+symlink is never followed or written through; readers report it as damage.
 """
 
 from __future__ import annotations
