@@ -1,9 +1,8 @@
 """RunTracker: which run each document belongs to, and the one definition of gaps.
 
 A pure `event_model.DocumentRouter` (no files, no sockets), one method per
-document kind as TiledWriter's own routers are; the receiver, its crash
-recovery (a run's log replayed at start-up) and anything else that follows
-runs use this one copy of the rules. Contract:
+document kind; the receiver, its crash recovery and `monitor` share it
+(docs/design.md, "The receive side: three parts, composed once"). Contract:
 
 - `route(name, doc)` returns the open `TrackedRun` the document belongs to,
   or raises `ValidationError(reason)` and changes nothing. A start opens a
@@ -13,19 +12,17 @@ runs use this one copy of the rules. Contract:
   datum_pages their resource. A stop is routed, then the caller `close`\\ s
   the run.
 - Ownership: a descriptor or (stream_)resource uid belongs to the first run
-  that declared it. Another run declaring it, open or recently closed, is
-  rejected (``descriptor-claimed`` / ``resource-claimed``); the owner keeps
-  its documents. A run repeating its own declaration is accepted.
-- Gaps, per descriptor: the highest seq_num seen; a seq_num above it + 1
-  adds the hole to ``missing[stream]``; a seq_num at or below it (a
-  duplicate or a late one) is counted as a received event, never as a gap,
-  and never fills a hole already counted. A stop's ``num_events`` is kept
-  as ``expected_events``; `Received.gaps` adds a shortfall beyond the
-  holes. A seq_num must be an integer in 1..2**53 (``bad-seq-num``).
-- Only plain bounded values reach `Received` (see `plain_int`,
-  `plain_str`): whatever a schema-valid document holds, it can be saved.
-- Memory is bounded: descriptors and resources per run and across open runs, and the closed
-  runs remembered (to say ``after-stop``).
+  that declared it; another run declaring it, open or recently closed, is
+  rejected (``descriptor-claimed`` / ``resource-claimed``). A run repeating
+  its own declaration is accepted.
+- Gaps, per descriptor: a seq_num above the highest seen + 1 adds the hole
+  to ``missing[stream]``; one at or below it is a received event, never a
+  gap, and never fills a counted hole. A stop's ``num_events`` is kept as
+  ``expected_events``; `Received.gaps` adds a shortfall beyond the holes. A
+  seq_num must be an integer in 1..2**53 (``bad-seq-num``).
+- Only plain bounded values reach `Received` (`plain_int`, `plain_str`).
+- Memory is bounded: descriptors and resources per run and across open
+  runs, and the closed runs remembered (to say ``after-stop``).
 """
 
 from __future__ import annotations

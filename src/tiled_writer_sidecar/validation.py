@@ -1,32 +1,26 @@
 """event-model schema validation at receiver speed, with event-model's verdicts.
 
-Design:
+`validate_document(name, doc)` returns if event-model accepts the document
+and otherwise raises ``ValidationError("schema", "<kind> <JSON path>:
+<message>")``: at most 200 characters of document content, printable ASCII
+(escapes for the rest). Nothing else leaves it, whatever the document holds:
+a check that fails unexpectedly (memory, recursion, a numpy comparison) is a
+rejection, never a crash of the receiver.
 
-- event-model's own schemas, compiled lazily (once per kind) by fastjsonschema,
-  after a rewrite from draft 2020-12 to draft 7: ``prefixItems`` -> array
-  ``items``; ``unevaluatedProperties`` over ``allOf``/``$ref`` ->
-  ``additionalProperties`` listing the evaluated names; ``$ref`` with
-  siblings -> ``allOf``. A schema the rewrite does not understand falls back
-  to event-model's validator (slow, logged), never to a wrong one.
-- Key-only recursive defs (event-model's ``DataType``: every nested key must
-  match a pattern) are checked by `_KeyRule` at the sites `_rule_sites`
-  proves are the only ones; in generated code they cost ~200 us/descriptor.
-- The fast check may only say "valid": its types are narrower than
-  event-model's (no ndarray-as-array, no numpy ints), it fills no defaults and
-  reads ``$`` as end-of-string, so what it accepts event-model accepts. Any
-  "invalid" goes to event-model's own validator, which decides and explains
-  (numpy arrays in ``array`` positions are valid there). Valid documents cost
-  the fast path only.
-- Events, most of what arrives, first meet `_plain_event`: exact built-in
-  types, a few C-level checks, no schema machinery. It is used only while
-  event-model's event schema is the one it was written for
-  (`_EVENT_SCHEMA`, compared at compile time), and it too may only say
-  "valid": anything else goes on to the compiled check.
-- ``ValidationError("schema", "<kind> <JSON path>: <message>")``, at most 200
-  characters of document content, printable ASCII (escapes for the rest).
-  Nothing else leaves `validate_document`, whatever the document holds: a
-  check that fails unexpectedly (memory, recursion, a numpy comparison) is a
-  rejection, never a crash of the receiver.
+The fast checks may only say "valid"; anything else goes to event-model's
+own validator, which decides and explains. In order:
+
+- events first meet `_plain_event` (exact built-in types, a few C-level
+  checks), used only while event-model's event schema is `_EVENT_SCHEMA`
+  (compared at compile time);
+- then event-model's own schemas, rewritten from draft 2020-12 to draft 7
+  and compiled lazily (once per kind) by fastjsonschema; key-only recursive
+  defs (``DataType``) are checked by `_KeyRule` at the sites `_rule_sites`
+  proves are the only ones. A schema the rewrite does not understand falls
+  back to event-model's validator (slow, logged), never to a wrong one.
+
+The rewrite, and why a fast "valid" is event-model's: docs/design.md,
+"Validation." under "Upload: one table of outcomes".
 """
 
 from __future__ import annotations
