@@ -4,15 +4,17 @@ Same flags (``--in-address``, ``--out-address``, ``--verbose``,
 ``--logfile``), same address forms (a bare port binds ``tcp://0.0.0.0:PORT``,
 ``HOST:PORT`` and ``tcp://HOST:PORT``, ``ipc://PATH``, no address or no port
 a random one) and the same wire: every message is forwarded unchanged,
-multipart included.
+multipart included, so bluesky's `Publisher` and `RemoteDispatcher`, the
+sidecar and its monitor work with it as with bluesky's.
 
 - in: a SUB socket (bind, subscribed to everything, messages up to
   `MAX_MESSAGE_BYTES`, RCVHWM `IN_HWM`) drained by a tight loop, up to
   `READ_BATCH` messages per wake, into
 - the buffer: a deque bounded in bytes (``--max-buffer-bytes``; a message
   costs its length plus `MESSAGE_OVERHEAD`), sent from its head by
-- out: an XPUB socket (bind, ``ZMQ_XPUB_NODROP``, SNDHWM `OUT_HWM`; the
-  subscription frames it reports are read and discarded). A message stays
+- out: an XPUB socket (bind, ``ZMQ_XPUB_NODROP``, SNDHWM `OUT_HWM`) that
+  filters subscriptions as a PUB would (the subscription frames it reports
+  are read and discarded). A message stays
   at the head until every matching subscriber has room; once the buffer is
   over its limit, a message that would block is sent lossy (NODROP off for
   that send) and counted as dropped.
