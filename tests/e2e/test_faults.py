@@ -61,6 +61,7 @@ import httpx
 import pytest
 from ophyd.sim import det
 
+from tests.support.daemon import make_sidecar
 from tiled_writer_sidecar.spool import record
 from tiled_writer_sidecar.spool.codec import unpack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
@@ -183,23 +184,6 @@ def gate(upstream: TiledServer) -> Iterator[TiledGate]:
         yield g
     finally:
         g.close()
-
-
-def make_sidecar(
-    directory: Path,
-    proxy: ZmqProxy,
-    tiled: TiledServer | TiledGate,
-    settings: dict[str, dict[str, Any]] | None = None,
-) -> SidecarProcess:
-    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in FAST.items()}
-    for section, values in (settings or {}).items():
-        merged.setdefault(section, {}).update(values)
-    sidecar = SidecarProcess(
-        directory, zmq_address=proxy.out_address, tiled_uri=tiled.uri, api_key=tiled.api_key, settings=merged
-    )
-    if "dir" in merged.get("spool", {}):
-        sidecar.spool_dir = Path(merged["spool"]["dir"])
-    return sidecar
 
 
 @contextlib.contextmanager
@@ -542,7 +526,7 @@ def test_cell1_tiled_down_before_the_run(
 ) -> None:
     """Tiled is not running before the run and cold-started after it: the run arrives whole."""
     tiled_server.stop()
-    with running(make_sidecar(tmp_path / "sidecar", proxy, tiled_server)) as sidecar:
+    with running(make_sidecar(tmp_path, proxy, tiled_server, **FAST)) as sidecar:
         connect(acquisition, sidecar)
         (uid,) = acquisition.run(count(40))
         with_fault = acquisition.last_duration
@@ -571,7 +555,7 @@ def test_cell2_tiled_killed_mid_run(
     tiled_server: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """Tiled SIGKILLed at seq_num 20 of 60 while rows are being flushed, restarted after the run."""
-    with running(make_sidecar(tmp_path / "sidecar", proxy, tiled_server)) as sidecar:
+    with running(make_sidecar(tmp_path, proxy, tiled_server, **FAST)) as sidecar:
         connect(acquisition, sidecar)
         sidecar.wait_uploader_connected()
         (base_uid,) = acquisition.run(count(60))
@@ -604,7 +588,7 @@ def test_cell3_tiled_hung_40s_mid_run(
     tiled_server: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
 ) -> None:
     """Tiled SIGSTOPped for 40 s from seq_num 20 of 60, then SIGCONT: everything arrives once."""
-    with running(make_sidecar(tmp_path / "sidecar", proxy, tiled_server)) as sidecar:
+    with running(make_sidecar(tmp_path, proxy, tiled_server, **FAST)) as sidecar:
         connect(acquisition, sidecar)
         sidecar.wait_uploader_connected()
         (base_uid,) = acquisition.run(count(60))
@@ -636,7 +620,7 @@ def test_cell4_tiled_restarted_twice_in_one_run(
     """Tiled restarted (SIGTERM + cold start) twice while one long run goes on."""
     watch = SeqWatch()
     acquisition.subscribe(watch)
-    with running(make_sidecar(tmp_path / "sidecar", proxy, tiled_server)) as sidecar:
+    with running(make_sidecar(tmp_path, proxy, tiled_server, **FAST)) as sidecar:
         connect(acquisition, sidecar)
         sidecar.wait_uploader_connected()
         base_events = 40
@@ -672,7 +656,7 @@ def test_cell11_runs_back_to_back_while_tiled_down(
 ) -> None:
     """Five runs while Tiled is unreachable: all uploaded, in acquisition order, when it comes back."""
     sizes = (30, 10, 25, 5, 40)
-    with gate(tiled_server) as tiled, running(make_sidecar(tmp_path / "sidecar", proxy, tiled)) as sidecar:
+    with gate(tiled_server) as tiled, running(make_sidecar(tmp_path, proxy, tiled, **FAST)) as sidecar:
         connect(acquisition, sidecar)
         uids: list[str] = []
         for n in sizes:
@@ -726,7 +710,7 @@ def test_cell5_sidecar_killed(
     with contextlib.ExitStack() as stack:
         unreachable = stack.enter_context(gate(tiled_server)) if down else None
         target: TiledServer | TiledGate = unreachable or tiled_server
-        sidecar = make_sidecar(tmp_path / "sidecar", proxy, target, {"tiled": {"batch_rows": 5}})
+        sidecar = make_sidecar(tmp_path, proxy, target, tiled={**FAST["tiled"], "batch_rows": 5})
         stack.enter_context(running(sidecar))
         connect(acquisition, sidecar)
         if not down:
@@ -806,7 +790,7 @@ def test_cell6_sidecar_sigterm_mid_run(
     """SIGTERM at seq_num 20: the daemon exits cleanly in time; started again, it finishes the rest."""
     watch = SeqWatch()
     acquisition.subscribe(watch)
-    with running(make_sidecar(tmp_path / "sidecar", proxy, tiled_server)) as sidecar:
+    with running(make_sidecar(tmp_path, proxy, tiled_server, **FAST)) as sidecar:
         connect(acquisition, sidecar)
         sidecar.wait_uploader_connected()
         (base_uid,) = acquisition.run(count(60))
@@ -870,7 +854,7 @@ def test_cell7_torn_tail_and_flipped_bit(
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     unreachable = TiledGate(tiled_server)  # never opened: Tiled is down while the sidecar runs
-    sidecar = make_sidecar(tmp_path / "sidecar", proxy, unreachable, {"spool": {"segment_bytes": 4096}})
+    sidecar = make_sidecar(tmp_path, proxy, unreachable, **FAST, spool={"segment_bytes": 4096})
     with running(sidecar):
         connect(acquisition, sidecar)
         (good_uid,) = acquisition.run(count(60, delay=0.0))
@@ -990,7 +974,7 @@ def test_cell8_spool_full(
     try:
         with (
             gate(tiled_server) as tiled,
-            running(make_sidecar(tmp_path / "sidecar", proxy, tiled, settings)) as sidecar,
+            running(make_sidecar(tmp_path, proxy, tiled, **FAST, **settings)) as sidecar,
         ):
             connect(acquisition, sidecar)
             wait_for(lambda: _uploader_holds_lock(sidecar), 60, "the uploader to start")
@@ -1075,7 +1059,7 @@ def test_cell8_sidecar_starts_on_a_full_disk(
     settings: dict[str, dict[str, Any]] = {"spool": {"dir": str(mount / "spool")}}
     try:
         filler = _fill(mount, 0)
-        with running(make_sidecar(tmp_path / "sidecar", proxy, tiled_server, settings)) as sidecar:
+        with running(make_sidecar(tmp_path, proxy, tiled_server, **FAST, **settings)) as sidecar:
             wait_for(lambda: _uploader_holds_lock(sidecar), 60, "the uploader to start and take its lock")
             log = sidecar.process.log_path.read_text()
             assert "Traceback" not in log and "uploader exited" not in log, sidecar.log_tail()
@@ -1098,7 +1082,7 @@ def test_cell9_proxy_restarted_mid_run(
     """bluesky-0MQ-proxy restarted at seq_num 20: the gap is reported exactly; the next runs are complete."""
     watch = SeqWatch()
     acquisition.subscribe(watch)
-    with running(make_sidecar(tmp_path / "sidecar", proxy, tiled_server)) as sidecar:
+    with running(make_sidecar(tmp_path, proxy, tiled_server, **FAST)) as sidecar:
         connect(acquisition, sidecar)
         sidecar.wait_uploader_connected()
         (base_uid,) = acquisition.run(count(60))
@@ -1229,7 +1213,7 @@ def test_cell10_burst_of_50k_events(tiled_server: TiledServer, tmp_path: Path) -
             [sys.executable, "-c", REFERENCE_SUBSCRIBER, proxy.out_address, str(ready), str(out)]
         )
         try:
-            with running(make_sidecar(tmp_path / "sidecar", proxy, tiled_server)) as sidecar:
+            with running(make_sidecar(tmp_path, proxy, tiled_server, **FAST)) as sidecar:
                 sidecar.wait_uploader_connected()
                 before = sidecar.messages_seen()
                 acquisition.wait_subscribers(lambda: ready.exists() and sidecar.messages_seen() > before)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -25,18 +25,32 @@ from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 REJECTED = "tiled_writer_sidecar_messages_rejected_total"
 
 
+class TiledTarget(Protocol):
+    """What the daemon needs of a Tiled to write to (a server, a container, a gate in front of one)."""
+
+    @property
+    def uri(self) -> str: ...
+
+    @property
+    def api_key(self) -> str | None: ...
+
+
 def make_sidecar(
-    tmp_path: Path, proxy: ZmqProxy, tiled: TiledContainer | TiledServer, /, **settings: dict[str, Any]
+    tmp_path: Path, proxy: ZmqProxy, tiled: TiledTarget, /, **settings: dict[str, Any]
 ) -> SidecarProcess:
     """The real daemon (not started yet) on `proxy` and `tiled`, with extra TOML `settings` sections
-    (``tiled={...}`` too: the first three arguments are positional-only)."""
-    return SidecarProcess(
+    (``tiled={...}`` too: the first three arguments are positional-only). A ``spool={"dir": ...}``
+    section moves its spool, and `SidecarProcess.spool_dir` (what ``status`` reads) with it."""
+    sidecar = SidecarProcess(
         tmp_path / "sidecar",
         zmq_address=proxy.out_address,
         tiled_uri=tiled.uri,
         api_key=tiled.api_key,
         settings=settings or None,
     )
+    if "dir" in settings.get("spool", {}):
+        sidecar.spool_dir = Path(settings["spool"]["dir"])
+    return sidecar
 
 
 def rejected_counts(sidecar: SidecarProcess) -> dict[str, float]:
