@@ -16,6 +16,7 @@ from tests.support.fake_tiled import http_error, transport
 from tiled_writer_sidecar.errors import BadRunDocument, TiledUnavailableError, UnsafeName
 from tiled_writer_sidecar.outcomes import (
     OUTCOMES,
+    ForeignRun,
     Outcome,
     Stopping,
     TiledDown,
@@ -48,6 +49,7 @@ CASES: list[tuple[BaseException, Outcome]] = [
     (http_error(400), Outcome.REJECTED),
     (http_error(404), Outcome.REJECTED),
     (http_error(409), Outcome.REJECTED),
+    (ForeignRun("a run with this uid is already in Tiled"), Outcome.QUARANTINE),
     (http_error(422), Outcome.REJECTED),
     (KeyError("descriptor"), Outcome.REJECTED),
     (ValueError("bad shape"), Outcome.REJECTED),
@@ -64,12 +66,12 @@ def test_classify_follows_the_table(err: BaseException, outcome: Outcome) -> Non
 
 def test_the_table_has_a_row_for_every_outcome() -> None:
     """The one-screen table names every outcome, each with what leads to it."""
-    assert {outcome for _, outcome in OUTCOMES} == set(Outcome)
-    assert all(text for text, _ in OUTCOMES)
+    assert {rule.outcome for rule in OUTCOMES} == set(Outcome)
+    assert all(rule.what for rule in OUTCOMES)
 
 
 def test_outages_and_ambiguous_failures_never_quarantine_at_once() -> None:
     """Only a run's own content is quarantined without a repeat: nothing Tiled or the network did."""
     for err, _ in CASES:
-        if not isinstance(err, (UnsafeName, BadRunDocument)):
+        if not isinstance(err, (UnsafeName, BadRunDocument, ForeignRun)):
             assert classify(err) is not Outcome.QUARANTINE, err

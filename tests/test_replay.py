@@ -68,9 +68,9 @@ def received(target: Ingest, uid: str) -> Received:
     return state
 
 
-def test_a_jsonl_backup_is_spooled_whole_closed_by_its_stop_and_marked_for_rewrite(tmp_path: Path) -> None:
+def test_a_jsonl_backup_is_spooled_whole_closed_by_its_stop_and_marked_for_upload(tmp_path: Path) -> None:
     """Every document of a JSONLinesWriter backup is spooled through Ingest; the run is closed complete
-    and marked `uploading`, so the uploader rewrites whatever partial copy Tiled holds."""
+    and marked `pending`, not created here: a copy in Tiled from another writer is never replaced."""
     docs = composed(5)
     uid = docs[0][1]["uid"]
     target = ingest(tmp_path)
@@ -80,7 +80,7 @@ def test_a_jsonl_backup_is_spooled_whole_closed_by_its_stop_and_marked_for_rewri
     assert state.closed and state.close_reason == "stop" and state.documents == len(docs)
     assert state.events == {"primary": 5} and state.problems() == []
     uploaded = Uploaded.load(target.spool.run_dir(uid))
-    assert uploaded is not None and uploaded.state == UploadState.UPLOADING
+    assert uploaded.state == UploadState.PENDING and not uploaded.created
 
 
 def test_jsonwriter_arrays_whole_or_cut_by_a_crash_give_the_same_documents(tmp_path: Path) -> None:

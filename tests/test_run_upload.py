@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.fake_tiled import FakeClient, FakeTiled, Spool, scan
 from tiled_writer_sidecar.errors import BadRunDocument, UnsafeName
-from tiled_writer_sidecar.outcomes import VerificationFailed
+from tiled_writer_sidecar.outcomes import ForeignRun, VerificationFailed
 from tiled_writer_sidecar.run_upload import RunUpload, SeqNums, Shared
 from tiled_writer_sidecar.spool.index import Received, Uploaded, UploaderStatus, UploadState
 from tiled_writer_sidecar.tiled_link import TiledLink
@@ -56,18 +56,24 @@ def pump_until_finished(run: RunUpload, passes: int = 10) -> None:
 
 
 def test_a_closed_run_is_fed_verified_and_recorded_uploaded(
-    spool: Spool, tiled: FakeTiled, shared: Shared
+    spool: Spool, tiled: FakeTiled, shared: Shared, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """pending -> uploading -> uploaded: every row in Tiled once, in order; counts and rows recorded."""
+    """pending -> uploading (once Tiled created the run: one write) -> uploaded: every row in Tiled once,
+    in order; counts and rows recorded; uploaded.json written twice for a small run."""
     uid = spool.closed_run(events=5)
+    saves: list[str] = []
+    real_save = Uploaded.save
+    monkeypatch.setattr(Uploaded, "save", lambda self, d: saves.append(self.state) or real_save(self, d))
     run = started(spool, shared, uid)
-    assert Uploaded.load(spool.dir.run_dir(uid)).state == UploadState.UPLOADING
+    assert Uploaded.load(spool.dir.run_dir(uid)).state == UploadState.PENDING and uid not in tiled.runs
     pump_until_finished(run)
+    assert saves == [UploadState.UPLOADING, UploadState.UPLOADED]
     uploaded = Uploaded.load(spool.dir.run_dir(uid))
     assert uploaded.state == UploadState.UPLOADED
     assert uploaded.documents == 8 and uploaded.rows == {"primary": 5}
     assert tiled.runs[uid] == {"primary": [1, 2, 3, 4, 5]}
     assert (shared.status.runs_uploaded, shared.status.documents, shared.status.rows) == (1, 8, 5)
+    assert uploaded.created and uploaded.attempts == 1
 
 
 def test_a_row_lost_in_tiled_fails_verification_and_leaves_the_run_uploading(
@@ -86,22 +92,40 @@ def test_a_row_lost_in_tiled_fails_verification_and_leaves_the_run_uploading(
     assert Uploaded.load(spool.dir.run_dir(uid)).state == UploadState.UPLOADING
 
 
-def test_start_rewrites_a_partial_upload_and_quarantines_a_run_it_never_started(
+def test_start_rewrites_a_partial_upload_it_created_and_never_touches_a_run_it_did_not(
     spool: Spool, tiled: FakeTiled, shared: Shared
 ) -> None:
-    """``uploading`` + in Tiled: deleted, then written again; ``pending`` + in Tiled: quarantined, untouched."""
-    ours, foreign = spool.closed_run(), spool.closed_run()
-    Uploaded(state=UploadState.UPLOADING).save(spool.dir.run_dir(ours))
+    """``uploading`` + created here + in Tiled: deleted, then written again. Not created here + in Tiled:
+    the create answers 409 -> ForeignRun (quarantined by the scheduler); nothing deleted, not even
+    for a run recorded ``uploading`` (an older import-backup) or ``quarantined``."""
+    ours, foreign, imported = spool.closed_run(), spool.closed_run(), spool.closed_run()
+    Uploaded(state=UploadState.UPLOADING, created=True).save(spool.dir.run_dir(ours))
+    Uploaded(state=UploadState.QUARANTINED, created=False).save(spool.dir.run_dir(imported))
     tiled.runs[ours] = {"primary": [1]}
     tiled.runs[foreign] = {"primary": [7]}
+    tiled.runs[imported] = {"primary": [8]}
     run = started(spool, shared, ours)
     assert tiled.deleted == [ours] and shared.status.rewrites == 1
     pump_until_finished(run)
     assert tiled.runs[ours] == {"primary": [1, 2, 3]}
-    assert RunUpload.start(spool.view(foreign), shared) is None
-    uploaded = Uploaded.load(spool.dir.run_dir(foreign))
-    assert uploaded.state == UploadState.QUARANTINED and "already in Tiled" in (uploaded.reason or "")
-    assert tiled.runs[foreign] == {"primary": [7]} and shared.status.runs_quarantined == 1
+    for uid in (foreign, imported):
+        with pytest.raises(ForeignRun, match="already in Tiled and this spool did not create it"):
+            started(spool, shared, uid).pump()
+    assert tiled.runs[foreign] == {"primary": [7]} and tiled.runs[imported] == {"primary": [8]}
+    assert tiled.deleted == [ours]
+    assert not Uploaded.load(spool.dir.run_dir(foreign)).created
+
+
+def test_overwrite_foreign_deletes_a_run_this_spool_did_not_create(
+    spool: Spool, tiled: FakeTiled, shared: Shared
+) -> None:
+    """Only with the explicit flag (`replay --overwrite-foreign`)."""
+    foreign = spool.closed_run()
+    tiled.runs[foreign] = {"primary": [7]}
+    shared.overwrite_foreign = True
+    pump_until_finished(started(spool, shared, foreign))
+    assert tiled.deleted == [foreign] and tiled.runs[foreign] == {"primary": [1, 2, 3]}
+    assert Uploaded.load(spool.dir.run_dir(foreign)).created
 
 
 @pytest.mark.parametrize(
@@ -170,6 +194,14 @@ def test_seq_nums_compare_in_order() -> None:
     assert "out of order (row 2 holds seq_num 4)" in fed.describe_difference([1, 2, 4, 3, 5])
     assert "1 duplicated" in fed.describe_difference([1, 2, 3, 4, 4, 5])
     assert "Tiled holds 4 rows" in fed.describe_difference([1, 2, 3, 4])
+
+
+def test_a_late_seq_num_copy_verifies_against_the_tables_own_order() -> None:
+    """Tiled reads a stream table back in seq_num order: a late copy of seq_num 1 (after 5) is where
+    Tiled puts it, not a difference that would rewrite the run forever; a missing row still is."""
+    fed = SeqNums.of([1, 2, 3, 4, 5, 1])
+    assert fed.matches([1, 1, 2, 3, 4, 5]) and fed.matches([1, 2, 3, 4, 5, 1])
+    assert not fed.matches([1, 2, 3, 4, 5]) and not fed.matches([1, 1, 2, 3, 5, 4])
 
 
 def test_seq_nums_keep_duplicates_and_gaps_as_fed() -> None:

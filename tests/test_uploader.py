@@ -14,9 +14,10 @@ import httpx
 import pytest
 
 from tests.support.fake_tiled import FakeClient, FakeTiled, Spool, http_error, scan, transport
+from tiled_writer_sidecar import run_index
 from tiled_writer_sidecar.config import Config, SpoolConfig
 from tiled_writer_sidecar.errors import UnsafeName
-from tiled_writer_sidecar.outcomes import REJECTIONS_TO_QUARANTINE
+from tiled_writer_sidecar.outcomes import MAX_RUN_FAILURES
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import (
     UPLOADER,
@@ -34,7 +35,7 @@ from tiled_writer_sidecar.uploader import MAX_ACTIVE_RUNS, Uploader
 @pytest.fixture
 def uploader(tmp_path: Path) -> Uploader:
     spool = SpoolDir(tmp_path / "spool")
-    return Uploader(Config(spool=SpoolConfig(dir=str(spool.root))), spool)
+    return Uploader(Config(spool=SpoolConfig(dir=str(spool.root))), spool, workers=0)
 
 
 def planted_run(uploader: Uploader, uid: str = "run-1") -> RunView:
@@ -47,7 +48,8 @@ def planted_run(uploader: Uploader, uid: str = "run-1") -> RunView:
 
 
 def fail(uploader: Uploader, view: RunView, err: Exception, fed: int = 7) -> bool:
-    """Report one failure of `view`'s upload; True if the uploader re-raised it (backoff, rewrite)."""
+    """Report one failure of `view`'s upload; True if it paused everyone (re-raised), False if the run
+    backs off alone or was quarantined."""
     try:
         uploader._run_failed(view, err, fed=fed)
     except Exception as raised:  # noqa: BLE001 - the test inspects what came back
@@ -60,41 +62,60 @@ def reachable(uploader: Uploader, answers: bool, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(uploader.link, "reachable", lambda: answers)
 
 
-def test_the_same_rejection_repeated_while_tiled_answers_quarantines_with_the_reason(
+def test_the_same_rejection_twice_while_tiled_answers_quarantines_with_the_reason(
     uploader: Uploader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """N-1 times: rewrite (re-raised); the N-th time in a row: quarantined, reason in uploaded.json."""
+    """Once: the run backs off alone (reason in uploaded.json); twice in a row: quarantined, with the reason."""
     reachable(uploader, True, monkeypatch)
     view = planted_run(uploader)
-    for _ in range(REJECTIONS_TO_QUARANTINE - 1):
-        assert fail(uploader, view, http_error(422))
-        assert Uploaded.load(view.directory).state == "uploading"
+    assert not fail(uploader, view, http_error(422))
+    once = Uploaded.load(view.directory)
+    assert once.state == "uploading" and "422" in (once.reason or "") and "retried in" in (once.reason or "")
+    assert "run-1" in uploader.index.out and "run-1" not in uploader.done
     assert not fail(uploader, view, http_error(422))
     uploaded = Uploaded.load(view.directory)
     assert uploaded.state == "quarantined"
     assert uploaded.reason is not None and "422" in uploaded.reason
-    assert f"rejected {REJECTIONS_TO_QUARANTINE} times" in uploaded.reason
-    assert uploader.status.runs_quarantined == 1
+    assert "failed 2 times the same way while Tiled answered" in uploaded.reason
+    assert uploader.status.runs_quarantined == 1 and "run-1" in uploader.done
+
+
+def test_a_document_tiledwriter_raises_on_is_quarantined_on_the_second_identical_failure(
+    uploader: Uploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deterministic failure of the documents (any exception inside TiledWriter) is decided in two attempts."""
+    reachable(uploader, True, monkeypatch)
+    view = planted_run(uploader)
+    err = KeyError("Stream Resource det-key2-uid is referenced before being received")
+    assert not fail(uploader, view, err, fed=5)
+    assert not fail(uploader, view, err, fed=5)
+    assert Uploaded.load(view.directory).state == "quarantined"
 
 
 def test_rejections_while_tiled_does_not_answer_never_count(
     uploader: Uploader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A 4xx seen while Tiled's root does not answer may be a proxy's: never counted."""
+    """A 4xx seen while Tiled's root does not answer may be a proxy's: never counted (the run backs off)."""
     reachable(uploader, False, monkeypatch)
     view = planted_run(uploader)
-    for _ in range(REJECTIONS_TO_QUARANTINE * 3):
-        assert fail(uploader, view, http_error(404))
+    for _ in range(MAX_RUN_FAILURES * 2):
+        fail(uploader, view, http_error(404))
     assert Uploaded.load(view.directory).state == "uploading"
 
 
-def test_different_rejections_do_not_add_up(uploader: Uploader, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A rejection at another place in the log (the rewrite got further) starts counting again."""
+def test_different_failures_add_up_to_a_bounded_number_of_attempts(
+    uploader: Uploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure at another place in the log starts the repeat count again, but every loop ends:
+    MAX_RUN_FAILURES failures while Tiled answers quarantine the run."""
     reachable(uploader, True, monkeypatch)
     view = planted_run(uploader)
-    for fed in range(REJECTIONS_TO_QUARANTINE * 3):
-        assert fail(uploader, view, http_error(400), fed=fed)
+    for fed in range(MAX_RUN_FAILURES - 1):
+        assert not fail(uploader, view, http_error(400), fed=fed)
     assert Uploaded.load(view.directory).state == "uploading"
+    assert not fail(uploader, view, http_error(400), fed=99)
+    uploaded = Uploaded.load(view.directory)
+    assert uploaded.state == "quarantined" and f"failed {MAX_RUN_FAILURES} times" in (uploaded.reason or "")
 
 
 @pytest.mark.parametrize(
@@ -102,16 +123,42 @@ def test_different_rejections_do_not_add_up(uploader: Uploader, monkeypatch: pyt
     [http_error(500), http_error(502), transport(httpx.ConnectError), transport(httpx.ReadTimeout)],
     ids=["500", "502", "connect", "read-timeout"],
 )
-def test_a_tiled_that_keeps_failing_never_quarantines_a_run(
+def test_a_tiled_that_does_not_answer_pauses_everyone_and_never_quarantines_a_run(
     err: Exception, uploader: Uploader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 14: ten (here thirty) crashes of Tiled mid-upload leave the run to be rewritten, not quarantined."""
-    reachable(uploader, True, monkeypatch)
+    """Issue 14: Tiled down (its root does not answer) thirty times: re-raised each time (everyone pauses),
+    the run is given back to be rewritten, never quarantined."""
+    reachable(uploader, False, monkeypatch)
     view = planted_run(uploader)
     for _ in range(30):
         assert fail(uploader, view, err)
     assert Uploaded.load(view.directory).state == "uploading"
     assert uploader.status.runs_quarantined == 0
+
+
+def test_a_500_tiled_gives_one_run_while_it_answers_is_that_runs_problem(
+    uploader: Uploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiled answers its root: the failing run backs off alone (nothing re-raised, no global pause), with a
+    not-before time; the same 500 five times in a row quarantines it."""
+    reachable(uploader, True, monkeypatch)
+    view = planted_run(uploader)
+    for _ in range(4):
+        assert not fail(uploader, view, http_error(500))
+        (not_before, uid), *_ = uploader.index.delayed
+        assert uid == "run-1" and not_before > 0
+    assert Uploaded.load(view.directory).state == "uploading"
+    assert not fail(uploader, view, http_error(500))
+    assert Uploaded.load(view.directory).state == "quarantined"
+    assert uploader.link.backoff.attempt == 0  # the outage backoff was never touched
+
+
+def test_an_api_key_refused_pauses_everyone(uploader: Uploader, monkeypatch: pytest.MonkeyPatch) -> None:
+    reachable(uploader, True, monkeypatch)
+    view = planted_run(uploader)
+    for _ in range(5):
+        assert fail(uploader, view, http_error(401))
+    assert Uploaded.load(view.directory).state == "uploading"
 
 
 def test_the_runs_own_bad_content_is_quarantined_at_once(
@@ -133,7 +180,7 @@ def test_a_planted_run_directory_with_an_unsafe_uid_is_quarantined_not_activated
     reachable(uploader, True, monkeypatch)
     view = planted_run(uploader, "0123-abcd\n")
     uploader.link.client = object()  # any request would fail loudly: none must be made
-    uploader._schedule()
+    uploader.step()
     assert not uploader.active
     uploaded = Uploaded.load(view.directory)
     assert uploaded.state == "quarantined" and "not a safe Tiled key" in (uploaded.reason or "")
@@ -146,7 +193,7 @@ def test_received_json_naming_another_run_is_quarantined(
     view = planted_run(uploader, "run-a")
     Received(uid="run-b", closed=True).save(view.directory)
     uploader.link.client = object()
-    uploader._schedule()
+    uploader.step()
     assert Uploaded.load(view.directory).state == "quarantined"
 
 
@@ -155,7 +202,8 @@ def test_received_json_naming_another_run_is_quarantined(
 
 def scheduler(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> Uploader:
     """An Uploader on `spool`, connected to the fake Tiled, Tiled answering."""
-    uploader = Uploader(spool.config, spool.dir)
+    monkeypatch.setattr(run_index, "LISTING_INTERVAL_S", 0.0)  # each step sees new run directories
+    uploader = Uploader(spool.config, spool.dir, workers=0)
     uploader.link.client = FakeClient()
     monkeypatch.setattr(uploader.link, "reachable", lambda: True)
     return uploader
@@ -178,6 +226,7 @@ def test_at_most_max_active_runs_with_a_backlog_oldest_first(
     uids = [spool.closed_run(first_received=1000.0 - n) for n in range(MAX_ACTIVE_RUNS + 2)]
     oldest_first = uids[::-1]
     uploader = scheduler(spool, monkeypatch)
+    uploader.index.refresh()
     uploader._schedule()
     assert list(uploader.active) == oldest_first[:MAX_ACTIVE_RUNS]
     uploader.run(until_idle=True)
@@ -236,7 +285,7 @@ def test_replay_of_named_runs_takes_only_those_and_retries_a_quarantined_one(
     """`only`: the named runs (a quarantined one too), never the others."""
     named, other = spool.closed_run(), spool.closed_run()
     Uploaded(state=UploadState.QUARANTINED, reason="earlier").save(spool.dir.run_dir(named))
-    uploader = Uploader(spool.config, spool.dir, only={named})
+    uploader = Uploader(spool.config, spool.dir, only={named}, workers=0)
     uploader.link.client = FakeClient()
     uploader.run(until_idle=True)
     assert list(tiled.runs) == [named]

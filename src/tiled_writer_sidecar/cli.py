@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; change nothing")
     p.add_argument("--watch", action="store_true", help="keep uploading new runs as they appear")
     p.add_argument(
+        "--overwrite-foreign",
+        action="store_true",
+        help="DELETE a run in Tiled that this spool did not create and rewrite it (default: quarantine it)",
+    )
+    p.add_argument(
         "--give-up-after",
         type=float,
         default=60.0,
@@ -69,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-backup", help="upload TiledWriter JSONL backup files")
     _add_common(p, tiled=True)
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument(
+        "--overwrite-foreign",
+        action="store_true",
+        help="DELETE a run in Tiled that this spool did not create and rewrite it (default: quarantine it)",
+    )
 
     p = sub.add_parser("status", help="runs in the spool: state, documents, uploaded, gaps")
     _add_common(p)
@@ -186,11 +196,12 @@ def _dispatch(args: argparse.Namespace, config: Config, console: Console) -> int
             watch=args.watch,
             console=console,
             give_up_after=args.give_up_after,
+            overwrite_foreign=args.overwrite_foreign,
         )
     if command == "import-backup":
         from .replay import import_backup
 
-        return import_backup(config, args.files, console=console)
+        return import_backup(config, args.files, console=console, overwrite_foreign=args.overwrite_foreign)
     if command == "status":
         from .spool.directory import SpoolDir
         from .status import print_status, status_report

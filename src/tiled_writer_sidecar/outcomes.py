@@ -1,11 +1,16 @@
-"""What the uploader does after a failure: the whole policy, one screen (docs/design.md, "Upload").
+"""What the uploader does after a failure: the whole policy, one table (docs/design.md, "Upload").
 
-- `OUTCOMES` is the table (what failed -> `Outcome`); `classify` implements it
-  row by row, from the error alone.
-- Outages and ambiguous failures never quarantine a run. A rejection does only
-  when Tiled repeats it for the same request (`rejection_key`)
-  `REJECTIONS_TO_QUARANTINE` times in a row while it answers other requests;
-  a run's own bad content (unsafe name, a document of another run) at once.
+- `OUTCOMES` is the table: each `Rule` says which failures it covers, their
+  `Outcome`, and after how many identical failures in a row (`repeats`) the
+  run is quarantined. `decide` returns the first rule that matches; the
+  scheduler branches on it once per failure.
+- A failure is the run's own problem unless Tiled is down (its root does
+  not answer) or refuses the API key: then everyone pauses and nothing is
+  counted. Otherwise the run backs off on its own (the others go on) and the
+  failure counts: the same failure (`failure_key`) `repeats` times in a row,
+  or `MAX_RUN_FAILURES` failures of any kind, quarantine it with a one-line
+  reason. A run's own bad content (unsafe name, a document of another run,
+  a uid Tiled holds from another writer) is quarantined at once.
 - `one_line` is how every failure is shown: one escaped, bounded line.
 - The uploader's own control-flow exceptions live here too.
 """
@@ -13,6 +18,8 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 import httpx
@@ -21,7 +28,7 @@ from .errors import BadRunDocument, TiledUnavailableError, UnsafeName
 from .text import clean
 from .tiled_run import AppendAmbiguous, retryable
 
-REJECTIONS_TO_QUARANTINE = 3  # the same rejection, in a row, while Tiled answers other requests
+MAX_RUN_FAILURES = 8  # failures of one run, of any kind, while Tiled answers: then it is quarantined
 
 
 class Transient(Exception):
@@ -32,8 +39,12 @@ class VerificationFailed(Transient):
     """Tiled's rows for a run differ from what was fed: rewrite the run."""
 
 
+class ForeignRun(Exception):
+    """Tiled already holds a run with this uid, and this spool did not create it: never touch it."""
+
+
 class RunRejected(Exception):
-    """This run cannot be written (kept for callers; `classify` decides from the error itself)."""
+    """This run cannot be written (kept for callers; `decide` decides from the error itself)."""
 
 
 class TiledDown(Transient):
@@ -45,53 +56,92 @@ class Stopping(Exception):
 
 
 class Outcome(StrEnum):
-    """What the uploader does after a failure (see `OUTCOMES` and `classify`)."""
+    """What the uploader does after a failure (see `OUTCOMES`)."""
 
     STOP = "stop"  # stop uploading; every run stays as it is in the spool
-    TILED_DOWN = "tiled down"  # nothing can be uploaded now: back off, probe, reconnect; rewrite the run
-    RETRY = "retry"  # Tiled is busy: an append is retried in place, any other request by rewriting the run
-    REWRITE = "rewrite"  # the run's state in Tiled is unknown or wrong: delete it there, rewrite it whole
-    REJECTED = "rejected"  # rewrite; the same rejection repeated while Tiled answers: quarantine the run
-    QUARANTINE = "quarantine"  # the run itself can never be uploaded: quarantine it at once, no request
+    TILED_DOWN = "tiled down"  # Tiled does not answer: everyone pauses; else the run backs off alone
+    RETRY = "retry"  # Tiled failed the request: retried in place a few times, then the run backs off
+    REWRITE = "rewrite"  # the run's state in Tiled is unknown or wrong: the run is rewritten whole
+    REJECTED = "rejected"  # Tiled or TiledWriter refused the run's documents: rewrite, then quarantine
+    QUARANTINE = "quarantine"  # the run itself can never be uploaded: quarantine it at once
 
 
-#: The whole policy, one screen: (what failed, outcome). `classify` implements it row by row.
-OUTCOMES: tuple[tuple[str, Outcome], ...] = (
-    ("asked to stop; gave up waiting for Tiled (replay)", Outcome.STOP),
-    ("connection refused/reset, timeout, DNS; TiledDown; HTTP 401/403 (API key)", Outcome.TILED_DOWN),
-    ("HTTP 5xx, 408, 429 (Tiled busy or failing)", Outcome.RETRY),
-    ("append that may have landed (AppendAmbiguous); read-back differs", Outcome.REWRITE),
-    ("local resource: disk full, read-only, out of memory", Outcome.REWRITE),
-    ("any other HTTP 4xx; a document that raises inside TiledWriter", Outcome.REJECTED),
-    ("unsafe uid/stream/data key; a document not of this run", Outcome.QUARANTINE),
-)
+@dataclass(frozen=True)
+class Rule:
+    """One row of `OUTCOMES`: what failed, its outcome, and the repeats that quarantine the run."""
 
-#: OS errors that say nothing about the run (the host is short of something).
-_LOCAL_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE})
+    what: str
+    outcome: Outcome
+    matches: Callable[[BaseException], bool]
+    repeats: int | None  # the same failure this many times in a row -> quarantine; None: never counted
 
 
-def classify(err: BaseException) -> Outcome:
-    """The outcome of one failure, from the error alone (the table is `OUTCOMES`)."""
-    if isinstance(err, (Stopping, TiledUnavailableError)):
-        return Outcome.STOP
-    if isinstance(err, (TiledDown, httpx.TransportError, ConnectionError, TimeoutError)) or is_auth_error(
-        err
-    ):
-        return Outcome.TILED_DOWN
-    if isinstance(err, httpx.HTTPStatusError):
-        return Outcome.RETRY if retryable(err) else Outcome.REJECTED
-    if isinstance(err, (AppendAmbiguous, VerificationFailed, MemoryError)):
-        return Outcome.REWRITE
-    if isinstance(err, OSError) and err.errno in _LOCAL_RESOURCE_ERRNOS:
-        return Outcome.REWRITE
-    if isinstance(err, (UnsafeName, BadRunDocument)):
-        return Outcome.QUARANTINE
-    return Outcome.REJECTED
+def _is(*types: type[BaseException]) -> Callable[[BaseException], bool]:
+    return lambda err: isinstance(err, types)
 
 
 def is_auth_error(err: BaseException) -> bool:
     """Tiled refused the API key (HTTP 401/403): an outage of ours, not the run's fault."""
     return isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403)
+
+
+def _local_resource(err: BaseException) -> bool:
+    """The host is short of something (disk, memory, files): says nothing about the run."""
+    if isinstance(err, MemoryError):
+        return True
+    return isinstance(err, OSError) and err.errno in _LOCAL_RESOURCE_ERRNOS
+
+
+def _http_status(err: BaseException) -> bool:
+    return isinstance(err, httpx.HTTPStatusError)
+
+
+#: OS errors that say nothing about the run (the host is short of something).
+_LOCAL_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE})
+
+#: The whole policy, one screen; the first row that matches decides.
+OUTCOMES: tuple[Rule, ...] = (
+    Rule(
+        "asked to stop; gave up waiting for Tiled (replay)",
+        Outcome.STOP,
+        _is(Stopping, TiledUnavailableError),
+        None,
+    ),
+    Rule("Tiled refused the API key (HTTP 401/403)", Outcome.TILED_DOWN, is_auth_error, None),
+    Rule(
+        "connection refused/reset, timeout, DNS; TiledDown",
+        Outcome.TILED_DOWN,
+        _is(TiledDown, httpx.TransportError, ConnectionError, TimeoutError),
+        5,
+    ),
+    Rule(
+        "HTTP 5xx, 408, 429 (Tiled busy or failing)",
+        Outcome.RETRY,
+        lambda e: retryable(e) and _http_status(e),
+        5,
+    ),
+    Rule("the read-back differs from what was fed", Outcome.REWRITE, _is(VerificationFailed), 2),
+    Rule("an append that may have landed (AppendAmbiguous)", Outcome.REWRITE, _is(AppendAmbiguous), 3),
+    Rule("local resource: disk full, read-only, out of memory", Outcome.REWRITE, _local_resource, None),
+    Rule(
+        "unsafe uid/stream/data key; a document not of this run; a run Tiled holds from another writer",
+        Outcome.QUARANTINE,
+        _is(UnsafeName, BadRunDocument, ForeignRun),
+        None,
+    ),
+    Rule("any other HTTP 4xx", Outcome.REJECTED, _http_status, 2),
+    Rule("a document that raises inside TiledWriter or its normalizer", Outcome.REJECTED, lambda e: True, 2),
+)
+
+
+def decide(err: BaseException) -> Rule:
+    """The row of `OUTCOMES` for one failure, from the error alone."""
+    return next(rule for rule in OUTCOMES if rule.matches(err))
+
+
+def classify(err: BaseException) -> Outcome:
+    """The outcome of one failure (`decide`'s row)."""
+    return decide(err).outcome
 
 
 def one_line(err: BaseException) -> str:
@@ -100,9 +150,12 @@ def one_line(err: BaseException) -> str:
     return clean(f"{type(err).__name__}: {text[0] if text else ''}", 300)
 
 
-def rejection_key(err: BaseException, fed: int) -> str:
-    """What makes two rejections "the same request": the position in the log and the failure."""
+def failure_key(err: BaseException, fed: int) -> str:
+    """What makes two failures "the same": the position in the log and the failure."""
     if isinstance(err, httpx.HTTPStatusError):
         request = err.request
         return f"{fed} {request.method} {request.url.path} -> {err.response.status_code}"
     return f"{fed} {one_line(err)}"
+
+
+rejection_key = failure_key  # the name callers used before failures of every kind were counted

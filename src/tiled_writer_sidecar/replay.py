@@ -3,10 +3,15 @@
 - `replay` takes the uploader lock, closes the runs left open when no receiver
   runs (`Ingest.recover`: their logs replayed, their stop never comes) and
   uploads the selected runs with the daemon's `Uploader`. ``--dry-run`` lists
-  them; ``--watch`` keeps uploading as runs appear.
+  them on stdout, one line each, saying which would DELETE a run in Tiled and
+  rewrite it (it asks Tiled which exist); ``--watch`` keeps uploading as runs appear.
+- Neither deletes nor overwrites a run in Tiled that this spool did not create
+  (``uploaded.created``): such a run is quarantined, unless
+  ``--overwrite-foreign`` says to replace it.
 - `import-backup` feeds TiledWriter's JSON Lines backups through `Ingest`, as
-  the receiver feeds the wire, marks their runs for rewrite (Tiled may hold a
-  partial copy) and replays them. A backup file is untrusted: an entry that is
+  the receiver feeds the wire, marks their runs ``pending`` (the rule above
+  applies: a copy in Tiled written by another writer is not replaced) and
+  replays them. A backup file is untrusted: an entry that is
   not JSON, not ``{"name": ..., "doc": {...}}`` or rejected by `Ingest` is
   skipped and counted per reason (exit 1), never raised.
 """
@@ -28,6 +33,7 @@ from rich.console import Console
 from .config import Config, SpoolConfig
 from .errors import RejectedMessage, SidecarError, TiledUnavailableError
 from .ingest import Ingest
+from .outcomes import one_line
 from .spool.directory import SpoolDir
 from .spool.index import RunView, Uploaded, UploadState
 from .stats import ReceiverStats
@@ -71,16 +77,59 @@ def _say(console: Console, line: str) -> None:
     console.print(clean(line, 2000), markup=False, highlight=False, soft_wrap=True)
 
 
-def list_runs(spool: SpoolDir, uids: list[str], console: Console) -> int:
-    """`replay --dry-run`: what would be uploaded; nothing is changed."""
+def in_tiled(config: Config, uids: list[str]) -> set[str] | None:
+    """Which of `uids` Tiled holds (None if Tiled cannot be asked); read-only."""
+    if not uids:
+        return set()
+    from .tiled_client import connect, run_exists
+
+    try:
+        client = connect(config)
+    except Exception as err:  # noqa: BLE001 - the dry run says it could not ask, in one line
+        log.warning("dry run: cannot ask Tiled which runs exist: %s", one_line(err))
+        return None
+    try:
+        return {uid for uid in uids if run_exists(client, uid)}
+    except Exception as err:  # noqa: BLE001 - as above
+        log.warning("dry run: cannot ask Tiled which runs exist: %s", one_line(err))
+        return None
+    finally:
+        client.context.close()
+
+
+def dry_run_line(view: RunView, exists: bool | None, overwrite_foreign: bool) -> str:
+    """What `replay` would do to one run, as the dry run says it."""
+    what = (
+        f"{view.uid} scan_id={view.received.scan_id} documents={view.received.documents} state={view.state}"
+    )
+    ours = view.uploaded.created
+    if exists is None:
+        if ours or overwrite_foreign:
+            return f"would upload {what}; would DELETE the run in Tiled and rewrite it, if Tiled holds it"
+        return f"would upload {what}; quarantined instead if Tiled holds it (not created by this spool)"
+    if not exists:
+        return f"would upload {what}"
+    if ours:
+        return f"would DELETE the run in Tiled and rewrite it: {what} (created by this spool)"
+    if overwrite_foreign:
+        return f"would DELETE the run in Tiled and rewrite it: {what} (NOT created by this spool)"
+    return (
+        f"would NOT upload {what}: Tiled holds a run with this uid that this spool did not create"
+        " (it would be quarantined; --overwrite-foreign would DELETE it and rewrite it)"
+    )
+
+
+def list_runs(
+    config: Config, spool: SpoolDir, uids: list[str], console: Console, *, overwrite_foreign: bool = False
+) -> int:
+    """`replay --dry-run`: what would be uploaded or deleted, one line per run on stdout; nothing changes."""
     runs = selected_runs(spool, uids)
+    existing = in_tiled(config, [view.uid for view in runs])
+    out = Console(soft_wrap=True)
     for view in runs:
-        _say(
-            console,
-            f"would upload {view.uid} scan_id={view.received.scan_id} "
-            f"documents={view.received.documents} state={view.state}",
-        )
-    _say(console, f"{len(runs)} run(s) would be uploaded (dry run: nothing was changed)")
+        exists = None if existing is None else view.uid in existing
+        _say(out, dry_run_line(view, exists, overwrite_foreign))
+    _say(out, f"{len(runs)} run(s) would be uploaded (dry run: nothing was changed)")
     return 0
 
 
@@ -100,11 +149,12 @@ def replay(
     watch: bool = False,
     console: Console | None = None,
     give_up_after: float = 60.0,
+    overwrite_foreign: bool = False,
 ) -> int:
     console = console or Console(stderr=True)
     spool = SpoolDir(config.spool_dir, create=False)
     if dry_run:
-        return list_runs(spool, uids, console)
+        return list_runs(config, spool, uids, console, overwrite_foreign=overwrite_foreign)
     spool.lock("uploader")
     if warning := config.insecure_transport_warning():
         log.warning("%s", warning)
@@ -115,7 +165,14 @@ def replay(
     total = sum(r.received.documents for r in runs)
     _say(console, f"uploading {len(runs)} run(s), {total} documents, to {config.tiled.uri}")
     stop = threading.Event()
-    uploader = Uploader(config, spool, only=only, stop=stop, give_up_after=None if watch else give_up_after)
+    uploader = Uploader(
+        config,
+        spool,
+        only=only,
+        stop=stop,
+        give_up_after=None if watch else give_up_after,
+        overwrite_foreign=overwrite_foreign,
+    )
     started = time.monotonic()
     watcher = _start_watcher(spool, uploader) if watch else None
     finished = threading.Event()
@@ -295,13 +352,19 @@ def import_file(
         result.skip("the file", RejectedMessage("unreadable", err.strerror or type(err).__name__))
     ingest.close_all(NO_STOP)
     for uid in result.runs:
-        # A backup exists because a write failed: whatever Tiled holds is partial.
-        Uploaded(state=UploadState.UPLOADING).save(ingest.spool.run_dir(uid))
+        # To be uploaded again; a copy in Tiled is deleted only if this spool created it.
+        directory = ingest.spool.run_dir(uid)
+        previous = Uploaded.load(directory)
+        Uploaded(state=UploadState.PENDING, created=previous.created, attempts=previous.attempts).save(
+            directory
+        )
     result.dropped = ingest.stats.dropped - dropped
     return result
 
 
-def import_backup(config: Config, paths: list[Path], console: Console | None = None) -> int:
+def import_backup(
+    config: Config, paths: list[Path], console: Console | None = None, *, overwrite_foreign: bool = False
+) -> int:
     console = console or Console(stderr=True)
     spool = SpoolDir(config.spool_dir)
     spool.lock("uploader")
@@ -320,5 +383,7 @@ def import_backup(config: Config, paths: list[Path], console: Console | None = N
     spool.unlock()
     if skipped:
         _say(console, f"{skipped} backup entries were not imported (see above)")
-    uploaded = replay(config, imported, console=console) if imported else 0
+    uploaded = (
+        replay(config, imported, console=console, overwrite_foreign=overwrite_foreign) if imported else 0
+    )
     return max(uploaded, 1 if skipped else 0)

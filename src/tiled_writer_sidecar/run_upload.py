@@ -1,16 +1,23 @@
 """One run's upload: its log read back, fed to TiledWriter, flushed, verified, finished.
 
-- `RunUpload.start` marks the run ``uploading`` (deleting a partial upload of
-  it in Tiled first) or quarantines a run Tiled holds that this spool never
-  started; `pump` feeds what is new in the log (at most `RECORDS_PER_PUMP`),
-  flushes when a batch is due, and finishes the run once it is closed and
-  read to its end.
+- `RunUpload.start` deletes a partial upload of the run in Tiled first, only
+  if this spool created it (``uploaded.created``) or `Shared.overwrite_foreign`
+  says so; it makes no request otherwise. Feeding the start creates the run
+  in Tiled: Tiled answers 409 if another writer has it (`ForeignRun`: the run
+  is quarantined, nothing deleted); once created, ``uploaded.json`` records
+  ``uploading`` and ``created`` in one write. `pump` feeds what is new in the
+  log (at most `RECORDS_PER_PUMP`), flushes when a batch is due, and finishes
+  the run once it is closed and read to its end.
 - Everything read back is untrusted: `feed` refuses a document that is not
   of this run and names that could address another Tiled node
   (`BadRunDocument`, `UnsafeName`: the run is quarantined, by `quarantine`).
 - `finish` verifies each stream's ``seq_num`` column against what was fed,
-  in order (`VerificationFailed` otherwise), then records ``uploaded`` and
-  releases the run's segments.
+  in the order fed or in ``seq_num`` order (how Tiled reads the table back;
+  `VerificationFailed` otherwise), then records ``uploaded`` and releases the
+  run's segments.
+- Runs are uploaded from several worker threads at once: the shared
+  counters are changed under `Shared.lock`; ``uploaded.json`` is written at
+  the start, at most every `PROGRESS_INTERVAL_S` while rows flow, and at the end.
 - A failure leaves ``uploaded.json`` at ``uploading``: the scheduler forgets
   the run (`abandon`) and the next `start` rewrites it whole.
 - ``received.json`` is read again only when it changed on disk.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +37,7 @@ import httpx
 from .config import Config
 from .errors import BadRunDocument
 from .metrics import LagHistogram
-from .outcomes import VerificationFailed, one_line
+from .outcomes import ForeignRun, VerificationFailed, one_line
 from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
 from .spool.index import RECEIVED, Received, RunView, UploaderStatus, UploadState
@@ -78,6 +86,10 @@ class SeqNums:
     def values(self) -> list[int]:
         return [v for first, last in self.ranges for v in range(first, last + 1)]
 
+    def matches(self, tiled: list[int]) -> bool:
+        """Whether `tiled` holds these values in the order fed, or in ``seq_num`` order (a late copy)."""
+        return SeqNums.of(tiled) == self or (len(tiled) == self.count and tiled == sorted(self.values()))
+
 
 @dataclass
 class Shared:
@@ -88,6 +100,8 @@ class Shared:
     link: TiledLink
     status: UploaderStatus
     lag: LagHistogram = field(default_factory=LagHistogram)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards `status` and `lag`
+    overwrite_foreign: bool = False  # replay --overwrite-foreign: delete a run this spool did not create
 
 
 class RunUpload:
@@ -129,33 +143,37 @@ class RunUpload:
 
     # ------------------------------------------------------------- start
     @classmethod
-    def start(cls, view: RunView, shared: Shared) -> RunUpload | None:
-        """Mark the run ``uploading`` and make it ready to feed; None if it was quarantined instead."""
+    def start(cls, view: RunView, shared: Shared) -> RunUpload:
+        """Make the run ready to feed: a partial upload this spool created is deleted (module docstring)."""
         client = shared.link.client
         uid = check_uid(view.directory.name)
         if view.received.uid != uid:
             raise BadRunDocument(f"received.json names run {clean(view.received.uid, 80)!r}, not {uid}")
         uploaded = view.uploaded
-        if uploaded.state in (UploadState.UPLOADING, UploadState.QUARANTINED):
-            if run_exists(client, uid):
+        if (uploaded.created or shared.overwrite_foreign) and run_exists(client, uid):
+            if uploaded.created:
                 log.info("run %s: deleting the partial upload before rewriting it", uid)
-                _close_for_subscribers(client, uid)
-                delete_run(client, uid)
+            else:
+                log.warning("run %s: deleting a run this spool did not create (--overwrite-foreign)", uid)
+            _close_for_subscribers(client, uid)
+            delete_run(client, uid)
+            with shared.lock:
                 shared.status.rewrites += 1
-        elif run_exists(client, uid):
-            quarantine(
-                view, "a run with this uid is already in Tiled (not written by this sidecar)", shared.status
-            )
-            return None
+        tiled = TiledRun(client, shared.config.tiled.batch_rows, InPlaceRetry(shared.link))
+        return cls(view, tiled, shared)
+
+    def _created(self) -> None:
+        """The start is in Tiled, created by this spool: record ``uploading`` (one write)."""
+        uploaded = self.view.uploaded
         uploaded.state = UploadState.UPLOADING
+        uploaded.created = True
         uploaded.attempts += 1
         uploaded.documents = 0
         uploaded.damage = []
         uploaded.reason = None
-        uploaded.save(view.directory)
-        tiled = TiledRun(client, shared.config.tiled.batch_rows, InPlaceRetry(shared.link))
-        log.info("run %s: upload started (attempt %d)", uid, uploaded.attempts)
-        return cls(view, tiled, shared)
+        uploaded.save(self.view.directory)
+        self.last_progress_save = time.monotonic()
+        log.info("run %s: upload started (attempt %d)", self.uid, uploaded.attempts)
 
     # ------------------------------------------------------------- one pass
     def pump(self) -> bool:
@@ -223,16 +241,18 @@ class RunUpload:
         rows = self.tiled.buffered_rows()
         lag = self.tiled.flush()
         self.first_buffered = None
-        status.flushes += 1
-        status.rows += rows
         self.rows_counted += rows
-        if lag is not None:
-            status.last_lag_seconds = lag
-            status.lag_seconds.append(lag)
-            del status.lag_seconds[:-1000]
-            self.shared.lag.observe(lag)
-            status.lag_histogram = self.shared.lag.as_status()
-        self._save_progress()
+        with self.shared.lock:
+            status.flushes += 1
+            status.rows += rows
+            if lag is not None:
+                status.last_lag_seconds = lag
+                status.lag_seconds.append(lag)
+                del status.lag_seconds[:-1000]
+                self.shared.lag.observe(lag)
+                status.lag_histogram = self.shared.lag.as_status()
+        if time.monotonic() - self.last_progress_save >= PROGRESS_INTERVAL_S:
+            self._save_progress()
 
     def _save_progress(self) -> None:
         """Record how many documents Tiled holds (everything fed, once flushed)."""
@@ -267,7 +287,20 @@ class RunUpload:
                 seq.add(int(value))
         elif name == "stream_resource":
             check_key(doc.get("data_key"), "stream_resource data key")
-        self.tiled.feed(name, doc)
+        if name != "start":
+            self.tiled.feed(name, doc)
+            return
+        try:
+            self.tiled.feed(name, doc)  # creates the run in Tiled: atomic against other writers
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code == 409:
+                raise ForeignRun(
+                    "a run with this uid is already in Tiled and this spool did not create it"
+                    " (another writer, or an upload cut before it was recorded);"
+                    " `replay --overwrite-foreign UID` replaces it"
+                ) from None
+            raise
+        self._created()
 
     # ------------------------------------------------------------- the end
     def finish(self, received: Received) -> None:
@@ -280,15 +313,16 @@ class RunUpload:
         if not self.tiled.stopped:
             self.tiled.finish_without_stop()
         rows = self.verify()
-        shared.status.rows += sum(rows.values()) - self.rows_counted
         uploaded = self.view.uploaded
         uploaded.state = UploadState.UPLOADED
         uploaded.documents = self.fed
         uploaded.rows = rows
         uploaded.save(self.view.directory)
         self.finished = True
-        shared.status.runs_uploaded += 1
-        shared.status.documents += self.fed
+        with shared.lock:
+            shared.status.rows += sum(rows.values()) - self.rows_counted
+            shared.status.runs_uploaded += 1
+            shared.status.documents += self.fed
         problems = received.problems() + uploaded.damage
         log.info(
             "run uploaded uid=%s scan_id=%s documents=%d rows=%s seconds=%.1f %s",
@@ -316,7 +350,7 @@ class RunUpload:
             if fed.count == 0:
                 return 0
             raise VerificationFailed(f"run {self.uid} stream {stream}: no table in Tiled after upload")
-        if SeqNums.of(tiled) != fed:
+        if not fed.matches(tiled):
             raise VerificationFailed(f"run {self.uid} stream {stream}: {fed.describe_difference(tiled)}")
         return len(tiled)
 
@@ -330,7 +364,9 @@ class RunUpload:
 
 
 def quarantine(view: RunView, reason: str, status: UploaderStatus) -> None:
-    """Record that the run can never be uploaded (``uploaded.json``, the status, one log line)."""
+    """Record that the run can never be uploaded (``uploaded.json``, the status, one log line).
+
+    The caller holds `Shared.lock` if workers may be running."""
     uid = view.directory.name
     uploaded = view.uploaded
     uploaded.state = UploadState.QUARANTINED

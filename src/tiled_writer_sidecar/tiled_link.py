@@ -8,8 +8,10 @@
   answered with a 5xx while the server answers); both reset on `recovered`.
 - `give_up_after` (replay): failing longer than that raises
   `TiledUnavailableError`; `stop` interrupts every wait.
-- `InPlaceRetry` is `tiled_run`'s `RetryPolicy`, made of `wait_before_retry`
-  and `recovered`.
+- `InPlaceRetry` is `tiled_run`'s `RetryPolicy` for one run, made of
+  `wait_before_retry` and `recovered`: at most `IN_PLACE_ATTEMPTS` waits while
+  Tiled answers (then the failure is the run's, which backs off on its own);
+  while Tiled does not answer it waits as everyone does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 BUSY_BACKOFF_INITIAL_S = 0.05  # retrying an append Tiled answered with a 5xx (see TiledLink.busy_backoff)
 BUSY_BACKOFF_MAX_S = 1.0
+IN_PLACE_ATTEMPTS = 3  # waits of one failing request while Tiled answers others (see InPlaceRetry)
 
 
 class TiledLink:
@@ -177,13 +180,19 @@ class TiledLink:
 
 
 class InPlaceRetry:
-    """`tiled_run.RetryPolicy` for a failed append: the link's backoff and status, then the same append."""
+    """`tiled_run.RetryPolicy` for one run's failed append: the link's backoff and status, then the same
+    append; beyond `IN_PLACE_ATTEMPTS` failures while Tiled answers, `err` is raised (the run backs off)."""
 
     def __init__(self, link: TiledLink) -> None:
         self.link = link
+        self.failures = 0
 
     def wait(self, err: Exception) -> None:
+        self.failures += 1
+        if self.failures > IN_PLACE_ATTEMPTS and self.link.reachable():
+            raise err
         self.link.wait_before_retry(err)
 
     def recovered(self) -> None:
+        self.failures = 0
         self.link.recovered()

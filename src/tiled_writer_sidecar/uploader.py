@@ -1,23 +1,30 @@
-"""The uploader's scheduler: which runs are uploaded, and the loop that drives them.
+"""The uploader's scheduler: which runs are uploaded, by which worker, and what a failure costs.
 
 A run's state machine is in ``uploaded.json`` (`spool.index.UploadState`)::
 
     pending ──> uploading ──> uploaded           (segments released)
                    │  ^
-                   │  └── failed (not resumable), stopped, or not verified: rewritten whole
-                   └────> quarantined            (the run itself cannot be uploaded)
+                   │  └── failed, backing off, or interrupted: rewritten whole (if this spool created it)
+                   └────> quarantined            (the run cannot be uploaded; `replay UID` retries it)
 
-- Candidates: runs not finished (or those named by `only`), oldest first;
-  runs seen finished are remembered and never looked at again.
-- Slots: at most `MAX_ACTIVE_RUNS` runs with a backlog in flight; a run
-  caught up with its log takes none. Runs in memory are bounded by
-  ``max_open_runs + MAX_ACTIVE_RUNS``; beyond it the longest idle run is
-  parked (forgotten until its document count changes or it closes).
-- A failure of one run is classified (`outcomes`): quarantined, or forgotten
-  and re-raised so that the loop backs off (`TiledLink.failed`); other runs go
-  on. A rejection quarantines after `REJECTIONS_TO_QUARANTINE` in a row.
-- ``uploader.json`` (`UploaderStatus`) is written at most once a second, and
-  at once on a failure; on shutdown runs in flight stay ``uploading``.
+- Runs come from `RunIndex` (in memory, refreshed incrementally). Lanes: every
+  open run (the one being acquired) is activated at once, never behind the
+  backlog; closed runs, oldest first, while fewer than `MAX_ACTIVE_RUNS` of
+  them are in flight. Runs in memory are bounded by ``max_open_runs +
+  MAX_ACTIVE_RUNS``; beyond it the longest idle open run is parked.
+- Each active run's start and pump run in a pool of worker threads (one run
+  in one worker at a time, a pass of at most `PASS_S`); this thread only
+  schedules, collects results and writes ``uploader.json``. Shared counters
+  are updated under `Shared.lock`.
+- A failure of one run is decided once, by `outcomes.decide`: quarantine;
+  a Tiled-wide outage (Tiled's root does not answer, or the API key is
+  refused), where everyone pauses on `TiledLink.failed`; or the run's own
+  problem: it alone backs off (`RunRetry`: per-run backoff with a not-before
+  time) and is quarantined once the rule's repeats or `MAX_RUN_FAILURES` are
+  reached.
+- ``uploader.json`` (`UploaderStatus`) is written at most once a second (at
+  once on a state change), with the drain rate over `RATE_WINDOW_S` and the
+  backlog's ETA; on shutdown runs in flight stay ``uploading``.
 
 One run's upload is `run_upload`, the Tiled connection `tiled_link`; the
 reasons are in docs/design.md ("Upload").
@@ -25,29 +32,92 @@ reasons are in docs/design.md ("Upload").
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+from .backoff import Backoff
 from .config import Config
 from .errors import TiledUnavailableError
 from .metrics import LagHistogram
-from .outcomes import REJECTIONS_TO_QUARANTINE, Outcome, Stopping, classify, one_line, rejection_key
+from .outcomes import MAX_RUN_FAILURES, Outcome, Stopping, decide, failure_key, is_auth_error, one_line
+from .run_index import RunIndex, age_of
 from .run_upload import RECORDS_PER_PUMP, RunUpload, Shared, quarantine
 from .spool.directory import SpoolDir
-from .spool.index import Received, RunView, Uploaded, UploaderStatus, UploadState
-from .text import clean
+from .spool.index import Received, RunView, Uploaded, UploaderStatus
 from .tiled_link import TiledLink
 from .tiled_run import check_tiledwriter_api
 
 log = logging.getLogger(__name__)
 
-MAX_ACTIVE_RUNS = 4  # runs with a backlog, uploaded at once (caught-up open runs do not count)
+MAX_ACTIVE_RUNS = 4  # closed runs uploaded at once (open runs, the live lane, do not count)
+LIVE_WORKERS = 2  # workers beyond MAX_ACTIVE_RUNS: open runs never queue behind the backlog
+PASS_S = 1.0  # a worker gives its run back at least this often (stop, fairness)
 IDLE_WAIT_S = 0.05
 STATUS_INTERVAL_S = 1.0
+RATE_WINDOW_S = 60.0  # the drain rate in uploader.json is measured over this window
+RUN_BACKOFF_MAX_S = 30.0  # the longest a failing run waits before its next attempt
 
 __all__ = ["MAX_ACTIVE_RUNS", "RECORDS_PER_PUMP", "Uploader"]
+
+
+@dataclass
+class Slot:
+    """One run in flight: its view, its upload once started, the worker's pass in progress."""
+
+    view: RunView
+    live: bool  # open when activated: the live lane, never counted against MAX_ACTIVE_RUNS
+    run: RunUpload | None = None
+    future: Future[bool] | None = None
+
+    @property
+    def uid(self) -> str:
+        return self.view.directory.name
+
+    @property
+    def busy(self) -> bool:
+        """Holds a backlog slot: a closed run with work left (not started yet, or not caught up)."""
+        return not self.live and (self.run is None or self.run.busy)
+
+    @property
+    def idle(self) -> bool:
+        return self.future is None and self.run is not None and self.run.idle
+
+
+@dataclass
+class RunRetry:
+    """A run's failures while Tiled answered: its own backoff, and what quarantines it."""
+
+    backoff: Backoff
+    key: str = ""
+    repeats: int = 0
+    failures: int = 0
+
+
+@dataclass
+class DrainRate:
+    """Runs and rows per second over the last `RATE_WINDOW_S` (samples of the cumulative counts)."""
+
+    samples: collections.deque[tuple[float, int, int]] = field(default_factory=collections.deque)
+
+    def sample(self, status: UploaderStatus, backlog: int) -> None:
+        now = time.monotonic()
+        self.samples.append((now, status.runs_uploaded, status.rows))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW_S:
+            self.samples.popleft()
+        first, last = self.samples[0], self.samples[-1]
+        seconds = last[0] - first[0]
+        if seconds < 1.0:
+            return
+        status.runs_per_second = (last[1] - first[1]) / seconds
+        status.rows_per_second = (last[2] - first[2]) / seconds
+        status.backlog_runs = backlog
+        rate = status.runs_per_second
+        status.backlog_eta_seconds = backlog / rate if rate > 0 else None
 
 
 class Uploader:
@@ -61,6 +131,8 @@ class Uploader:
         only: set[str] | None = None,
         stop: threading.Event | None = None,
         give_up_after: float | None = None,
+        overwrite_foreign: bool = False,
+        workers: int = MAX_ACTIVE_RUNS + LIVE_WORKERS,
     ) -> None:
         check_tiledwriter_api()  # an unsupported bluesky-tiled-plugins fails here, in one line
         self.config = config
@@ -69,6 +141,7 @@ class Uploader:
         self.stop_event = stop or threading.Event()
         self.wake = threading.Event()
         self.status = UploaderStatus()
+        self.lock = threading.Lock()
         self.link = TiledLink(
             config,
             self.status,
@@ -76,12 +149,16 @@ class Uploader:
             report=lambda: self._write_status(force=True),
             give_up_after=give_up_after,
         )
-        self.shared = Shared(config, spool, self.link, self.status, LagHistogram())
-        self.active: dict[str, RunUpload] = {}
-        self.done: set[str] = set()  # runs seen uploaded (or quarantined): never candidates again
-        self.parked: dict[str, int] = {}  # idle open runs put out of memory -> their documents then
-        self.rejections: dict[str, tuple[str, int]] = {}  # uid -> (last rejection, times in a row)
+        self.shared = Shared(
+            config, spool, self.link, self.status, LagHistogram(), self.lock, overwrite_foreign
+        )
+        self.index = RunIndex(spool, only)
+        self.active: dict[str, Slot] = {}
+        self.retries: dict[str, RunRetry] = {}
         self.max_in_memory = config.spool.max_open_runs + MAX_ACTIVE_RUNS
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="upload") if workers > 0 else None
+        self._rate = DrainRate()
         self._last_status_write = 0.0
 
     @property
@@ -89,142 +166,210 @@ class Uploader:
         """The Tiled client in use (None while Tiled is down)."""
         return self.link.client
 
+    @property
+    def done(self) -> set[str]:
+        """Runs seen uploaded or quarantined: never candidates again (unless replayed by uid)."""
+        return self.index.done
+
+    @property
+    def parked(self) -> dict[str, Any]:
+        return self.index.parked
+
     # ------------------------------------------------------------- the loop
     def run(self, *, until_idle: bool = False) -> None:
         """Upload until stopped (or, with `until_idle`, until nothing is left)."""
-        while not self.stop_event.is_set():
-            try:
-                progressed = self.step()
-            except Stopping:
-                break
-            except TiledUnavailableError:
-                raise
-            except Exception as err:  # noqa: BLE001 - every failure is classified
-                self.link.failed(err)
-                continue
-            self.link.recovered()
-            self._write_status()
-            if until_idle and not progressed and not self._work_left():
-                break
-            if not progressed:
-                self.wake.wait(IDLE_WAIT_S)
-                self.wake.clear()
-        self._shutdown()
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    progressed = self.step()
+                except Stopping:
+                    break
+                except TiledUnavailableError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - a Tiled-wide outage: everyone pauses
+                    self.link.failed(err)
+                    continue
+                if progressed:
+                    self.link.recovered()
+                self._write_status()
+                if until_idle and not progressed and not self._work_left():
+                    break
+                if not progressed:
+                    self.wake.wait(IDLE_WAIT_S)
+                    self.wake.clear()
+        finally:
+            self._shutdown()
 
     def step(self) -> bool:
-        """One pass over the runs; True if anything was uploaded."""
+        """Collect the workers' passes, schedule, start new passes; True if any run progressed."""
         self.link.connected()
+        progressed = self._collect()
+        self.index.refresh()
         self._schedule()
-        progressed = False
-        for run in list(self.active.values()):
-            try:
-                progressed |= run.pump()
-            except Exception as err:  # noqa: BLE001 - classified: one run's failure never stops the others
-                self._run_failed(run.view, err, fed=run.fed)
+        self._dispatch()
+        if self._pool is None:  # inline (tests): each pass ran already
+            progressed |= self._collect()
+        return progressed
+
+    # ------------------------------------------------------------- workers
+    def _dispatch(self) -> None:
+        """Start a pass for every active run that has none in progress."""
+        for slot in list(self.active.values()):
+            if slot.future is not None or self.stop_event.is_set():
                 continue
-            if run.finished:
-                del self.active[run.uid]
-                self.done.add(run.uid)
+            if self._pool is None:
+                future: Future[bool] = Future()
+                try:
+                    future.set_result(self._work(slot))
+                except Exception as err:  # noqa: BLE001 - collected as a worker's would be
+                    future.set_exception(err)
+                slot.future = future
+            else:
+                slot.future = self._pool.submit(self._work, slot)
+
+    def _work(self, slot: Slot) -> bool:
+        """One pass of one run, in a worker: start it if needed, then pump for at most PASS_S."""
+        try:
+            if slot.run is None:
+                slot.run = RunUpload.start(slot.view, self.shared)
+            run = slot.run
+            deadline = time.monotonic() + PASS_S
+            progressed = False
+            while not self.stop_event.is_set():
+                moved = run.pump()
+                progressed |= moved
+                if run.finished or not moved or time.monotonic() >= deadline:
+                    break
+            return progressed
+        finally:
+            self.wake.set()
+
+    def _collect(self) -> bool:
+        """Handle every finished pass: a run done, a run failed (decided here), or a run to go on."""
+        progressed = False
+        for slot in list(self.active.values()):
+            future = slot.future
+            if future is None or not future.done():
+                continue
+            slot.future = None
+            err = future.exception()
+            if err is not None:
+                fed = slot.run.fed if slot.run is not None else 0
+                self._run_failed(slot.view, err if isinstance(err, Exception) else RuntimeError(err), fed=fed)
+                continue
+            progressed |= future.result()
+            if slot.run is not None and slot.run.finished:
+                del self.active[slot.uid]
+                self.retries.pop(slot.uid, None)
+                self.index.finished(slot.uid)
         return progressed
 
     # ------------------------------------------------------------- scheduling
     def _schedule(self) -> None:
-        """Activate the oldest candidates while upload slots (runs with a backlog) are free."""
-        for view in self._candidates():
-            if sum(run.busy for run in self.active.values()) >= MAX_ACTIVE_RUNS:
+        """Activate every open run (live lane), then the oldest closed runs while slots are free."""
+        live = self.index.live()
+        for n, view in enumerate(live):
+            if len(self.active) >= self.max_in_memory and not self._park_idle_run():
+                for later in live[n:]:  # no room now: offered again on the next pass
+                    self.index.again(later.directory.name)
+                break
+            self._activate(view, live=True)
+        while sum(slot.busy for slot in self.active.values()) < MAX_ACTIVE_RUNS:
+            oldest = self.index.next_closed()
+            if oldest is None:
                 break
             if len(self.active) >= self.max_in_memory and not self._park_idle_run():
+                self.index.again(oldest.directory.name)
                 break
-            try:
-                run = RunUpload.start(view, self.shared)
-            except Exception as err:  # noqa: BLE001 - classified, as above
-                self._run_failed(view, err, fed=0)
-                continue
-            if run is not None:
-                self.active[run.uid] = run
+            self._activate(oldest, live=False)
+
+    def _activate(self, view: RunView, *, live: bool) -> None:
+        slot = Slot(view, live=live)
+        self.active[slot.uid] = slot
 
     def _park_idle_run(self) -> bool:
         """Forget the longest idle caught-up open run to make room; False if there is none."""
-        idle = [run for run in self.active.values() if run.idle]
+        idle = [slot for slot in self.active.values() if slot.live and slot.idle]
         if not idle:
             return False
-        run = min(idle, key=lambda r: r.last_read)
-        self.active.pop(run.uid)
-        received = Received.load(run.view.directory)
-        self.parked[run.uid] = received.documents if received is not None else -1
+        slot = min(idle, key=lambda s: s.run.last_read if s.run is not None else 0.0)
+        self.active.pop(slot.uid)
+        received = Received.load(slot.view.directory) or slot.view.received
+        self.index.park(slot.uid, slot.view.directory, age_of(received, slot.uid))
         log.info(
             "run %s: parked (idle, open; %d runs in memory); rewritten when it goes on",
-            run.uid,
+            slot.uid,
             len(self.active),
         )
         return True
 
-    def _candidates(self) -> list[RunView]:
-        """Runs to upload that are not in flight, oldest first (each run's files are untrusted)."""
-        views = []
-        for run_dir in self.spool.runs_dir.iterdir():
-            uid = run_dir.name
-            if uid in self.done or uid in self.active:
-                continue
-            try:
-                received = Received.load(run_dir)
-                if received is None:
-                    continue
-                view = RunView(run_dir, received, Uploaded.load(run_dir))
-            except (OSError, TypeError, ValueError) as err:
-                log.warning("run directory %s: unreadable (%s); skipped", clean(uid), one_line(err))
-                self.done.add(uid)
-                continue
-            state = view.uploaded.state
-            if self.only is not None and uid in self.only:
-                wanted = state != UploadState.UPLOADED
-            else:
-                wanted = self.only is None and not state.finished
-            if uid in self.parked and wanted:
-                if self.parked[uid] == received.documents and not received.closed:
-                    continue
-                del self.parked[uid]
-            if wanted:
-                views.append(view)
-            elif state.finished:
-                self.done.add(uid)
-        views.sort(key=_age)
-        return views
-
     def _work_left(self) -> bool:
-        return bool(self.active) or bool(self._candidates())
+        return bool(self.active) or self.index.work_left()
 
     # ------------------------------------------------------------- failures of one run
     def _run_failed(self, view: RunView, err: Exception, *, fed: int) -> None:
-        """One run's start or pass failed: quarantine it, or forget it and re-raise (backoff, rewrite)."""
-        outcome = classify(err)
+        """Decide one run's failure once: quarantine it, pause everyone (re-raised), or back it off alone."""
+        rule = decide(err)
         uid = view.directory.name
-        if outcome is Outcome.STOP:
+        slot = self.active.pop(uid, None)
+        if rule.outcome is Outcome.STOP:
             raise err
-        if outcome is Outcome.QUARANTINE:
+        if rule.outcome is Outcome.QUARANTINE:
             self._quarantine(view, one_line(err))
             return
-        if outcome is Outcome.REJECTED and self.link.reachable():
-            key = rejection_key(err, fed)
-            last, times = self.rejections.get(uid, ("", 0))
-            times = times + 1 if key == last else 1
-            self.rejections[uid] = (key, times)
-            if times >= REJECTIONS_TO_QUARANTINE:
+        if slot is not None and slot.run is not None:
+            slot.run.abandon(err)
+        if is_auth_error(err) or not self.link.reachable():
+            self.index.again(uid)  # Tiled-wide: retried with everyone once Tiled answers again
+            raise err
+        counted = rule.repeats is not None
+        retry = self.retries.setdefault(
+            uid, RunRetry(Backoff(self.config.tiled.backoff_initial_seconds, RUN_BACKOFF_MAX_S))
+        )
+        if counted:
+            key = failure_key(err, fed)
+            retry.repeats = retry.repeats + 1 if key == retry.key else 1
+            retry.key = key
+            retry.failures += 1
+            assert rule.repeats is not None
+            if retry.repeats >= rule.repeats:
                 self._quarantine(
-                    view, f"rejected {times} times in a row while Tiled answered: {one_line(err)}"
+                    view, f"failed {retry.repeats} times the same way while Tiled answered: {one_line(err)}"
                 )
                 return
-            log.debug("run %s: rejection %d of %d", clean(uid), times, REJECTIONS_TO_QUARANTINE, exc_info=err)
-        if (run := self.active.pop(uid, None)) is not None:
-            run.abandon(err)
-        raise err
+            if retry.failures >= MAX_RUN_FAILURES:
+                self._quarantine(view, f"failed {retry.failures} times while Tiled answered: {one_line(err)}")
+                return
+        delay = retry.backoff.next_delay()
+        uploaded = Uploaded.load(view.directory)  # status shows why it waits (the next start clears it)
+        uploaded.reason = f"attempt {uploaded.attempts} failed, retried in {delay:.0f} s: {one_line(err)}"
+        try:
+            uploaded.save(view.directory)
+        except OSError:
+            pass
+        with self.lock:
+            self.status.retries += 1
+            self.status.last_error = f"run {uid}: {one_line(err)}"
+        log.warning(
+            "run %s: %s (%s); it backs off %.1f s (failure %d of at most %d)",
+            uid,
+            rule.outcome,
+            one_line(err),
+            delay,
+            retry.failures,
+            MAX_RUN_FAILURES,
+        )
+        self.index.later(uid, time.monotonic() + delay)
+        self._write_status(force=True)
 
     def _quarantine(self, view: RunView, reason: str) -> None:
         uid = view.directory.name
         self.active.pop(uid, None)
-        self.rejections.pop(uid, None)
-        self.done.add(uid)  # not retried by this process (replay of that run retries it once)
-        quarantine(view, reason, self.status)
+        self.retries.pop(uid, None)
+        self.index.finished(uid)  # not retried by this process (replay of that run retries it once)
+        with self.lock:
+            quarantine(view, reason, self.status)
+        self._write_status(force=True)
 
     # ------------------------------------------------------------- status and shutdown
     def _write_status(self, force: bool = False) -> None:
@@ -232,22 +377,24 @@ class Uploader:
         if not force and now - self._last_status_write < STATUS_INTERVAL_S:
             return
         self._last_status_write = now
-        self.status.updated = now
-        try:
-            self.status.save(self.spool.root)
-        except OSError:
-            pass
+        with self.lock:
+            if not force:
+                self._rate.sample(self.status, self.index.waiting() + len(self.active))
+            self.status.updated = now
+            try:
+                self.status.save(self.spool.root)
+            except OSError:
+                pass
 
     def _shutdown(self) -> None:
         """Stopping (or idle): in-flight runs stay `uploading` and are rewritten on the next start."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="upload")
         for uid in self.active:
             log.info("run %s: upload interrupted by shutdown; it will be rewritten", uid)
+        for uid in list(self.active):
+            self.index.again(uid)
         self.active.clear()
         self.link.close()
         self._write_status(force=True)
-
-
-def _age(view: RunView) -> tuple[float, str]:
-    """Sort key: oldest first (a hostile received.json may hold anything there)."""
-    first = view.received.first_received
-    return (float(first) if isinstance(first, (int, float)) else 0.0, view.directory.name)

@@ -61,6 +61,8 @@ class FakeRunWriter:
     def feed(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
             self.uid = doc["uid"]
+            if self.uid in self.tiled.runs:  # Tiled's create: 409 if the key is taken
+                raise http_error(409, "POST", "http://127.0.0.1:8000/api/v1/metadata/")
             self.tiled.runs[self.uid] = {}
         elif name == "descriptor":
             self.streams[doc["uid"]] = doc["name"]

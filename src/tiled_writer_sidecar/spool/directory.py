@@ -18,9 +18,10 @@ The quarantine keeps the newest rejected messages within
 ``quarantine_max_bytes`` and `QUARANTINE_MAX_FILES`; a message longer than
 `QUARANTINE_PREFIX` is kept as a one-line header (its full length and
 sha256) and its first `QUARANTINE_PREFIX` bytes. Its bytes count in
-`total_bytes` (so in ``max_bytes`` and ``/healthz``). A run's segments are deleted once Tiled has the whole run (or after
-``retention_hours``); its two small JSON files stay for the last
-``HISTORY_RUNS`` runs so `status` can show what was uploaded.
+`total_bytes` (so in ``max_bytes`` and ``/healthz``). A run's segments are deleted once Tiled has the
+whole run (or after ``retention_hours``); its two small JSON files stay for the last
+``HISTORY_RUNS`` runs so `status` can show what was uploaded. `release_run` costs O(1) per run:
+the finished runs are listed once per process, then kept in memory (`_history`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +89,8 @@ class SpoolDir:
         self._locks: list[int] = []
         self._quarantined: collections.deque[tuple[str, int]] | None = None  # (name, size), oldest first
         self._quarantine_bytes = 0
+        self._history: collections.deque[Path] | None = None  # finished runs, oldest first
+        self._history_lock = threading.Lock()  # release_run is called from the uploader's workers
 
     @property
     def runs_dir(self) -> Path:
@@ -171,6 +175,10 @@ class SpoolDir:
                 continue
         return dirs
 
+    def run_names(self) -> list[str]:
+        """The names of the run directories (`run_dirs`: never a symlink, never a file)."""
+        return [d.name for d in self.run_dirs()]
+
     def runs(self) -> list[RunView]:
         """Every run in the spool, oldest first."""
         views = []
@@ -198,10 +206,19 @@ class SpoolDir:
         if age_h >= retention_hours:
             for segment in list_segments(view.directory):
                 segment.unlink(missing_ok=True)
-        done = [v for v in self.runs() if v.uploaded.state.finished]
-        for old in done[: max(0, len(done) - HISTORY_RUNS)]:
-            if old.uploaded.state == UploadState.UPLOADED and not list_segments(old.directory):
-                shutil.rmtree(old.directory, ignore_errors=True)
+        with self._history_lock:
+            if self._history is None:  # once per process: the finished runs already in the spool
+                done = [
+                    v.directory
+                    for v in self.runs()
+                    if v.uploaded.state.finished and v.directory != view.directory
+                ]
+                self._history = collections.deque(done)
+            self._history.append(view.directory)
+            while len(self._history) > HISTORY_RUNS:
+                old = self._history.popleft()  # a quarantined run, or one with segments, stays on disk
+                if Uploaded.load(old).state == UploadState.UPLOADED and not list_segments(old):
+                    shutil.rmtree(old, ignore_errors=True)
 
     def _quarantine_listing(self) -> list[tuple[str, int]]:
         """``(name, size)`` of each file in quarantine/, oldest first."""

@@ -245,6 +245,9 @@ _OPTIONAL = {
     "reason",
     "last_error",
     "last_lag_seconds",
+    "runs_per_second",
+    "rows_per_second",
+    "backlog_eta_seconds",
 }
 
 
@@ -297,6 +300,7 @@ _UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "damage": as_texts,
     "rows": as_counts,
     "updated": _time,
+    "created": _flag,
 }
 
 
@@ -327,6 +331,10 @@ _UPLOADER_STATUS_FIELDS: dict[str, Callable[[Any], Any]] = {
     "last_lag_seconds": as_float,
     "lag_seconds": _finite_floats,
     "lag_histogram": _plain_dict,
+    "runs_per_second": as_float,
+    "rows_per_second": as_float,
+    "backlog_runs": _number,
+    "backlog_eta_seconds": as_float,
     "updated": _time,
 }
 
@@ -410,14 +418,26 @@ class Uploaded(_IndexFile):
     damage: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     updated: float = field(default_factory=time.time)
+    #: This spool created the run in Tiled (so only it may delete it there; docs/design.md, "Upload").
+    created: bool = False
 
     def __post_init__(self) -> None:
         self.state = _state(self.state)  # a plain string from a caller becomes its UploadState
 
     @classmethod
     def load(cls, run_dir: Path) -> Uploaded:
-        """The run's uploaded.json; defaults (pending) if it is missing or unreadable."""
-        return cls(**(cls._fields_in(run_dir) or {}))
+        """The run's uploaded.json; defaults (pending) if it is missing or unreadable.
+
+        A file written before ``created`` was recorded: an ``uploading`` run was created here
+        (those versions checked that Tiled had no such run first), any other was not.
+        """
+        data = read_json(run_dir / cls.FILE)
+        if data is None:
+            return cls()
+        kwargs = _fields_of(cls, data, cls.FIELDS)
+        if "created" not in data:
+            kwargs["created"] = kwargs.get("state") == UploadState.UPLOADING
+        return cls(**kwargs)
 
     def save(self, run_dir: Path) -> None:
         self.updated = time.time()
@@ -445,6 +465,10 @@ class UploaderStatus(_IndexFile):
     last_lag_seconds: float | None = None
     lag_seconds: list[float] = field(default_factory=list)  # the last 1,000 (benchmarks read them)
     lag_histogram: dict[str, Any] = field(default_factory=dict)  # cumulative: /metrics exports it
+    runs_per_second: float | None = None  # runs uploaded per second over the last RATE_WINDOW_S
+    rows_per_second: float | None = None  # rows written per second, same window
+    backlog_runs: int = 0  # runs not uploaded yet (open, pending, uploading, backing off)
+    backlog_eta_seconds: float | None = None  # backlog_runs / runs_per_second (None: no rate yet)
     updated: float = field(default_factory=time.time)
 
     @classmethod
