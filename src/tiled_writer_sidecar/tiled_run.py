@@ -25,10 +25,12 @@ tests. Why each difference: docs/design.md, "Upload: one table of outcomes".
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Protocol
 
 import httpx
+import pyarrow
 from bluesky_tiled_plugins.writing.tiled_writer import (
     MAX_ARRAY_SIZE,
     RunNormalizer,
@@ -40,9 +42,12 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 from tiled.structures.table import TableStructure
 
+from .column_types import TypeChangeNotWidening, conform, promote_schema, stored_schema
 from .errors import IncompatibleDependency
-from .tiled_client import read_table_seq_nums
+from .tiled_client import read_table, read_table_column
 from .validation import validate_document
+
+log = logging.getLogger(__name__)
 
 
 class AppendAmbiguous(Exception):
@@ -172,11 +177,14 @@ class SeqNumOrderedNode:
 
     Everything but `create_appendable_table` is the wrapped node's. That method
     sends what Tiled's `Container.create_appendable_table` sends, plus the
-    `table_parameters` (the client's own method accepts no other parameter).
+    `table_parameters` (the client's own method accepts no other parameter),
+    and notes each table's metadata in `created` (by ``stream/key``), to
+    create the table again if its column types widen.
     """
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Any, created: dict[str, dict[str, Any]] | None = None) -> None:
         self._node = node
+        self._created = created if created is not None else {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._node, name)
@@ -201,7 +209,7 @@ class SeqNumOrderedNode:
             mimetype=SQL_TABLE_MIMETYPE,
             parameters=parameters,
         )
-        return self._node.new(
+        table = self._node.new(
             StructureFamily.table,
             [source],
             key=key,
@@ -209,21 +217,99 @@ class SeqNumOrderedNode:
             specs=specs or [],
             access_tags=access_tags,
         )
+        self._created[f"{self._node.item['id']}/{table.item['id']}"] = metadata or {}
+        return table
+
+
+#: What ``pyarrow.Table.from_pylist`` raises on a batch whose column mixes types it cannot unify.
+_MIXED_BATCH_ERRORS = (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, OverflowError)
 
 
 class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
-    """`_RunWriter` whose failed appends are retried in place, exactly once, and whose tables
-    Tiled reads back in ``seq_num`` order (see the module docstring)."""
-
-    def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
-        super()._write_internal_data(data_cache, desc_node=SeqNumOrderedNode(desc_node))
+    """`_RunWriter` whose failed appends are retried in place, exactly once, whose tables
+    Tiled reads back in ``seq_num`` order, and whose column types widen (see the module docstring)."""
 
     def __init__(self, client: BaseClient, batch_size: int, retry: RetryPolicy) -> None:
         super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
         self.retry = retry
         self.table_rows: dict[str, int] = {}  # rows each internal table holds, by its URI
+        self.table_schemas: dict[str, pyarrow.Schema] = {}  # stream/key -> the types its rows so far infer
+        self.table_metadata: dict[str, dict[str, Any]] = {}  # stream/key -> the metadata it was created with
+        self.widened: list[str] = []  # one line per table rewritten with wider types
+
+    def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
+        node = SeqNumOrderedNode(desc_node, self.table_metadata)
+        try:
+            super()._write_internal_data(data_cache, desc_node=node)
+        except _MIXED_BATCH_ERRORS:
+            # from_pylist (the table step, after every array column was written and taken out of the
+            # rows) refused rows whose types mix: write them as runs that convert, each widening in turn.
+            desc_name = desc_node.item["id"]
+            if self._int_ragged_array_keys[desc_name]:
+                raise  # a second pass would write the ragged arrays' rows again
+            for chunk in _convertible_runs(data_cache):
+                super()._write_internal_data(chunk, desc_node=node)
 
     def _append_with_retry(self, df_client: Any, table: Any, desc_name: str) -> None:
+        name = f"{desc_name}/{df_client.item['id']}"
+        known = self.table_schemas.get(name)
+        if known is None:  # TiledWriter just created the table from this batch
+            self.table_schemas[name] = table.schema
+            self._append(df_client, table, desc_name)
+            return
+        promoted = promote_schema(known, table.schema)
+        stored = stored_schema(promoted)
+        if stored.equals(stored_schema(known)):
+            self.table_schemas[name] = promoted
+            self._append(df_client, conform(table, stored), desc_name)
+        else:
+            self._widen(df_client, table, desc_name, known, promoted)
+
+    def _widen(self, df_client: Any, table: Any, desc_name: str, known: Any, promoted: Any) -> None:
+        """Create the table again with `promoted`'s types, holding its rows so far and `table`'s.
+
+        Read back, closed for live subscribers (they get ``stream_closed``, then the
+        new table announced with every row), deleted, created with the same key,
+        metadata and parameters, then one append. A failure half way leaves the
+        table unknown: `AppendAmbiguous`, and the run is rewritten.
+        """
+        key = df_client.item["id"]
+        name = f"{desc_name}/{key}"
+        stored = stored_schema(promoted)
+        before = conform(read_table(df_client), stored)  # exact, or TypeChangeNotWidening
+        rows = pyarrow.concat_tables([before, conform(table, stored)])
+        desc_node = self._desc_nodes[desc_name]
+        try:
+            df_client.close_stream()
+            desc_node.delete_contents(key, external_only=False)
+            new = SeqNumOrderedNode(desc_node, self.table_metadata).create_appendable_table(
+                schema=stored,
+                key=key,
+                metadata=self.table_metadata.get(name, {}),
+                access_tags=self.access_tags,
+            )
+        except (httpx.TransportError, httpx.HTTPStatusError) as err:
+            raise AppendAmbiguous(
+                f"stream {desc_name!r}: rewriting {key} with wider types failed: {err}"
+            ) from err
+        self._internal_tables[desc_name + key[len("internal") :]] = new
+        self.table_schemas[name] = promoted
+        self.table_rows[new.uri] = 0
+        changed = [
+            f"{f.name} {f.type} -> {stored.field(f.name).type}"
+            for f in stored_schema(known)
+            if not f.type.equals(stored.field(f.name).type)
+        ]
+        self.widened.append(
+            f"stream {desc_name!r} {key}: {', '.join(changed)} ({before.num_rows} rows rewritten)"
+        )
+        log.info(
+            "run %s: %s", self.root_node.item["id"] if self.root_node is not None else "?", self.widened[-1]
+        )
+        self._append(new, rows, desc_name)
+
+    def _append(self, df_client: Any, table: Any, desc_name: str) -> None:
+        """Append `table` once, retrying in place (see the module docstring)."""
         before = self.table_rows.get(df_client.uri, 0)
         failed = False
         while True:
@@ -242,10 +328,14 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
             self.retry.recovered()
 
     def _landed(self, df_client: Any, table: Any, before: int, err: Exception, desc_name: str) -> bool:
-        """Whether the failed append of `table` is in Tiled; raise `AppendAmbiguous` if unknowable."""
+        """Whether the failed append of `table` is in Tiled; raise `AppendAmbiguous` if unknowable.
+
+        A split table part without ``seq_num`` is checked by its row count alone.
+        """
+        column = "seq_num" if "seq_num" in table.column_names else table.column_names[0]
         while True:
             try:
-                seq = read_table_seq_nums(df_client)
+                held = read_table_column(df_client, column)
                 break
             except (httpx.TransportError, httpx.HTTPStatusError) as check_err:
                 if not retryable(check_err):
@@ -253,16 +343,46 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
                 self.retry.wait(check_err)
             except KeyError as gone:  # the table itself is gone: nothing to resume
                 raise AppendAmbiguous(f"stream {desc_name!r}: {gone}") from err
-        appended = [int(x) for x in table["seq_num"].to_pylist()]
-        if len(seq) == before + len(appended) and set(appended) <= set(seq):
+        appended = table[column].to_pylist()
+        if len(held) == before + len(appended) and (column != "seq_num" or set(appended) <= set(held)):
             return True
-        if len(seq) == before and finished_unapplied(err):
+        if len(held) == before and finished_unapplied(err):
             return False
         raise AppendAmbiguous(
             f"stream {desc_name!r}: appending {len(appended)} rows failed ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}) and the table holds {len(seq)} rows,"
+            f"{str(err).splitlines()[0] if str(err) else ''}) and the table holds {len(held)} rows,"
             f" {before} before the append"
         )
+
+
+def _convertible_runs(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`rows` cut into the longest consecutive runs that ``from_pylist`` converts (binary search per cut).
+
+    A single row that does not convert (an integer beyond 64 bits) is `TypeChangeNotWidening`.
+    """
+
+    def converts(part: list[dict[str, Any]]) -> bool:
+        try:
+            pyarrow.Table.from_pylist(part)
+        except _MIXED_BATCH_ERRORS:
+            return False
+        return True
+
+    runs = []
+    start = 0
+    while start < len(rows):
+        if not converts(rows[start : start + 1]):
+            raise TypeChangeNotWidening(f"the row with seq_num {rows[start].get('seq_num')} cannot be stored")
+        low, high = start + 1, len(rows)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if converts(rows[start:middle]):
+                low = middle
+            else:
+                high = middle - 1
+        runs.append(rows[start:low])
+        start = low
+    return runs
 
 
 class TiledRun:
