@@ -124,7 +124,7 @@ def _seq_num_part(client: Any, *path: str) -> str | None:
     """The key of the split table part (``internal_N``) under the stream at `path` that has ``seq_num``."""
     base = str(client.item["links"]["self"]).replace("/api/v1/metadata/", "/api/v1/search/", 1)
     url: str | None = "/".join([base.rstrip("/"), url_path(*path)])
-    params: dict[str, Any] = {"page[limit]": 1000}
+    params: dict[str, Any] = {"page[limit]": 300}
     while url:
         response = client.context.http_client.get(url, params=params)
         if response.status_code == 404:
