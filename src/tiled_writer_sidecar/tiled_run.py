@@ -437,7 +437,6 @@ class TiledRun:
         self.events: dict[str, int] = {}
         self.stopped = False
         self.oldest_unflushed: float | None = None  # event time of the oldest buffered row
-        self.first_rows_written: set[str] = set()  # streams whose table exists in Tiled
         self.closed = False
 
     def feed(self, name: str, doc: dict[str, Any]) -> None:
@@ -452,34 +451,25 @@ class TiledRun:
                 t = doc["time"] if name == "event" else doc["time"][0]
                 self.oldest_unflushed = float(t)
         self.normalizer(name, doc)
-        if name in ("event", "event_page"):
-            self._write_first_row(doc["descriptor"])
-        elif name == "stop":
+        if name == "stop":
             self.stopped = True
             self.closed = True  # TiledWriter's stop closed every stream it wrote
             self.oldest_unflushed = None
 
-    def _write_first_row(self, descriptor_uid: str) -> None:
-        """Write a stream's first rows at once: its table then exists for live subscribers.
+    def ready_to_flush(self, *, caught_up: bool) -> bool:
+        """Whether to write the buffered rows now: there are some and the run's log is read to its end.
 
-        Tiled streams a table's appends to subscribers only once they have
-        attached to it, and they can attach only after it is created, which
-        TiledWriter does with the first batch. Writing the first row alone
-        lets them attach while the scan runs; later rows follow by batch.
+        A run being acquired then sends each pass's rows as soon as the previous
+        append has returned (the uploader's pass is synchronous, so rows that
+        arrive while an append is in flight are coalesced into the next one),
+        with no timer on the way: its first row creates the stream's table at
+        once (live subscribers attach to it) and later rows follow within a
+        pass. A run read from a backlog is not caught up: its rows go in full
+        batches (`batch_rows`, or the uploader's `batch_seconds`), and a small
+        run read whole in one pass is written by its stop, in as few requests
+        as in-process TiledWriter makes.
         """
-        node = self.writer._desc_nodes.get(descriptor_uid)
-        if node is None:
-            return
-        desc_name = node.item["id"]
-        if desc_name in self.first_rows_written:
-            return
-        cache = self.writer._internal_data_cache.get(desc_name)
-        if cache:
-            self.writer._write_internal_data(cache, desc_node=node)
-            cache.clear()
-        self.first_rows_written.add(desc_name)
-        if not self.buffered_rows():
-            self.oldest_unflushed = None
+        return caught_up and not self.stopped and self.buffered_rows() > 0
 
     def buffered_rows(self) -> int:
         """Rows and stream datums TiledWriter holds but has not written yet."""

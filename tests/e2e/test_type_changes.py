@@ -1,8 +1,9 @@
 """Issue 19: a column whose type changes during a run never stops it.
 
-The sidecar writes a stream's first row at once (live subscribers attach to
-its table), so a column that starts as integers and turns to floats later
-reaches Tiled in a second batch, which Tiled's int64 table refuses. The
+The sidecar writes a live run's rows as they come (its first row creates the
+stream's table, so live subscribers can attach), so a column that starts as
+integers and turns to floats later reaches Tiled in a second batch, which
+Tiled's int64 table refuses. The
 sidecar rewrites that table with the widened type instead; the result must
 be what in-process TiledWriter writes when every row arrives in one batch
 (its default: 10,000 rows): same tree, same values, same column dtypes.
@@ -97,6 +98,18 @@ def column_values(client: Any, uid: str) -> dict[str, list[Any]]:
     return values
 
 
+def publish(acquisition: Acquisition, docs: list[Document]) -> None:
+    """Send `docs` on the acquisition's standard Publisher, as a RunEngine does."""
+    assert acquisition.publisher is not None
+    for name, doc in docs:
+        acquisition.publisher(name, doc)
+
+
+def has_table(client: Any, uid: str) -> bool:
+    """Whether the run's ``primary`` stream has its table in Tiled (its first row was written)."""
+    return uid in client and "primary" in client[uid] and "internal" in client[uid]["primary"].base
+
+
 def run_states(sidecar: SidecarProcess, wanted: dict[str, str], timeout: float = 180.0) -> dict[str, Any]:
     """Poll ``status --json`` until every run in `wanted` is in its state; return the runs by uid."""
     runs: dict[str, Any] = {}
@@ -142,15 +155,23 @@ def test_widened_columns_end_exact_with_in_process_types_and_other_runs_flow(
     sidecar = make_sidecar(tmp_path, proxy, tiled_container)
     with sidecar:
         acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
-        assert acquisition.publisher is not None
-        for docs in runs:
-            for name, doc in docs:
-                acquisition.publisher(name, doc)
         uid = {id(docs): docs[0][1]["uid"] for docs in runs}
+        for docs in runs:
+            # As acquired: the first row reaches Tiled alone (live), the others after it.
+            publish(acquisition, docs[:3])
+            if docs is not good[0]:
+                run = uid[id(docs)]
+                wait_until(
+                    lambda run=run: has_table(tiled_container.client(), run), 120, what="the first row"
+                )
+            publish(acquisition, docs[3:])
         states = run_states(
             sidecar,
             {uid[id(docs)]: "quarantined" if docs is strings else "uploaded" for docs in runs},
         )
+        log = sidecar.log_tail(2000)
+    # The widening really happened across batches (the table was rewritten), not in one batch.
+    assert "counter int64 -> double" in log and "flag bool -> int64" in log, log
     assert (
         "'reading'" in states[uid[id(strings)]]["reason"]
         and "not a widening" in states[uid[id(strings)]]["reason"]
