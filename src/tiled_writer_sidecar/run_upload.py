@@ -193,7 +193,8 @@ class RunUpload:
         if self.tiled.buffered_rows():
             if self.first_buffered is None:
                 self.first_buffered = now
-            if self._batch_due(now, caught_up=count < RECORDS_PER_PUMP):
+            caught_up = count < RECORDS_PER_PUMP
+            if self.tiled.ready_to_flush(caught_up=caught_up) or self._batch_due(now, caught_up=caught_up):
                 self.flush()
         else:
             self.first_buffered = None

@@ -5,7 +5,11 @@ exists, deleting a partial run before it is rewritten, and reading back a
 table's ``seq_num`` column: to verify an upload row by row, and to find out
 whether an append whose response was lost landed. The column is read in one
 request (``GET /api/v1/table/full/{path}?column=seq_num``, Arrow), not by
-walking the run, stream and table nodes first.
+walking the run, stream and table nodes first. A stream table split above
+1024 columns (``internal_0``, ``internal_1``, ...) has ``seq_num`` in one part
+only (the columns are split in sorted order): one listing of the stream
+finds that part. `read_table` reads a whole table back (Arrow), for a table
+rewritten with wider column types.
 
 Names are untrusted (they come from documents read back from the spool):
 `check_uid` and `check_key` refuse, before any request, a uid, stream name
@@ -31,9 +35,10 @@ from .errors import UnsafeName
 ARROW = "application/vnd.apache.arrow.file"
 
 #: Where TiledWriter puts a stream's rows: ``internal``, or ``internal_0``,
-#: ``internal_1``, ... when a table has more than MAX_TABLE_COLUMNS columns
-#: (each part holds every row and its own ``seq_num`` column).
-INTERNAL_TABLES = ("internal", "internal_0")
+#: ``internal_1``, ... when a table has more than 1024 columns (each part
+#: holds every row; only the part whose sorted columns include it has ``seq_num``).
+INTERNAL_TABLE = "internal"
+_SPLIT_PART = re.compile(r"internal_[0-9]+")
 
 #: A run uid: what bluesky writes (uuid4) and more, never a separator or a dot segment (full match).
 _UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -99,29 +104,71 @@ def _table_url(node: Any, *path: str) -> str:
     return "/".join([base.rstrip("/"), url_path(*path)]) if path else base.rstrip("/")
 
 
-def _get_seq_nums(node: Any, url: str) -> list[int] | None:
-    """The ``seq_num`` column at `url` in one GET, or None if there is no such table (404)."""
-    response = node.context.http_client.get(url, params={"column": "seq_num"}, headers={"Accept": ARROW})
+def _get_arrow(node: Any, url: str, columns: list[str] | None = None) -> pyarrow.Table | None:
+    """The table at `url` (only `columns`, if given) in one GET, or None if there is no such table (404)."""
+    params = {"column": columns} if columns else None
+    response = node.context.http_client.get(url, params=params, headers={"Accept": ARROW})
     if response.status_code == 404:
         return None
     handle_error(response)
-    column = pyarrow.ipc.open_file(io.BytesIO(response.content)).read_all()["seq_num"]
-    return [int(x) for x in column.to_pylist()]
+    return pyarrow.ipc.open_file(io.BytesIO(response.content)).read_all()
+
+
+def _get_seq_nums(node: Any, url: str) -> list[int] | None:
+    """The ``seq_num`` column at `url` in one GET, or None if there is no such table (404)."""
+    table = _get_arrow(node, url, ["seq_num"])
+    return None if table is None else [int(x) for x in table["seq_num"].to_pylist()]
+
+
+def _seq_num_part(client: Any, *path: str) -> str | None:
+    """The key of the split table part (``internal_N``) under the stream at `path` that has ``seq_num``."""
+    base = str(client.item["links"]["self"]).replace("/api/v1/metadata/", "/api/v1/search/", 1)
+    url: str | None = "/".join([base.rstrip("/"), url_path(*path)])
+    params: dict[str, Any] = {"page[limit]": 300}
+    while url:
+        response = client.context.http_client.get(url, params=params)
+        if response.status_code == 404:
+            return None
+        body = handle_error(response).json()
+        for item in body.get("data") or []:
+            key = item.get("id")
+            structure = (item.get("attributes") or {}).get("structure") or {}
+            if (
+                isinstance(key, str)
+                and _SPLIT_PART.fullmatch(key)
+                and "seq_num" in (structure.get("columns") or [])
+            ):
+                return key
+        url, params = (body.get("links") or {}).get("next"), {}
+    return None
 
 
 def read_seq_nums(client: Any, uid: str, stream: str) -> list[int] | None:
     """The `seq_num` column of a stream's rows in Tiled, in Tiled's order, or None if there is no table."""
     path = (check_uid(uid), check_key(stream, "stream name"))
-    for table in INTERNAL_TABLES:
-        seq = _get_seq_nums(client, _table_url(client, *path, table))
-        if seq is not None:
-            return seq
-    return None
+    seq = _get_seq_nums(client, _table_url(client, *path, INTERNAL_TABLE))
+    if seq is not None:
+        return seq
+    part = _seq_num_part(client, *path)  # no "internal": a split table, or no table at all
+    return None if part is None else _get_seq_nums(client, _table_url(client, *path, part))
+
+
+def read_table_column(table: Any, column: str) -> list[Any]:
+    """One column of one table, given its client (a TiledWriter `DataFrameClient`); KeyError if gone."""
+    data = _get_arrow(table, _table_url(table), [column])
+    if data is None:
+        raise KeyError(f"table {table.uri} is not in Tiled")
+    return list(data[column].to_pylist())
 
 
 def read_table_seq_nums(table: Any) -> list[int]:
     """The `seq_num` column of one table, given its client (a TiledWriter `DataFrameClient`)."""
-    seq = _get_seq_nums(table, _table_url(table))
-    if seq is None:
+    return [int(x) for x in read_table_column(table, "seq_num")]
+
+
+def read_table(table: Any) -> pyarrow.Table:
+    """Every row of one table, in Tiled's order, given its client; KeyError if it is gone."""
+    data = _get_arrow(table, _table_url(table))
+    if data is None:
         raise KeyError(f"table {table.uri} is not in Tiled")
-    return seq
+    return data

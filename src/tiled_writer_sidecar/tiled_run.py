@@ -25,12 +25,16 @@ tests. Why each difference: docs/design.md, "Upload: one table of outcomes".
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Protocol
 
 import httpx
+import pyarrow
+from bluesky_tiled_plugins.utils import split_table
 from bluesky_tiled_plugins.writing.tiled_writer import (
     MAX_ARRAY_SIZE,
+    MAX_TABLE_COLUMNS,
     RunNormalizer,
     _RunWriter,
 )
@@ -40,9 +44,12 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 from tiled.structures.table import TableStructure
 
+from .column_types import TypeChangeNotWidening, conform, promote_schema, stored_schema
 from .errors import IncompatibleDependency
-from .tiled_client import read_table_seq_nums
+from .tiled_client import read_table, read_table_column
 from .validation import validate_document
+
+log = logging.getLogger(__name__)
 
 
 class AppendAmbiguous(Exception):
@@ -172,11 +179,14 @@ class SeqNumOrderedNode:
 
     Everything but `create_appendable_table` is the wrapped node's. That method
     sends what Tiled's `Container.create_appendable_table` sends, plus the
-    `table_parameters` (the client's own method accepts no other parameter).
+    `table_parameters` (the client's own method accepts no other parameter),
+    and notes each table's metadata in `created` (by ``stream/key``), to
+    create the table again if its column types widen.
     """
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Any, created: dict[str, dict[str, Any]] | None = None) -> None:
         self._node = node
+        self._created = created if created is not None else {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._node, name)
@@ -201,7 +211,7 @@ class SeqNumOrderedNode:
             mimetype=SQL_TABLE_MIMETYPE,
             parameters=parameters,
         )
-        return self._node.new(
+        table = self._node.new(
             StructureFamily.table,
             [source],
             key=key,
@@ -209,21 +219,138 @@ class SeqNumOrderedNode:
             specs=specs or [],
             access_tags=access_tags,
         )
+        self._created[f"{self._node.item['id']}/{table.item['id']}"] = metadata or {}
+        return table
+
+
+class _WideTableDataKeys(dict[str, Any]):
+    """`_RunWriter.data_keys` whose `items` lists only the columns of the split table part about to be created.
+
+    `_RunWriter._write_internal_data` creates each part of a table split above
+    1024 columns with ``{k: v for k, v in self.data_keys.items() if k in
+    table.column_names}``: Arrow builds the list of the part's names for every
+    data key, O(keys x columns) per part (10,000 keys: minutes). While
+    `SidecarRunWriter` writes a batch wider than that, `items` yields only the
+    data keys of the first part not created yet, computed with TiledWriter's
+    own `split_table` from the batch's columns: the same metadata, in the same
+    order. Otherwise it is a plain dict.
+    """
+
+    part_columns: Any = None  # () -> the columns of the part about to be created, or None
+
+    def items(self) -> Any:
+        columns = self.part_columns() if self.part_columns is not None else None
+        if columns is None:
+            return super().items()
+        return [(k, v) for k, v in super().items() if k in columns]
+
+
+#: What ``pyarrow.Table.from_pylist`` raises on a batch whose column mixes types it cannot unify.
+_MIXED_BATCH_ERRORS = (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, OverflowError)
 
 
 class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
-    """`_RunWriter` whose failed appends are retried in place, exactly once, and whose tables
-    Tiled reads back in ``seq_num`` order (see the module docstring)."""
-
-    def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
-        super()._write_internal_data(data_cache, desc_node=SeqNumOrderedNode(desc_node))
+    """`_RunWriter` whose failed appends are retried in place, exactly once, whose tables
+    Tiled reads back in ``seq_num`` order, and whose column types widen (see the module docstring)."""
 
     def __init__(self, client: BaseClient, batch_size: int, retry: RetryPolicy) -> None:
         super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
         self.retry = retry
         self.table_rows: dict[str, int] = {}  # rows each internal table holds, by its URI
+        self.table_schemas: dict[str, pyarrow.Schema] = {}  # stream/key -> the types its rows so far infer
+        self.table_metadata: dict[str, dict[str, Any]] = {}  # stream/key -> the metadata it was created with
+        self.widened: list[str] = []  # one line per table rewritten with wider types
+        self.data_keys = _WideTableDataKeys()
+
+    def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
+        node = SeqNumOrderedNode(desc_node, self.table_metadata)
+        desc_name = desc_node.item["id"]
+        self.data_keys.part_columns = lambda: self._next_part_columns(data_cache, desc_name)
+        try:
+            super()._write_internal_data(data_cache, desc_node=node)
+        except _MIXED_BATCH_ERRORS:
+            # from_pylist (the table step, after every array column was written and taken out of the
+            # rows) refused rows whose types mix: write them as runs that convert, each widening in turn.
+            desc_name = desc_node.item["id"]
+            if self._int_ragged_array_keys[desc_name]:
+                raise  # a second pass would write the ragged arrays' rows again
+            for chunk in _convertible_runs(data_cache):
+                self.data_keys.part_columns = lambda rows=chunk: self._next_part_columns(rows, desc_name)
+                super()._write_internal_data(chunk, desc_node=node)
+        finally:
+            self.data_keys.part_columns = None
+
+    def _next_part_columns(self, rows: list[dict[str, Any]], desc_name: str) -> set[str] | None:
+        """The columns of the first part of `rows`' table not created yet, if it is split; else None."""
+        names = list(rows[0]) if rows else []  # from_pylist's columns: the first row's keys
+        if len(names) <= MAX_TABLE_COLUMNS:
+            return None
+        empty = pyarrow.schema([(name, pyarrow.null()) for name in names]).empty_table()
+        for i, part in enumerate(split_table(empty, MAX_TABLE_COLUMNS)):
+            if f"{desc_name}_{i}" not in self._internal_tables:
+                return set(part.column_names)
+        return None
 
     def _append_with_retry(self, df_client: Any, table: Any, desc_name: str) -> None:
+        name = f"{desc_name}/{df_client.item['id']}"
+        known = self.table_schemas.get(name)
+        if known is None:  # TiledWriter just created the table from this batch
+            self.table_schemas[name] = table.schema
+            self._append(df_client, table, desc_name)
+            return
+        promoted = promote_schema(known, table.schema)
+        stored = stored_schema(promoted)
+        if stored.equals(stored_schema(known)):
+            self.table_schemas[name] = promoted
+            self._append(df_client, conform(table, stored), desc_name)
+        else:
+            self._widen(df_client, table, desc_name, known, promoted)
+
+    def _widen(self, df_client: Any, table: Any, desc_name: str, known: Any, promoted: Any) -> None:
+        """Create the table again with `promoted`'s types, holding its rows so far and `table`'s.
+
+        Read back, closed for live subscribers (they get ``stream_closed``, then the
+        new table announced with every row), deleted, created with the same key,
+        metadata and parameters, then one append. A failure half way leaves the
+        table unknown: `AppendAmbiguous`, and the run is rewritten.
+        """
+        key = df_client.item["id"]
+        name = f"{desc_name}/{key}"
+        stored = stored_schema(promoted)
+        before = conform(read_table(df_client), stored)  # exact, or TypeChangeNotWidening
+        rows = pyarrow.concat_tables([before, conform(table, stored)])
+        desc_node = self._desc_nodes[desc_name]
+        try:
+            df_client.close_stream()
+            desc_node.delete_contents(key, external_only=False)
+            new = SeqNumOrderedNode(desc_node, self.table_metadata).create_appendable_table(
+                schema=stored,
+                key=key,
+                metadata=self.table_metadata.get(name, {}),
+                access_tags=self.access_tags,
+            )
+        except (httpx.TransportError, httpx.HTTPStatusError) as err:
+            raise AppendAmbiguous(
+                f"stream {desc_name!r}: rewriting {key} with wider types failed: {err}"
+            ) from err
+        self._internal_tables[desc_name + key[len("internal") :]] = new
+        self.table_schemas[name] = promoted
+        self.table_rows[new.uri] = 0
+        changed = [
+            f"{f.name} {f.type} -> {stored.field(f.name).type}"
+            for f in stored_schema(known)
+            if not f.type.equals(stored.field(f.name).type)
+        ]
+        self.widened.append(
+            f"stream {desc_name!r} {key}: {', '.join(changed)} ({before.num_rows} rows rewritten)"
+        )
+        log.info(
+            "run %s: %s", self.root_node.item["id"] if self.root_node is not None else "?", self.widened[-1]
+        )
+        self._append(new, rows, desc_name)
+
+    def _append(self, df_client: Any, table: Any, desc_name: str) -> None:
+        """Append `table` once, retrying in place (see the module docstring)."""
         before = self.table_rows.get(df_client.uri, 0)
         failed = False
         while True:
@@ -242,10 +369,14 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
             self.retry.recovered()
 
     def _landed(self, df_client: Any, table: Any, before: int, err: Exception, desc_name: str) -> bool:
-        """Whether the failed append of `table` is in Tiled; raise `AppendAmbiguous` if unknowable."""
+        """Whether the failed append of `table` is in Tiled; raise `AppendAmbiguous` if unknowable.
+
+        A split table part without ``seq_num`` is checked by its row count alone.
+        """
+        column = "seq_num" if "seq_num" in table.column_names else table.column_names[0]
         while True:
             try:
-                seq = read_table_seq_nums(df_client)
+                held = read_table_column(df_client, column)
                 break
             except (httpx.TransportError, httpx.HTTPStatusError) as check_err:
                 if not retryable(check_err):
@@ -253,16 +384,46 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
                 self.retry.wait(check_err)
             except KeyError as gone:  # the table itself is gone: nothing to resume
                 raise AppendAmbiguous(f"stream {desc_name!r}: {gone}") from err
-        appended = [int(x) for x in table["seq_num"].to_pylist()]
-        if len(seq) == before + len(appended) and set(appended) <= set(seq):
+        appended = table[column].to_pylist()
+        if len(held) == before + len(appended) and (column != "seq_num" or set(appended) <= set(held)):
             return True
-        if len(seq) == before and finished_unapplied(err):
+        if len(held) == before and finished_unapplied(err):
             return False
         raise AppendAmbiguous(
             f"stream {desc_name!r}: appending {len(appended)} rows failed ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}) and the table holds {len(seq)} rows,"
+            f"{str(err).splitlines()[0] if str(err) else ''}) and the table holds {len(held)} rows,"
             f" {before} before the append"
         )
+
+
+def _convertible_runs(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`rows` cut into the longest consecutive runs that ``from_pylist`` converts (binary search per cut).
+
+    A single row that does not convert (an integer beyond 64 bits) is `TypeChangeNotWidening`.
+    """
+
+    def converts(part: list[dict[str, Any]]) -> bool:
+        try:
+            pyarrow.Table.from_pylist(part)
+        except _MIXED_BATCH_ERRORS:
+            return False
+        return True
+
+    runs = []
+    start = 0
+    while start < len(rows):
+        if not converts(rows[start : start + 1]):
+            raise TypeChangeNotWidening(f"the row with seq_num {rows[start].get('seq_num')} cannot be stored")
+        low, high = start + 1, len(rows)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if converts(rows[start:middle]):
+                low = middle
+            else:
+                high = middle - 1
+        runs.append(rows[start:low])
+        start = low
+    return runs
 
 
 class TiledRun:
@@ -276,7 +437,6 @@ class TiledRun:
         self.events: dict[str, int] = {}
         self.stopped = False
         self.oldest_unflushed: float | None = None  # event time of the oldest buffered row
-        self.first_rows_written: set[str] = set()  # streams whose table exists in Tiled
         self.closed = False
 
     def feed(self, name: str, doc: dict[str, Any]) -> None:
@@ -291,34 +451,25 @@ class TiledRun:
                 t = doc["time"] if name == "event" else doc["time"][0]
                 self.oldest_unflushed = float(t)
         self.normalizer(name, doc)
-        if name in ("event", "event_page"):
-            self._write_first_row(doc["descriptor"])
-        elif name == "stop":
+        if name == "stop":
             self.stopped = True
             self.closed = True  # TiledWriter's stop closed every stream it wrote
             self.oldest_unflushed = None
 
-    def _write_first_row(self, descriptor_uid: str) -> None:
-        """Write a stream's first rows at once: its table then exists for live subscribers.
+    def ready_to_flush(self, *, caught_up: bool) -> bool:
+        """Whether to write the buffered rows now: there are some and the run's log is read to its end.
 
-        Tiled streams a table's appends to subscribers only once they have
-        attached to it, and they can attach only after it is created, which
-        TiledWriter does with the first batch. Writing the first row alone
-        lets them attach while the scan runs; later rows follow by batch.
+        A run being acquired then sends each pass's rows as soon as the previous
+        append has returned (the uploader's pass is synchronous, so rows that
+        arrive while an append is in flight are coalesced into the next one),
+        with no timer on the way: its first row creates the stream's table at
+        once (live subscribers attach to it) and later rows follow within a
+        pass. A run read from a backlog is not caught up: its rows go in full
+        batches (`batch_rows`, or the uploader's `batch_seconds`), and a small
+        run read whole in one pass is written by its stop, in as few requests
+        as in-process TiledWriter makes.
         """
-        node = self.writer._desc_nodes.get(descriptor_uid)
-        if node is None:
-            return
-        desc_name = node.item["id"]
-        if desc_name in self.first_rows_written:
-            return
-        cache = self.writer._internal_data_cache.get(desc_name)
-        if cache:
-            self.writer._write_internal_data(cache, desc_node=node)
-            cache.clear()
-        self.first_rows_written.add(desc_name)
-        if not self.buffered_rows():
-            self.oldest_unflushed = None
+        return caught_up and not self.stopped and self.buffered_rows() > 0
 
     def buffered_rows(self) -> int:
         """Rows and stream datums TiledWriter holds but has not written yet."""
