@@ -201,7 +201,13 @@ def test_a_closed_runs_uids_are_free_for_the_next_run_and_its_late_documents_are
     tracker = RunTracker()
     a, b = Run(), Run()
     ta = opened(tracker, a)
-    resource = {"uid": "det-key2-uid", "run_start": a.start["uid"], "spec": "X", "root": "/", "resource_path": "f"}
+    resource = {
+        "uid": "det-key2-uid",
+        "run_start": a.start["uid"],
+        "spec": "X",
+        "root": "/",
+        "resource_path": "f",
+    }
     tracker.route("stream_resource", resource)
     tracker.route("stop", a.stop(primary=0))
     tracker.close(ta)

@@ -263,7 +263,9 @@ class RunTracker(DocumentRouter):
             self.may_orphan = gate
         return run
 
-    def replay_orphan(self, received: Received, documents: Iterable[tuple[str, dict[str, Any]]]) -> TrackedRun:
+    def replay_orphan(
+        self, received: Received, documents: Iterable[tuple[str, dict[str, Any]]]
+    ) -> TrackedRun:
         """Open an orphan known from the spool (crash recovery) and route its logged documents again."""
         kind = received.orphan if received.orphan in ("run_start", "descriptor") else "run_start"
         received.events, received.missing, received.out_of_order = {}, {}, {}
@@ -306,6 +308,14 @@ class RunTracker(DocumentRouter):
             for key in owned:
                 if owners.get(key) is run:
                     del owners[key]
+
+    def restore_orphan(self, run: TrackedRun) -> None:
+        """Undo `release_orphan` (the document that was to adopt it was rejected)."""
+        self.orphans[run.key] = run
+        for descriptor in run.streams:
+            self.run_of_descriptor.setdefault(descriptor, run)
+        for resource in run.resources:
+            self.run_of_resource.setdefault(resource, run)
 
     def orphan(self, kind: str, uid: str) -> TrackedRun | None:
         """The orphan run keyed by `kind` (run_start / descriptor) and `uid`, if there is one."""
