@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
 
 from .config import SpoolConfig
 from .errors import RejectedMessage, ValidationError
+from .health import RunLedger
 from .orphans import MAX_ORPHANS, ORPHAN_MAX_BYTES, orphan_dir, orphans
 from .spool.codec import pack_document
 from .spool.directory import SpoolDir
@@ -79,7 +81,10 @@ class Ingest:
         self.recent: OrderedDict[str, None] = OrderedDict()  # open runs by their last document, idlest first
         self.start_only: dict[str, None] = {}  # open runs that sent only their start, oldest first
         self.evicted: dict[str, float] = {}  # open on disk, not in memory: uid -> last document
+        self.ledger = RunLedger(spool)
+        stats.ledger = self.ledger
         self._last_save = self._last_size_check = 0.0
+        self._measuring: threading.Thread | None = None
 
     def accept(self, name: str, doc: dict[str, Any]) -> None:
         """Validate, route and stage one document; RejectedMessage (and nothing changed) if it cannot be."""
@@ -156,9 +161,26 @@ class Ingest:
                 for uid in [u for u, last in self.evicted.items() if last < limit]:
                     self._close_evicted(uid, reason)
         self.spooler.upkeep(save)
-        if now - self._last_size_check >= SPOOL_SIZE_INTERVAL_S:
+        if now - self._last_size_check >= SPOOL_SIZE_INTERVAL_S and not self._busy_measuring():
             self._last_size_check = now
-            self.stats.spool_bytes = self.spool.total_bytes()
+            if self._measuring is None:  # the first upkeep: measured here, before anything is staged
+                self.stats.spool_bytes = self.spool.total_bytes()
+                self._measuring = threading.Thread(target=lambda: None)
+            else:  # off the receive path: it lists every run directory
+                self._measuring = threading.Thread(target=self._measure, name="spool-size", daemon=True)
+                self._measuring.start()
+
+    def _busy_measuring(self) -> bool:
+        return self._measuring is not None and self._measuring.is_alive()
+
+    def _measure(self) -> None:
+        """Set the spool's size from a listing (what the uploader deleted shows here); never raises."""
+        before = self.stats.spool_bytes
+        try:
+            total = self.spool.total_bytes()
+        except Exception:  # noqa: BLE001  # the next measure will do
+            return
+        self.stats.spool_bytes = total + max(0, self.stats.spool_bytes - before)  # + what came meanwhile
 
     def shutdown(self) -> None:
         """Write and save everything; open runs stay open for the next receiver."""
@@ -195,6 +217,7 @@ class Ingest:
         uid = run.uid
         if self.spooler.has_run(uid):
             self.tracker.discard(run)
+            self._closed_in_spool(uid)
             raise ValidationError("repeated-start", uid)
         try:
             spooled = self.spooler.open(run.received)
@@ -204,6 +227,7 @@ class Ingest:
             self.stats.dropped += 1
             return
         self.stats.runs_started += 1
+        self.ledger.add(run.received)
         received = run.received
         log.info("run start uid=%s scan_id=%s plan=%r", uid, received.scan_id, received.plan_name)
         self.spooler.stage(spooled, "start", payload)
@@ -272,10 +296,17 @@ class Ingest:
 
     # --------------------------------------------------------------- orphans
     def _may_orphan(self, kind: str, uid: str) -> bool:
-        """May a new orphan open (within the bounds, and not for a run the spool holds)?"""
+        """May a new orphan open (within the bounds, and not for a run the spool holds: that one is
+        remembered closed, so the document is after-stop, or reopens it if it was evicted)?"""
         if kind == "run_start" and self.spooler.has_run(uid):
+            self._closed_in_spool(uid)
             return False
         return len(self.tracker.orphans) < MAX_ORPHANS and self.stats.orphan_bytes < ORPHAN_MAX_BYTES
+
+    def _closed_in_spool(self, uid: str) -> None:
+        """A run the spool holds but the tracker does not: its documents are after-stop from now on."""
+        if uid not in self.tracker.runs:
+            self.tracker.closed_runs[uid] = None
 
     def _stage_orphan(self, run: TrackedRun, name: str, payload: bytes) -> None:
         spooled = self.spooler.runs.get(run.key)
@@ -344,6 +375,7 @@ class Ingest:
         except Exception as err:  # noqa: BLE001  # go on; the uploader will say what is wrong
             log.error("cannot list the runs in the spool (%s)", describe(err))
             return []
+        self.ledger.load(views)
         for view in views:
             if view.received.closed:
                 self.tracker.closed_runs[view.uid] = None

@@ -10,6 +10,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .health import RunLedger
 
 
 @dataclass
@@ -33,3 +37,4 @@ class ReceiverStats:
     last_message: float = 0.0
     connected: bool = False
     subscription_problem: str | None = None
+    ledger: RunLedger | None = None  # the receiver's runs not yet uploaded, for health (health.py)

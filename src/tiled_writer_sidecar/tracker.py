@@ -414,9 +414,14 @@ class RunTracker(DocumentRouter):
             uid = next(reversed(self.runs))
         run = self.runs.get(uid) if isinstance(uid, str) else None
         if run is None:
-            if isinstance(uid, str) and uid in self.closed_runs:
+            if not (isinstance(uid, str) and uid in self.closed_runs):
+                run = self._orphan("run_start", uid)
+            if run is None and isinstance(uid, str) and uid in self.closed_runs:  # (the gate may say so)
+                declared = doc.get("uid")
+                if name != "stop" and isinstance(declared, str):  # so its events are after-stop too
+                    self.closed_owner.setdefault(declared, uid)
+                    _trim(self.closed_owner, CLOSED_UID_MEMORY)
                 raise ValidationError("after-stop", f"run {uid[:80]}")
-            run = self._orphan("run_start", uid)
             if run is None:
                 raise ValidationError(f"{name}-for-unknown-run", f"run {str(uid)[:80]}" if uid else "")
         self._run = run
