@@ -149,22 +149,62 @@ def test_upkeep_never_raises_and_says_so_once(
     rx.close()
 
 
-def test_beyond_max_open_runs_the_idlest_run_is_closed_and_a_new_run_is_never_dropped(tmp_path: Path) -> None:
-    """max_open_runs = 3, five never-stopped starts: all five spooled, the two idlest closed incomplete
-    with the reason, three open; one file descriptor per open run."""
+def test_max_open_runs_caps_open_files_not_runs_a_paused_run_ends_complete(tmp_path: Path) -> None:
+    """max_open_runs = 3: a run pauses mid-scan while 300 other starts arrive; at most 3 logs are open at
+    any time, no run is closed, and the paused run's remaining events and stop reopen its log: complete."""
     rx = receiver(tmp_path, max_open_runs=3)
-    runs = [composed(0) for _ in range(5)]
-    for docs in runs:
-        rx.handle(frame(*docs[0]))
-        rx.tick()  # saves the first run's state: closing it later must save it again
-    uids = [docs[0][1]["uid"] for docs in runs]
-    assert list(rx.tracker.runs) == uids[2:] and list(rx.spooler.runs) == uids[2:]
-    for uid in uids[:2]:
-        received = state(rx, uid)
-        assert received.closed and "max_open_runs=3" in (received.close_reason or "")
-        assert any("stop never came" in p for p in received.problems())
-    assert rx.stats.runs_started == 5 and rx.stats.dropped == 0
+    paused = composed(6)
+    for name, doc in paused[:4]:  # start, descriptor, 2 events
+        rx.handle(frame(name, doc))
+    others = [composed(0)[0] for _ in range(300)]
+    for name, doc in others:
+        rx.handle(frame(name, doc))
+        assert len(rx.spooler.open_files) <= 3
+    rx.tick()
+    assert len(rx.tracker.runs) == 301 and rx.stats.runs_started == 301
+    for name, doc in paused[4:]:
+        rx.handle(frame(name, doc))
+    assert rx.spooler.reopened >= 1 and len(rx.spooler.open_files) <= 3
     rx.close()
+    received = state(rx, paused[0][1]["uid"])
+    assert received.closed and received.close_reason == "stop"
+    assert received.documents == len(paused) and received.problems() == []
+    assert not any(state(rx, doc["uid"]).closed for _, doc in others)
+    assert rx.stats.rejected == {} and rx.stats.dropped == 0
+
+
+def test_beyond_the_runs_held_in_memory_starts_only_go_first_and_an_evicted_run_is_reopened(
+    tmp_path: Path,
+) -> None:
+    """At most 3 runs in memory: two runs receiving events, then 5 starts. The start-only runs are
+    evicted first, the busy runs stay; a busy run evicted later (still open on disk) is reopened by its
+    next event and ends complete, never rejected after-stop."""
+    rx = receiver(tmp_path)
+    rx.ingest.max_runs_in_memory = 3
+    busy = [composed(4), composed(4)]
+    for docs in busy:
+        for name, doc in docs[:3]:
+            rx.handle(frame(name, doc))
+    starts = [composed(0)[0] for _ in range(5)]
+    for name, doc in starts:
+        rx.handle(frame(name, doc))
+    busy_uids = [docs[0][1]["uid"] for docs in busy]
+    assert set(busy_uids) <= set(rx.tracker.runs) and len(rx.tracker.runs) == 3
+    for name, doc in busy[1][3:5]:  # the second busy run goes on: the first is now the idlest busy one
+        rx.handle(frame(name, doc))
+    rx.ingest.max_runs_in_memory = 1
+    rx.handle(frame(*composed(0)[0]))
+    assert busy_uids[0] in rx.ingest.evicted and not state(rx, busy_uids[0]).closed
+    rx.ingest.max_runs_in_memory = 10
+    for docs in busy:
+        for name, doc in docs[3:]:
+            if (name, doc) not in busy[1][3:5]:
+                rx.handle(frame(name, doc))
+    rx.close()
+    assert rx.stats.rejected == {}
+    for docs in busy:
+        received = state(rx, docs[0][1]["uid"])
+        assert received.closed and received.documents == len(docs) and received.problems() == [], received
 
 
 def test_a_second_run_cannot_take_a_live_runs_descriptor(tmp_path: Path) -> None:
@@ -229,22 +269,32 @@ def test_start_up_closes_a_run_whose_stop_is_in_its_log(tmp_path: Path) -> None:
     rx.close()
 
 
-def test_start_up_with_more_open_runs_than_max_open_runs_closes_the_idlest(tmp_path: Path) -> None:
-    """Five runs left open, max_open_runs = 2: the receiver starts with the two most recent open."""
+def test_start_up_with_more_open_runs_than_max_open_runs_keeps_them_open_with_few_files(
+    tmp_path: Path,
+) -> None:
+    """Five runs left open, max_open_runs = 2: all five are taken over open (none closed), no log is
+    open until written, and the idlest one's next events and stop end it complete."""
     root = tmp_path / "spool"
-    uids = []
+    uids, runs = [], []
     for n in range(5):
-        uid = plant_open_run(root, composed(1)[:3])
+        docs = composed(2)
+        uid = plant_open_run(root, docs[:3])
         received = Received.load(SpoolDir(root).run_dir(uid))
         assert received is not None
         received.last_received = 1000.0 + n
         received.save(SpoolDir(root).run_dir(uid))
         uids.append(uid)
-    rx = receiver(tmp_path, max_open_runs=2)
-    assert sorted(rx.tracker.runs) == sorted(uids[3:]) and sorted(rx.spooler.runs) == sorted(uids[3:])
-    for uid in uids[:3]:
-        assert "max_open_runs=2" in (state(rx, uid).close_reason or "")
+        runs.append(docs)
+    rx = receiver(tmp_path, max_open_runs=2, run_timeout_seconds=0)
+    assert sorted(rx.tracker.runs) == sorted(uids) and rx.spooler.open_files == {}
+    assert not any(state(rx, uid).closed for uid in uids)
+    for name, doc in runs[0][3:]:
+        rx.handle(frame(name, doc))
+    rx.tick()
+    assert len(rx.spooler.open_files) <= 2
     rx.close()
+    received = state(rx, uids[0])
+    assert received.closed and received.documents == len(runs[0]) and received.problems() == []
 
 
 def test_subscription_connects_receives_and_never_limits_message_size() -> None:

@@ -19,6 +19,7 @@ from tiled_writer_sidecar.tracker import (
     CLOSED_RUN_MEMORY,
     MAX_SEQ_NUM,
     MAX_TEXT,
+    ORPHAN_STREAM,
     RunTracker,
     TrackedRun,
     plain_counts,
@@ -112,15 +113,39 @@ def test_events_missing_at_the_end_are_a_shortfall_against_stop_num_events() -> 
     assert tracked.received.gaps() == {"primary": 2}
 
 
-def test_a_duplicate_seq_num_counts_as_an_event_and_never_as_a_gap() -> None:
-    """1, 2, 2, 3: four events received, no hole; a late seq_num does not fill a counted hole."""
+def test_without_reject_duplicates_a_copy_counts_as_an_event_and_a_late_seq_num_fills_its_hole() -> None:
+    """The monitor's mode, 1, 2, 2, 3, 5, 4: six events; 4 came late and filled the hole (no gap)."""
     tracker = RunTracker()
     run = Run()
     tracked = opened(tracker, run)
     for seq in (1, 2, 2, 3, 5, 4):
         tracker.route("event", run.event(seq))
     assert tracked.received.events == {"primary": 6}
+    assert tracked.received.missing == {}
+    assert tracked.received.out_of_order == {"primary": 1}
+
+
+def test_the_receivers_rule_rejects_a_copy_and_keeps_a_late_new_seq_num() -> None:
+    """reject_duplicates: 1, 2, 5, then 2 again (duplicate-seq-num, nothing changed), then 3 (late: kept,
+    out of order, its hole filled), then a page repeating 3 (rejected whole); 4 is still missing."""
+    repeats: list[int] = []
+    tracker = RunTracker(reject_duplicates=True, on_repeat=lambda run, stream, seq: repeats.append(seq))
+    run = Run()
+    tracked = opened(tracker, run)
+    for seq in (1, 2, 5):
+        tracker.route("event", run.event(seq))
+    before = json.dumps(asdict(tracked.received))
+    assert rejected(tracker, "event", run.event(2)) == "duplicate-seq-num"
+    assert rejected(tracker, "event_page", run.page([6, 6])) == "duplicate-seq-num"
+    assert json.dumps(asdict(tracked.received)) == before
+    tracker.route("event", run.event(3))
+    assert rejected(tracker, "event_page", run.page([3, 6])) == "duplicate-seq-num"
+    assert tracked.received.events == {"primary": 4}
     assert tracked.received.missing == {"primary": 1}
+    assert tracked.received.out_of_order == {"primary": 1}
+    assert repeats == [2, 6, 3]
+    tracker.route("event_page", run.page([4, 6]))
+    assert tracked.received.missing == {} and tracked.received.events == {"primary": 6}
 
 
 @pytest.mark.parametrize(
@@ -170,20 +195,51 @@ def test_a_second_run_cannot_claim_a_live_runs_descriptor_or_resource() -> None:
     assert tracker.route("descriptor", a.descriptor) is ta  # the owner may repeat its own
 
 
-def test_a_closed_runs_uids_cannot_be_claimed_and_its_late_documents_are_after_stop() -> None:
-    """After A's stop: A's events are after-stop, B declaring A's descriptor is descriptor-claimed."""
+def test_a_closed_runs_uids_are_free_for_the_next_run_and_its_late_documents_are_after_stop() -> None:
+    """After A's stop: A's late event and stop are after-stop; B may declare A's descriptor and resource
+    (claims belong to open runs), and then an event of that descriptor is B's."""
     tracker = RunTracker()
     a, b = Run(), Run()
     ta = opened(tracker, a)
+    resource = {
+        "uid": "det-key2-uid",
+        "run_start": a.start["uid"],
+        "spec": "X",
+        "root": "/",
+        "resource_path": "f",
+    }
+    tracker.route("stream_resource", resource)
     tracker.route("stop", a.stop(primary=0))
     tracker.close(ta)
-    tracker.route("start", b.start)
+    tb = tracker.route("start", b.start)
     assert rejected(tracker, "event", a.event(1)) == "after-stop"
     assert rejected(tracker, "stop", a.stop()) == "after-stop"
     assert rejected(tracker, "start", a.start) == "repeated-start"
-    assert (
-        rejected(tracker, "descriptor", {**a.descriptor, "run_start": b.start["uid"]}) == "descriptor-claimed"
-    )
+    assert tracker.closed_run_of("event", a.event(1)) == a.start["uid"]
+    assert tracker.route("stream_resource", {**resource, "run_start": b.start["uid"]}) is tb
+    assert tracker.route("descriptor", {**a.descriptor, "run_start": b.start["uid"]}) is tb
+    assert tracker.route("event", a.event(1)) is tb
+    assert tracker.closed_run_of("event", a.event(1)) is None
+
+
+def test_documents_of_a_run_whose_start_is_missing_go_to_an_orphan_keyed_by_what_they_name() -> None:
+    """With may_orphan: events of an unknown descriptor go to an orphan keyed by the descriptor; its
+    descriptor and stop to one keyed by run_start; the gate can refuse a new orphan."""
+    allowed = {"run_start", "descriptor"}
+    tracker = RunTracker(may_orphan=lambda kind, uid: kind in allowed)
+    run = Run()
+    by_descriptor = tracker.route("event", run.event(1))
+    assert by_descriptor.orphan == "descriptor" and by_descriptor.uid == run.descriptor["uid"]
+    assert by_descriptor.received.start_missing and by_descriptor.received.events == {ORPHAN_STREAM: 1}
+    tracker.release_orphan(by_descriptor)  # what the receiver does before the descriptor itself
+    orphan = tracker.route("descriptor", run.descriptor)
+    assert orphan.orphan == "run_start" and orphan.uid == run.start["uid"] and orphan.key != orphan.uid
+    assert tracker.route("event", run.event(2)) is orphan
+    assert tracker.route("stop", run.stop(primary=2)) is orphan
+    assert tracker.orphan("run_start", run.start["uid"]) is orphan and tracker.runs == {}
+    allowed.clear()
+    assert rejected(tracker, "event", Run().event(1)) == "event-before-descriptor"
+    assert rejected(tracker, "descriptor", Run().descriptor) == "descriptor-for-unknown-run"
 
 
 def test_documents_that_cannot_be_placed_get_their_reason() -> None:

@@ -8,27 +8,37 @@ with it. Contract:
 - `accept` validates, routes and stages one document (a stop closes its
   run), or raises `RejectedMessage` with nothing changed; any other
   exception becomes ``internal-error:<Type>``.
-- At most ``max_open_runs`` runs are open: a new run is never refused, the
-  idlest one is closed instead.
-- `recover` takes over the runs left open in the spool by replaying their
-  logs (kept open, or closed with a reason); it never raises.
+- ``max_open_runs`` caps open files, not open runs (the spooler parks the
+  least recently written log). At most `MAX_RUNS_IN_MEMORY` runs are held in
+  memory; beyond, the idlest run that sent only its start (else the idlest)
+  is evicted: still open on disk, its next document reopens it (its log is
+  replayed), so nothing of it is rejected ``after-stop``.
+- Orphans (`orphans.py`): a document of a run whose start never came is
+  spooled into an orphan; its start (or its descriptor) arriving later
+  replays the orphan into the run after it and deletes the orphan.
+- `recover` takes over the runs and orphans left open in the spool (kept
+  open, evicted, or closed with a reason); it never raises.
 - `upkeep` closes idle runs and writes, commits and saves as the spooler
   says; `shutdown` writes everything and leaves open runs open.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
+import shutil
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from .config import SpoolConfig
 from .errors import RejectedMessage, ValidationError
+from .health import RunLedger
+from .orphans import MAX_ORPHANS, ORPHAN_MAX_BYTES, orphan_dir, orphans
 from .spool.codec import pack_document
 from .spool.directory import SpoolDir
 from .spool.index import Received
-from .spooler import RunSpooler, SpooledRun
+from .spooler import RunSpooler
 from .stats import ReceiverStats
 from .tracker import RunTracker, TrackedRun, plain_float
 from .validation import validate_document
@@ -37,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SAVE_INTERVAL_S = 1.0
 SPOOL_SIZE_INTERVAL_S = 2.0
+MAX_RUNS_IN_MEMORY = 10_000  # open runs held in memory (a few KiB each); beyond, the idlest are evicted
 
 
 def internal_error(err: BaseException) -> RejectedMessage:
@@ -64,9 +75,16 @@ class Ingest:
         self.config = config
         self.spool = spool
         self.stats = stats
-        self.tracker = RunTracker(on_gap=self._gap)
+        self.tracker = RunTracker(on_gap=self._gap, reject_duplicates=True, may_orphan=self._may_orphan)
         self.spooler = RunSpooler(config, spool, stats)
+        self.max_runs_in_memory = MAX_RUNS_IN_MEMORY
+        self.recent: OrderedDict[str, None] = OrderedDict()  # open runs by their last document, idlest first
+        self.start_only: dict[str, None] = {}  # open runs that sent only their start, oldest first
+        self.evicted: dict[str, float] = {}  # open on disk, not in memory: uid -> last document
+        self.ledger = RunLedger(spool)
+        stats.ledger = self.ledger
         self._last_save = self._last_size_check = 0.0
+        self._measuring: threading.Thread | None = None
 
     def accept(self, name: str, doc: dict[str, Any]) -> None:
         """Validate, route and stage one document; RejectedMessage (and nothing changed) if it cannot be."""
@@ -76,9 +94,23 @@ class Ingest:
             if name == "start":
                 self._start(doc, payload)
                 return
-            run = self.tracker.route(name, doc)
-            self.spooler.stage(self.spooler.runs[run.uid], name, payload)
-            if name == "stop":
+            waiting = self.tracker.orphan("descriptor", doc["uid"]) if name == "descriptor" else None
+            if waiting is not None:
+                self.tracker.release_orphan(waiting)  # the descriptor's own run claims it now
+            try:
+                run = self._route(name, doc)
+            except BaseException:
+                if waiting is not None:
+                    self.tracker.restore_orphan(waiting)
+                raise
+            if run.orphan is not None:
+                self._stage_orphan(run, name, payload)
+            else:
+                self.spooler.stage(self.spooler.runs[run.key], name, payload)
+                self._touch(run.uid)
+            if waiting is not None:
+                self._adopt(waiting)
+            if name == "stop" and run.orphan is None:
                 self.close_run(run, "stop")
         except RejectedMessage:
             raise
@@ -86,17 +118,22 @@ class Ingest:
             raise internal_error(err) from None
 
     def close_all(self, reason: str) -> None:
-        """Close every open run with `reason`."""
+        """Close every open run with `reason` (the runs evicted from memory too)."""
         for run in list(self.tracker.runs.values()):
             self.close_run(run, reason)
+        for uid in list(self.evicted):
+            self._close_evicted(uid, reason)
 
     def close_run(self, run: TrackedRun, reason: str) -> None:
         received = run.received
         received.closed, received.close_reason = True, reason
         self.tracker.close(run)
-        spooled = self.spooler.runs.get(run.uid)
+        self.recent.pop(run.uid, None)
+        self.start_only.pop(run.uid, None)
+        spooled = self.spooler.runs.get(run.key)
         if spooled is not None:
             self.spooler.close(spooled)
+        self._count_losses(received)
         problems = received.problems()
         log.info(
             "run closed uid=%s documents=%d %s",
@@ -112,62 +149,215 @@ class Ingest:
         if save:
             self._last_save = now
             timeout = self.config.run_timeout_seconds
-            for run in list(self.tracker.runs.values()):
-                if timeout and time.time() - run.received.last_received > timeout:
-                    self.close_run(run, f"no document for {timeout:.0f} s")
+            if timeout:
+                reason, limit = f"no document for {timeout:.0f} s", time.time() - timeout
+                idle = []
+                for uid in self.recent:  # idlest first: stop at the first that is not idle
+                    if self.tracker.runs[uid].received.last_received > limit:
+                        break
+                    idle.append(uid)
+                for uid in idle:
+                    self.close_run(self.tracker.runs[uid], reason)
+                for uid in [u for u, last in self.evicted.items() if last < limit]:
+                    self._close_evicted(uid, reason)
         self.spooler.upkeep(save)
-        if now - self._last_size_check >= SPOOL_SIZE_INTERVAL_S:
+        if now - self._last_size_check >= SPOOL_SIZE_INTERVAL_S and not self._busy_measuring():
             self._last_size_check = now
-            self.stats.spool_bytes = self.spool.total_bytes()
+            if self._measuring is None:  # the first upkeep: measured here, before anything is staged
+                self.stats.spool_bytes = self.spool.total_bytes()
+                self._measuring = threading.Thread(target=lambda: None)
+            else:  # off the receive path: it lists every run directory
+                self._measuring = threading.Thread(target=self._measure, name="spool-size", daemon=True)
+                self._measuring.start()
+
+    def _busy_measuring(self) -> bool:
+        return self._measuring is not None and self._measuring.is_alive()
+
+    def _measure(self) -> None:
+        """Set the spool's size from a listing (what the uploader deleted shows here); never raises."""
+        before = self.stats.spool_bytes
+        try:
+            total = self.spool.total_bytes()
+        except Exception:  # noqa: BLE001  # the next measure will do
+            return
+        self.stats.spool_bytes = total + max(0, self.stats.spool_bytes - before)  # + what came meanwhile
 
     def shutdown(self) -> None:
         """Write and save everything; open runs stay open for the next receiver."""
         self.spooler.shutdown()
 
     # ------------------------------------------------------------------ runs
+    def _route(self, name: str, doc: dict[str, Any]) -> TrackedRun:
+        """`tracker.route`, reopening a run evicted from memory that the document names."""
+        try:
+            return self.tracker.route(name, doc)
+        except ValidationError as err:
+            if err.reason == "after-stop":
+                uid = self.tracker.closed_run_of(name, doc)
+                if uid is not None and uid in self.evicted and self._reopen(uid):
+                    return self.tracker.route(name, doc)
+            elif err.reason == "duplicate-seq-num":
+                owner = self.tracker.run_of_descriptor.get(doc.get("descriptor"))  # type: ignore[arg-type]
+                if owner is not None:
+                    owner.received.duplicates += 1
+            raise
+
+    def _touch(self, uid: str) -> None:
+        """`uid` received a document: it is the least idle run now."""
+        recent = self.recent
+        if uid in recent:
+            recent.move_to_end(uid)
+        else:
+            recent[uid] = None
+        if self.start_only and uid in self.start_only:
+            del self.start_only[uid]
+
     def _start(self, doc: dict[str, Any], payload: bytes) -> None:
         run = self.tracker.route("start", doc)
         uid = run.uid
         if self.spooler.has_run(uid):
             self.tracker.discard(run)
+            self._closed_in_spool(uid)
             raise ValidationError("repeated-start", uid)
-        self._make_room(run)
         try:
-            spooled = self._open(run.received)
+            spooled = self.spooler.open(run.received)
         except OSError as err:
             self.tracker.discard(run)
             self.spooler.trouble(f"cannot create run {uid} in the spool: {err.strerror}")
             self.stats.dropped += 1
             return
         self.stats.runs_started += 1
+        self.ledger.add(run.received)
         received = run.received
         log.info("run start uid=%s scan_id=%s plan=%r", uid, received.scan_id, received.plan_name)
         self.spooler.stage(spooled, "start", payload)
-
-    def _open(self, received: Received) -> SpooledRun:
-        """Create the run's log; if the process is out of file descriptors, close the idlest run and retry."""
-        try:
-            return self.spooler.open(received)
-        except OSError as err:
-            idlest = self.tracker.idlest(but=received.uid)
-            if err.errno not in (errno.EMFILE, errno.ENFILE) or idlest is None:
-                raise
-            self.close_run(idlest, "closed: the process ran out of file descriptors")
-            return self.spooler.open(received)
+        self._touch(uid)
+        self.start_only[uid] = None
+        self._make_room(run)
+        orphan = self.tracker.orphan("run_start", uid)
+        if orphan is not None:
+            self.tracker.release_orphan(orphan)
+            self._adopt(orphan)
 
     def _make_room(self, new: TrackedRun) -> None:
-        """Keep at most ``max_open_runs`` open: close the runs idle for the longest."""
-        limit = self.config.max_open_runs
-        while len(self.tracker.runs) > limit:
-            idlest = self.tracker.idlest(but=new.uid)
-            if idlest is None:
+        """Hold at most `max_runs_in_memory` runs: evict those that sent only a start first, then the idlest."""
+        while len(self.tracker.runs) > self.max_runs_in_memory:
+            victims = (uid for queue in (self.start_only, self.recent) for uid in queue if uid != new.uid)
+            uid = next(victims, None)
+            if uid is None:
                 return
-            self.close_run(idlest, f"closed: more than max_open_runs={limit} runs open")
+            self._evict(self.tracker.runs[uid])
+
+    def _evict(self, run: TrackedRun) -> None:
+        """Drop an open run from memory; it stays open on disk and its next document reopens it."""
+        self.tracker.close(run)
+        self.recent.pop(run.uid, None)
+        self.start_only.pop(run.uid, None)
+        spooled = self.spooler.runs.get(run.key)
+        if spooled is not None:
+            self.spooler.forget(spooled)
+        self.evicted[run.uid] = run.received.last_received
+        log.info(
+            "run evicted from memory uid=%s (more than %d open); it stays open",
+            run.uid,
+            len(self.tracker.runs),
+        )
+
+    def _reopen(self, uid: str) -> bool:
+        """Bring an evicted run back (its log replayed); False if it cannot be."""
+        del self.evicted[uid]
+        received = Received.load(self.spool.run_dir(uid))
+        if received is None or received.closed:
+            return False
+        self.tracker.closed_runs.pop(uid, None)
+        if self._recover_run(received, None) is not None:
+            return False
+        self._touch(uid)
+        self._make_room(self.tracker.runs[uid])
+        return True
+
+    def _close_evicted(self, uid: str, reason: str) -> None:
+        del self.evicted[uid]
+        received = Received.load(self.spool.run_dir(uid))
+        if received is not None and not received.closed:
+            self.spooler.close_unopened(received, reason)
+            self._count_losses(received)
+            log.info("run closed uid=%s documents=%d (%s)", uid, received.documents, reason)
+
+    def _count_losses(self, received: Received) -> None:
+        """A run closed: count the events it lacks and a stop that never came (one metric each)."""
+        self.stats.gaps += sum(received.gaps().values())
+        if not received.stop_received:
+            self.stats.runs_stop_missing += 1
 
     def _gap(self, run: TrackedRun, stream: str, first: int, last: int) -> None:
         missing = last - first + 1
-        self.stats.gaps += missing
         log.warning("gap run=%s stream=%r missing=%d seq_num %d..%d", run.uid, stream, missing, first, last)
+
+    # --------------------------------------------------------------- orphans
+    def _may_orphan(self, kind: str, uid: str) -> bool:
+        """May a new orphan open (within the bounds, and not for a run the spool holds: that one is
+        remembered closed, so the document is after-stop, or reopens it if it was evicted)?"""
+        if kind == "run_start" and self.spooler.has_run(uid):
+            self._closed_in_spool(uid)
+            return False
+        return len(self.tracker.orphans) < MAX_ORPHANS and self.stats.orphan_bytes < ORPHAN_MAX_BYTES
+
+    def _closed_in_spool(self, uid: str) -> None:
+        """A run the spool holds but the tracker does not: its documents are after-stop from now on."""
+        if uid not in self.tracker.runs:
+            self.tracker.closed_runs[uid] = None
+
+    def _stage_orphan(self, run: TrackedRun, name: str, payload: bytes) -> None:
+        spooled = self.spooler.runs.get(run.key)
+        if self.stats.orphan_bytes + len(payload) > ORPHAN_MAX_BYTES:
+            raise ValidationError("orphans-full", f"orphans hold {ORPHAN_MAX_BYTES} bytes")
+        if spooled is None:
+            assert run.orphan is not None
+            directory = orphan_dir(self.spool, run.orphan, run.uid, create=True)
+            try:
+                spooled = self.spooler.open(run.received, directory, run.key)
+            except OSError as err:
+                self.tracker.release_orphan(run)
+                self.spooler.trouble(f"cannot create orphan {run.key} in the spool: {err.strerror}")
+                self.stats.dropped += 1
+                return
+            self.stats.orphan_runs += 1
+            self.stats.orphan_runs_total += 1
+            log.warning(
+                "orphan run=%s keyed_by=%s: its start never came; its documents are kept in %s",
+                run.uid,
+                run.orphan,
+                directory,
+            )
+        before = run.received.bytes
+        self.spooler.stage(spooled, name, payload)
+        self.stats.orphan_documents += 1
+        self.stats.orphan_bytes += run.received.bytes - before
+        if name == "stop":
+            self.spooler.park(spooled)
+
+    def _adopt(self, orphan: TrackedRun) -> None:
+        """Feed an orphan's documents, in order, to the run that now claims them; delete the orphan."""
+        spooled = self.spooler.runs.get(orphan.key)
+        if spooled is None:
+            return
+        self.spooler.forget(spooled)
+        fed = rejected = 0
+        try:
+            for name, doc in self.spooler.read_back(Received(uid=orphan.uid), spooled.directory):
+                try:
+                    self.accept(name, doc)
+                    fed += 1
+                except RejectedMessage as err:
+                    self.stats.rejected[err.reason] += 1
+                    rejected += 1
+        except Exception as err:  # noqa: BLE001  # a damaged orphan log: keep what was fed
+            log.error("orphan %s: its log could not be read to the end (%s)", orphan.key, describe(err))
+        shutil.rmtree(spooled.directory, ignore_errors=True)
+        self.stats.orphan_runs -= 1
+        self.stats.orphan_bytes = max(0, self.stats.orphan_bytes - orphan.received.bytes)
+        log.info("orphan %s adopted: %d documents fed to their run, %d rejected", orphan.key, fed, rejected)
 
     # -------------------------------------------------------------- recovery
     def recover(self, close_reason: str | None = None) -> list[tuple[str, str]]:
@@ -175,28 +365,31 @@ class Ingest:
 
         Each run's log is replayed through the tracker, so its counters and
         gaps are exact. Without `close_reason` (the receiver) a run stays
-        open, except beyond ``max_open_runs`` (the idlest are closed); with
-        it (`replay`) every run is closed with it. A run whose stop is in its
-        log is closed by it; a log that cannot be replayed closes its run.
+        open (its log opens on its next write), except beyond
+        `max_runs_in_memory` (the idlest are closed); with it (`replay`) every
+        run is closed with it. A run whose stop is in its log is closed by it; a log
+        that cannot be replayed closes its run. Orphans are reopened too.
         """
         try:
             views = self.spool.runs()
         except Exception as err:  # noqa: BLE001  # go on; the uploader will say what is wrong
             log.error("cannot list the runs in the spool (%s)", describe(err))
             return []
+        self.ledger.load(views)
         for view in views:
             if view.received.closed:
                 self.tracker.closed_runs[view.uid] = None
         left_open = [view.received for view in views if not view.received.closed]
-        # One file descriptor at a time, never more than the bound: the idlest are closed.
+        # Replayed, their logs open on their next write; beyond the memory bound the idlest are closed.
         left_open.sort(key=lambda received: plain_float(received.last_received) or 0.0)
-        excess = len(left_open) - self.config.max_open_runs
-        crowded = f"closed at start-up: more than max_open_runs={self.config.max_open_runs} runs open"
+        excess = len(left_open) - self.max_runs_in_memory
+        crowded = f"closed at start-up: more than {self.max_runs_in_memory} runs open"
         closed = []
         for n, received in enumerate(left_open):
             reason = self._recover_run(received, close_reason or (crowded if n < excess else None))
             if reason is not None:
                 closed.append((received.uid, reason))
+        self._recover_orphans(known={view.uid for view in views})
         return closed
 
     def _recover_run(self, received: Received, close_reason: str | None) -> str | None:
@@ -211,12 +404,30 @@ class Ingest:
             if failed is not None:
                 self.tracker.close(failed)
             self.spooler.close_unopened(received, reason)
+            self._count_losses(received)
             return reason
         if received.stop_received:
             close_reason = "stop"
         if close_reason is not None:
             self.close_run(run, close_reason)
             return close_reason
+        self._touch(run.uid)
         self.spooler.save(spooled)
         log.info("run reopened uid=%s documents=%d", run.uid, received.documents)
         return None
+
+    def _recover_orphans(self, known: set[str]) -> None:
+        """Reopen the orphans left in the spool; one whose run the spool now holds was adopted: deleted."""
+        for orphan in orphans(self.spool):
+            received = orphan.received
+            if orphan.kind == "run_start" and received.uid in known:
+                shutil.rmtree(orphan.directory, ignore_errors=True)
+                continue
+            try:
+                run = self.tracker.replay_orphan(received, self.spooler.read_back(received, orphan.directory))
+            except Exception as err:  # noqa: BLE001  # this orphan only: kept on disk, as it is
+                log.warning("orphan %s:%s not reopened (%s)", orphan.kind, received.uid, describe(err))
+                continue
+            self.spooler.resume(run.received, orphan.directory, run.key)
+            self.stats.orphan_runs += 1
+            self.stats.orphan_bytes += received.bytes

@@ -1,7 +1,10 @@
 """RunSpooler: the writes of open runs, one append-only log each (see docs/design.md, "The spool").
 
 - `open` creates a run (OSError if it cannot: nothing of it is kept);
-  `resume` reopens one left open (a torn tail is truncated).
+  `resume` reopens one left open (a torn tail is truncated). A run's
+  directory is its run directory, or an orphan's (`orphans.py`).
+- At most ``max_open_runs`` logs are open (a cap on files, not on runs): the
+  least recently written is closed (`park`) and reopened by its next write.
 - `stage` counts a document as spooled at once and keeps its record until
   `flush` writes the run's staged records in one ``write`` (by itself at
   `STAGE_RECORDS` / `STAGE_BYTES`); a record the disk refuses is uncounted
@@ -14,10 +17,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import SpoolConfig
@@ -42,6 +48,8 @@ class SpooledRun:
 
     received: Received
     writer: LogWriter | None
+    directory: Path
+    key: str  # TrackedRun.key: the uid, or an orphan's "<kind>:<uid>"
     dirty: bool = True
     staged: list[bytes] = field(default_factory=list)  # payloads counted but not yet written
     staged_names: list[str] = field(default_factory=list)
@@ -56,7 +64,9 @@ class RunSpooler:
         self.spool = spool
         self.stats = stats
         self.fsync = FsyncPolicy(config.fsync, config.fsync_interval_ms / 1000, config.fsync_records)
-        self.runs: dict[str, SpooledRun] = {}
+        self.runs: dict[str, SpooledRun] = {}  # by key
+        self.open_files: OrderedDict[str, SpooledRun] = OrderedDict()  # runs with an open log, LRU first
+        self.reopened = 0  # logs reopened after `park` (for tests and benchmarks)
         self.unsaved_closed: list[SpooledRun] = []  # closed, but received.json not yet saved
         self._stage_now = config.fsync == "always"
         self._max_bytes = config.max_bytes
@@ -65,41 +75,66 @@ class RunSpooler:
         """True if the spool holds a run `uid` (open, closed or left by an earlier receiver)."""
         return uid in self.runs or self.spool.run_dir(uid).exists()
 
-    def open(self, received: Received) -> SpooledRun:
+    def open(self, received: Received, directory: Path | None = None, key: str | None = None) -> SpooledRun:
         """Create a new run's log and ``received.json``; OSError if the spool cannot."""
-        run_dir = self.spool.run_dir(received.uid)
-        writer = LogWriter(run_dir, self.config.segment_bytes, self.fsync)
+        run_dir = directory or self.spool.run_dir(received.uid)
+        run = SpooledRun(received, None, run_dir, key or received.uid, dirty=False)
+        self._open_log(run)
         try:
             received.save(run_dir)
         except OSError:
-            writer.close()
+            self._close_log(run)
             raise
-        run = SpooledRun(received, writer, dirty=False)
-        self.runs[received.uid] = run
+        self.runs[run.key] = run
         return run
 
-    def resume(self, received: Received) -> SpooledRun:
-        """Go on appending to a run left open (its counters already replayed); OSError if it cannot."""
-        writer = LogWriter(self.spool.run_dir(received.uid), self.config.segment_bytes, self.fsync)
+    def resume(self, received: Received, directory: Path | None = None, key: str | None = None) -> SpooledRun:
+        """Go on appending to a run left open (its counters already replayed); its log opens on its next write."""
+        run = SpooledRun(received, None, directory or self.spool.run_dir(received.uid), key or received.uid)
+        self.runs[run.key] = run
+        return run
+
+    def _open_log(self, run: SpooledRun) -> None:
+        """Open a run's log for appending, closing the least recently written ones beyond the cap."""
+        while len(self.open_files) >= max(1, self.config.max_open_runs):
+            self.park(next(iter(self.open_files.values())))
+        try:
+            writer = LogWriter(run.directory, self.config.segment_bytes, self.fsync)
+        except OSError as err:
+            if err.errno not in (errno.EMFILE, errno.ENFILE) or not self.open_files:
+                raise
+            self.park(next(iter(self.open_files.values())))  # out of descriptors: one more log closes
+            writer = LogWriter(run.directory, self.config.segment_bytes, self.fsync)
         if writer.truncated_bytes:
             log.warning(
-                "run %s: truncated a torn tail of %d bytes left by a crash",
-                received.uid,
-                writer.truncated_bytes,
+                "run %s: truncated a torn tail of %d bytes left by a crash", run.key, writer.truncated_bytes
             )
-        run = SpooledRun(received, writer)
-        self.runs[received.uid] = run
-        return run
+        run.writer = writer
+        self.open_files[run.key] = run
 
-    def read_back(self, received: Received) -> Iterator[tuple[str, dict[str, Any]]]:
+    def park(self, run: SpooledRun) -> None:
+        """Write what is staged and close a run's log (the run stays open: its next write reopens it)."""
+        self.flush(run)
+        self._close_log(run)
+        self.save(run)
+
+    def forget(self, run: SpooledRun) -> None:
+        """Park a run and drop it from memory (it stays as it is on disk)."""
+        self.park(run)
+        if self.runs.get(run.key) is run:
+            del self.runs[run.key]
+
+    def read_back(
+        self, received: Received, directory: Path | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         """The documents of a run's log, counted anew into `received` (documents, bytes) as read."""
-        for payload in self._recount(received):
+        for payload in self._recount(received, directory):
             yield unpack_document(payload)
 
-    def _recount(self, received: Received) -> Iterator[bytes]:
+    def _recount(self, received: Received, directory: Path | None = None) -> Iterator[bytes]:
         """The records of a run's log, counted anew into `received` as read."""
         received.documents = received.bytes = 0
-        for payload in LogReader(self.spool.run_dir(received.uid)).read():
+        for payload in LogReader(directory or self.spool.run_dir(received.uid)).read():
             received.documents += 1
             received.bytes += HEADER_SIZE + len(payload)
             yield payload
@@ -136,9 +171,23 @@ class RunSpooler:
             self.flush(run)
 
     def flush(self, run: SpooledRun) -> None:
-        """Write a run's staged records; uncount and drop those the disk refused."""
-        if not run.staged or run.writer is None:
+        """Write a run's staged records (reopening its log if it was parked); uncount and drop those the
+        disk refused."""
+        if not run.staged:
             return
+        if run.writer is None:
+            try:
+                self._open_log(run)
+                self.reopened += 1
+            except OSError as failure:
+                for payload, name in zip(run.staged, run.staged_names, strict=True):
+                    self._uncount(run, name, HEADER_SIZE + len(payload))
+                    self.drop(run, f"cannot reopen its log: {failure.strerror}")
+                run.staged, run.staged_names, run.staged_bytes = [], [], 0
+                return
+        else:
+            self.open_files.move_to_end(run.key)
+        assert run.writer is not None
         payloads, names = run.staged, run.staged_names
         run.staged, run.staged_names, run.staged_bytes = [], [], 0
         result = run.writer.append_many(payloads)
@@ -181,7 +230,7 @@ class RunSpooler:
         if not run.dirty:
             return
         try:
-            run.received.save(self.spool.run_dir(run.received.uid))
+            run.received.save(run.directory)
             run.dirty = False
         except OSError as err:
             self.trouble(f"cannot save the state of run {run.received.uid}: {err.strerror}")
@@ -194,8 +243,8 @@ class RunSpooler:
         self.save(run)
         if run.dirty:
             self.unsaved_closed.append(run)  # retried by upkeep() until the disk has room
-        if self.runs.get(run.received.uid) is run:
-            del self.runs[run.received.uid]
+        if self.runs.get(run.key) is run:
+            del self.runs[run.key]
 
     def _close_log(self, run: SpooledRun) -> None:
         """fsync and close a run's log, releasing its descriptor; a failed fsync is said, not raised."""
@@ -205,11 +254,15 @@ class RunSpooler:
             except OSError as err:
                 self.trouble(f"cannot fsync run {run.received.uid}: {err.strerror}")
             run.writer = None
+        if self.open_files.get(run.key) is run:
+            del self.open_files[run.key]
 
     def upkeep(self, save: bool) -> None:
         """Write what is staged, fsync when the policy says so; with `save`, save changed runs."""
-        for run in self.runs.values():
-            self.flush(run)
+        for run in list(self.runs.values()):
+            if run.staged:
+                self.flush(run)
+        for run in list(self.open_files.values()):
             if run.writer is not None:
                 try:
                     run.writer.maybe_sync()
@@ -217,7 +270,8 @@ class RunSpooler:
                     self.trouble(f"fsync failed: {err.strerror}")
         if save:
             for run in self.runs.values():
-                self.save(run)
+                if run.dirty or run.staged:
+                    self.save(run)
             for run in list(self.unsaved_closed):
                 self.save(run)
                 if not run.dirty:

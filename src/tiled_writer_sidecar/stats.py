@@ -10,6 +10,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .health import RunLedger
 
 
 @dataclass
@@ -18,12 +22,19 @@ class ReceiverStats:
     bytes: int = 0
     documents: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
-    gaps: int = 0
+    gaps: int = 0  # events missing in closed runs: seq_num holes and stop.num_events shortfalls
     dropped: int = 0
     runs_started: int = 0
+    runs_stop_missing: int = 0  # runs closed without their stop
+    events_out_of_order: int = 0  # late events kept (a seq_num that filled a hole)
+    orphan_runs: int = 0  # orphans held now: runs whose start never came (orphans.py)
+    orphan_runs_total: int = 0
+    orphan_documents: int = 0  # documents spooled into orphans
+    orphan_bytes: int = 0
     spool_bytes: int = 0
     spool_writable: bool = True
     started: float = field(default_factory=time.time)
     last_message: float = 0.0
     connected: bool = False
     subscription_problem: str | None = None
+    ledger: RunLedger | None = None  # the receiver's runs not yet uploaded, for health (health.py)

@@ -11,13 +11,21 @@ document kind; the receiver, its crash recovery and `monitor` share it
   events, event_pages and stream_datums follow their descriptor, datums and
   datum_pages their resource. A stop is routed, then the caller `close`\\ s
   the run.
-- Ownership: a descriptor or (stream_)resource uid belongs to the first run
-  that declared it; another run declaring it, open or recently closed, is
-  rejected (``descriptor-claimed`` / ``resource-claimed``). A run repeating
-  its own declaration is accepted.
-- Gaps, per descriptor: a seq_num above the highest seen + 1 adds the hole
-  to ``missing[stream]``; one at or below it is a received event, never a
-  gap, and never fills a counted hole. A stop's ``num_events`` is kept as
+- Claims belong to open runs: a descriptor or (stream_)resource uid belongs
+  to the open run that declared it first; another open run declaring it is
+  rejected (``descriptor-claimed`` / ``resource-claimed``). Once its run has
+  closed the uid is free for the next run; until then a late document
+  naming it is ``after-stop``. A run repeating its own declaration is accepted.
+- Orphans (with `may_orphan`): a descriptor, resource or stop naming a
+  ``run_start`` never seen goes to an orphan run keyed by that uid; an event,
+  event_page or stream_datum naming an unknown descriptor to one keyed by the
+  descriptor uid (``TrackedRun.orphan`` says which); `may_orphan` bounds them.
+- Gaps and late copies, per descriptor (one rule, docs/design.md "Gaps"):
+  a seq_num above the highest seen + 1 adds the hole to ``missing[stream]``;
+  one that falls in a counted hole is a late event: kept, it fills the hole
+  and counts in ``out_of_order``; any other seq_num at or below the highest
+  (a copy) is ``duplicate-seq-num`` with `reject_duplicates` (the receiver),
+  else a received event (the monitor). A stop's ``num_events`` is kept as
   ``expected_events``; `Received.gaps` adds a shortfall beyond the holes. A
   seq_num must be an integer in 1..2**53 (``bad-seq-num``).
 - Only plain bounded values reach `Received` (`plain_int`, `plain_str`).
@@ -27,6 +35,7 @@ document kind; the receiver, its crash recovery and `monitor` share it
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 import operator
@@ -50,6 +59,7 @@ MAX_STREAMS = 10_000  # entries kept from a stop's num_events
 MAX_TEXT = 256  # characters kept of plan names, stream names, exit status
 CLOSED_RUN_MEMORY = 1000  # closed runs remembered, to reject their late documents as after-stop
 CLOSED_UID_MEMORY = 100_000  # descriptor / resource uids of closed runs remembered
+MAX_HOLES = 1000  # seq_num holes remembered per descriptor; an older hole's late copy is a duplicate
 ROUTED = (
     "start",
     "descriptor",
@@ -64,7 +74,9 @@ ROUTED = (
 )
 
 GapHandler = Callable[["TrackedRun", str, int, int], None]  # run, stream, first, last missing seq_num
-RepeatHandler = Callable[["TrackedRun", str, int], None]  # run, stream, a duplicate or late seq_num
+RepeatHandler = Callable[["TrackedRun", str, int], None]  # run, stream, a duplicate seq_num
+OrphanGate = Callable[[str, str], bool]  # kind ("run_start" / "descriptor"), uid: may an orphan open?
+ORPHAN_STREAM = "(descriptor unknown)"  # stream name of the events of a descriptor-keyed orphan
 
 
 def plain_int(value: object, low: int, high: int) -> int | None:
@@ -144,10 +156,14 @@ class TrackedRun:
     streams: dict[str, str] = field(default_factory=dict)  # descriptor uid -> stream name
     last_seq: dict[str, int] = field(default_factory=dict)  # descriptor uid -> highest seq_num
     resources: list[str] = field(default_factory=list)
+    holes: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # descriptor -> (first, last)
+    orphan: str | None = None  # None, or what keys this run whose start is missing: run_start / descriptor
     uid: str = field(init=False)
+    key: str = field(init=False)  # uid, or "<orphan kind>:<uid>" (unique across runs and orphans)
 
     def __post_init__(self) -> None:
         self.uid = self.received.uid
+        self.key = self.uid if self.orphan is None else f"{self.orphan}:{self.uid}"
 
 
 class RunTracker(DocumentRouter):
@@ -159,11 +175,15 @@ class RunTracker(DocumentRouter):
         *,
         on_repeat: RepeatHandler | None = None,
         safe_uids: bool = True,
+        reject_duplicates: bool = False,
+        may_orphan: OrphanGate | None = None,
     ) -> None:
-        """`on_gap` / `on_repeat` hear of each hole / duplicate-or-late seq_num as it is counted.
+        """`on_gap` / `on_repeat` hear of each hole / duplicate seq_num as it is counted.
 
         `safe_uids=False` (the monitor: it shows runs, never stores them)
         accepts any string as a run uid, not only a safe directory name.
+        `reject_duplicates` rejects a copy of a received seq_num; `may_orphan`
+        (None: no orphans) says whether a new orphan run may be opened.
         """
         super().__init__()
         self.runs: dict[str, TrackedRun] = {}  # open runs, oldest first
@@ -171,9 +191,12 @@ class RunTracker(DocumentRouter):
         self.run_of_resource: dict[str, TrackedRun] = {}
         self.closed_runs: dict[str, None] = {}
         self.closed_owner: dict[str, str] = {}  # descriptor / resource uid -> its closed run
+        self.orphans: dict[str, TrackedRun] = {}  # by TrackedRun.key: runs whose start is missing
         self.on_gap = on_gap
         self.on_repeat = on_repeat
         self.safe_uids = safe_uids
+        self.reject_duplicates = reject_duplicates
+        self.may_orphan = may_orphan
         self._run: TrackedRun | None = None
         self._routes: dict[str, Callable[[Any], object]] = {name: getattr(self, name) for name in ROUTED}
 
@@ -214,7 +237,7 @@ class RunTracker(DocumentRouter):
         received.first_received = plain_float(received.first_received) or 0.0
         received.last_received = plain_float(received.last_received) or 0.0
         received.dropped = plain_int(received.dropped, 0, 2**63) or 0
-        received.events, received.missing = {}, {}
+        received.events, received.missing, received.out_of_order = {}, {}, {}
         received.expected_events, received.stop_received, received.exit_status = None, False, None
         run = TrackedRun(received)
         self.runs[received.uid] = run
@@ -225,14 +248,40 @@ class RunTracker(DocumentRouter):
 
         Raises what `route` raises for a document the rules reject (the run
         stays open: the caller closes it), or anything a damaged log causes.
+        A document of another run opens no orphan here.
         """
         run = self.resume(received)
-        for n, (name, doc) in enumerate(documents):
-            if n == 0 and name == "start" and doc.get("uid") == run.uid:
-                continue
-            if name == "start":
-                raise ValidationError("repeated-start", f"record {n + 1} of run {run.uid}")
-            self.route(name, doc)
+        gate, self.may_orphan = self.may_orphan, None
+        try:
+            for n, (name, doc) in enumerate(documents):
+                if n == 0 and name == "start" and doc.get("uid") == run.uid:
+                    continue
+                if name == "start":
+                    raise ValidationError("repeated-start", f"record {n + 1} of run {run.uid}")
+                self.route(name, doc)
+        finally:
+            self.may_orphan = gate
+        return run
+
+    def replay_orphan(
+        self, received: Received, documents: Iterable[tuple[str, dict[str, Any]]]
+    ) -> TrackedRun:
+        """Open an orphan known from the spool (crash recovery) and route its logged documents again."""
+        kind = received.orphan if received.orphan in ("run_start", "descriptor") else "run_start"
+        received.events, received.missing, received.out_of_order = {}, {}, {}
+        received.expected_events, received.stop_received = None, False
+        gate, self.may_orphan = self.may_orphan, lambda k, u: (k, u) == (kind, received.uid)
+        try:
+            run = self._orphan(kind, received.uid)
+            if run is None:
+                raise ValidationError("unsafe-uid", received.uid[:80])
+            run.received = received
+            self.may_orphan = None
+            for name, doc in documents:
+                if self.route(name, doc) is not run:
+                    raise ValidationError("orphan-log", f"a document of another run in orphan {run.key}")
+        finally:
+            self.may_orphan = gate
         return run
 
     def close(self, run: TrackedRun) -> None:
@@ -247,17 +296,52 @@ class RunTracker(DocumentRouter):
             for key in owned:
                 if owners.get(key) is run:
                     del owners[key]
-                self.closed_owner[key] = uid
+                    self.closed_owner[key] = uid  # only to say after-stop: the uid is free to claim
         _trim(self.closed_owner, CLOSED_UID_MEMORY)
+
+    def release_orphan(self, run: TrackedRun) -> None:
+        """Forget an orphan run and free its claims (its start came: it is adopted, or given up)."""
+        if self.orphans.get(run.key) is not run:
+            return
+        del self.orphans[run.key]
+        for owned, owners in ((run.streams, self.run_of_descriptor), (run.resources, self.run_of_resource)):
+            for key in owned:
+                if owners.get(key) is run:
+                    del owners[key]
+
+    def restore_orphan(self, run: TrackedRun) -> None:
+        """Undo `release_orphan` (the document that was to adopt it was rejected)."""
+        self.orphans[run.key] = run
+        for descriptor in run.streams:
+            self.run_of_descriptor.setdefault(descriptor, run)
+        for resource in run.resources:
+            self.run_of_resource.setdefault(resource, run)
+
+    def orphan(self, kind: str, uid: str) -> TrackedRun | None:
+        """The orphan run keyed by `kind` (run_start / descriptor) and `uid`, if there is one."""
+        return self.orphans.get(f"{kind}:{uid}")
+
+    def closed_run_of(self, name: str, doc: Mapping[str, Any]) -> str | None:
+        """The uid of the closed run a document names (a run_start, descriptor or resource), or None."""
+        if name in ("event", "event_page", "stream_datum"):
+            return self.closed_owner.get(doc.get("descriptor"))  # type: ignore[arg-type]
+        if name in ("datum", "datum_page"):
+            return self.closed_owner.get(doc.get("resource"))  # type: ignore[arg-type]
+        uid = doc.get("run_start")
+        return uid if isinstance(uid, str) and uid in self.closed_runs else None
 
     def discard(self, run: TrackedRun) -> None:
         """Undo the opening of a run that could not be created (no trace of it kept)."""
         if self.runs.get(run.uid) is run and not run.streams and not run.resources:
             del self.runs[run.uid]
 
-    def idlest(self, but: str = "") -> TrackedRun | None:
-        """The open run (other than `but`) that received nothing for the longest time."""
-        runs = (run for run in self.runs.values() if run.uid != but)
+    def idlest(self, but: str = "", *, start_only: bool = False) -> TrackedRun | None:
+        """The open run (other than `but`; with `start_only` one that declared nothing) idle longest."""
+        runs = (
+            run
+            for run in self.runs.values()
+            if run.uid != but and not (start_only and (run.streams or run.resources))
+        )
         return min(runs, key=lambda r: r.received.last_received, default=None)
 
     # ---------------------------------------------- one method per document
@@ -268,7 +352,7 @@ class RunTracker(DocumentRouter):
                 "unsafe-uid", repr(uid)[:80] if isinstance(uid, str) else type(uid).__name__
             )
         if uid in self.runs or uid in self.closed_runs:
-            raise ValidationError("repeated-start", uid)
+            raise ValidationError("repeated-start", uid)  # an orphan keyed by it stays: the caller adopts it
         run = TrackedRun(received_from_start(doc))
         self.runs[run.uid] = run
         self._run = run
@@ -284,6 +368,7 @@ class RunTracker(DocumentRouter):
         run.streams[uid] = plain_str(doc.get("name", "primary")) or "primary"
         run.last_seq.setdefault(uid, 0)
         self.run_of_descriptor[uid] = run
+        self.closed_owner.pop(uid, None)  # claimed anew: no longer a closed run's
         self._run = run
 
     def resource(self, doc: Any) -> None:
@@ -323,18 +408,22 @@ class RunTracker(DocumentRouter):
 
     # ---------------------------------------------------------------- rules
     def _declaring_run(self, name: str, doc: Any) -> TrackedRun:
-        """The open run named by ``run_start`` (a legacy resource without it: the newest one)."""
+        """The open run named by ``run_start`` (a legacy resource without it: the newest one), or its orphan."""
         uid = doc.get("run_start")
         if uid is None and self.runs:
             uid = next(reversed(self.runs))
         run = self.runs.get(uid) if isinstance(uid, str) else None
         if run is None:
-            reason = (
-                "after-stop"
-                if isinstance(uid, str) and uid in self.closed_runs
-                else f"{name}-for-unknown-run"
-            )
-            raise ValidationError(reason, f"run {str(uid)[:80]}" if isinstance(uid, str) else "")
+            if not (isinstance(uid, str) and uid in self.closed_runs):
+                run = self._orphan("run_start", uid)
+            if run is None and isinstance(uid, str) and uid in self.closed_runs:  # (the gate may say so)
+                declared = doc.get("uid")
+                if name != "stop" and isinstance(declared, str):  # so its events are after-stop too
+                    self.closed_owner.setdefault(declared, uid)
+                    _trim(self.closed_owner, CLOSED_UID_MEMORY)
+                raise ValidationError("after-stop", f"run {uid[:80]}")
+            if run is None:
+                raise ValidationError(f"{name}-for-unknown-run", f"run {str(uid)[:80]}" if uid else "")
         self._run = run
         return run
 
@@ -344,8 +433,25 @@ class RunTracker(DocumentRouter):
         if run is None:
             if descriptor in self.closed_owner:
                 raise ValidationError("after-stop", f"run {self.closed_owner[descriptor]}")
-            raise ValidationError(f"{name}-before-descriptor", f"descriptor {str(descriptor)[:80]}")
+            run = self._orphan("descriptor", descriptor)
+            if run is None:
+                raise ValidationError(f"{name}-before-descriptor", f"descriptor {str(descriptor)[:80]}")
         self._run = run
+        return run
+
+    def _orphan(self, kind: str, uid: Any) -> TrackedRun | None:
+        """The orphan run keyed by `kind` and `uid`, opened if `may_orphan` allows; None if not."""
+        if not is_safe_uid(uid):
+            return None
+        run = self.orphans.get(f"{kind}:{uid}")
+        if run is not None or self.may_orphan is None or not self.may_orphan(kind, uid):
+            return run
+        run = TrackedRun(Received(uid=uid, start_missing=True, orphan=kind), orphan=kind)
+        if kind == "descriptor":
+            run.streams[uid] = ORPHAN_STREAM
+            run.last_seq[uid] = 0
+            self.run_of_descriptor[uid] = run
+        self.orphans[run.key] = run
         return run
 
     def _resourced_run(self, doc: Any) -> TrackedRun:
@@ -361,9 +467,8 @@ class RunTracker(DocumentRouter):
     def _check_claim(self, kind: str, uid: Any, run: TrackedRun, owners: dict[str, TrackedRun]) -> None:
         """First claim wins: `uid` may be declared again only by the run that declared it first."""
         owner = owners.get(uid)
-        owner_uid = owner.uid if owner is not None else self.closed_owner.get(uid)
-        if owner_uid is not None and owner is not run:
-            raise ValidationError(f"{kind}-claimed", f"{kind} {str(uid)[:80]} belongs to run {owner_uid}")
+        if owner is not None and owner is not run:
+            raise ValidationError(f"{kind}-claimed", f"{kind} {str(uid)[:80]} belongs to run {owner.uid}")
 
     def _declare_resource(self, run: TrackedRun, uid: Any) -> None:
         self._check_claim("resource", uid, run, self.run_of_resource)
@@ -375,23 +480,61 @@ class RunTracker(DocumentRouter):
             raise ValidationError("too-many-resources", f"open runs hold {MAX_RESOURCES_OPEN}")
         run.resources.append(uid)
         self.run_of_resource[uid] = run
+        self.closed_owner.pop(uid, None)  # claimed anew: no longer a closed run's
 
     def _count(self, run: TrackedRun, descriptor: str, seq_nums: list[int]) -> None:
-        """Count events and seq_num holes (the gap rule of the module docstring)."""
+        """Count events, seq_num holes and late events (the rule of the module docstring)."""
         stream = run.streams[descriptor]
-        received = run.received
-        received.events[stream] = received.events.get(stream, 0) + len(seq_nums)
         last = run.last_seq[descriptor]
+        holes = run.holes.setdefault(descriptor, [])
+        if self.reject_duplicates:  # decided before anything changes
+            seen: set[int] = set()
+            for seq in seq_nums:
+                if seq in seen or (seq <= last and _hole_at(holes, seq) is None):
+                    if self.on_repeat is not None:
+                        self.on_repeat(run, stream, seq)
+                    raise ValidationError("duplicate-seq-num", f"seq_num {seq} of stream {stream!r} again")
+                seen.add(seq)
+        received = run.received
+        counted = 0
         for seq in seq_nums:
             if seq > last + 1:
                 missing = seq - last - 1
                 received.missing[stream] = received.missing.get(stream, 0) + missing
+                holes.append((last + 1, seq - 1))
+                if len(holes) > MAX_HOLES:
+                    del holes[0]
                 if self.on_gap is not None:
                     self.on_gap(run, stream, last + 1, seq - 1)
-            elif seq <= last and self.on_repeat is not None:
-                self.on_repeat(run, stream, seq)
+            elif seq <= last:
+                index = _hole_at(holes, seq)
+                if index is not None:  # late, but new: fills its hole
+                    _fill(holes, index, seq)
+                    received.missing[stream] -= 1
+                    if not received.missing[stream]:
+                        del received.missing[stream]
+                    received.out_of_order[stream] = received.out_of_order.get(stream, 0) + 1
+                elif self.on_repeat is not None:
+                    self.on_repeat(run, stream, seq)
+            counted += 1
             last = max(last, seq)
+        received.events[stream] = received.events.get(stream, 0) + counted
         run.last_seq[descriptor] = last
+
+
+def _hole_at(holes: list[tuple[int, int]], seq: int) -> int | None:
+    """The index of the hole (sorted, disjoint ``(first, last)``) that holds `seq`, or None."""
+    index = bisect.bisect_right(holes, (seq, MAX_SEQ_NUM + 1)) - 1
+    return index if index >= 0 and holes[index][0] <= seq <= holes[index][1] else None
+
+
+def _fill(holes: list[tuple[int, int]], index: int, seq: int) -> None:
+    """Take `seq` out of the hole at `index` (split in two if it was inside)."""
+    first, last = holes[index]
+    pieces = [(a, b) for a, b in ((first, seq - 1), (seq + 1, last)) if a <= b]
+    holes[index : index + 1] = pieces
+    if len(holes) > MAX_HOLES:
+        del holes[0]
 
 
 def _trim(memory: dict[str, Any], limit: int) -> None:

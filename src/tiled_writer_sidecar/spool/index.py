@@ -6,8 +6,10 @@ so a reader sees the old or the new version, never half of one:
 
 - ``received.json`` (receiver): run identity (uid, scan_id, plan), documents
   and bytes spooled, events per stream, gaps (missing seq_nums,
-  ``stop.num_events`` mismatches, a stop that never came), documents
-  dropped (disk full), and ``closed`` once no more will be appended.
+  ``stop.num_events`` mismatches, a stop that never came), late events
+  kept and duplicate copies rejected, documents dropped (disk full),
+  ``start_missing`` for an orphan (spool/orphans/, never uploaded) and
+  ``closed`` once no more will be appended.
 - ``uploaded.json`` (uploader): ``uploading`` / ``uploaded`` /
   ``quarantined``, documents confirmed by Tiled, a quarantine's reason and
   the attempts it took.
@@ -242,6 +244,7 @@ _OPTIONAL = {
     "expected_events",
     "exit_status",
     "close_reason",
+    "orphan",
     "reason",
     "last_error",
     "last_lag_seconds",
@@ -291,6 +294,10 @@ _RECEIVED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "dropped": _number,
     "closed": _flag,
     "close_reason": as_text,
+    "start_missing": _flag,
+    "orphan": as_text,
+    "out_of_order": as_counts,
+    "duplicates": _number,
 }
 _UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "state": _state,
@@ -380,6 +387,10 @@ class Received(_IndexFile):
     dropped: int = 0
     closed: bool = False
     close_reason: str | None = None
+    start_missing: bool = False  # an orphan: documents of a run whose start never came (yet)
+    orphan: str | None = None  # what keys an orphan: "run_start" (its uid) or "descriptor"
+    out_of_order: dict[str, int] = field(default_factory=dict)  # late events that filled a hole
+    duplicates: int = 0  # copies of a received seq_num, rejected
 
     @classmethod
     def load(cls, run_dir: Path) -> Received | None:
@@ -399,6 +410,8 @@ class Received(_IndexFile):
     def problems(self) -> list[str]:
         """Why this run is incomplete, one phrase each; empty if it is complete."""
         problems = [f"{n} {s} events missing" for s, n in sorted(self.gaps().items())]
+        if self.start_missing:
+            problems.append("start missing")
         if self.closed and not self.stop_received:
             problems.append(f"stop never came ({self.close_reason or 'closed'})")
         if self.dropped:
