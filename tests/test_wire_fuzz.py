@@ -424,3 +424,114 @@ def test_every_real_message_still_decodes_and_validates() -> None:
 def _no_tracemalloc_left() -> Iterator[None]:
     yield
     assert not tracemalloc.is_tracing()
+
+
+# --------------------------------------------------- deep nesting (issue 20)
+
+_KEY = b"X\x01\x00\x00\x00k"  # BINUNICODE "k"
+
+
+def deep_pickles(depth: int) -> dict[str, bytes]:
+    """A start whose value at ``k`` nests `depth` deep, in every container a pickle can make.
+
+    Each one's innermost object is None (or a dict key): the C unpickler hashes
+    a tuple key recursively, without a guard (200,000 TUPLE1: SIGSEGV).
+    """
+    state8 = b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffN"
+    return {
+        "tuple1-as-key": b"\x80\x02}N" + b"\x85" * depth + b"Ns.",
+        "tuple2": b"\x80\x02}" + _KEY + b"N" + b"N\x86" * depth + b"s.",
+        "tuple3": b"\x80\x02}" + _KEY + b"N" + b"NN\x87" * depth + b"s.",
+        "tuple1-memoized": b"\x80\x04}N" + b"\x85\x94" * depth + b"Ns.",
+        "tuple1-dup": b"\x80\x02}N" + b"\x852\x85\x86" * depth + b"Ns.",
+        "mark-tuple-as-key": b"\x80\x02}" + b"(" * depth + b"N" + b"t" * depth + b"Ns.",
+        "mark-list": b"\x80\x02}" + _KEY + b"(" * depth + b"l" * depth + b"s.",
+        "mark-dict": b"\x80\x02}" + _KEY + (b"(" + _KEY) * depth + b"(d" + b"d" * depth + b"s.",
+        "append": b"\x80\x02}" + _KEY + b"]" + b"]" * depth + b"a" * depth + b"s.",
+        "appends": b"\x80\x02}" + _KEY + b"](" * depth + b"]" + b"e" * depth + b"s.",
+        "setitem": b"\x80\x02}" + _KEY + b"}" + (_KEY + b"}") * depth + b"s" * depth + b"s.",
+        "setitems": b"\x80\x02}" + _KEY + b"}" + (b"(" + _KEY + b"}") * depth + b"u" * depth + b"s.",
+        "dtype-state": b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00f8\x89\x88\x87R"
+        + state8
+        + b"\x85" * depth
+        + b"tb}"
+        + _KEY
+        + b"(ds.",
+        "reduce-args": b"\x80\x02}"
+        + _KEY
+        + b"ccollections\nOrderedDict\n"
+        + b"N"
+        + b"\x85" * depth
+        + b"\x85Rs.",
+    }
+
+
+def deep_msgpack_and_json(depth: int) -> dict[str, bytes]:
+    return {
+        "msgpack-arrays": b"\x81\xa1k" + b"\x91" * depth + b"\xc0",
+        "msgpack-maps": b"\x81\xa1k" + b"\x81\xa1k" * depth + b"\xc0",
+        "json-arrays": b'{"k":' + b"[" * depth + b"]" * depth + b"}",
+        "json-objects": b'{"k":' + b'{"k":' * depth + b"1" + b"}" * depth + b"}",
+    }
+
+
+def test_deep_nesting_of_every_container_kind_is_refused_before_it_is_built() -> None:
+    """Issue 20: 200,000 levels of every container (TUPLE1-3, MARK groups, APPEND(S), SETITEM(S),
+    memo, DUP, a dtype state, reduce arguments; msgpack, JSON) is too-complex, refused by the scan
+    before the unpickler builds (and hashes) it; 150 levels pass the scan and the walk refuses them."""
+    for depth in (200_000, 150):
+        for kind, payload in {**deep_pickles(depth), **deep_msgpack_and_json(depth)}.items():
+            with pytest.raises(DecodeError) as caught:
+                decode_message([raw_frame("start", payload)])
+            if depth > 1000:  # (150 levels: the walk refuses them, or a type check comes first)
+                assert caught.value.reason == "too-complex", (kind, depth, caught.value)
+            if depth > 1000 and kind.startswith(("tuple", "mark", "append", "set", "dtype", "reduce")):
+                assert "pickle nests deeper than" in caught.value.detail, kind
+
+
+def test_documents_nested_to_the_walks_limit_still_decode() -> None:
+    """A start nested 100 deep (the walk's limit), with an array and a structured dtype at the bottom."""
+    inner: Any = {"a": np.zeros(3, dtype=[("x", "f8"), ("y", [("z", "i4", (2,))])]), "t": (1, 2)}
+    for level in range(98):
+        inner = [inner] if level % 2 else {"k": inner}
+    doc = {"uid": "u", "time": 1.0, "k": inner}
+    for protocol in (2, 4, 5):
+        name, back = decode_message([raw_frame("start", pickle.dumps(doc, protocol=protocol))])
+        assert name == "start" and back["uid"] == "u"
+
+
+@st.composite
+def nested_pickles(draw: st.DrawFn) -> bytes:
+    """A start whose ``k`` nests 1-400 deep, each level a container kind of its own."""
+    depth = draw(st.integers(1, 400))
+    kinds = draw(
+        st.lists(
+            st.sampled_from(["t1", "t2", "mt", "ml", "md", "ap", "si", "memo"]),
+            min_size=depth,
+            max_size=depth,
+        )
+    )
+    body = b"N"
+    for kind in kinds:
+        body = {
+            "t1": body + b"\x85",
+            "t2": b"N" + body + b"\x86",
+            "mt": b"(" + body + b"t",
+            "ml": b"(" + body + b"l",
+            "md": b"(" + _KEY + body + b"d",
+            "ap": b"]" + body + b"a",
+            "si": b"}" + _KEY + body + b"s",
+            "memo": body + b"\x94",
+        }[kind]
+    return raw_frame("start", b"\x80\x04}" + _KEY + body + b"s.")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nested_pickles())
+def test_generated_deep_pickles_decode_within_the_limit_or_are_too_complex(data: bytes) -> None:
+    """Any mix of container kinds: a document (nested at most 100 deep) or too-complex, nothing else."""
+    try:
+        decode_message([data])
+    except DecodeError as error:
+        assert error.reason in ("too-complex", "unsupported-type", "garbage"), error
+    check_message(data)

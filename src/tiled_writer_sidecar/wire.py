@@ -13,6 +13,8 @@ Contract of `decode_message`:
   to this load; msgpack_numpy ``nd`` maps are rebuilt here (no object arrays);
   JSON is ``json.loads``. Known plain-data pickle skeletons (`_Skeletons`) skip
   the scan and the walk, which they would pass, and load by ``pickle.loads``.
+- A pickle nesting anything deeper than 200 is refused by the scan, before
+  the unpickler builds (and hashes) it (`_pickle_nesting`).
 - The result has str keys, only values the spool codec stores, depth <= 100,
   and costs at most `budget_for` (``min(32 MiB + 24 x payload, 512 MiB)``)
   decoded: estimated before decoding, charged while unpickling, walked after.
@@ -102,15 +104,20 @@ def _short(text: object) -> str:
 # --------------------------------------------------------------------- pickle
 
 
-def _pickle_opcode_table() -> tuple[re.Pattern[bytes], dict[int, tuple[int, bool]], bytes]:
+#: Opcodes that make an object able to hold others; an object nested n deep needs n of them.
+_MAKER_OPS: Final = b"]})(\x85\x86\x87R\x81\x92"
+_NOT_MAKER: Final = bytes(b for b in range(256) if b not in _MAKER_OPS)
+
+
+def _pickle_opcode_table() -> tuple[re.Pattern[bytes], re.Pattern[bytes], dict[int, tuple[int, bool]], bytes]:
     """From pickletools' opcode list: a regex for runs of harmless opcodes, and the rest.
 
     The regex matches any run of opcodes that cannot make the unpickler
     allocate by index: everything except STOP, opcodes whose argument is a
     length of 256 or more (4 or 8 bytes wide), PUT/LONG_BINPUT with an index
     of 2**20 or more and unknown bytes; `_scan_pickle` handles those.
-    Returns (regex, {opcode: (length width, signed)}, opcodes with a fixed or
-    text argument).
+    Returns (regex, a regex for one stretch up to a container-making opcode,
+    {opcode: (length width, signed)}, opcodes with a fixed or text argument).
     """
     no_arg: list[int] = []
     lines: list[int] = []
@@ -160,12 +167,17 @@ def _pickle_opcode_table() -> tuple[re.Pattern[bytes], dict[int, tuple[int, bool
         charset(pairs) + rb"[^\n]*\n[^\n]*\n",
     ]
     regex = re.compile(b"(?:" + b"|".join(tokens) + b")*+", re.DOTALL)
+    # Up to the next opcode that makes a container (they take no argument), or the end of the run.
+    tokens[0] = charset([c for c in no_arg if c not in _MAKER_OPS])
+    opcodes = re.compile(
+        b"(?:" + b"|".join(tokens) + b")*+(?:([" + re.escape(_MAKER_OPS) + b"])|\\Z)", re.DOTALL
+    )
     long_lengths = {c: v for c, v in lengths.items() if v[0] > 1}
     with_argument = bytes(sorted({*short, *lines, *pairs, *(c for cs in fixed.values() for c in cs)}))
-    return regex, long_lengths, with_argument
+    return regex, opcodes, long_lengths, with_argument
 
 
-_PICKLE_RUN, _PICKLE_LENGTHS, _PICKLE_ARGUMENT_OPS = _pickle_opcode_table()
+_PICKLE_RUN, _PICKLE_OPCODES, _PICKLE_LENGTHS, _PICKLE_ARGUMENT_OPS = _pickle_opcode_table()
 
 
 #: Opcodes that build a set (a document never holds one; set() costs 216 bytes for 1).
@@ -195,14 +207,15 @@ def _scan_pickle(data: bytes, budget: int = 2**62) -> None:
     while True:
         start = i
         i = match(data, i).end()  # type: ignore[union-attr]  # `*+` always matches
-        if estimate:
-            spans.append((start, i))
+        spans.append((start, i))
         if i >= end:
             raise DecodeError("truncated", "pickle without STOP")
         op = data[i]
         if op == 0x2E:  # STOP
             if estimate:
                 _pickle_estimate(data, spans, strings, budget)
+            if _deep_enough(data, spans):  # else nothing can nest deeper
+                _pickle_nesting(data, i)
             return
         length = _PICKLE_LENGTHS.get(op)
         if length is not None:
@@ -236,6 +249,181 @@ def _scan_pickle(data: bytes, budget: int = 2**62) -> None:
             raise DecodeError("truncated", f"pickle opcode {op:#04x} cut off")
         else:
             raise DecodeError("garbage", f"unknown pickle opcode {op:#04x}")
+
+
+#: Nesting the scan lets through: the walk's `_MAX_DEPTH` for the document, plus what numpy's
+#: pickles nest inside one value (reduce arguments, array and dtype states, `_MAX_DTYPE_DEPTH`
+#: structured levels of 3). Hashing or comparing an object this deep is safe; 200,000 is not.
+_MAX_HEIGHT: Final = 2 * 100
+
+
+def _deep_enough(data: bytes, spans: list[tuple[int, int]]) -> bool:
+    """Whether `data`'s runs (`spans`, from the scan) hold more than `_MAX_HEIGHT` container makers.
+
+    An object nested n deep needs n objects that hold others, each made by one such opcode.
+    """
+    if len(data.translate(None, _NOT_MAKER)) <= _MAX_HEIGHT:  # every byte an opcode: an upper bound
+        return False
+    count = 0
+    finditer = _PICKLE_OPCODES.finditer
+    for start, stop in spans:
+        for found in finditer(data, start, stop):
+            if found.group(1) is None:  # the end of the run
+                break
+            count += 1
+            if count > _MAX_HEIGHT:
+                return True
+    return False
+
+
+def _nesting_tables() -> tuple[bytes, list[int]]:
+    """Per opcode: what `_pickle_nesting` does (an action below) and how to skip its argument.
+
+    Skip: n >= 0 fixed bytes; -1, -4, -8 a length of that many bytes, then as many bytes;
+    -10 one line, -20 two lines.
+    """
+    lengths = {
+        pickletools.TAKEN_FROM_ARGUMENT1: -1,
+        pickletools.TAKEN_FROM_ARGUMENT4: -4,
+        pickletools.TAKEN_FROM_ARGUMENT4U: -4,
+        pickletools.TAKEN_FROM_ARGUMENT8U: -8,
+        pickletools.UP_TO_NEWLINE: -10,
+    }
+    skip = [0] * 256
+    for op in pickletools.opcodes:
+        width = 0 if op.arg is None else op.arg.n
+        skip[ord(op.code)] = width if width >= 0 else lengths[width]
+        if op.arg is not None and op.arg.name == "stringnl_noescape_pair":
+            skip[ord(op.code)] = -20
+    actions = bytearray(256)  # 0: the stack does not change (PROTO, FRAME, READONLY_BUFFER)
+    for ops, action in (
+        (b"IJKML\x8a\x8bSTUBC\x8e\x96\x97NV\x8c\x8d\x88\x89XFGc\x82\x83\x84P", _PUSH_LEAF),
+        (b"\x94", _MEMOIZE),
+        (b"pqr", _PUT),
+        (b"ghj", _GET),
+        (b"]})", _PUSH_EMPTY),
+        (b"(", _MARK),
+        (b"tldio", _FROM_MARK),
+        (b"\x85\x86\x87", _TUPLE_N),
+        (b"R\x81", _FROM_TWO),
+        (b"\x92", _FROM_THREE),
+        (b"ab", _FILL_ONE),
+        (b"s", _FILL_TWO),
+        (b"eu", _FILL_MARK),
+        (b"0", _POP),
+        (b"1", _POP_MARK),
+        (b"2", _DUP),
+        (b"\x93Q", _NAME),
+    ):
+        for code in ops:
+            actions[code] = action
+    return bytes(actions), skip
+
+
+(
+    _PUSH_LEAF, _MEMOIZE, _PUT, _GET, _PUSH_EMPTY, _MARK, _FROM_MARK, _TUPLE_N, _FROM_TWO, _FROM_THREE,
+    _FILL_ONE, _FILL_TWO, _FILL_MARK, _POP, _POP_MARK, _DUP, _NAME,
+) = range(1, 18)  # fmt: skip
+_NEST_ACTIONS, _NEST_SKIP = _nesting_tables()
+
+
+def _too_deep() -> DecodeError:
+    return DecodeError("too-complex", f"pickle nests deeper than {_MAX_HEIGHT}")
+
+
+def _pickle_nesting(data: bytes, stop: int) -> None:  # one tight loop
+    """Refuse a pickle that would build anything nested deeper than `_MAX_HEIGHT`, before it is built.
+
+    Simulates the unpickler's stack up to `stop` (the scan's STOP) on cells
+    ``[height, placed]``: a height is an object's nesting (0: it holds
+    nothing), `placed` whether it is inside another object yet. Every object
+    the pickle makes, fills (APPEND(S), SETITEM(S), BUILD) or shares (memo,
+    DUP) is followed, so no key is ever hashed, nor a value compared, deeper
+    than `_MAX_HEIGHT`. An object changed after it was put into another (a
+    cycle does that; a document has none) is refused: its holder's height
+    would be stale.
+    """
+    leaf = [0, 1]
+    stack: list[list[int]] = []
+    marks: list[int] = []
+    memo: dict[int, list[int]] = {}
+    push = stack.append
+    actions = _NEST_ACTIONS
+    skips = _NEST_SKIP
+    limit = _MAX_HEIGHT
+    i = 0
+    while i < stop:
+        op = data[i]
+        width = skips[op]
+        if width >= 0:
+            following = i + 1 + width
+        elif width == -1:
+            following = i + 2 + data[i + 1]
+        elif width == -10:
+            following = data.index(b"\n", i + 1) + 1
+        elif width == -20:
+            following = data.index(b"\n", data.index(b"\n", i + 1) + 1) + 1
+        else:
+            following = i + 1 - width + int.from_bytes(data[i + 1 : i + 1 - width], "little")
+        action = actions[op]
+        if action == _PUSH_LEAF:
+            push(leaf)
+        elif action == _MEMOIZE:
+            if stack:
+                memo[len(memo)] = stack[-1]
+        elif action == _PUT:
+            if stack:
+                arg = data[i + 1 : following]
+                memo[int(arg) if op == 0x70 else int.from_bytes(arg, "little")] = stack[-1]
+        elif action == _GET:
+            arg = data[i + 1 : following]
+            push(memo.get(int(arg) if op == 0x67 else int.from_bytes(arg, "little"), leaf))
+        elif action == _PUSH_EMPTY:
+            push([1, 0])
+        elif action == _MARK:
+            marks.append(len(stack))
+        elif action == _POP:
+            if marks and marks[-1] == len(stack):
+                marks.pop()
+            elif stack:
+                stack.pop()
+        elif action == _DUP:
+            if stack:
+                push(stack[-1])
+        elif action == _NAME:
+            del stack[-(2 if op == 0x93 else 1) :]
+            push(leaf)
+        else:  # an object is made or filled from the top items
+            if action in (_FROM_MARK, _FILL_MARK, _POP_MARK):
+                first = marks.pop() if marks else 0
+            else:
+                first = len(stack) - (
+                    op - 0x84 if action == _TUPLE_N else 2 if action in (_FROM_TWO, _FILL_TWO) else
+                    3 if action == _FROM_THREE else 1
+                )  # fmt: skip
+                first = max(first, 0)
+            height = 0
+            for item in stack[first:]:
+                item[1] = 1
+                if item[0] > height:
+                    height = item[0]
+            del stack[first:]
+            height += 1
+            if height > limit:
+                raise _too_deep()
+            if action in (_FILL_ONE, _FILL_TWO, _FILL_MARK):
+                if stack:
+                    target = stack[-1]
+                    if target is not leaf:
+                        if target[1]:
+                            raise DecodeError(
+                                "too-complex", "pickle changes an object inside another (a cycle)"
+                            )
+                        if height > target[0]:
+                            target[0] = height
+            elif action != _POP_MARK:
+                push([height, 0])
+        i = following
 
 
 def _pickle_estimate(data: bytes, spans: list[tuple[int, int]], strings: int, budget: int) -> None:
@@ -362,10 +550,8 @@ def _dtype_from_state(typecode: str, state: object, depth: int) -> np.dtype[Any]
     """A dtype from numpy's pickled ``(typecode, state)``, or DecodeError. Cached when plain."""
     if type(state) is not tuple or len(state) not in (8, 9):
         raise DecodeError("garbage", "numpy dtype state is not numpy's")
-    try:
-        cached = _dtype_cache.get((typecode, state))
-    except TypeError:  # a structured dtype's fields: not hashable, never cached
-        cached = None
+    plain = _plain_state(state)
+    cached = _dtype_cache.get((typecode, state)) if plain else None
     if cached is not None:
         return cached
     try:
@@ -374,18 +560,46 @@ def _dtype_from_state(typecode: str, state: object, depth: int) -> np.dtype[Any]
         raise
     except (ValueError, TypeError, OverflowError, KeyError, IndexError) as exc:
         raise DecodeError("garbage", _short(f"numpy dtype: {type(exc).__name__}")) from None
-    if state[3] is None and state[2] is None:
+    if plain:
         if len(_dtype_cache) >= _DTYPE_CACHE_SIZE:
             _dtype_cache.clear()
         _dtype_cache[(typecode, state)] = dtype
     return dtype
 
 
+_FLAT: Final = frozenset({int, str, bytes, type(None)})
+
+
+def _plain_state(state: tuple[Any, ...]) -> bool:
+    """Whether a dtype state is a plain one (no subarray, no fields), made of flat values only.
+
+    Only such a state is hashed (as a cache key): its parts are checked here,
+    by type, before anything of the sender's is hashed or compared.
+    """
+    flat = _FLAT
+    if state[2] is not None or state[3] is not None or state[4] is not None:
+        return False
+    if any(type(part) not in flat for part in state[:8]):
+        return False
+    if len(state) == 8:
+        return True
+    metadata = state[8]  # datetime: (None or a dict, (unit, num, den, events))
+    if type(metadata) is not tuple or len(metadata) != 2 or type(metadata[0]) is not type(None):
+        return False
+    unit = metadata[1]
+    return type(unit) is tuple and len(unit) == 4 and all(type(part) in flat for part in unit)
+
+
 def _build_dtype(typecode: str, state: tuple[Any, ...], depth: int) -> np.dtype[Any]:
     version, endian, subarray, names, fields, elsize, _alignment, flags = state[:8]
-    if version not in (3, 4) or (len(state) == 9) != (version == 4):
+    if type(version) is not int or version not in (3, 4) or (len(state) == 9) != (version == 4):
         raise ValueError("dtype state version")
-    if endian not in ("<", ">", "|", "=") or type(elsize) is not int or type(flags) is not int:
+    if (
+        type(endian) is not str
+        or endian not in ("<", ">", "|", "=")
+        or type(elsize) is not int
+        or type(flags) is not int
+    ):
         raise ValueError("dtype state fields")
     if depth > _MAX_DTYPE_DEPTH:
         raise DecodeError("too-complex", "numpy dtype nested too deep")
@@ -405,7 +619,7 @@ def _build_dtype(typecode: str, state: tuple[Any, ...], depth: int) -> np.dtype[
     if fields is not None:
         raise ValueError("fields without names")
     if kind in "mM":
-        return np.dtype(endian + kind + "8" + _datetime_unit(state))  # type: ignore[no-any-return]
+        return np.dtype(endian + kind + "8" + _datetime_unit(state))
     dtype: np.dtype[Any] = np.dtype(endian + typecode)
     if elsize not in (-1, dtype.itemsize) or (kind == "O" and endian != "|"):
         raise ValueError("item size")
@@ -419,6 +633,8 @@ def _datetime_unit(state: tuple[Any, ...]) -> str:
     if type(unit) is not tuple or len(unit) != 4:
         raise ValueError("datetime unit")
     name, num = unit[0], unit[1]
+    if type(name) is not bytes:
+        raise ValueError("datetime unit")
     if name == b"generic":
         return ""
     if name not in _DATETIME_UNITS or type(num) is not int or not 0 < num < 2**31:
@@ -564,7 +780,9 @@ def _frombuffer(
 ) -> npt.NDArray[Any]:
     """numpy's protocol-5 ``_frombuffer``: a view of bytes the pickle carried."""
     dtype, dims = _dtype_of(spec), _shape_tuple(shape)
-    if not isinstance(buf, (bytes, bytearray)) or dtype.hasobject or order not in ("C", "F", "K"):
+    if not isinstance(buf, (bytes, bytearray)) or dtype.hasobject or type(order) is not str:
+        raise DecodeError("garbage", "numpy _frombuffer with bad arguments")
+    if order not in ("C", "F", "K"):
         raise DecodeError("garbage", "numpy _frombuffer with bad arguments")
     if len(buf) != math.prod(dims) * dtype.itemsize:
         raise DecodeError("garbage", "numpy _frombuffer bytes do not match shape and dtype")
@@ -580,7 +798,9 @@ def _frombuffer(
 
 def _codecs_encode(load: _Load, text: object, encoding: object = "utf-8", errors: object = "strict") -> bytes:
     """Protocol 2 pickles bytes as ``_codecs.encode(str, "latin1")``; nothing else."""
-    if type(text) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
+    if type(text) is not str or type(encoding) is not str or type(errors) is not str:
+        raise DecodeError("pickle-forbidden-global", "_codecs.encode other than latin-1 text")
+    if encoding not in ("latin1", "latin-1") or errors != "strict":
         raise DecodeError("pickle-forbidden-global", "_codecs.encode other than latin-1 text")
     load.charge(len(text))
     return text.encode("latin-1")
@@ -602,7 +822,7 @@ def _complex(load: _Load, *args: object) -> complex:
 
 def _ordered_dict(load: _Load, *args: object) -> dict[Any, Any]:
     """``collections.OrderedDict`` as a plain dict; its items come by SETITEM(S)."""
-    if args not in ((), ((),), ([],)):
+    if args and (len(args) != 1 or type(args[0]) not in (tuple, list) or args[0]):
         raise DecodeError("pickle-forbidden-global", "OrderedDict() with arguments")
     return {}
 
