@@ -205,6 +205,7 @@ class BufferingProxy:
         return True
 
     def _sent(self, message: Message, size: int, replayed: bool) -> None:
+        self.peers.sent()
         if not replayed:
             self.ring.record(message, size, self._now)
 
@@ -212,7 +213,13 @@ class BufferingProxy:
 
     def _read_in(self) -> None:
         sock, buffer, verbose = self.in_socket, self.buffer, self.options.verbose
-        recv, append, limit, now = sock.recv, buffer.append, buffer.max_bytes, self._now
+        recv, more, append, limit, now = (
+            sock.recv,
+            sock.getsockopt,
+            buffer.append,
+            buffer.max_bytes,
+            self._now,
+        )
         if self._discarding and not self._discard():
             return
         for _ in range(READ_BATCH):
@@ -220,7 +227,7 @@ class BufferingProxy:
                 message = recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if sock.rcvmore:
+            if more(zmq.RCVMORE):  # (the `rcvmore` property costs 3 us more per message)
                 self.stats.refused["multipart"] += 1
                 log.warning("a multipart message was refused (bluesky sends one frame per document)")
                 self._discarding = True
@@ -235,13 +242,17 @@ class BufferingProxy:
                 return  # forward (lossy) before reading more: the buffer exceeds its limit by one message at most
 
     def _discard(self) -> bool:
-        """Throw away up to `DISCARD_BATCH` frames of a refused message; True once it is all gone."""
-        sock = self.in_socket
-        for _ in range(DISCARD_BATCH):
-            if not sock.rcvmore:
-                self._discarding = False
-                return True
-            sock.recv(zmq.NOBLOCK)
+        """Throw away up to `DISCARD_BATCH` frames of a refused message; True once it is all gone.
+
+        Frames are readable as they arrive (a message's end may not have come yet)."""
+        recv = self.in_socket.recv
+        try:
+            for _ in range(DISCARD_BATCH):
+                if not recv(zmq.NOBLOCK, copy=False).more:
+                    self._discarding = False
+                    return True
+        except zmq.Again:
+            pass
         return False
 
     def _read_subscriptions(self) -> None:

@@ -1,26 +1,35 @@
-"""Who the out socket's subscribers are, and which of them a lossy send skipped.
+"""Who the out socket's subscribers are, and how many messages each one missed.
 
-0MQ's XPUB does not say which subscriber's pipe was full when a lossy send
-skipped it. The kernel does: libzmq stops filling a pipe only when the
+0MQ's XPUB does not say which subscriber a lossy send skipped, nor that it
+goes on skipping it: a full pipe is taken out of the send set until its
+reader has drained it to half, and sends succeed meanwhile without it. The
+kernel tells which one it is: libzmq fills a pipe only once the
 subscriber's TCP connection takes no more, so a subscriber that stopped
-reading has bytes waiting in its socket's send queue (``SIOCOUTQ``) that do
-not move. Each connection is known from the socket monitor (its descriptor
-and peer ``HOST:PORT``); `sample` (every tick) notes each one's queue, and a
-connection whose queue is non-empty and unchanged since the previous sample
-is *stalled*. `missed` adds one to every stalled subscriber per lossy send,
-or to ``unattributed`` when none is (a pipe full past its byte share while
-the connection still moves). Exact when one subscriber stalls at a time (the
-sleeping laptop); `ProxyStats.dropped` counts every lossy send exactly.
+reading has bytes in its socket's send queue (``SIOCOUTQ``) that do not
+move. Each connection is known from the socket monitor (descriptor, peer
+``HOST:PORT``); `sample` (every tick) notes each one's queue, and one whose
+queue is non-empty and unchanged since the previous tick is *stalled*; so
+is, when no tick has seen one yet, one whose queue holds at least half its
+send buffer at the lossy send.
+
+A lossy send marks every stalled subscriber *skipped* (none: counted once
+as ``unattributed``); each message sent while a subscriber is skipped,
+that one included, counts as missed by it, until its queue moves again.
+Not counted: what a waking subscriber misses while it drains its pipe (at
+most half its HWM per wake). `ProxyStats.dropped` counts the lossy sends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import struct
 import termios
+
+log = logging.getLogger("tiled_writer_sidecar.proxy")
 
 #: Label of misses no stalled connection explains.
 UNATTRIBUTED = "unattributed"
@@ -51,7 +60,8 @@ class Peers:
         self.missed = missed
         self._names: dict[int, str] = {}
         self._queued: dict[int, int] = {}
-        self._stalled: list[str] = []
+        self._stalled: dict[int, str] = {}
+        self._skipped: dict[int, str] = {}
 
     def accepted(self, fd: int, endpoint: str) -> str:
         name = _peer_name(fd, f"{endpoint}#{fd}")
@@ -63,23 +73,52 @@ class Peers:
 
     def disconnected(self, fd: int) -> str | None:
         self._queued.pop(fd, None)
+        self._stalled.pop(fd, None)
+        self._skipped.pop(fd, None)
         return self._names.pop(fd, None)
 
     def sample(self) -> None:
         """Note each connection's send queue; stalled: non-empty and unchanged since the last sample."""
-        stalled = []
+        stalled = {}
         for fd, name in self._names.items():
             queued = _send_queue(fd)
             if queued > 0 and queued == self._queued.get(fd):
-                stalled.append(name)
+                stalled[fd] = name
             self._queued[fd] = queued
         self._stalled = stalled
+        for fd in [fd for fd in self._skipped if fd not in stalled]:
+            name = self._skipped.pop(fd)
+            log.warning(
+                "subscriber %s reads again; it missed %d messages so far", name, self.missed.get(name, 0)
+            )
 
     def skipped(self) -> None:
-        """One lossy send: count it for every stalled subscriber (or as unattributed)."""
-        missed = self.missed
-        for name in self._stalled or (UNATTRIBUTED,):
-            missed[name] = missed.get(name, 0) + 1
+        """A lossy send: the stalled subscribers are skipped from now on (see the module doc)."""
+        stalled = self._stalled or self._full_now()
+        if not stalled:
+            self.missed[UNATTRIBUTED] = self.missed.get(UNATTRIBUTED, 0) + 1
+            return
+        for fd, name in stalled.items():
+            if fd not in self._skipped:
+                self._skipped[fd] = name
+                log.warning("subscriber %s stopped reading: it misses messages until it reads again", name)
+
+    def _full_now(self) -> dict[int, str]:
+        """Connections whose send queue holds at least half their send buffer (no tick has seen them yet)."""
+        full = {}
+        for fd, name in self._names.items():
+            queued = _send_queue(fd)
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+                if queued > 0 and 2 * queued >= sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2:
+                    full[fd] = name
+        return full
+
+    def sent(self) -> None:
+        """One message sent: missed by every skipped subscriber."""
+        if self._skipped:
+            missed = self.missed
+            for name in self._skipped.values():
+                missed[name] = missed.get(name, 0) + 1
 
     def _trim(self) -> None:
         connected = set(self._names.values())
