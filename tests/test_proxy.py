@@ -26,9 +26,11 @@ from tiled_writer_sidecar.proxy import (
     MESSAGE_OVERHEAD,
     BurstBuffer,
     Message,
+    hwm_for,
     normalize_address,
     parse_size,
 )
+from tiled_writer_sidecar.proxy_replay import REPLAY_TOPIC, ReplayRing
 from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
 from tiled_writer_sidecar.testing.proxy import sidecar_proxy_command
 
@@ -64,8 +66,8 @@ def test_everything_passes_in_order_when_the_subscriber_keeps_up() -> None:
     buffer = BurstBuffer(10_000)
     sub = FakeSubscriber(room=1000)
     for i in range(500):
-        buffer.append(msg(i))
-        assert not buffer.forward(sub)
+        buffer.append(msg(i), 0.0)
+        assert not buffer.forward(sub, 0.0)
     assert sub.got == [msg(i) for i in range(500)]
     s = buffer.stats
     assert (s.received, s.sent, s.dropped, s.buffered, s.buffered_bytes) == (500, 500, 0, 0, 0)
@@ -77,12 +79,12 @@ def test_a_blocked_subscriber_is_waited_for_while_under_the_limit() -> None:
     buffer = BurstBuffer(1_000_000)
     sub = FakeSubscriber(room=10)
     for i in range(100):
-        buffer.append(msg(i))
-    assert buffer.forward(sub) is True
+        buffer.append(msg(i), 0.0)
+    assert buffer.forward(sub, 0.0) is True
     assert len(buffer) == 90 and buffer.bytes == 90 * (100 + MESSAGE_OVERHEAD)
     assert buffer.stats.blocked_sends == 1
     sub.room = 1000
-    assert buffer.forward(sub) is False
+    assert buffer.forward(sub, 0.0) is False
     assert sub.got == [msg(i) for i in range(100)]
     assert buffer.stats.dropped == 0
 
@@ -94,8 +96,8 @@ def test_past_the_limit_what_would_block_is_sent_lossy_and_counted() -> None:
     buffer = BurstBuffer(50 * per)
     sub = FakeSubscriber(room=0)
     for i in range(80):
-        buffer.append(msg(i))
-        buffer.forward(sub)
+        buffer.append(msg(i), 0.0)
+        buffer.forward(sub, 0.0)
         assert buffer.bytes <= buffer.max_bytes
     s = buffer.stats
     assert s.dropped == sub.lossy_sends == 80 - 50
@@ -103,7 +105,7 @@ def test_past_the_limit_what_would_block_is_sent_lossy_and_counted() -> None:
     assert s.overflows == 1 and buffer.overflowing
     assert s.buffered_bytes_peak == 51 * per  # one message over, for one forward at most
     sub.room = 1000
-    buffer.forward(sub)
+    buffer.forward(sub, 0.0)
     assert sub.got == [msg(i) for i in range(30, 80)]  # the oldest went lossy, the rest in order
     assert not buffer.overflowing and len(buffer) == 0
 
@@ -113,9 +115,9 @@ def test_lossless_sends_are_tried_first_even_past_the_limit() -> None:
     per = 100 + MESSAGE_OVERHEAD
     buffer = BurstBuffer(5 * per)
     for i in range(10):
-        buffer.append(msg(i))
+        buffer.append(msg(i), 0.0)
     sub = FakeSubscriber(room=3)
-    buffer.forward(sub)
+    buffer.forward(sub, 0.0)
     assert sub.got == [msg(0), msg(1), msg(2)]
     assert buffer.stats.dropped == 2 and len(buffer) == 5
 
@@ -125,19 +127,72 @@ def test_a_zero_limit_forwards_whatever_the_subscriber_takes_and_drops_the_rest(
     buffer = BurstBuffer(0)
     sub = FakeSubscriber(room=2)
     for i in range(5):
-        buffer.append(msg(i))
-        buffer.forward(sub)
+        buffer.append(msg(i), 0.0)
+        buffer.forward(sub, 0.0)
     assert len(sub.got) == 2 and buffer.stats.dropped == 3 and len(buffer) == 0
 
 
-def test_multipart_messages_are_kept_whole_and_sized_by_all_frames() -> None:
-    """A multipart message is one buffer entry; its size is every frame plus the overhead."""
-    buffer = BurstBuffer(10_000)
-    buffer.append((b"a" * 10, b"b" * 20))
-    assert buffer.bytes == 30 + MESSAGE_OVERHEAD
-    sub = FakeSubscriber(room=1)
-    buffer.forward(sub)
-    assert sub.got == [(b"a" * 10, b"b" * 20)]
+def test_a_subscriber_that_reads_nothing_for_stall_seconds_no_longer_holds_the_others() -> None:
+    """Under the byte limit, a blocked head waits `stall_seconds`; after that every message that would
+    block goes lossy at once (one stall, each counted dropped) until a lossless send goes through."""
+    buffer = BurstBuffer(10**9, stall_seconds=5.0)
+    sub = FakeSubscriber(room=0)
+    buffer.append(msg(0), 0.0)
+    assert buffer.forward(sub, 0.0) is True
+    assert buffer.forward(sub, 4.9) is True and buffer.stats.dropped == 0
+    assert buffer.forward(sub, 5.0) is False and buffer.stalled
+    for i in range(1, 4):
+        buffer.append(msg(i), 5.1)
+        assert buffer.forward(sub, 5.1) is False
+    assert buffer.stats.dropped == sub.lossy_sends == 4 and buffer.stats.stalls == 1
+    sub.room = 1
+    buffer.append(msg(4), 6.0)
+    buffer.forward(sub, 6.0)
+    assert sub.got == [msg(4)] and not buffer.stalled
+    buffer.append(msg(5), 6.1)
+    assert buffer.forward(sub, 6.1) is True  # lossless again: waits anew
+
+
+def test_oldest_buffered_arrival_and_replays_go_ahead_of_what_waits() -> None:
+    """stats.oldest_buffered_at is the head's arrival; `prepend` puts a replay first, in order,
+    without counting it as received, and `on_sent` hears that it was a replay."""
+    heard: list[tuple[bytes, bool]] = []
+    buffer = BurstBuffer(10**6, on_sent=lambda m, _size, replayed: heard.append((m, replayed)))
+    buffer.append(msg(2), 7.0)
+    assert buffer.stats.oldest_buffered_at == 7.0
+    buffer.prepend([msg(0), msg(1)], 8.0)
+    buffer.forward(FakeSubscriber(room=10), 8.0)
+    assert heard == [(msg(0), True), (msg(1), True), (msg(2), False)]
+    assert buffer.stats.received == 1 and buffer.stats.oldest_buffered_at is None
+
+
+def test_replay_ring_replays_since_departure_minus_margin_only_to_a_returning_holder() -> None:
+    """The ring replays nothing to a first subscription; after the holder of REPLAY_TOPIC goes and
+    comes back it replays what was sent from `margin` before it left, and trims by age and bytes."""
+    ring = ReplayRing(seconds=100.0, max_bytes=10**6, margin=2.0)
+    subscribe, unsubscribe = b"\x01" + REPLAY_TOPIC, b"\x00" + REPLAY_TOPIC
+    assert ring.subscription(subscribe, 0.0) is None
+    for t in range(10):
+        ring.record(msg(t), 164, float(t))
+    assert ring.subscription(b"\x01", 9.0) is None  # another subscriber's subscription
+    assert ring.subscription(unsubscribe, 9.5) is None
+    ring.record(msg(10), 164, 10.0)
+    assert ring.subscription(subscribe, 11.0) == [msg(t) for t in range(8, 11)]
+    assert ring.subscription(subscribe, 12.0) is None  # a second holder: nobody had left
+    small = ReplayRing(seconds=3.0, max_bytes=2 * 164)
+    for t in range(10):
+        small.record(msg(t), 164, float(t))
+    assert small.held_bytes == 2 * 164
+
+
+@pytest.mark.parametrize(
+    ("share", "largest", "hwm"), [(64 * 2**20, 65536, 1022), (2**30, 100, 1_000_000), (10, 10, 4)]
+)
+def test_a_pipe_hwm_holds_the_byte_share_of_the_largest_recent_message(
+    share: int, largest: int, hwm: int
+) -> None:
+    """10,000 x 64 KiB no longer fit a 64 MiB share: the HWM is the share over the largest message."""
+    assert hwm_for(share, largest) == hwm
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,11 @@ frames as the stock Publisher, read back by bluesky's `RemoteDispatcher`.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import event_model
@@ -21,10 +23,11 @@ import pytest
 import zmq
 from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
 
-from tiled_writer_sidecar.errors import ConfigError, IncompatibleDependency
 from tiled_writer_sidecar.publisher import (
     DEFAULT_QUEUE_MESSAGES,
     ZMQ_DEFAULT_SNDHWM,
+    IncompatibleBluesky,
+    PublisherConfigError,
     deep_publisher,
     deepen,
     send_queue,
@@ -85,6 +88,17 @@ class BoundSub:
         while self.socket.poll(100):
             self.socket.recv()
 
+    def serving(self, make: Callable[[], Publisher]) -> Publisher:
+        """`make()` run in a thread while this socket is polled, as a proxy's loop polls its in socket
+        (a SUB sends its subscription to a new peer only when its own thread calls into 0MQ)."""
+        made: list[Publisher] = []
+        maker = threading.Thread(target=lambda: made.append(make()), daemon=True)
+        maker.start()
+        while maker.is_alive():
+            self.socket.poll(5, zmq.POLLOUT)
+        assert made, "the Publisher was not made"
+        return made[0]
+
     def drain(self, quiet_ms: int = 1_000) -> list[bytes]:
         """Every frame until none arrived for `quiet_ms`."""
         frames = []
@@ -117,8 +131,8 @@ def test_the_socket_gets_the_asked_queue_and_the_stock_one_keeps_0mqs(publishers
     """deep_publisher's PUB socket has SNDHWM = queue_messages (default DEFAULT_QUEUE_MESSAGES);
     bluesky's own Publisher has 0MQ's 1,000; Publisher's own arguments pass through."""
     address = f"127.0.0.1:{free_port()}"
-    default = deep_publisher(address)
-    asked = deep_publisher(address, queue_messages=12_345, prefix=b"beamline")
+    default = deep_publisher(address, connect_timeout=0)
+    asked = deep_publisher(address, queue_messages=12_345, prefix=b"beamline", connect_timeout=0)
     stock = Publisher(address)
     publishers += [default, asked, stock]
 
@@ -131,9 +145,9 @@ def test_the_socket_gets_the_asked_queue_and_the_stock_one_keeps_0mqs(publishers
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5, "1000"])
 def test_a_bad_queue_size_is_a_config_error(bad: Any) -> None:
-    """queue_messages must be a positive int (0 would mean 'no limit' to 0MQ): one-line ConfigError."""
-    with pytest.raises(ConfigError, match="queue_messages must be a positive number") as err:
-        deep_publisher(f"127.0.0.1:{free_port()}", queue_messages=bad)
+    """queue_messages must be a positive int (0 would mean 'no limit' to 0MQ): one-line PublisherConfigError."""
+    with pytest.raises(PublisherConfigError, match="queue_messages must be a positive number") as err:
+        deep_publisher(f"127.0.0.1:{free_port()}", queue_messages=bad, connect_timeout=0)
     assert "\n" not in str(err.value)
 
 
@@ -141,13 +155,13 @@ def test_a_publisher_without_its_pub_socket_fails_in_one_line_naming_bluesky(
     publishers: list[Publisher],
 ) -> None:
     """A bluesky whose Publisher keeps no PUB socket at `_socket` (renamed, or already closed)
-    raises IncompatibleDependency with one line naming the installed and the supported bluesky."""
+    raises IncompatibleBluesky with one line naming the installed and the supported bluesky."""
     renamed = Publisher(f"127.0.0.1:{free_port()}")
     publishers.append(renamed)
     socket = renamed._socket
     del renamed._socket
     try:
-        with pytest.raises(IncompatibleDependency) as err:
+        with pytest.raises(IncompatibleBluesky) as err:
             deepen(renamed)
     finally:
         renamed._socket = socket
@@ -156,8 +170,63 @@ def test_a_publisher_without_its_pub_socket_fails_in_one_line_naming_bluesky(
 
     closed = Publisher(f"127.0.0.1:{free_port()}")
     closed.close()
-    with pytest.raises(IncompatibleDependency, match="no open PUB socket"):
+    with pytest.raises(IncompatibleBluesky, match="no open PUB socket"):
         deepen(closed)
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["stock", "deep"])
+def test_the_first_documents_after_creation_arrive_only_with_deep_publisher(
+    context: zmq.Context[zmq.Socket[bytes]], publishers: list[Publisher], deep: bool
+) -> None:
+    """0MQ's slow joiner: 5 starts sent right after a stock Publisher is made are dropped (its PUB has
+    no subscription yet); deep_publisher returns once the peer has subscribed, so all 5 arrive, and
+    it returns within its connect_timeout."""
+    port = free_port()
+    peer = BoundSub(context, port)
+    started = time.monotonic()
+    publisher = peer.serving(
+        lambda: deep_publisher(f"127.0.0.1:{port}") if deep else Publisher(f"127.0.0.1:{port}")
+    )
+    waited = time.monotonic() - started
+    publishers.append(publisher)
+    starts = [("start", {"uid": f"run-{i}", "time": 0.0}) for i in range(5)]
+    for name, doc in starts:
+        publisher(name, doc)
+    frames = peer.drain(quiet_ms=500)
+    peer.close()
+    if deep:
+        assert frames == [b" ".join([b"", name.encode(), _pickle(doc)]) for name, doc in starts]
+        assert waited < 2.0 and send_queue(publisher) == DEFAULT_QUEUE_MESSAGES
+    else:
+        assert frames == []
+
+
+def test_without_a_subscriber_deep_publisher_waits_connect_timeout_and_warns(
+    publishers: list[Publisher], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens: deep_publisher gives up after connect_timeout with one warning and works on."""
+    started = time.monotonic()
+    publisher = deep_publisher(f"127.0.0.1:{free_port()}", connect_timeout=0.3)
+    publishers.append(publisher)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert [r.levelname for r in caplog.records if "no subscriber" in r.message] == ["WARNING"]
+    publisher("start", {"uid": "nobody-listens", "time": 0.0})
+
+
+def test_deep_publisher_imports_nothing_of_the_sidecar_but_itself() -> None:
+    """Installed alone into a RunEngine's environment it needs bluesky and pyzmq only: importing it
+    loads no other tiled_writer_sidecar module and none of the sidecar's own dependencies."""
+    code = (
+        "import sys, tiled_writer_sidecar.publisher as p; "
+        "print(sorted(m for m in sys.modules if m.startswith('tiled_writer_sidecar') "
+        "or m.split('.')[0] in ('tiled', 'httpx', 'prometheus_client', 'bluesky_tiled_plugins')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["['tiled_writer_sidecar',", "'tiled_writer_sidecar.publisher']"], (
+        done.stdout
+    )
 
 
 @pytest.mark.parametrize("deep", [False, True], ids=["stock", "deep"])
@@ -224,10 +293,12 @@ def test_same_frames_as_the_stock_publisher(
     for deep in (False, True):
         port = free_port()
         peer = BoundSub(context, port)
-        publisher = (
-            deep_publisher(f"127.0.0.1:{port}", prefix=b"bl1")
-            if deep
-            else Publisher(f"127.0.0.1:{port}", prefix=b"bl1")
+        publisher = peer.serving(
+            lambda port=port, deep=deep: (
+                deep_publisher(f"127.0.0.1:{port}", prefix=b"bl1")
+                if deep
+                else Publisher(f"127.0.0.1:{port}", prefix=b"bl1")
+            )
         )
         publishers.append(publisher)
         peer.wait_joined(publisher)

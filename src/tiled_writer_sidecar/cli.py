@@ -109,17 +109,74 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
-    """bluesky-0MQ-proxy's flags, plus the buffer and metrics (parsed in `proxy.options_from_args`)."""
+    """bluesky-0MQ-proxy's flags (same names and meaning), plus the buffer, replay and metrics
+    (parsed in `proxy.options_from_args`)."""
     parser.add_argument(
         "--in-address", help="where RunEngines' Publishers connect: PORT, HOST:PORT or tcp://HOST:PORT"
     )
     parser.add_argument("--out-address", help="where subscribers connect (same forms)")
+    for side, what in (("in", "input"), ("out", "output")):
+        parser.add_argument(
+            f"--{side}-mode",
+            choices=["bind", "connect"],
+            default="bind",
+            help=f"{what} socket mode: bind (server, default) or connect (client)",
+        )
+        parser.add_argument(
+            f"--{side}-curve-secret",
+            metavar="FILE",
+            help=f"CURVE server certificate (secret key) of the {what} socket",
+        )
+        parser.add_argument(
+            f"--{side}-curve-client-keys",
+            metavar="DIR",
+            help=f"folder of the public certificates admitted on the {what} socket (default: any key)",
+        )
+        parser.add_argument(
+            f"--{side}-curve-allow",
+            nargs="*",
+            metavar="IP",
+            help=f"IP addresses admitted on the {what} socket (with or without CURVE)",
+        )
+        parser.add_argument(
+            f"--{side}-client-secret",
+            metavar="FILE",
+            help=f"CURVE client certificate of the {what} socket (connect)",
+        )
+        parser.add_argument(
+            f"--{side}-server-public",
+            metavar="FILE",
+            help=f"public certificate of the server the {what} socket connects to",
+        )
     parser.add_argument(
         "--max-buffer-bytes",
         default="256MiB",
         metavar="SIZE",
-        help="memory for buffered messages, e.g. 268435456, 256MiB, 1GiB (default 256MiB); past it "
-        "the slowest subscriber misses messages (counted as dropped)",
+        help="memory for messages in all, e.g. 268435456, 256MiB, 1GiB (default 256MiB): half the buffer, "
+        "a quarter each subscriber's pipe, a quarter the replay ring; past it a full subscriber misses "
+        "messages (counted)",
+    )
+    parser.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="a subscriber that reads nothing for this long misses messages instead of holding the others "
+        "back (default 5)",
+    )
+    parser.add_argument(
+        "--replay-seconds",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="how long a restarted sidecar's subscription is caught up for (default 300; 0: off)",
+    )
+    parser.add_argument(
+        "--replay-margin",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="the catch-up starts this long before the subscription went away (default 10)",
     )
     parser.add_argument(
         "--metrics-address",
