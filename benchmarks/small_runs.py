@@ -26,19 +26,23 @@ most `MEMORY_SECONDS` (the queue stays ~1,000 long meanwhile).
 
 Standalone: ``python -m benchmarks.small_runs [--quick|--smoke] [--shapes
 200x50,200x200,20x10000:1] [--reps N]`` (``:1``: that shape's own repetitions) runs only this comparison through
-`benchmarks.run` (results merged into ``benchmarks/results.json``, RESULTS.md
-regenerated; with ``--smoke`` into a temporary directory).
+`benchmarks.run` and merges its entry into ``benchmarks/results.json`` (the
+other comparisons kept as they are, key order included; with ``--add`` also
+the shapes measured earlier and not again) and regenerates RESULTS.md; with
+``--smoke`` and no ``--results`` it writes into a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +52,7 @@ from typing import Any
 from ._breakdown import INPROCESS_PHASES, SIDECAR_PHASES, Profiling
 from ._upload import inprocess_upload, read_documents, sidecar_upload
 from .backlog_drain import make_backlog
-from .common import Bench, cpu_seconds, fmt, fmt_summary, peak_rss_mib, rss_mib, summary
+from .common import Bench, cpu_seconds, fmt, fmt_summary, peak_rss_mib, rounded, rss_mib, summary
 
 NAME = "small_runs"
 TITLE = "Many small runs: backlog drain, sidecar vs in-process TiledWriter"
@@ -62,7 +66,7 @@ FULL_SHAPES: tuple[tuple[int, ...], ...] = ((200, 50), (200, 200), (20, 10_000))
 QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((50, 50), (50, 200), (4, 10_000))
 SMOKE_SHAPES: tuple[tuple[int, ...], ...] = ((3, 10),)
 SMALL_EVENTS = 500  # a run of at most this many events is "small" (the issue's 50-500 points)
-PROFILE_RUNS = 40
+PROFILE_RUNS = 25
 MEMORY_RUNS, MEMORY_EVENTS, MEMORY_SECONDS = 1000, 50, 90.0
 RSS_BUDGET_MIB = 250.0
 MAX_REPS = 3  # under `make bench` (5 repetitions by default): 3 already take ~15 minutes
@@ -388,11 +392,6 @@ def run(bench: Bench) -> dict[str, Any]:
         if memory_runs
         else None
     )
-    small = [s for s in results if s["events"] <= SMALL_EVENTS]
-    ratios = {shape_key(s["runs"], s["events"]): s["ratio"]["median"] for s in results}
-    met = bool(small) and all(s["ratio"]["median"] >= 2 for s in small)
-    if memory is not None:
-        met = met and memory["peak_rss_mib"] <= RSS_BUDGET_MIB
     return {
         "shapes": results,
         "memory": memory,
@@ -403,11 +402,37 @@ def run(bench: Bench) -> dict[str, Any]:
             "sidecar_settings": _sidecar_settings(),
             "command": options.get("command", "python -m benchmarks.run --only small_runs"),
         },
-        "headline": {
-            "ratio_by_shape": ratios,
-            "peak_rss_mib": memory["peak_rss_mib"] if memory else None,
-            "target_met": met,
-        },
+        "headline": headline_figures(results, memory),
+    }
+
+
+def headline_figures(shapes: list[dict[str, Any]], memory: dict[str, Any] | None) -> dict[str, Any]:
+    small = [s for s in shapes if s["events"] <= SMALL_EVENTS]
+    met = bool(small) and all(s["ratio"]["median"] >= 2 for s in small)
+    if memory is not None:
+        met = met and memory["peak_rss_mib"] <= RSS_BUDGET_MIB
+    return {
+        "ratio_by_shape": {shape_key(s["runs"], s["events"]): s["ratio"]["median"] for s in shapes},
+        "peak_rss_mib": memory["peak_rss_mib"] if memory else None,
+        "target_met": met,
+    }
+
+
+def combined(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` with the shapes (and memory figure) of `previous` that `new` did not measure again."""
+    mine = {shape_key(s["runs"], s["events"]) for s in new["shapes"]}
+    shapes = [s for s in previous["shapes"] if shape_key(s["runs"], s["events"]) not in mine]
+    shapes += new["shapes"]
+    shapes.sort(key=lambda s: (s["events"], -s["runs"]))
+    memory = new.get("memory") or previous.get("memory")
+    commands = [*previous.get("commands", [previous["options"]["command"]]), new["options"]["command"]]
+    return {
+        **new,
+        "shapes": shapes,
+        "memory": memory,
+        "commands": commands,
+        "seconds": (previous.get("seconds") or 0) + (new.get("seconds") or 0),
+        "headline": headline_figures(shapes, memory),
     }
 
 
@@ -435,7 +460,7 @@ def section(c: dict[str, Any]) -> list[str]:
     for s in c["shapes"]:
         rows.append(
             [
-                f"{s['runs']} x {s['events']:,}",
+                f"{s['runs']} x {s['events']:,} ({s['ratio']['n']} reps)",
                 _side_cell(s, "sidecar", "runs_per_s"),
                 _side_cell(s, "inprocess", "runs_per_s"),
                 f"**x{fmt(s['ratio']['median'])}** ({fmt(s['ratio']['min'])}-{fmt(s['ratio']['max'])})",
@@ -449,9 +474,12 @@ def section(c: dict[str, Any]) -> list[str]:
         )
     opts = c.get("options", {})
     out = [
-        f"Backlog of N runs x M events spooled first, then drained; {opts.get('reps', '?')} repetition(s), "
-        "sides alternating which goes first, each into its own Tiled server. Re-run: "
-        f"`{opts.get('command', 'python -m benchmarks.small_runs')}`.",
+        "Backlog of N runs x M events spooled first, then drained; in each repetition both sides, "
+        "alternating which goes first, each into its own Tiled server. Re-run: "
+        + "; ".join(
+            f"`{cmd}`" for cmd in c.get("commands", [opts.get("command", "python -m benchmarks.small_runs")])
+        )
+        + ".",
         "",
         _table(
             [
@@ -534,9 +562,11 @@ def _breakdown_lines(s: dict[str, Any]) -> list[str]:
         n = side["counts_per_run"].get(label)
         return "-" if n is None else f"{n:.2f} ({side['counted_ms_per_run'][label]:.1f} ms)"
 
+    timed = {side: 1000 * s["seconds"][side]["median"] / s["runs"] for side in SIDES}
     out = [
         f"Where one run's time goes, {s['runs']} x {s['events']} (a drain of {sc['runs']} runs per side, "
-        "all threads sampled every ~1 ms; ms per run, of which waiting for an HTTP response):",
+        "all threads sampled every ~1 ms; ms per run, of which waiting for an HTTP response; unprofiled, "
+        f"the timed drains took {timed['sidecar']:.0f} and {timed['inprocess']:.0f} ms per run):",
         "",
         _table(["phase", "sidecar ms/run", "in-process ms/run"], rows),
         "",
@@ -580,6 +610,16 @@ def analysis(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
             f"them), an in-process run {ip['wall_ms_per_run']:.0f} ms ({ip['http']['requests_per_run']:.1f} "
             "requests). Largest sidecar phases: " + ", ".join(f"{k} {v:.0f} ms" for k, v in top) + "."
         )
+        common = sorted(set(sc["http"]["by_kind"]) & set(ip["http"]["by_kind"]))
+        if common:
+            out.append(
+                "  Same endpoints, mean latency sidecar vs in-process: "
+                + ", ".join(
+                    f"{k} {sc['http']['by_kind'][k]['mean_ms']:.0f} vs {ip['http']['by_kind'][k]['mean_ms']:.0f} ms"
+                    for k in common
+                )
+                + "."
+            )
     return out
 
 
@@ -624,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", type=Path, help="results JSON (default benchmarks/results.json)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--add", action="store_true", help="keep the earlier results' shapes not measured again (and memory)"
+    )
     args = parser.parse_args(argv)
     from . import run as bench_run
 
@@ -638,9 +681,36 @@ def main(argv: list[str] | None = None) -> int:
     }
     run_argv = ["--only", NAME, "--reps", str(reps)]
     run_argv += ["--smoke"] if args.smoke else []
-    run_argv += ["--results", str(args.results)] if args.results else []
     run_argv += ["--keep"] if args.keep else []
-    return bench_run.main(run_argv, shared={"small_runs_options": options})
+    if args.smoke and args.results is None:  # benchmarks.run's temporary place: nothing to merge into
+        return bench_run.main(run_argv, shared={"small_runs_options": options})
+    target = args.results or bench_run.HERE / "results.json"
+    with tempfile.TemporaryDirectory(prefix="small-runs-") as tmp:
+        fresh = Path(tmp) / "results.json"
+        code = bench_run.main([*run_argv, "--results", str(fresh)], shared={"small_runs_options": options})
+        entry = json.loads(fresh.read_text())["comparisons"].get(NAME)
+    if entry is None:
+        return code or 1
+    merge_into(target, entry, add=args.add)
+    bench_run._log(f"merged into {target} and regenerated {target.with_name('RESULTS.md')}")
+    return code
+
+
+def merge_into(target: Path, entry: dict[str, Any], *, add: bool) -> None:
+    """Put `entry` into `target` (other comparisons kept as they are, key order included); RESULTS.md again."""
+    from . import report
+    from . import run as bench_run
+
+    results = json.loads(target.read_text()) if target.exists() else {"comparisons": {}}
+    comparisons = results.setdefault("comparisons", {})
+    previous = comparisons.get(NAME)
+    if add and previous and previous.get("status") == "ok" and entry.get("status") == "ok":
+        entry = combined(previous, entry)
+    comparisons[NAME] = rounded(entry)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    tmp.replace(target)
+    report.write(results, target.with_name("RESULTS.md"), [m.NAME for m in bench_run.COMPARISONS])
 
 
 if __name__ == "__main__":
