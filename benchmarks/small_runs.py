@@ -378,7 +378,7 @@ def run(bench: Bench) -> dict[str, Any]:
     if memory_runs is None:
         memory_runs = bench.size(MEMORY_RUNS, 5)
     memory_events = options.get("memory_events") or bench.size(MEMORY_EVENTS, 5)
-    memory_seconds = options.get("memory_seconds") or MEMORY_SECONDS
+    memory_seconds = options.get("memory_seconds") or bench.size(MEMORY_SECONDS, 300)  # smoke: all 5
     work = bench.workdir / "small-runs"
     work.mkdir(parents=True, exist_ok=True)
     servers = _servers(bench)
@@ -610,6 +610,23 @@ def analysis(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
             f"them), an in-process run {ip['wall_ms_per_run']:.0f} ms ({ip['http']['requests_per_run']:.1f} "
             "requests). Largest sidecar phases: " + ", ".join(f"{k} {v:.0f} ms" for k, v in top) + "."
         )
+        extra = []
+        for label in dict.fromkeys([*sc["http"]["by_phase"], *ip["http"]["by_phase"]]):
+            more = sc["http"]["by_phase"].get(label, {}).get("per_run", 0) - ip["http"]["by_phase"].get(
+                label, {}
+            ).get("per_run", 0)
+            if abs(more) >= 0.5:
+                extra.append(f"{label} {more:+.1f}")
+        if extra:
+            out.append("  Requests per run, sidecar minus in-process, by phase: " + ", ".join(extra) + ".")
+        counted, counted_ms = sc["counts_per_run"], sc["counted_ms_per_run"]
+        if "fsync" in counted:
+            writes = "atomic state-file writes"
+            out.append(
+                f"  State: {counted.get(writes, 0):.1f} atomic state-file writes "
+                f"({counted_ms.get(writes, 0):.0f} ms) and {counted['fsync']:.1f} fsyncs "
+                f"({counted_ms['fsync']:.0f} ms) per run."
+            )
         common = sorted(set(sc["http"]["by_kind"]) & set(ip["http"]["by_kind"]))
         if common:
             out.append(
