@@ -116,10 +116,12 @@ def sidecar_upload(
     threads: int = 1,
     profile: str | None = None,
     api_key: str | None = None,
+    around: contextlib.AbstractContextManager[Any] | None = None,
 ) -> dict[str, Any]:
     """Drain `spool_dir` into `uri` with the sidecar's Uploader; timings and counts.
 
     The API key goes where the sidecar reads it from: ``TILED_API_KEY``.
+    `around` (a profiler, counters) is entered just around the timed upload.
     """
     if api_key is not None:
         os.environ["TILED_API_KEY"] = api_key
@@ -152,7 +154,7 @@ def sidecar_upload(
 
     profiler = cProfile.Profile() if profile else None
     try:
-        with trace.installed():
+        with trace.installed(), around or contextlib.nullcontext():
             cpu0, t0 = _cpu(), time.perf_counter()
             if profiler:
                 profiler.enable()
@@ -199,15 +201,19 @@ def inprocess_upload(
     *,
     batch_size: int = 10_000,
     profile: str | None = None,
+    around: contextlib.AbstractContextManager[Any] | None = None,
 ) -> dict[str, Any]:
-    """Feed `documents` to ``TiledWriter(client, batch_size=...)``; timings and counts."""
+    """Feed `documents` to ``TiledWriter(client, batch_size=...)``; timings and counts.
+
+    `around` (a profiler, counters) is entered just around the timed upload.
+    """
     from bluesky_tiled_plugins import TiledWriter
 
     writer = TiledWriter(client, batch_size=batch_size)
     rows = sum(1 for name, _ in documents if name == "event")
     trace = HttpTrace()
     profiler = cProfile.Profile() if profile else None
-    with trace.installed():
+    with trace.installed(), around or contextlib.nullcontext():
         cpu0, t0 = _cpu(), time.perf_counter()
         if profiler:
             profiler.enable()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import burst, live_streaming, scale_out
+from . import burst, live_streaming, scale_out, small_runs
 from .common import fmt, fmt_summary, summary
 
 
@@ -466,6 +466,7 @@ SECTIONS = {
     "burst": burst.section,
     "scale_out": scale_out.section,
     "live_streaming": live_streaming.section,
+    "small_runs": small_runs.section,
     "runengine_cost": _runengine,
     "receive_path": _receive,
     "backlog_drain": _drain,
@@ -506,6 +507,8 @@ def _headline(name: str, c: dict[str, Any]) -> str:
         return scale_out.headline(c)
     if name == "live_streaming":
         return live_streaming.headline(c)
+    if name == "small_runs":
+        return small_runs.headline(c)
     return ""
 
 
@@ -765,6 +768,7 @@ ANALYSIS = {
     "burst": burst.analysis,
     "scale_out": scale_out.analysis,
     "live_streaming": live_streaming.analysis,
+    "small_runs": small_runs.analysis,
     "runengine_cost": _an_runengine,
     "receive_path": _an_receive,
     "backlog_drain": _an_drain,
@@ -842,4 +846,7 @@ def _closing(comparisons: dict[str, Any]) -> list[str]:
     c = comparisons.get("live_streaming", {})
     if c.get("status") == "ok":
         lines.append(live_streaming.closing(c))
+    c = comparisons.get("small_runs", {})
+    if c.get("status") == "ok":
+        lines.append(small_runs.closing(c))
     return lines or ["(nothing ran)"]

@@ -36,6 +36,7 @@ from . import (
     report,
     runengine_cost,
     scale_out,
+    small_runs,
 )
 from .common import Bench, loadavg, machine, rounded
 
@@ -49,6 +50,7 @@ COMPARISONS: list[ModuleType] = [
     burst,
     scale_out,
     live_streaming,
+    small_runs,
 ]
 HERE = Path(__file__).resolve().parent
 
@@ -57,7 +59,8 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, shared: dict[str, Any] | None = None) -> int:
+    """`shared` goes into ``Bench.shared`` (a comparison's own options, from its standalone command)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one repetition, tiny sizes (CI)")
     parser.add_argument(
@@ -97,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = Path(tempfile.mkdtemp(prefix="tws-bench-"))
     bench = Bench(workdir=workdir, smoke=args.smoke, reps=reps, log=_log)
+    bench.shared.update(shared or {})
     _log(f"benchmarks: {', '.join(m.NAME for m in selected)}; {reps} repetition(s); work dir {workdir}")
     started = time.monotonic()
     failed = []
     try:
         # Spawn every process the selected comparisons need now: they start concurrently.
-        bench.tiled(wait=False)
+        if args.smoke or not all(getattr(m, "OWN_TILED", False) for m in selected):  # smoke: one for all
+            bench.tiled(wait=False)
         for module in selected:
             if hasattr(module, "prepare"):
                 try:

@@ -4,6 +4,11 @@ It starts real processes (Tiled, proxies, sidecar daemons, `replay`) with
 tiny sizes and one repetition, into a temporary results path, so the
 committed `benchmarks/results.json` is never touched. What is checked is the
 shape of the results: every comparison ran, and each reports numbers.
+
+Also (fast, no server): the profile behind "many small runs"' per-run
+breakdown puts each stack in the right phase, counts each request with the
+phase that sent it, samples every thread, and counts state-file writes with
+their fsyncs.
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ import json
 import math
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+from benchmarks._breakdown import IDLE, Classifier, Counters, Phase, RequestLog, StackSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARISONS = (
@@ -26,6 +35,7 @@ COMPARISONS = (
     "replay",
     "burst",
     "live_streaming",
+    "small_runs",
 )
 # scale_out (4 sidecars, PostgreSQL, 2 Tiled servers) is left out here: tests/e2e/test_many_beamlines.py
 # runs the same deployment end to end.
@@ -109,6 +119,18 @@ def test_smoke_run_writes_every_comparison_with_numbers(tmp_path: Path) -> None:
         assert _number(row["lag_p99_s"]) and _number(row["runengine_cost_per_event_ms"]), row
     assert all(_number(v) for v in streaming["headline"]["sidecar_p99_s"].values())
 
+    small = comparisons["small_runs"]
+    for shape in small["shapes"]:
+        assert all(_number(shape["runs_per_s"][side]["median"]) for side in ("sidecar", "inprocess"))
+        assert _number(shape["ratio"]["median"]), shape
+        for side in ("sidecar", "inprocess"):
+            per_run = shape["breakdown"][side]
+            # a run is at least: its node, its stream, its table: requests counted, not assumed
+            assert per_run["http"]["requests_per_run"] >= 3, (side, per_run["http"])
+            assert sum(p["ms_per_run"] for p in per_run["phases"].values()) > 0, side
+        assert shape["breakdown"]["sidecar"]["counts_per_run"]["fsync"] > 0
+    assert _number(small["memory"]["peak_rss_mib"]) and small["memory"]["runs_uploaded"] >= 1
+
     report = (tmp_path / "RESULTS.md").read_text()
     for name in (
         "RunEngine cost",
@@ -119,7 +141,97 @@ def test_smoke_run_writes_every_comparison_with_numbers(tmp_path: Path) -> None:
         "Spool replay",
         "Bursts through",
         "Live streaming",
+        "Many small runs",
     ):
         assert name in report
     for plot in ("runengine_cost", "receive_path", "backlog_drain", "live_latency", "memory"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------- the profile behind "where a run's time goes"
+
+HERE = "tests/test_benchmarks_smoke.py"
+PHASES = (
+    Phase("outer", ((HERE, "_outer"),)),
+    Phase("inner", ((HERE, "_inner"),)),
+    Phase(IDLE, (("threading.py", "wait"),)),
+)
+SCOPE = ("/" + HERE,)
+
+
+def _outer(inner: object) -> object:
+    return inner() if callable(inner) else None
+
+
+def _inner() -> object:
+    return Classifier(PHASES, SCOPE).classify(sys._getframe())
+
+
+def test_classifier_puts_a_stack_in_its_innermost_marked_phase() -> None:
+    """A stack through two marked functions belongs to the innermost one; an unmarked stack to none."""
+    phase, http, ours, _ = _outer(_inner)  # type: ignore[misc]
+    assert (phase, http, ours) == ("inner", False, True)
+    assert Classifier(PHASES, ("/nowhere/",)).classify(sys._getframe())[2] is False
+
+
+def test_request_log_counts_each_request_with_the_phase_that_sent_it() -> None:
+    """Requests are counted by wrapping httpx.Client.send; a wait inside a request is the request's."""
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(Classifier(PHASES, SCOPE).classify(sys._getframe()))
+        return httpx.Response(200, json={})
+
+    log = RequestLog(Classifier(PHASES, SCOPE))
+    with log.installed(), httpx.Client(transport=httpx.MockTransport(handler)) as client:
+
+        def _inner() -> None:  # the marker names this function
+            client.get("http://tiled.invalid/api/v1/metadata/x")
+            client.post("http://tiled.invalid/api/v1/table/full/x")
+
+        _outer(_inner)
+        client.get("http://tiled.invalid/healthz")
+    assert [(phase, kind) for phase, kind, _ in log.requests] == [
+        ("inner", "GET metadata"),
+        ("inner", "POST table"),
+        ("other", "GET other"),
+    ]
+    assert all(http for _, http, _, _ in seen)
+
+
+def test_sampler_attributes_a_busy_threads_time_to_its_phase() -> None:
+    """Every thread is sampled (a worker's CPU lands in its phase), a waiting one counts as idle."""
+    stop = threading.Event()
+
+    def _inner() -> None:  # busy, in phase "inner"
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            sum(range(1000))
+
+    def _outer() -> None:  # waits, in phase "outer" but innermost in threading.wait: idle
+        stop.wait(10)
+
+    sampler = StackSampler(Classifier(PHASES, SCOPE))
+    waiter = threading.Thread(target=_outer)
+    with sampler:
+        waiter.start()
+        worker = threading.Thread(target=_inner)
+        worker.start()
+        worker.join()
+        stop.set()
+        waiter.join()
+    assert sampler.seconds["inner"] > 0.1, sampler.seconds
+    assert sampler.seconds[IDLE] > 0.1, sampler.seconds
+    assert "outer" not in sampler.seconds
+
+
+def test_counters_count_state_file_writes_and_their_fsyncs(tmp_path: Path) -> None:
+    """The spool's atomic_write_json is counted, with the fsyncs it makes (file and directory)."""
+    from tiled_writer_sidecar.spool import index
+
+    counters = Counters(tiledwriter=False)
+    with counters.installed():
+        index.atomic_write_json(tmp_path / "state.json", {"state": "uploaded"})
+    assert counters.counts["atomic state-file writes"] == 1
+    assert counters.counts["fsync"] >= 1
+    assert index.atomic_write_json.__name__ == "atomic_write_json"  # unwrapped again
