@@ -8,13 +8,15 @@ of tests/support/fake_tiled.py, and "is Tiled answering other requests"
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.fake_tiled import FakeClient, FakeTiled, Spool, http_error, scan, transport
-from tiled_writer_sidecar import run_index
+from tests.support.fake_tiled import FakeClient, FakeRunWriter, FakeTiled, Spool, http_error, scan, transport
+from tiled_writer_sidecar import run_index, run_upload
+from tiled_writer_sidecar import uploader as uploader_module
 from tiled_writer_sidecar.config import Config, SpoolConfig
 from tiled_writer_sidecar.errors import UnsafeName
 from tiled_writer_sidecar.outcomes import MAX_RUN_FAILURES
@@ -27,7 +29,7 @@ from tiled_writer_sidecar.spool.index import (
     UploaderStatus,
     UploadState,
 )
-from tiled_writer_sidecar.uploader import MAX_ACTIVE_RUNS, Uploader
+from tiled_writer_sidecar.uploader import MAX_ACTIVE_RUNS, DrainRate, Uploader
 
 # ----------------------------------------------------------------- the quarantine rule
 
@@ -334,3 +336,119 @@ def test_a_hostile_uploader_json_loads_as_plain_values(tmp_path: Path) -> None:
     assert loaded.lag_seconds == [0.5, 2.5] and loaded.lag_histogram == {} and loaded.updated == 0.0
     (root / UPLOADER).write_text("not json")
     assert UploaderStatus.load(root) is None
+
+
+# ----------------------------------------------------------------- isolation, lanes, cost per run
+
+
+def test_a_poison_run_is_quarantined_in_two_attempts_while_the_runs_behind_it_upload(
+    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TiledWriter raises on the oldest run's documents: it backs off alone, is quarantined on the second
+    identical failure with the reason, and every run behind it is uploaded."""
+    poison = spool.closed_run(first_received=1.0)
+    good = [spool.closed_run(first_received=10.0 + n) for n in range(6)]
+    real_feed = FakeRunWriter.feed
+
+    def feed(self: FakeRunWriter, name: str, doc: dict[str, object]) -> None:
+        if name == "event" and self.uid == poison:
+            raise KeyError("Stream Resource det-key2-uid is referenced before being received")
+        real_feed(self, name, doc)
+
+    monkeypatch.setattr(FakeRunWriter, "feed", feed)
+    uploader = scheduler(spool, monkeypatch)
+    uploader.run(until_idle=True)
+    assert all(Uploaded.load(spool.dir.run_dir(u)).state == UploadState.UPLOADED for u in good)
+    bad = Uploaded.load(spool.dir.run_dir(poison))
+    assert bad.state == UploadState.QUARANTINED and bad.attempts == 2
+    assert "referenced before being received" in (bad.reason or "")
+    assert uploader.status.runs_quarantined == 1 and uploader.status.runs_uploaded == len(good)
+
+
+def test_a_run_another_writer_holds_in_tiled_is_quarantined_never_deleted(
+    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The create answers 409: quarantined with that reason at once, nothing deleted, no run_exists asked."""
+    foreign = spool.closed_run()
+    tiled.runs[foreign] = {"primary": [7, 8]}
+    asked: list[str] = []
+    monkeypatch.setattr(run_upload, "run_exists", lambda client, uid: asked.append(uid) or uid in tiled.runs)
+    uploader = scheduler(spool, monkeypatch)
+    uploader.run(until_idle=True)
+    uploaded = Uploaded.load(spool.dir.run_dir(foreign))
+    assert uploaded.state == UploadState.QUARANTINED and not uploaded.created
+    assert "did not create it" in (uploaded.reason or "")
+    assert tiled.runs[foreign] == {"primary": [7, 8]} and tiled.deleted == [] and asked == []
+
+
+def test_the_open_run_gets_a_slot_at_once_behind_a_backlog_of_closed_runs(
+    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live lane: with 60 older closed runs waiting, the first pass activates the open run."""
+    backlog = [spool.closed_run(first_received=float(n)) for n in range(60)]
+    uid, docs, _ = scan()
+    spool.open(docs, first_received=1000.0)
+    uploader = scheduler(spool, monkeypatch)
+    uploader.step()
+    assert uid in uploader.active
+    assert sum(u in uploader.active for u in backlog) <= MAX_ACTIVE_RUNS
+    assert tiled.runs[uid] == {"primary": [1, 2, 3]}  # its rows are in Tiled before the backlog drained
+
+
+def test_drain_rate_and_backlog_eta_over_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """runs/s and rows/s over the samples of the last minute; ETA = backlog / runs/s."""
+    now = [100.0]
+    monkeypatch.setattr(uploader_module.time, "monotonic", lambda: now[0])
+    rate = DrainRate()
+    status = UploaderStatus()
+    rate.sample(status, backlog=40)
+    assert status.runs_per_second is None and status.backlog_runs == 40
+    now[0], status.runs_uploaded, status.rows = 110.0, 20, 2000
+    rate.sample(status, backlog=20)
+    assert (status.runs_per_second, status.rows_per_second, status.backlog_eta_seconds) == (2.0, 200.0, 10.0)
+
+
+def _plant_pending_runs(spool: SpoolDir, count: int) -> list[str]:
+    """`count` closed runs, each a received.json only (no log), written fast (no fsync): a flood."""
+    uids = [f"flood-{n:06d}" for n in range(count)]
+    template = json.dumps(Received(uid="UID", closed=True, stop_received=True, first_received=1.0).plain())
+    for uid in uids:
+        directory = spool.runs_dir / uid
+        directory.mkdir()
+        (directory / "received.json").write_text(template.replace("UID", uid))
+    return uids
+
+
+def test_cost_per_run_not_per_spool_with_50000_runs(
+    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """50,000 closed runs in the spool, then a real run: the real run (open, live lane) is in Tiled at
+    once and uploaded when it closes; each received.json is read about once for the whole spool, then a
+    bounded number of times per uploaded run (no pass over the spool per run); prints runs/s."""
+    flood = _plant_pending_runs(spool.dir, 50_000)
+    uid, docs, stop = scan()
+    real = spool.open(docs, first_received=10.0)
+    loads = [0]
+    real_load = Received.load
+    monkeypatch.setattr(
+        Received, "load", classmethod(lambda cls, d: loads.__setitem__(0, loads[0] + 1) or real_load(d))
+    )
+    uploader = scheduler(spool, monkeypatch)
+    started = time.monotonic()
+    uploader.step()
+    assert uid in uploader.active and tiled.runs[uid] == {"primary": [1, 2, 3]}
+    spool.close(real, stop)
+    while Uploaded.load(spool.dir.run_dir(uid)).state != UploadState.UPLOADED:
+        uploader.step()
+    to_real = time.monotonic() - started
+    drained_from, drained_at = uploader.status.runs_uploaded, time.monotonic()
+    while time.monotonic() - drained_at < 3.0:
+        uploader.step()
+    uploaded = uploader.status.runs_uploaded - drained_from
+    rate = uploaded / (time.monotonic() - drained_at)
+    assert uploaded > 0 and loads[0] <= len(flood) + 10 * uploader.status.runs_uploaded, loads[0]
+    with capsys.disabled():
+        print(
+            f"\n50,000 runs in the spool: the real run uploaded {to_real:.1f} s after the first pass, "
+            f"then {rate:.0f} runs/s"
+        )

@@ -192,6 +192,22 @@ class SidecarCollector(Collector):
         )
         yield CounterMetricFamily(f"{p}_upload_retries", "Upload failures retried", value=uploader.retries)
         yield CounterMetricFamily(f"{p}_upload_flushes", "Batches flushed to Tiled", value=uploader.flushes)
+        yield GaugeMetricFamily(
+            f"{p}_upload_runs_per_second",
+            "Runs uploaded per second over the last minute",
+            value=uploader.runs_per_second or 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{p}_upload_rows_per_second",
+            "Rows uploaded per second over the last minute",
+            value=uploader.rows_per_second or 0.0,
+        )
+        if uploader.backlog_eta_seconds is not None:
+            yield GaugeMetricFamily(
+                f"{p}_upload_backlog_eta_seconds",
+                "Seconds to drain the runs not yet uploaded at the current rate",
+                value=uploader.backlog_eta_seconds,
+            )
         if loaded is not None:
             with self._update_lock:
                 self.lag.update(loaded.plain())

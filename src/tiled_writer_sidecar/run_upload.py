@@ -107,9 +107,12 @@ class Shared:
 class RunUpload:
     """One run in flight; see the module docstring."""
 
-    def __init__(self, view: RunView, tiled: TiledRun, shared: Shared) -> None:
+    def __init__(
+        self, view: RunView, tiled: TiledRun, shared: Shared, retry: InPlaceRetry | None = None
+    ) -> None:
         self.view = view
         self.tiled = tiled
+        self.retry = retry or InPlaceRetry(shared.link)  # this run's bounded in-place retries
         self.shared = shared
         self.reader = LogReader(view.directory)
         self.received = view.received
@@ -159,8 +162,9 @@ class RunUpload:
             delete_run(client, uid)
             with shared.lock:
                 shared.status.rewrites += 1
-        tiled = TiledRun(client, shared.config.tiled.batch_rows, InPlaceRetry(shared.link))
-        return cls(view, tiled, shared)
+        retry = InPlaceRetry(shared.link)
+        tiled = TiledRun(client, shared.config.tiled.batch_rows, retry)
+        return cls(view, tiled, shared, retry)
 
     def _created(self) -> None:
         """The start is in Tiled, created by this spool: record ``uploading`` (one write)."""
@@ -346,7 +350,7 @@ class RunUpload:
     def _verify(self, stream: str) -> int:
         """Rows of `stream` in Tiled: exactly the seq_nums fed, in the order they were fed."""
         fed = self.seq_nums.get(stream, SeqNums())
-        tiled = read_seq_nums(self.shared.link.client, self.uid, stream)
+        tiled = self._read_back(stream)
         if tiled is None:
             if fed.count == 0:
                 return 0
@@ -354,6 +358,22 @@ class RunUpload:
         if not fed.matches(tiled):
             raise VerificationFailed(f"run {self.uid} stream {stream}: {fed.describe_difference(tiled)}")
         return len(tiled)
+
+    def _read_back(self, stream: str) -> list[int] | None:
+        """The stream's ``seq_num`` column in Tiled; a 5xx is retried in place (bounded: `InPlaceRetry`)."""
+        failed = False
+        while True:
+            try:
+                seq = read_seq_nums(self.shared.link.client, self.uid, stream)
+            except httpx.HTTPStatusError as err:
+                if not retryable(err):
+                    raise
+                failed = True
+                self.retry.wait(err)
+                continue
+            if failed:
+                self.retry.recovered()
+            return seq
 
     # ------------------------------------------------------------- failures
     def abandon(self, err: Exception) -> None:

@@ -67,12 +67,31 @@ def print_status(report: dict[str, Any], as_json: bool, console: Console) -> Non
             + (f", tiled {clean(uploader.get('tiled'))}" if uploader else "")
         )
     )
+    if (drain := _drain_line(uploader)) is not None:
+        console.print(drain)
+
+
+def _drain_line(uploader: dict[str, Any]) -> Text | None:
+    """The uploader's drain rate over the last minute and the backlog's ETA (None before a rate exists)."""
+    runs_per_s, rows_per_s = uploader.get("runs_per_second"), uploader.get("rows_per_second")
+    if not isinstance(runs_per_s, (int, float)) or not isinstance(rows_per_s, (int, float)):
+        return None
+    eta = uploader.get("backlog_eta_seconds")
+    return text(
+        f"upload rate {runs_per_s:.2f} runs/s, {rows_per_s:.0f} rows/s (last minute); "
+        f"backlog {uploader.get('backlog_runs', 0)} run(s)"
+        + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else ""),
+        limit=500,
+    )
 
 
 def _row(run: dict[str, Any]) -> list[Text]:
     problems = run.get("problems")
     reason = run.get("reason")
     notes = [clean(p) for p in problems] if isinstance(problems, list) else []
+    attempts = run.get("attempts")
+    if isinstance(attempts, int) and attempts > 1:
+        notes.append(f"{attempts} attempts")
     if reason:
         notes.append(clean(reason, 500))
     return [

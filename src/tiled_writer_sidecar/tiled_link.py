@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 BUSY_BACKOFF_INITIAL_S = 0.05  # retrying an append Tiled answered with a 5xx (see TiledLink.busy_backoff)
 BUSY_BACKOFF_MAX_S = 1.0
-IN_PLACE_ATTEMPTS = 3  # waits of one failing request while Tiled answers others (see InPlaceRetry)
+IN_PLACE_ATTEMPTS = 5  # waits of one failing request while Tiled answers others (see InPlaceRetry)
 
 
 class TiledLink:

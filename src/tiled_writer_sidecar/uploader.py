@@ -54,8 +54,10 @@ from .tiled_run import check_tiledwriter_api
 
 log = logging.getLogger(__name__)
 
-MAX_ACTIVE_RUNS = 4  # closed runs uploaded at once (open runs, the live lane, do not count)
-LIVE_WORKERS = 2  # workers beyond MAX_ACTIVE_RUNS: open runs never queue behind the backlog
+#: Closed runs uploaded at once (open runs, the live lane, do not count). More in flight is slower
+#: with Tiled on SQLite: concurrent writes answer 500 "database is locked" (measured, docs/design.md).
+MAX_ACTIVE_RUNS = 2
+LIVE_WORKERS = 1  # workers beyond MAX_ACTIVE_RUNS: open runs never queue behind the backlog
 PASS_S = 1.0  # a worker gives its run back at least this often (stop, fairness)
 IDLE_WAIT_S = 0.05
 STATUS_INTERVAL_S = 1.0
@@ -111,11 +113,11 @@ class DrainRate:
             self.samples.popleft()
         first, last = self.samples[0], self.samples[-1]
         seconds = last[0] - first[0]
+        status.backlog_runs = backlog
         if seconds < 1.0:
             return
         status.runs_per_second = (last[1] - first[1]) / seconds
         status.rows_per_second = (last[2] - first[2]) / seconds
-        status.backlog_runs = backlog
         rate = status.runs_per_second
         status.backlog_eta_seconds = backlog / rate if rate > 0 else None
 
@@ -132,7 +134,7 @@ class Uploader:
         stop: threading.Event | None = None,
         give_up_after: float | None = None,
         overwrite_foreign: bool = False,
-        workers: int = MAX_ACTIVE_RUNS + LIVE_WORKERS,
+        workers: int | None = None,
     ) -> None:
         check_tiledwriter_api()  # an unsupported bluesky-tiled-plugins fails here, in one line
         self.config = config
@@ -156,8 +158,8 @@ class Uploader:
         self.active: dict[str, Slot] = {}
         self.retries: dict[str, RunRetry] = {}
         self.max_in_memory = config.spool.max_open_runs + MAX_ACTIVE_RUNS
-        self.workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="upload") if workers > 0 else None
+        self.workers = MAX_ACTIVE_RUNS + LIVE_WORKERS if workers is None else workers
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="upload") if self.workers else None
         self._rate = DrainRate()
         self._last_status_write = 0.0
 

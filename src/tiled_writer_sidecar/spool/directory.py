@@ -21,7 +21,7 @@ sha256) and its first `QUARANTINE_PREFIX` bytes. Its bytes count in
 `total_bytes` (so in ``max_bytes`` and ``/healthz``). A run's segments are deleted once Tiled has the
 whole run (or after ``retention_hours``); its two small JSON files stay for the last
 ``HISTORY_RUNS`` runs so `status` can show what was uploaded. `release_run` costs O(1) per run:
-the finished runs are listed once per process, then kept in memory (`_history`).
+the runs are listed once per process (one stat each), then kept in memory (`_history`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from ..errors import SpoolError, SpoolLockedError
-from .index import Received, RunView, Uploaded, UploadState
+from .index import UPLOADED, Received, RunView, Uploaded, UploadState
 from .segment import list_segments, log_bytes
 
 HISTORY_RUNS = 200
@@ -207,18 +207,26 @@ class SpoolDir:
             for segment in list_segments(view.directory):
                 segment.unlink(missing_ok=True)
         with self._history_lock:
-            if self._history is None:  # once per process: the finished runs already in the spool
-                done = [
-                    v.directory
-                    for v in self.runs()
-                    if v.uploaded.state.finished and v.directory != view.directory
-                ]
-                self._history = collections.deque(done)
+            if self._history is None:  # once per process: the runs with an uploaded.json, by its mtime
+                self._history = collections.deque(self._uploaded_by_age(exclude=view.directory))
             self._history.append(view.directory)
             while len(self._history) > HISTORY_RUNS:
                 old = self._history.popleft()  # a quarantined run, or one with segments, stays on disk
                 if Uploaded.load(old).state == UploadState.UPLOADED and not list_segments(old):
                     shutil.rmtree(old, ignore_errors=True)
+
+    def _uploaded_by_age(self, exclude: Path) -> list[Path]:
+        """Run directories holding an uploaded.json, oldest write first (one stat each, no read)."""
+        dated = []
+        for directory in self.run_dirs():
+            if directory == exclude:
+                continue
+            try:
+                dated.append((os.stat(directory / UPLOADED, follow_symlinks=False).st_mtime_ns, directory))
+            except OSError:
+                continue
+        dated.sort()
+        return [directory for _, directory in dated]
 
     def _quarantine_listing(self) -> list[tuple[str, int]]:
         """``(name, size)`` of each file in quarantine/, oldest first."""
