@@ -12,8 +12,8 @@ array node, including external data registered from legacy Resource/Datum
 Runs at the edges of TiledWriter's layout go through the sidecar's pipeline
 (`TiledRun`, fed as the uploader feeds a run being acquired) into a
 container of the session's Tiled: a descriptor split above 1024 columns
-(1,100 keys, identical to in-process TiledWriter; 10,000 keys) and 1,000
-streams in one run are written once, without a retried append, and read
+(1,100 keys, identical to in-process TiledWriter; 10,000 keys) and hundreds
+of streams in one run are written once, without a retried append, and read
 back stream by stream as the uploader verifies them.
 """
 
@@ -186,13 +186,18 @@ def test_a_descriptor_split_above_1024_columns_is_written_once_and_reads_back(
     assert len(summary["columns"]) == 2 * 10_000 + 2 and summary["rows"] == 1
 
 
-def test_a_run_with_1000_streams_is_written_once_and_every_stream_reads_back(
+#: Streams in one run. The issue's case is 1,000; its cost is Tiled's (about 5 requests per stream,
+#: as in-process TiledWriter, plus one read-back), linear, so a third of it keeps the test lean.
+MANY_STREAMS = 300
+
+
+def test_a_run_with_many_streams_is_written_once_and_every_stream_reads_back(
     tiled_container: TiledContainer,
 ) -> None:
-    """1,000 descriptors, one event each: every stream's table holds its row, no retry, no rewrite."""
+    """Hundreds of descriptors, one event each: every stream's table holds its row, no retry, no rewrite."""
     root = tiled_container.client()
-    docs = wide_run(1, 1, streams=1000)
+    docs = wide_run(1, 1, streams=MANY_STREAMS)
     uid = docs[0][1]["uid"]
     write_live(root, docs)
-    assert len(list(root[uid])) == 1000
-    assert all(read_seq_nums(root, uid, f"s{i:04d}") == [1] for i in range(1000))
+    assert len(list(root[uid])) == MANY_STREAMS
+    assert all(read_seq_nums(root, uid, f"s{i:04d}") == [1] for i in range(MANY_STREAMS))
