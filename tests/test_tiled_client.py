@@ -10,6 +10,7 @@ that has the one attribute it reads (``item["links"]["self"]``).
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 from urllib.parse import unquote
 
 import httpx
@@ -97,3 +98,61 @@ def test_read_seq_nums_refuses_an_unsafe_stream_before_any_request() -> None:
         read_seq_nums(SimpleNamespace(), "run-1", "../other_run/primary")
     with pytest.raises(UnsafeName):
         read_seq_nums(SimpleNamespace(), "run-1\n", "primary")
+
+
+def _arrow(**columns: list[int]) -> bytes:
+    import io
+
+    import pyarrow
+    import pyarrow.ipc
+
+    table = pyarrow.table(columns)
+    sink = io.BytesIO()
+    with pyarrow.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def _tiled_stand_in(handler: Any) -> SimpleNamespace:
+    """A client node with the two attributes the read-back uses, over an in-memory HTTP transport."""
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    return SimpleNamespace(
+        item={"links": {"self": "http://tiled/api/v1/metadata/beamline"}},
+        context=SimpleNamespace(http_client=http),
+    )
+
+
+def test_a_split_table_is_read_back_from_the_part_that_holds_seq_num() -> None:
+    """No ``internal``: one listing of the stream names the part with seq_num; only that part is read."""
+    asked: list[str] = []
+
+    def tiled(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path == "/api/v1/search/beamline/run-1/primary":
+            parts = [
+                ("internal_0", ["a", "b"]),
+                ("internal_1", ["seq_num", "time"]),
+                ("internal_2", ["ts_a"]),
+            ]
+            data = [{"id": key, "attributes": {"structure": {"columns": cols}}} for key, cols in parts]
+            return httpx.Response(200, json={"data": data, "links": {"next": None}})
+        if request.url.path == "/api/v1/table/full/beamline/run-1/primary/internal_1":
+            assert request.url.params.get_list("column") == ["seq_num"]
+            return httpx.Response(200, content=_arrow(seq_num=[1, 2, 3]))
+        return httpx.Response(404)
+
+    assert read_seq_nums(_tiled_stand_in(tiled), "run-1", "primary") == [1, 2, 3]
+    assert asked == [
+        "/api/v1/table/full/beamline/run-1/primary/internal",
+        "/api/v1/search/beamline/run-1/primary",
+        "/api/v1/table/full/beamline/run-1/primary/internal_1",
+    ]
+
+
+def test_a_stream_without_any_table_reads_back_as_none() -> None:
+    def tiled(request: httpx.Request) -> httpx.Response:
+        if "/search/" in request.url.path:
+            return httpx.Response(200, json={"data": [{"id": "det", "attributes": {}}], "links": {}})
+        return httpx.Response(404)
+
+    assert read_seq_nums(_tiled_stand_in(tiled), "run-1", "primary") is None

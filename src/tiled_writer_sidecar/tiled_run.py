@@ -5,9 +5,15 @@
 so what lands in Tiled is what an in-process `TiledWriter` writes, except:
 
 - `TiledRun.flush` writes the rows buffered below ``batch_size``, as
-  `_RunWriter.stop` does.
+  `_RunWriter.stop` does; `ready_to_flush` says when (a run caught up).
+- A column whose type widens across batches (int then float) makes
+  `SidecarRunWriter` rewrite that table with the promoted types and every
+  row (`column_types`); a change that is no widening raises
+  `TypeChangeNotWidening` (the run is quarantined); a batch whose rows mix
+  types is written as runs of rows that convert.
 - `SidecarRunWriter` retries a failed append in place, landing it once: it
-  reads the table's ``seq_num`` column back; the rows are there -> done; they
+  reads the table's ``seq_num`` column (a split part without it: its row
+  count) back; the rows are there -> done; they
   are not and Tiled finished the request (500/503/429, or it never left this
   host) -> append again; anything else (a timeout, a 502/504, the table
   changed some other way) -> `AppendAmbiguous`, and the uploader rewrites the

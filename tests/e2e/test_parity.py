@@ -8,11 +8,22 @@ interfere.) The two trees must be identical: keys, specs, metadata (start,
 stop, descriptors, notes), table columns, every row, and the shape of every
 array node, including external data registered from legacy Resource/Datum
 (ophyd.sim) and StreamResource/StreamDatum (ophyd-async) documents.
+
+Runs at the edges of TiledWriter's layout go through the sidecar's pipeline
+(`TiledRun`, fed as the uploader feeds a run being acquired) into a
+container of the session's Tiled: a descriptor split above 1024 columns
+(1,100 keys, identical to in-process TiledWriter; 10,000 keys) and hundreds
+of streams in one run are written once, without a retried append, and read
+back stream by stream as the uploader verifies them.
 """
 
 from __future__ import annotations
 
+import copy
+import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import bluesky.plans as bp
 import bluesky.preprocessors as bpp
@@ -22,7 +33,7 @@ from ophyd.sim import det, motor
 from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
 from ophyd_async.sim import PatternGenerator, SimBlobDetector
 
-from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy
+from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import (
     differences,
@@ -31,6 +42,8 @@ from tiled_writer_sidecar.testing.tiled_readback import (
     tree_summary,
     without_volatile,
 )
+from tiled_writer_sidecar.tiled_client import read_seq_nums
+from tiled_writer_sidecar.tiled_run import TiledRun
 
 
 @pytest.fixture
@@ -82,3 +95,109 @@ def test_sidecar_tree_equals_in_process_tiled_writer(
     # The external-data runs really registered array nodes (not just empty tables).
     assert tree_summary(sidecar_root, uids[1])["streams"]["primary"]["arrays"]["img"]["shape"] == [3, 10, 10]
     assert tree_summary(sidecar_root, uids[2])["streams"]["primary"]["arrays"]
+
+
+# -- wide descriptors and many streams (issue 19), through the sidecar's TiledWriter pipeline -----------
+
+
+class NoRetry:
+    """A `RetryPolicy` that fails the test: every append must land at the first attempt."""
+
+    def wait(self, err: Exception) -> None:
+        raise AssertionError(f"an append was retried: {err}")
+
+    def recovered(self) -> None:
+        raise AssertionError("an append was retried")
+
+
+def wide_run(keys: int, events: int, streams: int = 1) -> list[tuple[str, dict[str, Any]]]:
+    """start, `streams` descriptors of `keys` scalar data keys each, `events` events per stream, stop."""
+    uid, t0 = str(uuid.uuid4()), time.time()
+    docs: list[tuple[str, dict[str, Any]]] = [("start", {"uid": uid, "time": t0, "scan_id": 1})]
+    names = [f"s{i:04d}" for i in range(streams)] if streams > 1 else ["primary"]
+    data_keys = {f"k{k:05d}": {"dtype": "number", "shape": [], "source": "SIM:k"} for k in range(keys)}
+    for name in names:
+        desc = str(uuid.uuid4())
+        docs.append(
+            (
+                "descriptor",
+                {
+                    "uid": desc,
+                    "run_start": uid,
+                    "time": t0,
+                    "name": name,
+                    "data_keys": data_keys,
+                    "object_keys": {"dev": list(data_keys)},
+                    "configuration": {},
+                    "hints": {},
+                },
+            )
+        )
+        for seq in range(1, events + 1):
+            data = {key: float(seq * i) for i, key in enumerate(data_keys)}
+            event = {"uid": str(uuid.uuid4()), "descriptor": desc, "time": t0 + seq, "seq_num": seq}
+            docs.append(
+                ("event", {**event, "data": data, "timestamps": dict.fromkeys(data, t0), "filled": {}})
+            )
+    stop = {"uid": str(uuid.uuid4()), "run_start": uid, "time": t0 + 9, "exit_status": "success"}
+    docs.append(("stop", {**stop, "num_events": dict.fromkeys(names, events)}))
+    return docs
+
+
+def write_live(root: Any, docs: list[tuple[str, dict[str, Any]]]) -> TiledRun:
+    """Feed `docs` to the sidecar's pipeline as the uploader does for a run being acquired."""
+    run = TiledRun(root, 10_000, NoRetry())
+    for name, doc in docs:
+        run.feed(name, copy.deepcopy(doc))
+        if run.ready_to_flush(caught_up=True):
+            run.flush()
+    return run
+
+
+def test_a_descriptor_split_above_1024_columns_is_written_once_and_reads_back(
+    tiled_container: TiledContainer, tmp_path: Path
+) -> None:
+    """1,100 keys: same tree and rows as in-process TiledWriter, seq_num read back from the part
+    holding it; 10,000 keys (one event, lean): every part written, read back, no retry."""
+    ours = tiled_container.client()
+    theirs = tiled_container.server.client().create_container(f"{tmp_path.name}-inprocess")
+    docs = wide_run(1100, 3)
+    uid = docs[0][1]["uid"]
+    write_live(ours, docs)
+    writer = TiledWriter(theirs)
+    for name, doc in docs:
+        writer(name, copy.deepcopy(doc))
+    assert sorted(ours[uid]["primary"].base) == ["internal_0", "internal_1", "internal_2"]
+    assert (
+        differences(without_volatile(tree_summary(ours, uid)), without_volatile(tree_summary(theirs, uid)))
+        == []
+    )
+    assert frame_rows(read_stream(ours, uid, arrays=False)) == frame_rows(
+        read_stream(theirs, uid, arrays=False)
+    )
+    assert read_seq_nums(ours, uid, "primary") == [1, 2, 3]
+
+    docs = wide_run(10_000, 1)
+    uid = docs[0][1]["uid"]
+    write_live(ours, docs)
+    assert len(list(ours[uid]["primary"].base)) == 20
+    assert read_seq_nums(ours, uid, "primary") == [1]
+    summary = tree_summary(ours, uid)["streams"]["primary"]
+    assert len(summary["columns"]) == 2 * 10_000 + 2 and summary["rows"] == 1
+
+
+#: Streams in one run. The issue's case is 1,000; its cost is Tiled's (about 5 requests per stream,
+#: as in-process TiledWriter, plus one read-back), linear, so a third of it keeps the test lean.
+MANY_STREAMS = 300
+
+
+def test_a_run_with_many_streams_is_written_once_and_every_stream_reads_back(
+    tiled_container: TiledContainer,
+) -> None:
+    """Hundreds of descriptors, one event each: every stream's table holds its row, no retry, no rewrite."""
+    root = tiled_container.client()
+    docs = wide_run(1, 1, streams=MANY_STREAMS)
+    uid = docs[0][1]["uid"]
+    write_live(root, docs)
+    assert len(list(root[uid])) == MANY_STREAMS
+    assert all(read_seq_nums(root, uid, f"s{i:04d}") == [1] for i in range(MANY_STREAMS))
