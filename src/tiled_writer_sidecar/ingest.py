@@ -38,6 +38,7 @@ from .orphans import MAX_ORPHANS, ORPHAN_MAX_BYTES, orphan_dir, orphans
 from .spool.codec import pack_document
 from .spool.directory import SpoolDir
 from .spool.index import Received
+from .spool.segment import list_segments
 from .spooler import RunSpooler
 from .stats import ReceiverStats
 from .tracker import RunTracker, TrackedRun, plain_float
@@ -164,7 +165,7 @@ class Ingest:
         if now - self._last_size_check >= SPOOL_SIZE_INTERVAL_S and not self._busy_measuring():
             self._last_size_check = now
             if self._measuring is None:  # the first upkeep: measured here, before anything is staged
-                self.stats.spool_bytes = self.spool.total_bytes()
+                self._measure()
                 self._measuring = threading.Thread(target=lambda: None)
             else:  # off the receive path: it lists every run directory
                 self._measuring = threading.Thread(target=self._measure, name="spool-size", daemon=True)
@@ -174,12 +175,22 @@ class Ingest:
         return self._measuring is not None and self._measuring.is_alive()
 
     def _measure(self) -> None:
-        """Set the spool's size from a listing (what the uploader deleted shows here); never raises."""
+        """Set the spool's size and segment count from a listing (what the uploader deleted shows here);
+        never raises."""
         before = self.stats.spool_bytes
         try:
-            total = self.spool.total_bytes()
+            total = segments = 0
+            for run_dir in self.spool.run_dirs():
+                for segment in list_segments(run_dir):
+                    try:
+                        total += segment.lstat().st_size
+                        segments += 1
+                    except FileNotFoundError:
+                        pass
+            total += self.spool.quarantine_bytes()
         except Exception:  # noqa: BLE001  # the next measure will do
             return
+        self.stats.spool_segments = segments
         self.stats.spool_bytes = total + max(0, self.stats.spool_bytes - before)  # + what came meanwhile
 
     def shutdown(self) -> None:
@@ -287,6 +298,7 @@ class Ingest:
     def _count_losses(self, received: Received) -> None:
         """A run closed: count the events it lacks and a stop that never came (one metric each)."""
         self.stats.gaps += sum(received.gaps().values())
+        self.stats.events_out_of_order += sum(received.out_of_order.values())
         if not received.stop_received:
             self.stats.runs_stop_missing += 1
 
