@@ -115,5 +115,6 @@ def test_with_a_ledger_a_snapshot_reads_a_bounded_number_of_run_files_and_learns
     assert health.spool.runs == 300 and health.spool.backlog_runs == 290
     assert health.spool.oldest_unuploaded_age_seconds is not None
     assert [r["uid"] for r in health.runs] == uids[-RECENT_RUNS:]
-    ledger.add(Received(uid="new-run", documents=7))
-    assert health_snapshot(stats, spool.dir, time.time()).spool.backlog_runs == 291
+    ledger.note(Received(uid="new-run", documents=7))
+    after = health_snapshot(stats, spool.dir, time.time()).spool
+    assert after.backlog_runs == 291 and after.backlog_documents == health.spool.backlog_documents + 7

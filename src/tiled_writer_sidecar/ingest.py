@@ -134,6 +134,7 @@ class Ingest:
         spooled = self.spooler.runs.get(run.key)
         if spooled is not None:
             self.spooler.close(spooled)
+        self.ledger.note(received)
         self._count_losses(received)
         problems = received.problems()
         log.info(
@@ -238,7 +239,7 @@ class Ingest:
             self.stats.dropped += 1
             return
         self.stats.runs_started += 1
-        self.ledger.add(run.received)
+        self.ledger.note(run.received)
         received = run.received
         log.info("run start uid=%s scan_id=%s plan=%r", uid, received.scan_id, received.plan_name)
         self.spooler.stage(spooled, "start", payload)
@@ -292,6 +293,7 @@ class Ingest:
         received = Received.load(self.spool.run_dir(uid))
         if received is not None and not received.closed:
             self.spooler.close_unopened(received, reason)
+            self.ledger.note(received)
             self._count_losses(received)
             log.info("run closed uid=%s documents=%d (%s)", uid, received.documents, reason)
 
@@ -416,6 +418,7 @@ class Ingest:
             if failed is not None:
                 self.tracker.close(failed)
             self.spooler.close_unopened(received, reason)
+            self.ledger.note(received)
             self._count_losses(received)
             return reason
         if received.stop_received:
@@ -424,6 +427,7 @@ class Ingest:
             self.close_run(run, close_reason)
             return close_reason
         self._touch(run.uid)
+        self.ledger.note(run.received)
         self.spooler.save(spooled)
         log.info("run reopened uid=%s documents=%d", run.uid, received.documents)
         return None
