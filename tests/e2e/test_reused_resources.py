@@ -102,7 +102,7 @@ def test_example_runs_sent_twice_with_the_same_resource_uids_equal_in_process_ti
             wait_until(lambda a=arrived: sidecar.messages_seen() >= a, 60, what="the run to arrive")
         uids = [run[0][1]["uid"] for run in runs]
         status = sidecar.wait_drained(uids, timeout=300)
-        assert sidecar.health()["receiver"]["rejected"] == {}
+        assert set(sidecar.health()["receiver"]["rejected"]) <= {"unknown-document"}  # probes only
     states = {r["uid"]: r for r in status["runs"]}
     ours_root = target.client()
     for name, run in zip(names, runs, strict=True):
