@@ -10,10 +10,18 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.fake_tiled import Spool, scan
-from tiled_writer_sidecar.health import LOOP_STALL_SECONDS, health_snapshot
+from tiled_writer_sidecar.health import (
+    CHECKS_PER_SNAPSHOT,
+    LOOP_STALL_SECONDS,
+    RECENT_RUNS,
+    RunLedger,
+    health_snapshot,
+)
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import UploaderStatus
+from tiled_writer_sidecar.spool.index import Received, Uploaded, UploaderStatus, UploadState
 from tiled_writer_sidecar.stats import ReceiverStats
 
 
@@ -74,3 +82,39 @@ def test_the_healthz_body_is_json_with_the_sections_the_monitor_reads(tmp_path: 
     assert set(body) == {"status", "reasons", "receiver", "spool", "tiled", "upload", "runs"}
     assert body["spool"]["backlog_runs"] == 1 and len(body["runs"]) == 1
     assert health.status_line() == "received 0 docs; backlog 6 docs in 1 run(s); tiled unknown"
+
+
+def test_with_a_ledger_a_snapshot_reads_a_bounded_number_of_run_files_and_learns_what_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 runs in the spool, taken over by a RunLedger: each snapshot reads at most CHECKS_PER_SNAPSHOT
+    uploaded.json and RECENT_RUNS received.json files (never the whole spool), the backlog counts the
+    waiting runs, and runs the uploader finished leave the backlog as the oldest are checked first."""
+    spool = Spool(tmp_path / "spool")
+    uids = [spool.closed_run(events=1, first_received=1000.0 + n) for n in range(300)]
+    ledger = RunLedger(spool.dir)
+    ledger.load(spool.dir.runs())
+    stats = ReceiverStats(ledger=ledger)
+    for uid in uids[:10]:
+        Uploaded(state=UploadState.UPLOADED, documents=5).save(spool.dir.run_dir(uid))
+    reads = {"uploaded": 0, "received": 0}
+    real_uploaded, real_received = Uploaded.load, Received.load
+
+    def count_uploaded(directory: Path) -> Uploaded:
+        reads["uploaded"] += 1
+        return real_uploaded(directory)
+
+    def count_received(directory: Path) -> Received | None:
+        reads["received"] += 1
+        return real_received(directory)
+
+    monkeypatch.setattr(Uploaded, "load", count_uploaded)
+    monkeypatch.setattr(Received, "load", count_received)
+    health = health_snapshot(stats, spool.dir, time.time())
+    assert reads["uploaded"] <= CHECKS_PER_SNAPSHOT + RECENT_RUNS and reads["received"] <= RECENT_RUNS
+    assert health.spool.runs == 300 and health.spool.backlog_runs == 290
+    assert health.spool.oldest_unuploaded_age_seconds is not None
+    assert [r["uid"] for r in health.runs] == uids[-RECENT_RUNS:]
+    ledger.note(Received(uid="new-run", documents=7))
+    after = health_snapshot(stats, spool.dir, time.time()).spool
+    assert after.backlog_runs == 291 and after.backlog_documents == health.spool.backlog_documents + 7

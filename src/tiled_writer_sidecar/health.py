@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -35,57 +36,93 @@ NO_UPLOADER_YET = UploaderStatus(
 class RunLedger:
     """The runs the uploader has not finished, kept by the receiver as it spools (O(1) per run).
 
-    `add` a run as it starts (its `Received` is the live one, so its counts
-    need no update); `load` the runs found in the spool at start-up. Which
-    runs are finished is learnt from their ``uploaded.json``, a bounded
-    number per `waiting` call: the oldest waiting runs first (the uploader
-    finishes those first), then the others in turn.
+    `note` a run as it starts, closes or is reopened (its `Received` is the
+    live one: an open run's counts need no update); `load` the runs found in
+    the spool at start-up. The backlog's totals are running sums over the
+    closed runs plus a sum over the open ones (few). Which runs are finished
+    is learnt from their ``uploaded.json``, a bounded number per `backlog`
+    call: the oldest waiting runs first (the uploader finishes those first),
+    then the others in turn.
     """
 
     def __init__(self, spool: SpoolDir) -> None:
         self.spool = spool
         self.lock = threading.Lock()
         self.runs = 0  # runs spooled: found at start-up and started since
-        self.pending: dict[
-            str, tuple[Received, int]
-        ] = {}  # uid -> (received, uploaded documents), oldest first
+        self.pending: dict[str, list[Any]] = {}  # uid -> [received, uploaded documents], oldest first
+        self.open: set[str] = set()  # pending runs still receiving (their counts change)
+        self.closed_documents = self.closed_bytes = 0  # backlog of the pending closed runs
         self.recent: deque[str] = deque(maxlen=RECENT_RUNS)
         self._turn = 0
 
     def load(self, views: Iterable[RunView]) -> None:
         """The runs of the spool at start-up (oldest first)."""
-        with self.lock:
-            for view in views:
-                self.runs += 1
-                self.recent.append(view.uid)
-                if not view.uploaded.state.finished:
-                    self.pending[view.uid] = (view.received, view.uploaded.documents)
+        for view in views:
+            if view.uploaded.state.finished:
+                with self.lock:
+                    self.runs += 1
+                    self.recent.append(view.uid)
+            else:
+                self.note(view.received, view.uploaded.documents)
 
-    def add(self, received: Received) -> None:
-        """A run started (or was adopted): it waits for the uploader."""
+    def note(self, received: Received, uploaded: int = 0) -> None:
+        """A run started, closed or was reopened (`received` is its current state)."""
         with self.lock:
-            if received.uid not in self.pending:
+            uid = received.uid
+            entry = self.pending.get(uid)
+            if entry is None:
                 self.runs += 1
-                self.recent.append(received.uid)
-            self.pending[received.uid] = (received, 0)
+                self.recent.append(uid)
+                entry = self.pending[uid] = [received, uploaded]
+            elif uid not in self.open:
+                self._count(entry, -1)
+            entry[0] = received
+            if received.closed:
+                self.open.discard(uid)
+                self._count(entry, 1)
+            else:
+                self.open.add(uid)
 
-    def waiting(self) -> list[tuple[Received, int]]:
-        """The runs not yet finished, oldest first, after reading a bounded number of ``uploaded.json``."""
+    def _count(self, entry: list[Any], sign: int) -> None:
+        received, uploaded = entry
+        self.closed_documents += sign * max(0, received.documents - uploaded)
+        self.closed_bytes += sign * received.bytes
+
+    def backlog(self) -> tuple[int, int, int, float | None]:
+        """Runs, documents and bytes not yet uploaded, and the oldest run's first document time, after
+        reading a bounded number of ``uploaded.json``."""
         with self.lock:
-            uids = list(self.pending)
-            n = CHECKS_PER_SNAPSHOT // 2
-            rest = uids[n:]
-            start = self._turn % len(rest) if rest else 0
-            checks = uids[:n] + (rest[start:] + rest[:start])[: CHECKS_PER_SNAPSHOT - n]
-            self._turn = start + CHECKS_PER_SNAPSHOT - n
-            for uid in checks:
-                directory = self.spool.runs_dir / uid
-                uploaded = Uploaded.load(directory)
-                if uploaded.state.finished or not directory.is_dir():
-                    del self.pending[uid]
-                else:
-                    self.pending[uid] = (self.pending[uid][0], uploaded.documents)
-            return list(self.pending.values())
+            uids = list(islice(self.pending, CHECKS_PER_SNAPSHOT // 2))
+            rest = len(self.pending) - len(uids)
+            if rest > 0:
+                start = len(uids) + self._turn % rest
+                uids += list(islice(self.pending, start, start + CHECKS_PER_SNAPSHOT - len(uids)))
+                self._turn += CHECKS_PER_SNAPSHOT - CHECKS_PER_SNAPSHOT // 2
+            for uid in uids:
+                self._check(uid)
+            documents, size = self.closed_documents, self.closed_bytes
+            for uid in self.open:
+                received, uploaded = self.pending[uid]
+                documents += max(0, received.documents - uploaded)
+                size += received.bytes
+            oldest = self.pending[next(iter(self.pending))][0].first_received if self.pending else None
+            return len(self.pending), documents, size, oldest
+
+    def _check(self, uid: str) -> None:
+        """Read one run's ``uploaded.json``: forget it if finished, else update what Tiled has."""
+        directory = self.spool.runs_dir / uid
+        uploaded = Uploaded.load(directory)
+        entry = self.pending[uid]
+        closed = uid not in self.open
+        if closed:
+            self._count(entry, -1)
+        if uploaded.state.finished or not directory.is_dir():
+            del self.pending[uid]
+            self.open.discard(uid)
+            return
+        entry[1] = uploaded.documents
+        if closed:
+            self._count(entry, 1)
 
     def newest(self) -> list[RunView]:
         """The `RECENT_RUNS` newest runs as `status` shows them (those still in the spool)."""
@@ -171,13 +208,16 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
     now = time.time()
     ledger = stats.ledger
     if ledger is not None:
-        waiting = ledger.waiting()
+        backlog_runs, backlog_documents, backlog_bytes, oldest = ledger.backlog()
         runs_count, newest = ledger.runs, ledger.newest()
     else:  # no receiver keeps a ledger (a test, a tool): list the spool
         views = spool.runs()
-        waiting = [(r.received, r.uploaded.documents) for r in views if not r.uploaded.state.finished]
+        waiting = [r for r in views if not r.uploaded.state.finished]
+        backlog_runs = len(waiting)
+        backlog_documents = sum(max(0, r.received.documents - r.uploaded.documents) for r in waiting)
+        backlog_bytes = sum(r.received.bytes for r in waiting)
+        oldest = min((r.received.first_received for r in waiting), default=None)
         runs_count, newest = len(views), views[-RECENT_RUNS:]
-    oldest = min((received.first_received for received, _ in waiting), default=None)
     uploader = UploaderStatus.load(spool.root)
     known = uploader or NO_UPLOADER_YET
     reasons = []
@@ -203,9 +243,9 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
             directory=str(spool.root),
             bytes=stats.spool_bytes,
             runs=runs_count,
-            backlog_runs=len(waiting),
-            backlog_documents=sum(max(0, received.documents - up) for received, up in waiting),
-            backlog_bytes=sum(received.bytes for received, _ in waiting),
+            backlog_runs=backlog_runs,
+            backlog_documents=backlog_documents,
+            backlog_bytes=backlog_bytes,
             oldest_unuploaded_age_seconds=now - oldest if oldest else None,
             writable=stats.spool_writable,
         ),

@@ -38,6 +38,7 @@ from .orphans import MAX_ORPHANS, ORPHAN_MAX_BYTES, orphan_dir, orphans
 from .spool.codec import pack_document
 from .spool.directory import SpoolDir
 from .spool.index import Received
+from .spool.segment import list_segments
 from .spooler import RunSpooler
 from .stats import ReceiverStats
 from .tracker import RunTracker, TrackedRun, plain_float
@@ -133,6 +134,7 @@ class Ingest:
         spooled = self.spooler.runs.get(run.key)
         if spooled is not None:
             self.spooler.close(spooled)
+        self.ledger.note(received)
         self._count_losses(received)
         problems = received.problems()
         log.info(
@@ -164,7 +166,7 @@ class Ingest:
         if now - self._last_size_check >= SPOOL_SIZE_INTERVAL_S and not self._busy_measuring():
             self._last_size_check = now
             if self._measuring is None:  # the first upkeep: measured here, before anything is staged
-                self.stats.spool_bytes = self.spool.total_bytes()
+                self._measure()
                 self._measuring = threading.Thread(target=lambda: None)
             else:  # off the receive path: it lists every run directory
                 self._measuring = threading.Thread(target=self._measure, name="spool-size", daemon=True)
@@ -174,12 +176,22 @@ class Ingest:
         return self._measuring is not None and self._measuring.is_alive()
 
     def _measure(self) -> None:
-        """Set the spool's size from a listing (what the uploader deleted shows here); never raises."""
+        """Set the spool's size and segment count from a listing (what the uploader deleted shows here);
+        never raises."""
         before = self.stats.spool_bytes
         try:
-            total = self.spool.total_bytes()
+            total = segments = 0
+            for run_dir in self.spool.run_dirs():
+                for segment in list_segments(run_dir):
+                    try:
+                        total += segment.lstat().st_size
+                        segments += 1
+                    except FileNotFoundError:
+                        pass
+            total += self.spool.quarantine_bytes()
         except Exception:  # noqa: BLE001  # the next measure will do
             return
+        self.stats.spool_segments = segments
         self.stats.spool_bytes = total + max(0, self.stats.spool_bytes - before)  # + what came meanwhile
 
     def shutdown(self) -> None:
@@ -227,7 +239,7 @@ class Ingest:
             self.stats.dropped += 1
             return
         self.stats.runs_started += 1
-        self.ledger.add(run.received)
+        self.ledger.note(run.received)
         received = run.received
         log.info("run start uid=%s scan_id=%s plan=%r", uid, received.scan_id, received.plan_name)
         self.spooler.stage(spooled, "start", payload)
@@ -281,12 +293,14 @@ class Ingest:
         received = Received.load(self.spool.run_dir(uid))
         if received is not None and not received.closed:
             self.spooler.close_unopened(received, reason)
+            self.ledger.note(received)
             self._count_losses(received)
             log.info("run closed uid=%s documents=%d (%s)", uid, received.documents, reason)
 
     def _count_losses(self, received: Received) -> None:
         """A run closed: count the events it lacks and a stop that never came (one metric each)."""
         self.stats.gaps += sum(received.gaps().values())
+        self.stats.events_out_of_order += sum(received.out_of_order.values())
         if not received.stop_received:
             self.stats.runs_stop_missing += 1
 
@@ -404,6 +418,7 @@ class Ingest:
             if failed is not None:
                 self.tracker.close(failed)
             self.spooler.close_unopened(received, reason)
+            self.ledger.note(received)
             self._count_losses(received)
             return reason
         if received.stop_received:
@@ -412,6 +427,7 @@ class Ingest:
             self.close_run(run, close_reason)
             return close_reason
         self._touch(run.uid)
+        self.ledger.note(run.received)
         self.spooler.save(spooled)
         log.info("run reopened uid=%s documents=%d", run.uid, received.documents)
         return None

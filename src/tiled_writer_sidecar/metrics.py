@@ -160,12 +160,36 @@ class SidecarCollector(Collector):
         yield rejected
         yield CounterMetricFamily(f"{p}_messages_received", "Messages read from 0MQ", value=s.messages)
         yield CounterMetricFamily(f"{p}_received_bytes", "Bytes read from 0MQ", value=s.bytes)
-        yield CounterMetricFamily(f"{p}_gap_events", "Events missing (seq_num holes)", value=s.gaps)
+        yield CounterMetricFamily(
+            f"{p}_gap_events",
+            "Events missing in closed runs: seq_num holes and stop.num_events shortfalls",
+            value=s.gaps,
+        )
+        yield CounterMetricFamily(
+            f"{p}_runs_stop_missing", "Runs closed without their stop", value=s.runs_stop_missing
+        )
+        yield GaugeMetricFamily(
+            f"{p}_runs_start_missing",
+            "Runs held as orphans: documents spooled, start never received",
+            value=s.orphan_runs,
+        )
+        yield CounterMetricFamily(
+            f"{p}_orphan_runs",
+            "Orphan runs opened (a document of a run whose start is missing)",
+            value=s.orphan_runs_total,
+        )
+        yield CounterMetricFamily(
+            f"{p}_orphan_documents", "Documents spooled into orphans", value=s.orphan_documents
+        )
+        yield CounterMetricFamily(
+            f"{p}_events_out_of_order",
+            "Late events kept (their seq_num filled a hole)",
+            value=s.events_out_of_order,
+        )
         yield CounterMetricFamily(f"{p}_documents_dropped", "Documents dropped: spool full", value=s.dropped)
         yield GaugeMetricFamily(f"{p}_spool_bytes", "Bytes in spool segments", value=s.spool_bytes)
-        yield GaugeMetricFamily(
-            f"{p}_spool_segments", "Spool segment files", value=self.spool.segment_count()
-        )
+        segments = s.spool_segments if s.spool_segments is not None else self.spool.segment_count()
+        yield GaugeMetricFamily(f"{p}_spool_segments", "Spool segment files", value=segments)
         yield GaugeMetricFamily(
             f"{p}_spool_writable", "1 if the spool accepts writes", value=int(s.spool_writable)
         )

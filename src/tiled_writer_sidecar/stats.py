@@ -32,6 +32,7 @@ class ReceiverStats:
     orphan_documents: int = 0  # documents spooled into orphans
     orphan_bytes: int = 0
     spool_bytes: int = 0
+    spool_segments: int | None = None  # measured off the receive path by the receiver (None: not yet)
     spool_writable: bool = True
     started: float = field(default_factory=time.time)
     last_message: float = 0.0

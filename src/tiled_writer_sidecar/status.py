@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .orphans import orphan_report
 from .spool.directory import SpoolDir
 from .spool.index import STATES, RunState, UploaderStatus
 from .text import clean, text
@@ -25,6 +26,7 @@ def status_report(spool: SpoolDir) -> dict[str, Any]:
     now = time.time()
     waiting = [r for r in runs if RunState(r["state"]).waiting]
     oldest = min((r["first_received"] for r in waiting), default=None)
+    orphans = orphan_report(spool)
     return {
         "spool": str(spool.root),
         "runs": runs,
@@ -36,7 +38,10 @@ def status_report(spool: SpoolDir) -> dict[str, Any]:
             "by_state": {s: sum(1 for r in runs if r["state"] == s) for s in STATES},
             "gaps": sum(sum(r["gaps"].values()) for r in runs),
             "oldest_unuploaded_age_seconds": now - oldest if oldest else None,
+            "start_missing_runs": orphans["start_missing_runs"],
+            "start_missing_documents": orphans["start_missing_documents"],
         },
+        "start_missing": orphans["runs"],
         "receiver_running": spool.is_locked("receiver"),
         "uploader_running": spool.is_locked("uploader"),
         "uploader": uploader.plain() if (uploader := UploaderStatus.load(spool.root)) else None,
@@ -59,6 +64,14 @@ def print_status(report: dict[str, Any], as_json: bool, console: Console) -> Non
         table.add_row(*_row(run))
     console.print(table)
     console.print(_totals_line(report["totals"]))
+    if orphans := report.get("start_missing"):
+        console.print(
+            text(
+                f"{len(orphans)} run(s) with start missing (kept, not uploaded until it comes): "
+                + ", ".join(f"{clean(o['uid'])} ({o['documents']} documents)" for o in orphans[:20]),
+                limit=2000,
+            )
+        )
     uploader = report.get("uploader") or {}
     console.print(
         text(
