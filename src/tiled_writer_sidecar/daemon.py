@@ -38,6 +38,7 @@ from .receiver import Receiver
 from .sdnotify import Notifier
 from .spool.directory import SpoolDir
 from .stats import ReceiverStats
+from .upload_process import RECEIVER_PID_ENV
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class UploaderSupervisor:
     def start(self) -> None:
         # Only the main process talks to systemd (NotifyAccess=main).
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+        env[RECEIVER_PID_ENV] = str(os.getpid())  # it dies with us (upload_process)
         process = subprocess.Popen(self.command(), stdin=subprocess.PIPE, env=env)
         assert process.stdin is not None
         try:

@@ -4,13 +4,21 @@
   200,000 deep (SIGSEGV, exit 139) in the receiver, ``monitor`` and
   ``proxy -v`` (all three use `wire.decode_message`): decoded here in a
   child process, so a crash is a failed test, not a dead pytest worker.
+- The receiver killed outside systemd left its uploader running, holding
+  ``uploader.lock``: the next receiver's uploaders exited "locked" in turn.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+from tests.support.daemon import make_sidecar
+from tiled_writer_sidecar.testing import TiledContainer, ZmqProxy, wait_until
 
 #: Decodes the frames the parent writes (length-prefixed) and prints each rejection's reason.
 _DECODE_EACH = textwrap.dedent(
@@ -56,3 +64,40 @@ def test_the_nested_tuple_pickles_that_crashed_the_decoder_are_too_complex() -> 
     code, lines = decode_in_a_child(frames)
     assert code == 0, (code, lines)
     assert lines == ["too-complex pickle nests deeper than 200"] * len(frames), lines
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _uploader_of(receiver: int) -> int:
+    children = Path(f"/proc/{receiver}/task/{receiver}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_the_uploader_dies_with_a_killed_receiver_and_the_next_receiver_runs_its_own(
+    tiled_container: TiledContainer, proxy: ZmqProxy, tmp_path: Path
+) -> None:
+    """SIGKILL of the receiver alone: its uploader exits within seconds (the kernel's parent-death
+    signal), so the restarted receiver's uploader takes ``uploader.lock`` and reaches Tiled."""
+    sidecar = make_sidecar(tmp_path, proxy, tiled_container)
+    lock = sidecar.spool_dir / "uploader.lock"
+    with sidecar:
+        receiver = sidecar.process.pid
+        assert receiver is not None
+        orphan = _uploader_of(receiver)
+        wait_until(lambda: lock.exists() and lock.read_text().strip() == str(orphan), 120, what="a lock")
+        os.kill(receiver, signal.SIGKILL)
+        wait_until(lambda: sidecar.process.returncode is not None, 30, what="the receiver reaped")
+        wait_until(lambda: _gone(orphan), 30, what=f"the orphaned uploader {orphan} to exit")
+        sidecar.start()
+        new_receiver = sidecar.process.pid
+        assert new_receiver is not None
+        uploader = _uploader_of(new_receiver)
+        wait_until(lambda: lock.read_text().strip() == str(uploader), 120, what="the new uploader's lock")
+        assert not _gone(uploader) and "already running" not in sidecar.log_tail(400)
