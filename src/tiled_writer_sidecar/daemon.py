@@ -39,6 +39,7 @@ from .sdnotify import Notifier
 from .spool.directory import SpoolDir
 from .stats import ReceiverStats
 from .upload_process import RECEIVER_PID_ENV
+from .validation import preload as preload_validation
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
     os.umask(0o077)
     spool = SpoolDir(config.spool_dir, quarantine_max_bytes=config.spool.quarantine_max_bytes)
     spool.lock("receiver")
+    preload_validation()  # no document waits on a compile or an import (they need descriptors)
     stats = ReceiverStats()
     receiver = Receiver(config, spool, stats)
     metrics: MetricsServer | None = None

@@ -4,21 +4,32 @@
   200,000 deep (SIGSEGV, exit 139) in the receiver, ``monitor`` and
   ``proxy -v`` (all three use `wire.decode_message`): decoded here in a
   child process, so a crash is a failed test, not a dead pytest worker.
+- 246 half-sent requests to ``/metrics`` took every descriptor of a
+  receiver (``prlimit``, the unit's ratio): valid runs sent meanwhile were
+  rejected as ``schema`` ("cannot be checked (OSError)"), ~700 BrokenPipe
+  tracebacks on stderr, an accept loop at 76 % CPU.
 - The receiver killed outside systemd left its uploader running, holding
   ``uploader.lock``: the next receiver's uploaders exited "locked" in turn.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from tests.support.daemon import make_sidecar
-from tiled_writer_sidecar.testing import TiledContainer, ZmqProxy, wait_until
+import bluesky.plans as bp
+import pytest
+from ophyd.sim import det, motor
+
+from tests.support.daemon import assert_runs_uploaded, make_sidecar, rejected_counts
+from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
 
 #: Decodes the frames the parent writes (length-prefixed) and prints each rejection's reason.
 _DECODE_EACH = textwrap.dedent(
@@ -101,3 +112,94 @@ def test_the_uploader_dies_with_a_killed_receiver_and_the_next_receiver_runs_its
         uploader = _uploader_of(new_receiver)
         wait_until(lambda: lock.read_text().strip() == str(uploader), 120, what="the new uploader's lock")
         assert not _gone(uploader) and "already running" not in sidecar.log_tail(400)
+
+
+#: The daemon's descriptors, scaled down from the unit's LimitNOFILE=2048 (max_open_runs 64 + 128).
+NOFILE = 256
+
+
+def _half_sent_requests(port: int, count: int) -> list[socket.socket]:
+    """`count` connections to the metrics port, each with a request line and no end of headers."""
+    held = []
+    for _ in range(count):
+        client = socket.socket()
+        client.settimeout(0.5)
+        with contextlib.suppress(OSError):  # the listen queue is full: the kernel drops the SYN
+            client.connect(("127.0.0.1", port))
+            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        held.append(client)
+    return held
+
+
+@pytest.mark.timeout(900)
+def test_idle_http_connections_never_cost_the_receiver_a_valid_run(
+    tiled_container: TiledContainer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+) -> None:
+    """400 half-sent requests to /metrics, held open, while 3 runs are sent: the receiver (its
+    descriptors limited to 256) spools all of them and uploads them complete, nothing is rejected,
+    it serves at most a few connections at once, and its log holds no traceback."""
+    sidecar = make_sidecar(tmp_path, proxy, tiled_container, spool={"max_open_runs": 64})
+    sidecar.process.argv = ["prlimit", f"--nofile={NOFILE}:{NOFILE}", "--", *sidecar.process.argv]
+    with sidecar:
+        acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+        pid = sidecar.process.pid
+        assert pid is not None
+        baseline = rejected_counts(sidecar)  # the subscription probes: unknown-document
+        held = _half_sent_requests(sidecar.metrics_port, 400)
+        try:
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+            uids = [acquisition.run(bp.scan([det], motor, -1, 1, 3))[0] for _ in range(3)]
+            fds = max(fds, len(os.listdir(f"/proc/{pid}/fd")))
+            assert fds < NOFILE // 2, fds
+            assert_runs_uploaded(sidecar, tiled_container, acquisition, uids, only=True)
+        finally:
+            for client in held:
+                client.close()
+        assert rejected_counts(sidecar) == baseline
+        assert sidecar.health()["status"] == "ok"  # the endpoint answers again
+        log = sidecar.log_tail(100_000)
+        assert "Traceback" not in log and "BrokenPipe" not in log, log[-3000:]
+        print(f"receiver descriptors at most {fds} of {NOFILE}")
+
+
+_IMPORT_ONE = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    from tiled_writer_sidecar.config import SpoolConfig
+    from tiled_writer_sidecar.ingest import Ingest
+    from tiled_writer_sidecar.replay import import_file
+    from tiled_writer_sidecar.spool.directory import SpoolDir
+    from tiled_writer_sidecar.stats import ReceiverStats
+    ingest = Ingest(SpoolConfig(), SpoolDir(Path(sys.argv[1])), ReceiverStats())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # tiled, pandas, ... imported
+    result = import_file(ingest, Path(sys.argv[2]), 64 * 2**20)
+    ingest.shutdown()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak": peak, "before": before, "documents": result.documents, "skipped": dict(result.skipped)}))
+    """
+)
+
+
+def test_import_backup_reads_with_the_wire_decoders_budget(tmp_path: Path) -> None:
+    """A 64 MiB JSON array of ``{}`` (1.93 GB before) and a 60 MiB line of empty lists inside a valid
+    start (1.88 GB, and spooled): each skipped as too-complex, the importing process's peak RSS
+    grows by less than 256 MiB (the file read whole, an estimate, nothing parsed), and a good entry
+    after them is still imported."""
+    uid = "0" * 8 + "-0000-4000-8000-" + "0" * 12
+    good = b'{"name": "start", "doc": {"uid": "%s", "time": 1.0}}\n' % uid.encode()
+    array = tmp_path / "array.json"
+    array.write_bytes(b"[" + b"{}," * (64 * 2**20 // 3 - 1) + b"{}]")
+    line = tmp_path / "line.jsonl"
+    start = b'{"name": "start", "doc": {"uid": "1%s", "time": 1.0, "x": [' % uid[1:].encode()
+    line.write_bytes(start + b"[]," * (60 * 2**20 // 3) + b"[]]}}\n" + good)
+    for path, documents in ((array, 0), (line, 1)):
+        done = subprocess.run(
+            [sys.executable, "-c", _IMPORT_ONE, str(tmp_path / f"spool-{path.stem}"), str(path)],
+            capture_output=True, timeout=300, check=True,
+        )  # fmt: skip
+        result = json.loads(done.stdout)
+        print(path.name, result)
+        assert result["skipped"] == {"too-complex": 1}, result
+        assert result["documents"] == documents
+        assert result["peak"] - result["before"] < 256 * 2**20, result
