@@ -37,9 +37,11 @@ from .metrics import MetricsServer
 from .receiver import Receiver
 from .sdnotify import Notifier
 from .spool.directory import SpoolDir
+from .spool.segment import bound_reads
 from .stats import ReceiverStats
 from .upload_process import RECEIVER_PID_ENV
 from .validation import preload as preload_validation
+from .wire import budget_for
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,7 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
     spool = SpoolDir(config.spool_dir, quarantine_max_bytes=config.spool.quarantine_max_bytes)
     spool.lock("receiver")
     preload_validation()  # no document waits on a compile or an import (they need descriptors)
+    bound_reads(config.spool.segment_bytes, budget_for(config.zmq.max_message_bytes))
     stats = ReceiverStats()
     receiver = Receiver(config, spool, stats)
     metrics: MetricsServer | None = None

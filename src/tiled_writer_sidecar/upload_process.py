@@ -30,6 +30,8 @@ from .config import config_from_dict
 from .errors import SidecarError
 from .logs import setup_logging
 from .spool.directory import SpoolDir
+from .spool.segment import bound_reads
+from .wire import budget_for
 
 #: The receiver's pid, set by the daemon in the uploader's environment.
 RECEIVER_PID_ENV = "TILED_WRITER_SIDECAR_RECEIVER_PID"
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    bound_reads(config.spool.segment_bytes, budget_for(config.zmq.max_message_bytes))
     try:
         spool = SpoolDir(config.spool_dir, create=False)
         spool.lock("uploader")

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import bluesky.plans as bp
@@ -29,7 +30,10 @@ import pytest
 from ophyd.sim import det, motor
 
 from tests.support.daemon import assert_runs_uploaded, make_sidecar, rejected_counts
+from tests.support.spool import plant_open_run
+from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing.acquisition import Document
 
 #: Decodes the frames the parent writes (length-prefixed) and prints each rejection's reason.
 _DECODE_EACH = textwrap.dedent(
@@ -203,3 +207,61 @@ def test_import_backup_reads_with_the_wire_decoders_budget(tmp_path: Path) -> No
         assert result["skipped"] == {"too-complex": 1}, result
         assert result["documents"] == documents
         assert result["peak"] - result["before"] < 256 * 2**20, result
+
+
+_RECOVER_AND_VERIFY = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    from tiled_writer_sidecar.config import SpoolConfig
+    from tiled_writer_sidecar.ingest import Ingest
+    from tiled_writer_sidecar.spool.check import verify_spool
+    from tiled_writer_sidecar.spool.directory import SpoolDir
+    from tiled_writer_sidecar.spool.segment import LogReader
+    from tiled_writer_sidecar.stats import ReceiverStats
+    spool = SpoolDir(Path(sys.argv[1]))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ingest = Ingest(SpoolConfig(), spool, ReceiverStats())
+    closed = ingest.recover()  # what a starting receiver does
+    ingest.shutdown()
+    reports = verify_spool(spool)
+    records = {run.uid: sum(1 for _ in LogReader(run.directory).read()) for run in spool.runs()}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"growth": peak - before, "records": records,
+                      "verified": {f"{r.run}/{r.segment}": [r.format, r.records, r.problem] for r in reports}}))
+    """
+)
+
+
+def test_spool_files_that_broke_recovery_are_read_within_bounds(tmp_path: Path) -> None:
+    """A 1.5 GiB sparse segment without a v2 header (read whole as v1: receiver 1.63 GB at start-up,
+    ``verify`` 1.56 GB) is damage, never read; a segment whose first 40 bytes are zeroed (both file
+    header copies) still yields every record (its seed recovered from a record header). Start-up
+    recovery and verify together grow the process by less than 64 MiB."""
+    spool = tmp_path / "spool"
+    runs = {}
+    for label in ("sparse", "zeroed"):
+        uid = str(uuid.uuid4())
+        docs: list[Document] = [("start", {"uid": uid, "time": 1.0})]
+        docs += [
+            ("descriptor", {"uid": str(uuid.uuid4()), "run_start": uid, "time": 1.0, "data_keys": {}})
+        ] * 5
+        runs[label] = plant_open_run(spool, docs)
+    sparse = SpoolDir(spool).run_dir(runs["sparse"]) / "0000000001.seg"
+    with sparse.open("wb") as file:
+        file.truncate(3 * 2**29)  # 1.5 GiB of zeros, none of them on disk
+    zeroed = SpoolDir(spool).run_dir(runs["zeroed"]) / "0000000000.seg"
+    with zeroed.open("r+b") as file:
+        file.write(bytes(40))
+    done = subprocess.run(
+        [sys.executable, "-c", _RECOVER_AND_VERIFY, str(spool)], capture_output=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    result = json.loads(done.stdout)
+    print(result)
+    assert result["growth"] < 64 * 2**20, result
+    assert result["records"][runs["zeroed"]] >= 6, result  # all six, and what closing the run added
+    fmt, _, problem = result["verified"][f"{runs['sparse']}/0000000001.seg"]
+    assert fmt == "damaged" and problem, result
+    fmt, records, problem = result["verified"][f"{runs['zeroed']}/0000000000.seg"]
+    assert (fmt, records) == ("v2", 6) and "recovered" in problem, result
