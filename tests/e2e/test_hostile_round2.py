@@ -265,3 +265,59 @@ def test_spool_files_that_broke_recovery_are_read_within_bounds(tmp_path: Path) 
     assert fmt == "damaged" and problem, result
     fmt, records, problem = result["verified"][f"{runs['zeroed']}/0000000000.seg"]
     assert (fmt, records) == ("v2", 6) and "recovered" in problem, result
+
+
+def test_a_multipart_message_is_refused_frame_by_frame_and_the_next_one_arrives() -> None:
+    """One message of 1,000,000 one-byte frames (bluesky's Publisher sends one frame): the
+    Subscription hands over its first frame and an empty one (a frame-count rejection), the rest
+    dropped as read, then the next, single-frame message arrives whole."""
+    import zmq
+
+    from tiled_writer_sidecar.config import ZmqConfig
+    from tiled_writer_sidecar.subscription import Subscription
+
+    context = zmq.Context()
+    publisher = context.socket(zmq.XPUB)
+    port = publisher.bind_to_random_port("tcp://127.0.0.1")
+    subscription = Subscription(ZmqConfig(address=f"tcp://127.0.0.1:{port}"), pace=False)
+    try:
+        assert publisher.poll(30_000) and publisher.recv() == b"\x01"  # subscribed
+        publisher.send_multipart([b"x start {}"] + [b"z"] * 1_000_000)
+        publisher.send(b"x start {}")
+        received: list[list[bytes]] = []
+        wait_until(lambda: subscription.drain(received.append) >= 0 and len(received) >= 2, 60)
+        assert received == [[b"x start {}", b""], [b"x start {}"]]
+    finally:
+        subscription.close()
+        publisher.close(linger=0)
+        context.term()
+
+
+def test_libzmq_drops_a_subscription_for_good_on_a_message_over_maxmsgsize() -> None:
+    """Why the Subscription never sets ZMQ_MAXMSGSIZE (the receiver's bound is the decoder's): one
+    larger message disconnects the SUB socket and libzmq never reconnects it (4.3.5 measured)."""
+    import zmq
+
+    context = zmq.Context()
+    publisher = context.socket(zmq.XPUB)
+    port = publisher.bind_to_random_port("tcp://127.0.0.1")
+    subscriber = context.socket(zmq.SUB)
+    subscriber.setsockopt(zmq.MAXMSGSIZE, 1000)
+    subscriber.setsockopt(zmq.RECONNECT_IVL, 50)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+    subscriber.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        assert publisher.poll(30_000) and publisher.recv() == b"\x01"
+        publisher.send(b"small")
+        assert subscriber.poll(30_000) and subscriber.recv() == b"small"
+        publisher.send(b"x" * 2000)
+        received = []
+        for _ in range(20):  # 2 s: forty reconnection intervals
+            publisher.send(b"after")
+            if subscriber.poll(100):
+                received.append(subscriber.recv())
+        assert received == [], received
+    finally:
+        subscriber.close(linger=0)
+        publisher.close(linger=0)
+        context.term()
