@@ -37,7 +37,11 @@ from .metrics import MetricsServer
 from .receiver import Receiver
 from .sdnotify import Notifier
 from .spool.directory import SpoolDir
+from .spool.segment import bound_reads
 from .stats import ReceiverStats
+from .upload_process import RECEIVER_PID_ENV
+from .validation import preload as preload_validation
+from .wire import budget_for
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,7 @@ class UploaderSupervisor:
     def start(self) -> None:
         # Only the main process talks to systemd (NotifyAccess=main).
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+        env[RECEIVER_PID_ENV] = str(os.getpid())  # it dies with us (upload_process)
         process = subprocess.Popen(self.command(), stdin=subprocess.PIPE, env=env)
         assert process.stdin is not None
         try:
@@ -156,6 +161,8 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
     os.umask(0o077)
     spool = SpoolDir(config.spool_dir, quarantine_max_bytes=config.spool.quarantine_max_bytes)
     spool.lock("receiver")
+    preload_validation()  # no document waits on a compile or an import (they need descriptors)
+    bound_reads(config.spool.segment_bytes, budget_for(config.zmq.max_message_bytes))
     stats = ReceiverStats()
     receiver = Receiver(config, spool, stats)
     metrics: MetricsServer | None = None

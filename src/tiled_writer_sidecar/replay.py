@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -31,7 +30,7 @@ from typing import Any, BinaryIO
 from rich.console import Console
 
 from .config import Config, SpoolConfig
-from .errors import RejectedMessage, SidecarError, TiledUnavailableError
+from .errors import DecodeError, RejectedMessage, SidecarError, TiledUnavailableError
 from .ingest import Ingest
 from .outcomes import one_line
 from .spool.directory import SpoolDir
@@ -39,6 +38,7 @@ from .spool.index import RunView, Uploaded, UploadState
 from .stats import ReceiverStats
 from .text import clean
 from .uploader import Uploader
+from .wire import loads_json_checked
 
 log = logging.getLogger(__name__)
 
@@ -266,14 +266,16 @@ def backup_entries(path: Path, max_line_bytes: int) -> Iterator[tuple[str, Entry
 
     JSON Lines (``JSONLinesWriter``), or a JSON array: read whole if it is at
     most `max_line_bytes`, else (or if it does not parse, as ``JSONWriter``
-    leaves it after a crash) one entry per line. A line over `max_line_bytes`
-    is skipped without being held in memory.
+    leaves it after a crash, or is over the budget) one entry per line. A
+    line over `max_line_bytes` is skipped without being held in memory. Each
+    parse has the wire decoder's budget for its length (`wire.budget_for`):
+    an entry that would cost more is skipped as ``too-complex``.
     """
     if not path.is_file():  # a directory, a FIFO or a device would never end
         raise OSError(0, "not a regular file" if path.exists() else "no such file")
     with path.open("rb") as file:
         if _starts_array(file) and path.stat().st_size <= max_line_bytes:
-            items = _parse(file.read())
+            items = _parse(file.read(max_line_bytes + 1))
             if isinstance(items, list):
                 yield from ((f"entry {n}", _entry(item)) for n, item in enumerate(items, 1))
                 return
@@ -307,10 +309,12 @@ def _lines(file: BinaryIO, limit: int) -> Iterator[bytes | None]:
 
 
 def _parse(raw: bytes) -> Any:
+    """JSON with the wire decoder's budget (`wire.loads_json_checked`), or why not."""
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        return RejectedMessage("not-json", f"{type(err).__name__}: {str(err)[:100]}")
+        return loads_json_checked(raw)
+    except DecodeError as err:
+        reason = "too-complex" if err.reason == "too-complex" else "not-json"
+        return RejectedMessage(reason, err.detail[:100])
 
 
 def _entry(item: Any) -> Entry:

@@ -6,12 +6,20 @@ never stops spooling. The effective config arrives as JSON on standard
 input (a pipe from the daemon), never on the command line, which every
 local user can read in the process list; it holds no secret either way (the
 API key comes from the environment or ``api_key_file``).
+
+It dies with the receiver, however that dies (SIGKILL too): on Linux the
+kernel sends it SIGTERM when its parent exits (``PR_SET_PDEATHSIG``), and
+it exits at once if the receiver that started it (``RECEIVER_PID_ENV``) is
+already gone. An orphan would keep ``uploader.lock`` and leave the next
+receiver unable to run an uploader of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import signal
 import sys
 import threading
@@ -22,6 +30,12 @@ from .config import config_from_dict
 from .errors import SidecarError
 from .logs import setup_logging
 from .spool.directory import SpoolDir
+from .spool.segment import bound_reads
+from .wire import budget_for
+
+#: The receiver's pid, set by the daemon in the uploader's environment.
+RECEIVER_PID_ENV = "TILED_WRITER_SIDECAR_RECEIVER_PID"
+_PR_SET_PDEATHSIG = 1
 
 #: The kernel's OOM killer picks the uploader before the receiver (which must never stop).
 OOM_SCORE_ADJ = 500
@@ -35,7 +49,21 @@ def _be_the_oom_victim() -> None:
         pass  # not Linux, or not allowed: the receiver is merely less protected
 
 
+def _die_with_the_receiver() -> bool:
+    """Ask for SIGTERM when the parent exits; False if the receiver that started us is gone already."""
+    expected = os.environ.get(RECEIVER_PID_ENV, "")
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: systemd's KillMode still stops us with the unit
+        pass
+    return not expected.isdigit() or os.getppid() == int(expected)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if not _die_with_the_receiver():
+        print("tiled-writer-sidecar uploader: the receiver that started it is gone", file=sys.stderr)
+        return 1
     process_defaults.apply()
     _be_the_oom_victim()
     parser = argparse.ArgumentParser(
@@ -60,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    bound_reads(config.spool.segment_bytes, budget_for(config.zmq.max_message_bytes))
     try:
         spool = SpoolDir(config.spool_dir, create=False)
         spool.lock("uploader")

@@ -29,6 +29,7 @@ import copy
 import itertools
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -48,6 +49,7 @@ _ANNOTATIONS: Final = frozenset({"title", "description", "default", "$comment", 
 _COMBINATORS: Final = ("anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas")
 
 _Check = Callable[[Any], Any]
+_OS_RETRY_PAUSES_S: Final = (0.05, 0.2, 0.5)
 _fast: dict[str, _Check] = {}
 
 
@@ -345,8 +347,33 @@ def _explain(name: str, doc: dict[str, Any]) -> str | None:
         error = jsonschema.exceptions.best_match(causes)
         path = _cut(str(error.json_path), _PATH_CHARS)
         return f"{name} {path}: {_cut(str(error.message), _MESSAGE_CHARS - len(path))}"
+    except OSError:  # no descriptor, say: the document is not at fault (see `validate_document`)
+        raise
     except Exception as exc:  # noqa: BLE001  # event-model could not even look at it (MemoryError too)
         return f"{name}: cannot be checked ({type(exc).__name__})"
+
+
+def preload() -> None:
+    """Compile every kind's checker, and import what explaining a rejection needs, now.
+
+    The daemon calls it at start-up, so that checking a document never opens
+    a file: with every descriptor taken, a lazy compile raised OSError and
+    valid documents were rejected as ``schema``.
+    """
+    for kind in DocumentNames:
+        if kind.value not in _fast:
+            _compile(kind.value)
+        _explain(kind.value, {})
+
+
+def _explain_retrying(name: str, doc: dict[str, Any]) -> str | None:
+    """`_explain`, tried again after a pause while the OS refuses it a resource (OSError)."""
+    for pause in _OS_RETRY_PAUSES_S:
+        try:
+            return _explain(name, doc)
+        except OSError:
+            time.sleep(pause)
+    return _explain(name, doc)
 
 
 def validate_document(name: str, doc: dict[str, Any]) -> None:
@@ -354,12 +381,14 @@ def validate_document(name: str, doc: dict[str, Any]) -> None:
 
     Whatever `doc` holds, nothing but a ``ValidationError`` leaves: a check
     that fails in an unexpected way (a numpy value compared, memory,
-    recursion) rejects the document. The detail is ASCII, at most ~200
+    recursion) rejects the document, except OSError (no descriptor left,
+    say: the machine's fault, not the document's), retried, then raised
+    (the receiver counts ``internal-error:OSError``, never ``schema``). The detail is ASCII, at most ~200
     characters of the document's content.
     """
     try:
         check = _fast.get(name) or _compile(name)
-    except ValidationError:
+    except (ValidationError, OSError):
         raise
     except Exception as exc:  # noqa: BLE001  # a schema we cannot compile rejects, never crashes
         raise ValidationError(
@@ -368,6 +397,6 @@ def validate_document(name: str, doc: dict[str, Any]) -> None:
     try:
         check(doc)
     except Exception:  # noqa: BLE001  # fast path says no (or choked): event-model decides
-        problem = _explain(name, doc)
+        problem = _explain_retrying(name, doc)
         if problem is not None:
             raise ValidationError("schema", problem) from None

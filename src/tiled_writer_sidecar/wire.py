@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from .errors import DecodeError
 
-__all__ = ["DOCUMENT_NAMES", "REASONS", "SERIALIZERS", "budget_for", "decode_message"]
+__all__ = ["DOCUMENT_NAMES", "REASONS", "SERIALIZERS", "budget_for", "decode_message", "loads_json_checked"]
 
 SERIALIZERS: Final = ("auto", "pickle", "msgpack", "json")
 
@@ -1473,6 +1473,26 @@ def _top_dict(doc: object) -> dict[Any, Any]:
 def budget_for(payload_bytes: int) -> int:
     """The decoded-memory budget of a payload of `payload_bytes` (see the module docstring)."""
     return min(_SLACK + _EXPANSION * payload_bytes, _MAX_DECODED)
+
+
+def loads_json_checked(raw: bytes) -> Any:
+    """JSON from an untrusted file (import-backup), held to a message's rules: `budget_for` its
+    length, estimated before parsing and walked after, depth and value types as `decode_message`.
+
+    Raises ``DecodeError`` (``truncated``, ``garbage``, ``too-complex``, ...) and nothing else.
+    """
+    try:
+        budget = budget_for(len(raw))
+        value = _loads_json(raw, budget)
+        if type(value) in (dict, list):
+            _check_tree({"": value}, budget)
+        return value
+    except DecodeError:
+        raise
+    except (MemoryError, RecursionError) as exc:
+        raise DecodeError("too-complex", type(exc).__name__) from None
+    except Exception as exc:  # noqa: BLE001  # as decode_message: only DecodeError leaves
+        raise DecodeError("garbage", _short(f"{type(exc).__name__}: {exc}")) from None
 
 
 def decode_message(

@@ -75,8 +75,11 @@ def _verify_segment(run_dir: Path, path: Path, *, last: bool, repair: bool) -> S
         report = SegmentReport(run_dir.name, path.name, format=fmt.kind)
         if fmt.kind == "damaged":
             report.corrupt.append((0, size))
-            report.problem = "file header damaged in both copies: records cannot be verified"
+            report.problem = "neither a file header nor a record at its start: not read"
             return report
+        if fmt.recovered:
+            report.corrupt.append((0, record.FILE_HEADER_SIZE))
+            report.problem = "file header damaged in both copies: its salt recovered from a record"
         end = fmt.first_record
         for item in scan_segment(fd, fmt, end, size):
             if isinstance(item, record.Corruption):

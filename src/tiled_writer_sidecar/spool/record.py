@@ -20,8 +20,15 @@ Format v2, its invariants:
   (less than a header, a verified header whose payload is short, zeros); a
   damaged record is kept and reported, so an offset a reader passed is
   never reused.
-- v1 segments (no v2 file header: ``MAGIC1 (2) | length (u32) | crc32 of
-  length and payload (u32) | payload``) are read whole by `scan_v1` and
+- Both header copies damaged (one overwrite of the first 40 bytes takes
+  both): every record header is a further copy of the seed, since a header
+  CRC determines the seed it was made with (`seed_of`). The first record
+  whose payload CRC matches gives it back (`recover_seed`); the format is
+  unchanged, so every v2 segment, old or new, has as many seed copies as
+  records, spread over the whole file.
+- v1 segments (``MAGIC1 (2) | length (u32) | crc32 of length and payload
+  (u32) | payload``, no v2 file header, MAGIC1 at 0) are read whole by
+  `scan_v1`, only if no larger than a segment can be (see segment.py), and
   never appended to. Why a salt: docs/design.md, "The spool".
 """
 
@@ -77,6 +84,59 @@ def read_file_header(data: bytes) -> bytes | None:
             magic, salt, crc = _FILE_HEADER.unpack_from(data, start)
             if magic == SEGMENT_MAGIC and crc == zlib.crc32(magic + salt):
                 return bytes(salt)
+    return None
+
+
+def _seed_solver() -> list[int]:
+    """Columns of the inverse of ``seed -> crc32(12 bytes, seed)``, linear over GF(2) (see `seed_of`)."""
+    zero = zlib.crc32(bytes(12), 0)
+    columns = [zlib.crc32(bytes(12), 1 << bit) ^ zero for bit in range(32)]  # M e_bit
+    # Gauss-Jordan on [M | I], rows as (M row bits, I row bits), solving M s = e_k for every k.
+    rows = [(sum(((columns[bit] >> row) & 1) << bit for bit in range(32)), 1 << row) for row in range(32)]
+    for bit in range(32):
+        pivot = next(r for r in range(bit, 32) if (rows[r][0] >> bit) & 1)
+        rows[bit], rows[pivot] = rows[pivot], rows[bit]
+        for r in range(32):
+            if r != bit and (rows[r][0] >> bit) & 1:
+                rows[r] = (rows[r][0] ^ rows[bit][0], rows[r][1] ^ rows[bit][1])
+    # Row `bit` now says: s_bit = XOR of the target's bits in rows[bit][1].
+    return [sum(((rows[bit][1] >> k) & 1) << bit for bit in range(32)) for k in range(32)]
+
+
+_SEED_COLUMNS: Final = _seed_solver()
+
+
+def seed_of(head: bytes) -> int:
+    """The header CRC seed under which the record header `head` verifies (exactly one exists).
+
+    ``crc32(data, seed)`` is ``M seed ^ crc32(data, 0)`` for a fixed-length
+    `data`, with M invertible over GF(2): every record header is a further copy
+    of its segment's seed, found from its 16 bytes alone.
+    """
+    target = int.from_bytes(head[12:16], "little") ^ zlib.crc32(head[:12], 0)
+    seed = 0
+    for k in range(32):
+        if (target >> k) & 1:
+            seed ^= _SEED_COLUMNS[k]
+    return seed
+
+
+def recover_seed(window: bytes, max_candidates: int = 64) -> tuple[int, int] | None:
+    """(offset, seed) of the first record in `window` whose payload CRC matches, seed found by `seed_of`.
+
+    For a segment whose two file header copies are both damaged: `window`
+    is read from `FILE_HEADER_SIZE` on; a payload running past it is not
+    tried (at most `max_candidates` magics are).
+    """
+    found = window.find(MAGIC)
+    for _ in range(max_candidates):
+        if found < 0 or found + HEADER_SIZE > len(window):
+            return None
+        _, length, payload_crc, _ = HEADER.unpack_from(window, found)
+        start = found + HEADER_SIZE
+        if start + length <= len(window) and zlib.crc32(window[start : start + length]) == payload_crc:
+            return found, seed_of(window[found : found + HEADER_SIZE])
+        found = window.find(MAGIC, found + 1)
     return None
 
 
@@ -141,11 +201,14 @@ def fd_reader(fd: int) -> ReadAt:
     return lambda offset, size: os.pread(fd, size, offset)
 
 
-def scan_v2(read_at: ReadAt, start: int, end: int, header_seed: int) -> Iterator[Record | Corruption]:
+def scan_v2(
+    read_at: ReadAt, start: int, end: int, header_seed: int, max_length: int = MAX_PAYLOAD
+) -> Iterator[Record | Corruption]:
     """Yield the records and damaged ranges of a v2 segment between `start` and `end`.
 
     Stops at a tail (see the module docstring): where it stopped is the last
-    item's `end`, or `start` if nothing was yielded.
+    item's `end`, or `start` if nothing was yielded. A header whose length is
+    over `max_length` does not verify: no read is ever sized larger.
     """
     buf = b""
     buf_start = start
@@ -159,8 +222,8 @@ def scan_v2(read_at: ReadAt, start: int, end: int, header_seed: int) -> Iterator
             if len(buf) < HEADER_SIZE:  # the file shrank under us (a write rolled back): a tail
                 return
         magic, length, payload_crc, header_crc = unpack(buf, rel)
-        if magic != MAGIC or length > MAX_PAYLOAD or crc32(buf[rel : rel + 12], header_seed) != header_crc:
-            following = _resync(read_at, pos + 1, end, header_seed)
+        if magic != MAGIC or length > max_length or crc32(buf[rel : rel + 12], header_seed) != header_crc:
+            following = _resync(read_at, pos + 1, end, header_seed, max_length)
             if following < 0:
                 return
             yield Corruption(pos, following - pos)
@@ -186,7 +249,7 @@ def scan_v2(read_at: ReadAt, start: int, end: int, header_seed: int) -> Iterator
         pos = record_end
 
 
-def _resync(read_at: ReadAt, start: int, end: int, header_seed: int) -> int:
+def _resync(read_at: ReadAt, start: int, end: int, header_seed: int, max_length: int = MAX_PAYLOAD) -> int:
     """Offset of the next verified header at or after `start` (before `end`), or -1."""
     pos = start
     while end - pos >= HEADER_SIZE:
@@ -194,7 +257,7 @@ def _resync(read_at: ReadAt, start: int, end: int, header_seed: int) -> int:
         found = window.find(MAGIC)
         while 0 <= found <= len(window) - HEADER_SIZE:
             _, length, _, header_crc = HEADER.unpack_from(window, found)
-            if length <= MAX_PAYLOAD and zlib.crc32(window[found : found + 12], header_seed) == header_crc:
+            if length <= max_length and zlib.crc32(window[found : found + 12], header_seed) == header_crc:
                 return pos + found
             found = window.find(MAGIC, found + 1)
         if len(window) < HEADER_SIZE:

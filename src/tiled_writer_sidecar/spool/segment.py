@@ -16,7 +16,8 @@ writer truncates a torn tail but keeps a damaged last record
 (`tail_is_torn`), and rolls past a segment it cannot append to safely (v1,
 a damaged file header, a symlink, not a regular file, more than one link).
 `LogReader` follows a log from a position and reports corruption with its
-segment and offset; a torn tail of the *last* segment is a record still
+segment and offset; no read is sized beyond `LIMITS` (the configured segment
+and record sizes), whatever a file's size or headers say; a torn tail of the *last* segment is a record still
 being written and is not returned yet. Every file, and the run directory,
 is opened relative to the directory's descriptor with ``O_NOFOLLOW``: a
 symlink is never followed or written through; readers report it as damage.
@@ -90,15 +91,40 @@ def open_in(directory: Path, name: str, flags: int, *, write: bool = False) -> i
     return fd
 
 
+@dataclass
+class ReadLimits:
+    """The largest record and v1 segment a reader reads: what the writer can have written.
+
+    The daemon and the uploader set them from the config (`bound_reads`); the
+    defaults fit the default config. A record header claiming more does not
+    verify; a larger v1 segment is reported as damage, never read.
+    """
+
+    record: int = 512 * 2**20  # wire.budget_for(max_message_bytes): what one document can encode to
+    segment: int = 64 * 2**20 + 512 * 2**20  # segment_bytes, plus the record that crossed it
+
+
+LIMITS = ReadLimits()
+
+
+def bound_reads(segment_bytes: int, record_bytes: int) -> None:
+    """Set `LIMITS` for this process (call once at start-up, from the config)."""
+    LIMITS.record = min(record_bytes, record.MAX_PAYLOAD)
+    LIMITS.segment = segment_bytes + LIMITS.record + FILE_HEADER_SIZE
+
+
 @dataclass(frozen=True)
 class SegmentFormat:
     """What the start of a segment says: ``v2`` (with its header seed), ``v1``, ``empty`` or ``damaged``.
 
     ``empty`` is also a v2 file header cut short (nothing was written after it).
+    `recovered`: v2 whose file header copies are both damaged, its seed
+    recovered from a record (record.py); never appended to.
     """
 
     kind: str
     seed: int = 0
+    recovered: bool = False
 
     @property
     def first_record(self) -> int:
@@ -115,9 +141,12 @@ def detect_format(fd: int) -> SegmentFormat:
     magic = record.SEGMENT_MAGIC
     if len(head) < FILE_HEADER_SIZE and (magic.startswith(head[: len(magic)])):
         return SegmentFormat("empty")
-    if head.startswith(magic):
-        return SegmentFormat("damaged")
-    return SegmentFormat("v1")
+    if head.startswith(record.MAGIC1):
+        return SegmentFormat("v1")
+    found = record.recover_seed(os.pread(fd, READ_CHUNK, FILE_HEADER_SIZE))
+    if found is not None:
+        return SegmentFormat("v2", found[1], recovered=True)
+    return SegmentFormat("damaged")
 
 
 def scan_segment(
@@ -125,7 +154,11 @@ def scan_segment(
 ) -> Iterator[record.Record | record.RecordV1 | record.Corruption]:
     """Records and damage of an open segment from `start` (a record boundary) to `size`; stops at a tail."""
     if fmt.kind == "v2":
-        yield from record.scan_v2(record.fd_reader(fd), max(start, FILE_HEADER_SIZE), size, fmt.seed)
+        yield from record.scan_v2(
+            record.fd_reader(fd), max(start, FILE_HEADER_SIZE), size, fmt.seed, LIMITS.record
+        )
+    elif fmt.kind == "v1" and size > LIMITS.segment:  # more than the writer could have written
+        yield record.Corruption(start, size - start)
     elif fmt.kind == "v1" and size > start:
         yield from record.scan_v1(os.pread(fd, size - start, start), base=start)
 
@@ -240,7 +273,7 @@ class LogWriter:
                 self._fd, self._size = fd, 0
                 self._write_file_header()
                 return True
-            if fmt.kind != "v2":
+            if fmt.kind != "v2" or fmt.recovered:  # a damaged file header: a new segment instead
                 os.close(fd)
                 return False
             self.truncated_bytes = truncate_tail_fd(fd)
