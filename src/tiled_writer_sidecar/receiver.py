@@ -45,7 +45,7 @@ class Receiver:
         self.ingest = Ingest(config.spool, spool, stats)
         self._last_watch = 0.0
         self._upkeep_failing = False
-        self.subscription = Subscription(config.zmq)
+        self.subscription = Subscription(config.zmq, catch_up=True)
         self.ingest.recover()
 
     @property

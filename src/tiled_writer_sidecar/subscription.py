@@ -4,7 +4,9 @@ Contract:
 
 - Connects (never binds) to ``[zmq] address`` and subscribes to the
   configured prefix, with a deep receive queue (``rcvhwm`` messages, a large
-  kernel buffer) and CURVE when keys are configured.
+  kernel buffer) and CURVE when keys are configured. With `catch_up` (the
+  receiver) it also subscribes to `proxy_replay.REPLAY_TOPIC`, so the
+  project's proxy replays what it sent while this process was away.
 - Never sets ``ZMQ_MAXMSGSIZE``: libzmq (4.3.5, measured) treats a larger
   message as a protocol error and drops the connection for good, silently
   (DISCONNECTED, no reconnection: tests/e2e/test_hostile_round2.py). Sizes
@@ -30,6 +32,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .config import ZmqConfig
+from .proxy_replay import REPLAY_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ _HANDSHAKE_FAILURES = {
 class Subscription:
     """The SUB socket, its connection state and wake pacing; see the module docstring."""
 
-    def __init__(self, config: ZmqConfig, *, pace: bool = True) -> None:
+    def __init__(self, config: ZmqConfig, *, pace: bool = True, catch_up: bool = False) -> None:
         self.config = config
         self.pace = pace
         self.connected = False
@@ -72,6 +75,8 @@ class Subscription:
 
                 apply_client_curve(socket, config)
             socket.setsockopt(zmq.SUBSCRIBE, prefix + b" " if prefix else b"")
+            if catch_up:  # after the main subscription: the proxy replays once it has both
+                socket.setsockopt(zmq.SUBSCRIBE, REPLAY_TOPIC)
             self._events: zmq.Socket[bytes] = socket.get_monitor_socket()
             socket.connect(config.address)
         except BaseException:

@@ -253,8 +253,9 @@ def test_the_monitor_works_through_it_unchanged(sidecar_proxy: SidecarProxy, tmp
 def test_burst_with_a_paused_subscriber_loses_nothing_where_bluesky_proxy_drops(tmp_path: Path) -> None:
     """50,000 events back to back through bluesky's Publisher while the subscriber is SIGSTOPped for 1 s.
 
-    The project's proxy forwards every document it received (its buffer
-    holds what the paused subscriber cannot take) and its metrics count
+    The project's proxy forwards every document it received (the
+    subscriber's pipe, sized from the byte budget, and then the buffer hold
+    what the paused subscriber cannot take) and its metrics count
     them exactly; bluesky-0MQ-proxy in the same setup is measured side by
     side and its loss is reported, not asserted. What the proxy never
     received was dropped by the Publisher itself (its SNDHWM is 0MQ's
@@ -288,7 +289,7 @@ def test_burst_with_a_paused_subscriber_loses_nothing_where_bluesky_proxy_drops(
     assert delta["messages_sent_total"] == received, delta
     assert ours["after"]["messages_dropped_total"] == 0, delta
     assert ours["after"]["buffered_messages"] == 0, delta
-    assert ours["after"]["buffered_bytes_peak"] > 0, "the buffer was never used: the pause missed the burst"
+    assert ours["after"]["stalls_total"] == 0, delta  # paused 1 s: under --stall-seconds
     bluesky = results["bluesky"]
     print(
         f"\nBURST {EVENTS} events, subscriber paused 1 s: tiled-writer-sidecar proxy lost "

@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Self
 
@@ -108,12 +109,16 @@ class ZmqProxy(Service):
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         kind: ProxyKind = "bluesky",
         max_buffer_bytes: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         if kind not in PROXY_NAMES:
             raise ValueError(f"kind must be one of {sorted(PROXY_NAMES)}, not {kind!r}")
         self.kind: ProxyKind = kind
         self.name = PROXY_NAMES[kind]
         self.max_buffer_bytes = max_buffer_bytes
+        #: More flags (CURVE, modes); with a CURVE flag readiness is the metrics endpoint answering
+        #: (``kind="sidecar"``): a probe without keys cannot pass.
+        self.extra_args = list(extra_args)
         self._in_port = in_port if in_port is not None else free_port()
         self._out_port = out_port if out_port is not None else free_port()
         self.metrics_port: int | None = free_port() if kind == "sidecar" else None
@@ -172,11 +177,11 @@ class ZmqProxy(Service):
     def command(self) -> list[str]:
         addresses = ["--in-address", f"tcp://{self.in_address}", "--out-address", self.out_address]
         if self.kind == "bluesky":
-            return [*proxy_command(), *addresses]
+            return [*proxy_command(), *addresses, *self.extra_args]
         extra = ["--metrics-address", f"{LOCALHOST}:{self.metrics_port}"]
         if self.max_buffer_bytes is not None:
             extra += ["--max-buffer-bytes", str(self.max_buffer_bytes)]
-        return [*sidecar_proxy_command(), *addresses, *extra]
+        return [*sidecar_proxy_command(), *addresses, *extra, *self.extra_args]
 
     # -- lifecycle --------------------------------------------------------
 
@@ -194,7 +199,9 @@ class ZmqProxy(Service):
         exited, TimeoutError at the deadline.
         """
         deadline = time.monotonic() + (timeout if timeout is not None else self.startup_timeout)
-        if probe:
+        if any("curve" in arg or "-mode" in arg for arg in self.extra_args):
+            wait_until(self._answers, self._remaining(deadline), interval=0.1, what=f"{self.name}'s metrics")
+        elif probe:
             self._probe_until(deadline)
         else:
             self._handshake_until(zmq.PUB, f"tcp://{self.in_address}", deadline)
@@ -202,6 +209,14 @@ class ZmqProxy(Service):
         elapsed = time.monotonic() - self._spawned_at
         self.startup_times.append(elapsed)
         return elapsed
+
+    def _answers(self) -> bool:
+        self._check_alive()
+        try:
+            self.metrics(timeout=2)
+        except httpx.HTTPError:
+            return False
+        return True
 
     def _check_alive(self) -> None:
         if not self._process.running:
@@ -312,6 +327,7 @@ class SidecarProxy(ZmqProxy):
         log_path: Path | str | None = None,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         max_buffer_bytes: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         super().__init__(
             in_port=in_port,
@@ -320,4 +336,5 @@ class SidecarProxy(ZmqProxy):
             startup_timeout=startup_timeout,
             kind="sidecar",
             max_buffer_bytes=max_buffer_bytes,
+            extra_args=extra_args,
         )
