@@ -150,7 +150,7 @@ def test_setup_logging_redacts_the_environment_api_key(
     saved = root.handlers[:], root.level
     monkeypatch.setenv("TILED_API_KEY", "env-key-4f9a1c")
     try:
-        setup_logging("INFO", "text", role="receiver")
+        setup_logging("INFO", "text", role="receiver", capture=False)
         logging.getLogger("test.logs.env").warning("using env-key-4f9a1c now")
     finally:
         root.handlers[:], level = saved
