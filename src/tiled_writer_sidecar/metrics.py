@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 
 from .health import NO_UPLOADER_YET, health_snapshot
 from .spool.directory import SpoolDir
-from .spool.index import UploaderStatus
+from .spool.index import TILED_STATES, UploaderStatus
 from .stats import ReceiverStats
 
 PREFIX = "tiled_writer_sidecar"
@@ -139,8 +139,6 @@ def _histogram_status(value: Any) -> tuple[list[int], float] | None:
     return buckets, float(total)
 
 
-#: Every state the uploader reports for Tiled (`tiled_link.TILED_STATES`), one series each.
-TILED_STATES = ("connecting", "up", "down", "unauthorized", "not_tiled")
 #: Rejection reasons that can occur besides the decoder's own (`wire.REASONS`): the validator's
 #: and the tracker's. Each is exported at 0 until it happens, so `increase(...) > 0` sees the first.
 #: A reason not listed here is exported too, from its first occurrence.

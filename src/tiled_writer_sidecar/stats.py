@@ -27,3 +27,4 @@ class ReceiverStats:
     last_message: float = 0.0
     connected: bool = False
     subscription_problem: str | None = None
+    proxy_absent: str | None = None  # `Subscription.absent`: no proxy connection for a while
