@@ -349,10 +349,17 @@ def startup_line() -> str:
     )
 
 
+class _StdoutConsole(Console):
+    """A closed stdout (`status | head`) ends the command like any closed pipe (see `main`), exit 0."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def status_console() -> Console:
     """stdout; when it is not a terminal, wide enough that no value (a run uid) is ever cut."""
-    console = Console()
-    return console if console.is_terminal else Console(width=100_000, soft_wrap=True)
+    console = _StdoutConsole()
+    return console if console.is_terminal else _StdoutConsole(width=100_000, soft_wrap=True)
 
 
 def _check(args: argparse.Namespace) -> int:
