@@ -32,4 +32,4 @@ bench-smoke: $(BIN)/tiled-writer-sidecar
 	$(BIN)/python -m benchmarks.run --smoke
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .bootstrap dist .pytest_cache .mypy_cache .ruff_cache

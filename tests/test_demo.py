@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 from tiled_writer_sidecar.testing.sidecar import sidecar_command
 
@@ -24,3 +25,18 @@ def test_demo_passes_and_leaves_no_process_behind() -> None:
         ["pgrep", "-f", "(tiled serve|redis-server).*tiled-writer-sidecar-demo"], capture_output=True
     )
     assert leftovers.returncode == 1, leftovers.stdout
+
+
+def test_the_demo_needs_no_test_framework() -> None:
+    """`demo` from a runtime install (+ the demo extra): its whole import path works with pytest and
+    hypothesis unimportable."""
+    code = (
+        "import sys\n"
+        "sys.modules['pytest'] = sys.modules['hypothesis'] = None  # import raises ImportError\n"
+        "import tiled_writer_sidecar.demo, tiled_writer_sidecar.testing, tiled_writer_sidecar.testing.sidecar\n"
+        "import tiled_writer_sidecar.testing.tiled_server, tiled_writer_sidecar.cli\n"
+        "import ophyd.sim, bluesky.plans\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr

@@ -79,7 +79,7 @@ def test_the_healthz_body_is_json_with_the_sections_the_monitor_reads(tmp_path: 
     spool.closed_run()
     health = health_snapshot(ReceiverStats(), spool.dir, time.time())
     body = json.loads(json.dumps(health.as_dict()))
-    assert set(body) == {"status", "reasons", "receiver", "spool", "tiled", "upload", "runs"}
+    assert set(body) == {"status", "reasons", "warnings", "receiver", "spool", "tiled", "upload", "runs"}
     assert body["spool"]["backlog_runs"] == 1 and len(body["runs"]) == 1
     assert health.status_line() == "received 0 docs; backlog 6 docs in 1 run(s); tiled unknown"
 
@@ -118,3 +118,21 @@ def test_with_a_ledger_a_snapshot_reads_a_bounded_number_of_run_files_and_learns
     ledger.note(Received(uid="new-run", documents=7))
     after = health_snapshot(stats, spool.dir, time.time()).spool
     assert after.backlog_runs == 291 and after.backlog_documents == health.spool.backlog_documents + 7
+
+
+def test_a_missing_proxy_or_a_wrong_tiled_setting_is_degraded_not_unhealthy(tmp_path: Path) -> None:
+    """No proxy connection for a while, Tiled refusing the key or not being Tiled: status "degraded"
+    (still served with 200) with a warning each; a Tiled that is merely down stays "ok"."""
+    spool = SpoolDir(tmp_path / "spool")
+    stats = ReceiverStats(proxy_absent="no connection to the proxy at tcp://127.0.0.1:1 for 5 s")
+    UploaderStatus(tiled="not_tiled", last_error="http://x answers but is not a Tiled server").save(
+        spool.root
+    )
+    health = health_snapshot(stats, spool, time.time())
+    assert health.status == "degraded" and health.healthy and health.reasons == []
+    assert health.warnings == [
+        stats.proxy_absent,
+        "tiled not_tiled: http://x answers but is not a Tiled server",
+    ]
+    UploaderStatus(tiled="down", last_error="ConnectError").save(spool.root)
+    assert health_snapshot(ReceiverStats(), spool, time.time()).status == "ok"

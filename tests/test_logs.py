@@ -10,11 +10,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tiled_writer_sidecar import logs
 from tiled_writer_sidecar.logs import (
     EXCEPTION_LIMIT,
     MESSAGE_LIMIT,
@@ -150,7 +155,7 @@ def test_setup_logging_redacts_the_environment_api_key(
     saved = root.handlers[:], root.level
     monkeypatch.setenv("TILED_API_KEY", "env-key-4f9a1c")
     try:
-        setup_logging("INFO", "text", role="receiver")
+        setup_logging("INFO", "text", role="receiver", capture=False)
         logging.getLogger("test.logs.env").warning("using env-key-4f9a1c now")
     finally:
         root.handlers[:], level = saved
@@ -158,3 +163,95 @@ def test_setup_logging_redacts_the_environment_api_key(
     err = capsys.readouterr().err
     assert "env-key-4f9a1c" not in err
     assert "using *** now" in err
+
+
+# ------------------------------------------------------------------ journald (issue 22)
+
+
+def test_json_lines_carry_the_named_values_as_fields_and_the_syslog_priority(
+    capture: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    """`key=%s` values become fields (typed, escaped, redacted), `extra=` too; a field never replaces
+    the entry's own keys (level); PRIORITY is syslog's, SYSLOG_IDENTIFIER the program's."""
+    logger, buffer, handler = capture
+    handler.setFormatter(JsonFormatter(role="uploader"))
+    register_secret("field-secret-91ab")
+    logger.warning(
+        "tiled down uri=%s: %s; retries=%d lag=%.1f",
+        "http://tiled:8000",
+        "boom\nx field-secret-91ab",
+        3,
+        0.25,
+        extra={"run": "abc", "level": "forged"},
+    )
+    entry = json.loads(buffer.getvalue())
+    assert entry["uri"] == "http://tiled:8000" and entry["retries"] == 3 and entry["lag"] == 0.25
+    assert entry["run"] == "abc" and entry["msg"].startswith("tiled down uri=http://tiled:8000: boom\\nx ***")
+    assert entry["PRIORITY"] == 4 and entry["SYSLOG_IDENTIFIER"] == "tiled-writer-sidecar"
+    assert entry["role"] == "uploader" and entry["level"] == "warning"
+
+
+@pytest.mark.parametrize(("level", "priority"), [(logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4),
+                                                 (logging.ERROR, 3), (logging.CRITICAL, 2)])  # fmt: skip
+def test_priorities_are_syslogs(level: int, priority: int) -> None:
+    assert logs.priority(level) == priority
+
+
+def test_under_journald_every_line_starts_with_its_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JOURNAL_STREAM names stderr's device and inode (as systemd sets it): `<N>` prefixes; else none."""
+    code = (
+        "import logging, os\n"
+        "st = os.fstat(2)\n"
+        "if os.environ.get('AS_JOURNAL'): os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
+        "from tiled_writer_sidecar.logs import setup_logging\n"
+        "setup_logging('INFO', os.environ['FORMAT'], role='receiver')\n"
+        "logging.getLogger('x').warning('careful n=%d', 1)\n"
+        "logging.getLogger('x').error('broken')\n"
+    )
+    for fmt in ("text", "json"):
+        for journal in ("1", ""):
+            with (tmp_path / "err").open("w") as err:
+                subprocess.run(
+                    [sys.executable, "-c", code],
+                    stderr=err,
+                    env={**os.environ, "FORMAT": fmt, "AS_JOURNAL": journal},
+                    timeout=60,
+                    check=True,
+                )
+            lines = (tmp_path / "err").read_text().splitlines()
+            assert [line[:3] for line in lines] == (
+                ["<4>", "<3>"] if journal else [lines[0][:3], lines[1][:3]]
+            )
+            if not journal:
+                assert not lines[0].startswith("<")
+            if fmt == "json":
+                assert json.loads(lines[0].removeprefix("<4>"))["n"] == 1
+
+
+def test_a_daemon_captures_what_libraries_print_warnings_and_uncaught_errors(tmp_path: Path) -> None:
+    """A role's process: tiled's bare `Retrying…` on stderr, a print on stdout, a warning and an uncaught
+    exception each become one JSON record; nothing else reaches stderr."""
+    code = (
+        "import logging, sys, warnings\n"
+        "from tiled_writer_sidecar.logs import setup_logging\n"
+        "setup_logging('INFO', 'json', role='uploader')\n"
+        "sys.stderr.write('Retrying\\u2026\\n')\n"
+        "print('from a library')\n"
+        "warnings.warn('old API')\n"
+        "raise ValueError('bad\\nthing')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(e["logger"], e["level"]) for e in entries] == [
+        ("stderr", "warning"),
+        ("stdout", "info"),
+        ("py.warnings", "warning"),
+        ("uncaught", "critical"),
+    ]
+    assert entries[0]["msg"] == "Retrying\u2026" and entries[1]["msg"] == "from a library"
+    assert "ValueError: bad\\nthing" in entries[3]["exc"]

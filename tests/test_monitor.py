@@ -394,6 +394,50 @@ def test_live_screen_in_tmux_shows_scan_id_event_count_and_sidecar_down(
         assert "Traceback" not in pane.screen()
 
 
+def test_an_80x24_pane_shows_the_run_history_and_q_quits(
+    proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+) -> None:
+    """In an 80x24 tmux pane (a default terminal) the screen fits: the last of 6 scans and the history
+    of all 6 (their uid prefixes) and the footer are on it; pressing q ends the monitor with status 0."""
+    with MonitorPane(tmp_path, zmq=proxy.out_address, sidecar=nobody_listens(), width=80, height=24) as pane:
+        acquisition.wait_subscribers(lambda: pane.messages_on_screen() > 0)
+        uids = [uid for _ in range(6) for uid in acquisition.run(bp.count([det], 3))]
+
+        def shows_every_run() -> bool:
+            screen = pane.screen()
+            history = screen.split("last runs")[-1]
+            return all(uid[:8] in history for uid in uids) and "q or Ctrl+C quits" in screen
+
+        try:
+            wait_until(shows_every_run, 30, what="6 runs in the history and the footer on an 80x24 screen")
+        except TimeoutError:
+            pytest.fail("screen was:\n" + pane.screen())
+        lines = pane.screen().rstrip("\n").split("\n")
+        assert len(lines) <= 24 and max(len(line) for line in lines) <= 80
+        assert "tiled-writer-sidecar monitor" in lines[0]  # the header was not scrolled away
+        pane.tmux("send-keys", "-t", "mon", "q")
+        assert wait_until(pane.exit_status, 30, what="the monitor to exit on q") == "0"
+        assert "Traceback" not in pane.screen()
+
+
+def test_render_fits_the_height_it_is_given() -> None:
+    """render(..., height) never takes more lines than that: compact panels, then fewer history rows."""
+    with Acquisition(None, md={"scan_id": 1}) as acq:
+        acq.run(bp.scan([det1], motor, 0, 1, 9))
+        for _ in range(12):
+            acq.run(bp.count([det1], 2))
+        state = MonitorState(address="tcp://127.0.0.1:5578", sidecar_url="http://127.0.0.1:9/healthz")
+        for name, doc in acq.documents:
+            state.feed(name, doc)
+    state.set_health(None, "nothing listens there (sidecar not running?)")
+    for width, height in ((80, 24), (100, 30), (140, 45), (80, 60)):
+        console = Console(record=True, width=width, force_terminal=False)
+        console.print(render(state.snapshot(), width, height))
+        shown = console.export_text().rstrip("\n").split("\n")
+        assert len(shown) <= height, (width, height, len(shown))
+        assert "last runs" in "\n".join(shown) and "q or Ctrl+C quits" in shown[-1]
+
+
 def test_a_slow_terminal_loses_no_events(proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path) -> None:
     """Nobody reads the monitor's pseudo-terminal while 3000 events are published, so rendering blocks
     on a full pty; once the terminal is read again the screen shows all 3000 events, no gap."""

@@ -223,9 +223,10 @@ def test_a_long_upload_says_how_far_it_got_only_when_it_moved(monkeypatch: pytes
     out = io.StringIO()
     status = SimpleNamespace(runs_uploaded=0, documents=0, rows=0)
     finished = threading.Event()
+    no_runs = SimpleNamespace(runs=lambda: [])
     thread = replay_module._start_progress(
         Console(file=out, width=200),
-        SimpleNamespace(status=status),  # type: ignore[arg-type]
+        SimpleNamespace(status=status, spool=no_runs, only=None),  # type: ignore[arg-type]
         finished,
     )
     status.runs_uploaded, status.documents, status.rows = 1, 8, 5
@@ -233,4 +234,14 @@ def test_a_long_upload_says_how_far_it_got_only_when_it_moved(monkeypatch: pytes
     time.sleep(0.1)  # several intervals with nothing new: nothing more is said
     finished.set()
     thread.join(5)
-    assert out.getvalue() == "... 1 run(s) uploaded, 8 documents, 5 rows so far\n"
+    assert out.getvalue().count("\n") == 1
+    assert out.getvalue().startswith("... 1 run(s) uploaded, 8 documents, 5 rows so far; ")
+    assert out.getvalue().endswith(" documents/s\n")  # no total known: a rate, no ETA
+
+
+def test_the_plain_progress_line_gives_share_rate_and_eta() -> None:
+    """Off a terminal: 250 of 1000 documents after 5 s is 25%, 50 documents/s, 15 s left."""
+    progress = replay_module.UploadProgress(1000, started=100.0)
+    assert progress.line(2, 250, 240, now=105.0) == (
+        "... 2 run(s) uploaded, 250/1000 (25%) documents, 240 rows so far; 50 documents/s, ETA 0:00:15"
+    )

@@ -20,7 +20,13 @@ from rich.console import Console
 
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import Received, Uploaded
-from tiled_writer_sidecar.status import print_status, status_report
+from tiled_writer_sidecar.status import (
+    CHECK_CRIT_AGE_S,
+    CHECK_WARN_AGE_S,
+    check_report,
+    print_status,
+    status_report,
+)
 from tiled_writer_sidecar.testing.sidecar import sidecar_command
 
 PLAN = "[/bold]\x1b[2J"
@@ -105,3 +111,49 @@ def test_status_command_exits_0_and_prints_escaped(tmp_path: Path) -> None:
     assert as_json.returncode == 0, as_json.stderr
     assert "\x1b" not in as_json.stdout and "\\u001b[2J" in as_json.stdout
     assert json.loads(as_json.stdout)["runs"][0]["plan_name"] == PLAN
+
+
+# ------------------------------------------------------------- status --check (issue 22)
+
+
+def report(**changes: object) -> dict[str, object]:
+    """A status report of a healthy sidecar with two uploaded runs, with `changes` applied."""
+    base: dict[str, object] = {
+        "runs": [{"state": "uploaded"}, {"state": "uploaded"}],
+        "totals": {
+            "runs": 2,
+            "by_state": {"uploaded": 2},
+            "gaps": 0,
+            "oldest_unuploaded_age_seconds": None,
+        },
+        "receiver_running": True,
+        "uploader_running": True,
+        "uploader": {"tiled": "up"},
+    }
+    totals = dict(base["totals"])  # type: ignore[call-overload]
+    for key in ("gaps", "oldest_unuploaded_age_seconds", "by_state"):
+        if key in changes:
+            totals[key] = changes.pop(key)
+    return {**base, "totals": totals, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "code", "says"),
+    [
+        ({}, 0, "OK - 2 run(s), tiled up"),
+        ({"uploader_running": False}, 1, "WARNING - uploader not running"),
+        ({"uploader": {"tiled": "down"}}, 1, "WARNING - tiled down"),
+        ({"gaps": 3}, 1, "WARNING - 3 events missing"),
+        ({"by_state": {"uploaded": 1, "quarantined": 1}}, 1, "WARNING - 1 run(s) quarantined"),
+        ({"oldest_unuploaded_age_seconds": 2000.0}, 1, "WARNING - oldest run waiting 2000 s"),
+        ({"oldest_unuploaded_age_seconds": 20000.0}, 2, "CRITICAL - oldest run waiting 20000 s"),
+        ({"uploader": {"tiled": "unauthorized"}}, 2, "CRITICAL - tiled unauthorized"),
+        ({"uploader": {"tiled": "not_tiled"}, "gaps": 1}, 2, "CRITICAL - tiled not_tiled; 1 events missing"),
+        ({"receiver_running": False, "uploader_running": False}, 2, "CRITICAL - receiver not running"),
+    ],
+)
+def test_check_maps_each_finding_to_its_nagios_code(changes: dict[str, object], code: int, says: str) -> None:
+    """The worst finding decides the exit code; the line lists every finding, then perfdata."""
+    got, line = check_report(report(**changes), warn_age=CHECK_WARN_AGE_S, crit_age=CHECK_CRIT_AGE_S)
+    assert got == code
+    assert line.startswith(f"TILED-WRITER-SIDECAR {says} | runs=")

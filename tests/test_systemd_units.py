@@ -25,6 +25,8 @@ from tiled_writer_sidecar.testing.proxy import proxy_command
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "systemd"
 SIDECAR = "tiled-writer-sidecar.service"
+TEMPLATE = "tiled-writer-sidecar@.service"
+INSTANCE = "tiled-writer-sidecar@bl1.service"  # what `systemctl start` names; loads TEMPLATE
 PROXY = "bluesky-0mq-proxy.service"
 BUFFERING_PROXY = "tiled-writer-sidecar-proxy.service"
 INSTALL_BIN = "/opt/tiled-writer-sidecar/bin/"
@@ -75,7 +77,7 @@ def installed_units(tmp_path: Path) -> Path:
     /opt/tiled-writer-sidecar/bin, which does not exist here, so the copies
     point at this venv's console scripts instead; nothing else is changed.
     """
-    for name in (SIDECAR, PROXY, BUFFERING_PROXY):
+    for name in (SIDECAR, TEMPLATE, PROXY, BUFFERING_PROXY):
         text = (UNITS / name).read_text()
         assert INSTALL_BIN in text, f"{name} no longer uses {INSTALL_BIN}; update this fixture"
         (tmp_path / name).write_text(text.replace(INSTALL_BIN, f"{VENV_BIN}/"))
@@ -93,27 +95,31 @@ def run_analyze(*args: str) -> subprocess.CompletedProcess[str]:
 # ------------------------------------------------------------------- verify
 
 
-@pytest.mark.parametrize("name", [SIDECAR, PROXY, BUFFERING_PROXY])
+@pytest.mark.parametrize("name", [SIDECAR, INSTANCE, PROXY, BUFFERING_PROXY])
 def test_unit_passes_systemd_analyze_verify(systemd_analyze: str, installed_units: Path, name: str) -> None:
-    """No error and no warning about the unit (verify only warns, exit 0, on an unknown key)."""
+    """No error and no warning about the unit (verify only warns, exit 0, on an unknown key); an
+    instance of the template is verified through the template file next to it."""
     result = run_analyze("verify", str(installed_units / name))
-    about_unit = [line for line in result.stderr.splitlines() if name in line]
+    about_unit = [line for line in result.stderr.splitlines() if name.split("@")[0] in line]
     assert result.returncode == 0, result.stderr
     assert about_unit == []
 
 
-def test_verify_catches_a_misspelt_key(systemd_analyze: str, installed_units: Path) -> None:
-    """The check above would see a typo: verify names the unit and the unknown key."""
-    path = installed_units / SIDECAR
+@pytest.mark.parametrize(("edited", "verified"), [(SIDECAR, SIDECAR), (TEMPLATE, INSTANCE)])
+def test_verify_catches_a_misspelt_key(
+    systemd_analyze: str, installed_units: Path, edited: str, verified: str
+) -> None:
+    """The check above would see a typo (in the template too): verify names the file and the key."""
+    path = installed_units / edited
     path.write_text(path.read_text().replace("WatchdogSec=", "WatchdgSec="))
-    result = run_analyze("verify", str(path))
-    assert any(SIDECAR in line and "WatchdgSec" in line for line in result.stderr.splitlines())
+    result = run_analyze("verify", str(installed_units / verified))
+    assert any(edited in line and "WatchdgSec" in line for line in result.stderr.splitlines())
 
 
 # ----------------------------------------------------------------- security
 
 
-@pytest.mark.parametrize("name", [SIDECAR, PROXY, BUFFERING_PROXY])
+@pytest.mark.parametrize("name", [SIDECAR, INSTANCE, PROXY, BUFFERING_PROXY])
 def test_security_exposure_is_ok_or_better(
     systemd_analyze: str, installed_units: Path, name: str, record_property: Callable[[str, object], None]
 ) -> None:
@@ -249,6 +255,41 @@ def test_proxy_exits_0_on_sigint_as_its_unit_expects(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# ------------------------------------------------- the template: N sidecars per host (issue 22)
+
+#: The only keys in which the template differs from the single unit: each names the instance (%i).
+PER_INSTANCE = {
+    "Unit.Description",
+    "Service.ExecStart",
+    "Service.EnvironmentFile",
+    "Service.Environment",
+    "Service.LoadCredential",
+    "Service.StateDirectory",
+}
+
+
+def test_the_template_is_the_sidecar_unit_with_per_instance_paths(sidecar: dict[str, list[str]]) -> None:
+    """Every hardening, limit and ordering key is the single unit's; what differs names the instance."""
+    template = parse_unit(UNITS / TEMPLATE)
+    same = {k: v for k, v in template.items() if k not in PER_INSTANCE}
+    assert same == {k: v for k, v in sidecar.items() if k not in PER_INSTANCE}
+    for key in PER_INSTANCE:
+        assert template[key] != sidecar[key], key
+        assert any("%i" in value for value in template[key]), key
+
+
+def test_each_instance_has_its_own_config_spool_and_api_key() -> None:
+    """Instance NAME: /etc/tiled-writer-sidecar/NAME.toml, a spool under its own state directory."""
+    template = parse_unit(UNITS / TEMPLATE)
+    state = one(template, "Service.StateDirectory")
+    assert state == "tiled-writer-sidecar/%i"
+    assert one(template, "Service.ExecStart") == (
+        f"{INSTALL_BIN}tiled-writer-sidecar run --config /etc/tiled-writer-sidecar/%i.toml "
+        f"--spool-dir /var/lib/{state}/spool"
+    )
+    assert one(template, "Service.LoadCredential") == "tiled-api-key:/etc/tiled-writer-sidecar/%i.api-key"
 
 
 # ------------------------------------------------------ resource limits (issue 12)

@@ -7,7 +7,10 @@ at most `CHECKS_PER_SNAPSHOT` ``uploaded.json`` files and the newest
 spool) and the uploader's ``uploader.json`` (`spool.index.UploaderStatus`). It is unhealthy only when the sidecar cannot
 receive or spool (receiver loop stalled, spool not writable or full, the
 subscription broken); Tiled being down is reported but is not unhealthy:
-the sidecar is built for that. ``as_dict`` is the JSON the monitor reads.
+the sidecar is built for that. It is "degraded" (still HTTP 200) with
+`warnings` when it runs but cannot do its job: no proxy connection for
+`subscription.NO_PROXY_WARN_S`, or Tiled refusing the API key or not being
+Tiled. ``as_dict`` is the JSON the monitor reads.
 """
 
 from __future__ import annotations
@@ -180,8 +183,9 @@ class UploadHealth:
 
 @dataclass(frozen=True)
 class Health:
-    status: str  # "ok" or "unhealthy"
+    status: str  # "ok", "degraded" (warnings) or "unhealthy" (reasons)
     reasons: list[str]
+    warnings: list[str]
     receiver: ReceiverHealth
     spool: SpoolHealth
     tiled: TiledHealth
@@ -190,7 +194,7 @@ class Health:
 
     @property
     def healthy(self) -> bool:
-        return self.status == "ok"
+        return self.status != "unhealthy"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,9 +231,13 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
         reasons.append("spool is not writable or full; documents are being dropped")
     if stats.subscription_problem:
         reasons.append(stats.subscription_problem)
+    warnings = [stats.proxy_absent] if stats.proxy_absent else []
+    if known.tiled in ("unauthorized", "not_tiled"):
+        warnings.append(f"tiled {known.tiled}: {known.last_error or 'check [tiled]'}")
     return Health(
-        status="unhealthy" if reasons else "ok",
+        status="unhealthy" if reasons else "degraded" if warnings else "ok",
         reasons=reasons,
+        warnings=warnings,
         receiver=ReceiverHealth(
             connected=stats.connected,
             messages=stats.messages,

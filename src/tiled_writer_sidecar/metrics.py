@@ -29,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeGuard
 
@@ -39,8 +39,10 @@ from prometheus_client.registry import Collector
 
 from .health import NO_UPLOADER_YET, health_snapshot
 from .spool.directory import SpoolDir
-from .spool.index import UploaderStatus
+from .spool.index import TILED_STATES, UploaderStatus
 from .stats import ReceiverStats
+
+PREFIX = "tiled_writer_sidecar"
 
 log = logging.getLogger(__name__)
 
@@ -155,26 +157,92 @@ def _histogram_status(value: Any) -> tuple[list[int], float] | None:
     return buckets, float(total)
 
 
+#: Rejection reasons that can occur besides the decoder's own (`wire.REASONS`): the validator's
+#: and the tracker's. Each is exported at 0 until it happens, so `increase(...) > 0` sees the first.
+#: A reason not listed here is exported too, from its first occurrence.
+OTHER_REJECTIONS = (
+    "schema",
+    "unsafe-uid",
+    "repeated-start",
+    "bad-seq-num",
+    "after-stop",
+    "too-many-descriptors",
+    "too-many-resources",
+    "datum-before-resource",
+    "event-before-descriptor",
+    "event_page-before-descriptor",
+    "descriptor-for-unknown-run",
+    "stop-for-unknown-run",
+    "resource-for-unknown-run",
+)
+_NOT_COUNTED = ("prefix-mismatch",)  # another publisher's messages: the receiver ignores them
+
+
+def known_rejections() -> tuple[str, ...]:
+    """The rejection reasons `/metrics` exports from the start (at 0)."""
+    from .wire import REASONS
+
+    return tuple(r for r in REASONS if r not in _NOT_COUNTED) + OTHER_REJECTIONS
+
+
+def _labelled(
+    family: CounterMetricFamily, known: tuple[str, ...], counts: Mapping[str, int]
+) -> CounterMetricFamily:
+    """`family` with one sample per known label (0 until counted) and one per other label counted."""
+    for label in dict.fromkeys([*known, *counts]):
+        family.add_metric([label], counts.get(label, 0))
+    return family
+
+
+def uploader_pid(spool: SpoolDir) -> str | None:
+    """The pid of the process holding the spool's uploader lock (it writes its pid there), or None."""
+    if not spool.is_locked("uploader"):
+        return None
+    try:
+        with open(spool.root / "uploader.lock", "rb") as f:
+            text = f.read(32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return text if text.isdigit() and 0 < int(text) < 2**22 else None
+
+
 class SidecarCollector(Collector):
+    """Every sidecar metric, read at scrape time (see the module docstring); names in docs/operations.md."""
+
     def __init__(self, stats: ReceiverStats, spool: SpoolDir) -> None:
+        from prometheus_client.process_collector import ProcessCollector
+
+        from . import __version__
+
         self.stats = stats
         self.spool = spool
+        self.version = __version__
         self.lag = LagHistogram()
         self._update_lock = threading.Lock()  # one scrape at a time reads what is new
+        self._receiver_process = ProcessCollector(namespace=f"{PREFIX}_receiver", registry=None)
+        self._uploader_pid = "0"  # set before each collect of the uploader's process metrics
+        self._uploader_process = ProcessCollector(
+            namespace=f"{PREFIX}_uploader", pid=lambda: self._uploader_pid, registry=None
+        )
 
     def collect(self) -> Iterator[Any]:
+        from .wire import DOCUMENT_NAMES
+
         s = self.stats
-        p = "tiled_writer_sidecar"
-        docs = CounterMetricFamily(f"{p}_documents_received", "Documents spooled, by kind", labels=["kind"])
-        for kind, n in s.documents.items():
-            docs.add_metric([kind], n)
-        yield docs
-        rejected = CounterMetricFamily(
-            f"{p}_messages_rejected", "Messages rejected, by reason", labels=["reason"]
+        p = PREFIX
+        info = GaugeMetricFamily(f"{p}_build_info", "Always 1: the version running", labels=["version"])
+        info.add_metric([self.version], 1)
+        yield info
+        yield _labelled(
+            CounterMetricFamily(f"{p}_documents_received", "Documents spooled, by kind", labels=["kind"]),
+            tuple(sorted(DOCUMENT_NAMES)),
+            s.documents,
         )
-        for reason, n in s.rejected.items():
-            rejected.add_metric([reason], n)
-        yield rejected
+        yield _labelled(
+            CounterMetricFamily(f"{p}_messages_rejected", "Messages rejected, by reason", labels=["reason"]),
+            known_rejections(),
+            s.rejected,
+        )
         yield CounterMetricFamily(f"{p}_messages_received", "Messages read from 0MQ", value=s.messages)
         yield CounterMetricFamily(f"{p}_received_bytes", "Bytes read from 0MQ", value=s.bytes)
         yield CounterMetricFamily(
@@ -204,6 +272,11 @@ class SidecarCollector(Collector):
             value=s.events_out_of_order,
         )
         yield CounterMetricFamily(f"{p}_documents_dropped", "Documents dropped: spool full", value=s.dropped)
+        yield GaugeMetricFamily(
+            f"{p}_proxy_connected",
+            "1 while the subscription is connected to the proxy",
+            value=int(s.connected),
+        )
         yield GaugeMetricFamily(f"{p}_spool_bytes", "Bytes in spool segments", value=s.spool_bytes)
         segments = s.spool_segments if s.spool_segments is not None else self.spool.segment_count()
         yield GaugeMetricFamily(f"{p}_spool_segments", "Spool segment files", value=segments)
@@ -225,6 +298,15 @@ class SidecarCollector(Collector):
         yield GaugeMetricFamily(
             f"{p}_tiled_up", "1 if the uploader reaches Tiled", value=int(uploader.tiled == "up")
         )
+        state = uploader.tiled if uploader.tiled in TILED_STATES else "connecting"
+        states = GaugeMetricFamily(
+            f"{p}_tiled_state",
+            "1 for Tiled's state as the uploader sees it, 0 for the others",
+            labels=["state"],
+        )
+        for name in TILED_STATES:
+            states.add_metric([name], int(name == state))
+        yield states
         yield CounterMetricFamily(f"{p}_uploaded_documents", "Documents uploaded", value=uploader.documents)
         yield CounterMetricFamily(f"{p}_uploaded_rows", "Event rows uploaded", value=uploader.rows)
         yield CounterMetricFamily(f"{p}_runs_uploaded", "Runs uploaded", value=uploader.runs_uploaded)
@@ -259,6 +341,11 @@ class SidecarCollector(Collector):
             buckets=buckets,
             sum_value=lag_sum,
         )
+        yield from self._receiver_process.collect()
+        pid = uploader_pid(self.spool)
+        if pid is not None:  # no uploader running: no uploader process metrics (absent, not 0)
+            self._uploader_pid = pid
+            yield from self._uploader_process.collect()
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):

@@ -10,7 +10,9 @@ A second subscriber on the proxy's out-address, independent of the sidecar
 - health (`HealthPoller`): polls the sidecar's ``/healthz`` once a second;
   a refused connection or a timeout is shown as "sidecar down", not raised.
 - main: renders `MonitorState.snapshot()` with rich at `FRAMES_PER_SECOND`;
-  if the terminal blocks, only frames are skipped.
+  if the terminal blocks, only frames are skipped. The layout fits the
+  terminal: on a short one (80x24) the run and sidecar panels are compact
+  and the run history gets the lines left. ``q`` (or Ctrl+C) quits.
 
 ``--once`` listens for ``--seconds`` (or until SIGINT/SIGTERM), prints one
 snapshot (``--json``: the snapshot dict), exits 0, and logs run starts/stops
@@ -25,9 +27,11 @@ side: three parts, composed once".
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -271,7 +275,11 @@ class HealthPoller:
             self._down(f"HTTP {response.status_code}: not a sidecar /healthz answer")
             return
         self.state.set_health(body)
-        self._transition("up" if body.get("status") == "ok" else "unhealthy", str(body.get("reasons", "")))
+        status = body.get("status")
+        detail = body.get("warnings") if status == "degraded" else body.get("reasons")
+        self._transition(
+            {"ok": "up", "degraded": "degraded"}.get(str(status), "unhealthy"), str(detail or "")
+        )
 
     def _down(self, error: str) -> None:
         self.state.set_health(None, error)
@@ -382,6 +390,8 @@ _STATE_STYLE = {
     "connecting": "yellow",
     "unknown": "yellow",
     "unhealthy": "red",
+    "degraded": "yellow",
+    "not_tiled": "red",
     "down": "red",
     "disconnected": "red",
     "error": "red",
@@ -426,7 +436,7 @@ def render_header(snap: Mapping[str, Any]) -> RenderableType:
     return line
 
 
-def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
+def render_run(snap: Mapping[str, Any], plot_width: int = 60, *, compact: bool = False) -> RenderableType:
     run = snap["run"]
     if run is None:
         return Panel(Text("waiting for a run to start…", style="dim"), title="run")
@@ -471,7 +481,7 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
     parts.append(streams)
 
     latest = [(k, v) for s in run["streams"].values() for k, v in s.get("latest", {}).items()]
-    if latest:
+    if latest and not compact:
         grid = Table.grid(padding=(0, 2))
         per_row = 4
         for _ in range(per_row):
@@ -486,7 +496,7 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
     plot = snap["plot"]
     if plot["key"] and plot["values"]:
         values = plot["values"]
-        rows = sparkline(values, plot_width, height=3)
+        rows = sparkline(values, plot_width, height=1 if compact else 3)
         parts.append(
             Text.assemble(
                 ("plot ", "dim"),
@@ -501,9 +511,9 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60) -> RenderableType:
     return Panel(Group(*parts), title="run", title_align="left")
 
 
-def render_sidecar(snap: Mapping[str, Any]) -> RenderableType:
+def render_sidecar(snap: Mapping[str, Any], *, compact: bool = False) -> RenderableType:
     side = snap["sidecar"]
-    lines: list[Text] = [text(side["url"], style="dim")]
+    lines: list[Text] = [] if compact else [text(side["url"], style="dim")]
     state = side["state"]
     since = side["since"]
     head = Text.assemble(("sidecar ", "bold"), _badge(state))
@@ -514,16 +524,21 @@ def render_sidecar(snap: Mapping[str, Any]) -> RenderableType:
     if state == "down":
         lines.append(text(side["error"] or "no answer", style="red", limit=300))
     if health is not None:
-        reasons = _get(health, "reasons")
-        if reasons:
-            shown = "; ".join(clean(r) for r in reasons[:10]) if isinstance(reasons, list) else clean(reasons)
-            lines.append(text(shown, style="red", limit=1000))
+        for key, style in (("reasons", "red"), ("warnings", "yellow")):
+            found = _get(health, key)
+            if found:
+                shown = "; ".join(clean(r) for r in found[:10]) if isinstance(found, list) else clean(found)
+                lines.append(text(shown, style=style, limit=1000))
         tiled = _get(health, "tiled") or {}
         tiled_line = Text.assemble(("Tiled ", "dim"), _badge(_get(tiled, "state", "unknown")))
         tiled_since = _number(_get(tiled, "since"))
         if tiled_since is not None:
             tiled_line.append(f" since {_clock(tiled_since)} ({_duration(snap['time'] - tiled_since)})")
-        lines.append(tiled_line)
+        if compact:
+            head.append("   ")
+            head.append_text(tiled_line)
+        else:
+            lines.append(tiled_line)
         spool = _get(health, "spool") or {}
         lines.append(
             Text.assemble(
@@ -543,21 +558,28 @@ def render_sidecar(snap: Mapping[str, Any]) -> RenderableType:
                 f"{_count(_get(upload, 'rows', 0))} rows in total)",
             )
         )
-        lines.append(Text.assemble(("event→Tiled lag ", "dim"), _duration(_get(upload, "last_lag_seconds"))))
+        lag = Text.assemble(("event→Tiled lag ", "dim"), _duration(_get(upload, "last_lag_seconds")))
+        if compact:
+            lines[-1].append("   ")
+            lines[-1].append_text(lag)
+        else:
+            lines.append(lag)
         receiver = _get(health, "receiver") or {}
-        lines.append(
-            Text.assemble(
-                ("receiver ", "dim"),
-                f"{_count(_get(receiver, 'messages', 0))} messages, "
-                f"gaps {_count(_get(receiver, 'gaps', 0))}, dropped {_count(_get(receiver, 'dropped', 0))}",
+        if not compact:
+            lines.append(
+                Text.assemble(
+                    ("receiver ", "dim"),
+                    f"{_count(_get(receiver, 'messages', 0))} messages, "
+                    f"gaps {_count(_get(receiver, 'gaps', 0))}, dropped {_count(_get(receiver, 'dropped', 0))}",
+                )
             )
-        )
         error = _get(tiled, "last_error")
-        lines.append(
-            Text.assemble(
-                ("last error ", "dim"), (clean(error, 300) if error else "-", "red" if error else "")
+        if error or not compact:
+            lines.append(
+                Text.assemble(
+                    ("last error ", "dim"), (clean(error, 300) if error else "-", "red" if error else "")
+                )
             )
-        )
     return Panel(Group(*lines), title="sidecar", title_align="left")
 
 
@@ -613,27 +635,65 @@ def render_runs(snap: Mapping[str, Any], limit: int = 8, *, wide: bool = True) -
 SIDE_BY_SIDE_WIDTH = 110
 
 
-def render(snap: Mapping[str, Any], width: int = 120) -> RenderableType:
-    """The whole screen for one snapshot, laid out for a terminal `width` columns wide."""
+def render(snap: Mapping[str, Any], width: int = 120, height: int | None = None) -> RenderableType:
+    """The whole screen for one snapshot, laid out for a terminal `width` columns (and `height` lines) big.
+
+    With a `height`, the screen fits it: if the full layout is taller, the run
+    and sidecar panels are compact, and the run history shows what fits.
+    """
+    footer = Text(
+        f"gaps detected: {snap['gaps']}   ·   q or Ctrl+C quits   ·   {_clock(snap['time'])}",
+        style="bold red" if snap["gaps"] else "dim",
+    )
+    header = render_header(snap)
+    wide = width >= 100
+    top = _top(snap, width, compact=False)
+    if height is None:
+        return Group(header, top, render_runs(snap, wide=wide), footer)
+    limit = len(snap["runs"])
+    used = _lines(Group(header, top, footer), width)
+    if used + RUNS_PANEL_LINES + min(limit, MIN_RUNS_SHOWN) > height:
+        top = _top(snap, width, compact=True)
+        used = _lines(Group(header, top, footer), width)
+    rows = max(0, min(limit, height - used - RUNS_PANEL_LINES))
+    if rows == 0:
+        return Group(header, top, footer)
+    return Group(header, top, render_runs(snap, limit=rows, wide=wide), footer)
+
+
+#: The run history's panel takes this many lines besides its rows (two borders, the column header).
+RUNS_PANEL_LINES = 3
+#: A layout that leaves fewer rows than this for the history is made compact.
+MIN_RUNS_SHOWN = 5
+
+
+def _top(snap: Mapping[str, Any], width: int, *, compact: bool) -> RenderableType:
+    """The run and sidecar panels, side by side on a wide terminal, else stacked."""
     if width >= SIDE_BY_SIDE_WIDTH:
         grid = Table.grid(expand=True, padding=(0, 1))
         grid.add_column(ratio=3)
         grid.add_column(ratio=2)
-        grid.add_row(render_run(snap, plot_width=width * 3 // 5 - 6), render_sidecar(snap))
-        top: RenderableType = grid
-    else:
-        top = Group(render_run(snap, plot_width=max(10, width - 4)), render_sidecar(snap))
-    footer = Text(
-        f"gaps detected: {snap['gaps']}   ·   Ctrl+C quits   ·   {_clock(snap['time'])}",
-        style="bold red" if snap["gaps"] else "dim",
+        grid.add_row(
+            render_run(snap, plot_width=width * 3 // 5 - 6, compact=compact),
+            render_sidecar(snap, compact=compact),
+        )
+        return grid
+    return Group(
+        render_run(snap, plot_width=max(10, width - 4), compact=compact),
+        render_sidecar(snap, compact=compact),
     )
-    return Group(render_header(snap), top, render_runs(snap, wide=width >= 100), footer)
 
 
-def render_safely(state: MonitorState, width: int) -> RenderableType:
+def _lines(renderable: RenderableType, width: int) -> int:
+    """How many lines `renderable` takes on a terminal `width` columns wide."""
+    console = Console(width=width, file=io.StringIO(), force_terminal=False, color_system=None)
+    return len(console.render_lines(renderable, console.options, pad=False))
+
+
+def render_safely(state: MonitorState, width: int, height: int | None = None) -> RenderableType:
     """`render(state.snapshot())`; if that fails, one line saying so (counted as a monitor error)."""
     try:
-        return render(state.snapshot(), width)
+        return render(state.snapshot(), width, height)
     except Exception as err:  # noqa: BLE001 - the view must outlive any surprise
         state.error(f"render: {type(err).__name__}: {err}")
         log.warning("monitor render: %s: %s", type(err).__name__, clean(err))
@@ -707,11 +767,53 @@ def _quiet_logging(console: Console) -> None:
 
 def _live(state: MonitorState, stop: threading.Event, console: Console) -> None:
     frame = 1.0 / FRAMES_PER_SECOND
-    with Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
+    with _keys() as pressed, Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
         while not stop.is_set():
             started = time.monotonic()
-            live.update(render_safely(state, console.width), refresh=True)
-            stop.wait(max(0.0, frame - (time.monotonic() - started)))
+            size = console.size
+            live.update(render_safely(state, size.width, size.height - 1), refresh=True)
+            if pressed(max(0.0, frame - (time.monotonic() - started))) in QUIT_KEYS:
+                return
+            if stop.is_set():
+                return
+
+
+QUIT_KEYS = ("q", "Q")
+
+
+@contextmanager
+def _keys() -> Iterator[Callable[[float], str]]:
+    """A function that waits up to its argument in seconds for one key press on stdin (or "").
+
+    On a terminal, stdin is put in cbreak mode (keys arrive one by one, not
+    echoed; Ctrl+C still interrupts) and restored afterwards. Without a
+    terminal on stdin it just waits.
+    """
+    import select
+    import sys
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
+    if fd is None:
+
+        def wait(timeout: float) -> str:
+            time.sleep(timeout)
+            return ""
+
+        yield wait
+        return
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+
+    def pressed(timeout: float) -> str:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return os.read(fd, 1).decode(errors="replace") if ready else ""
+
+    try:
+        yield pressed
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 __all__ = ["HealthPoller", "Subscriber", "health_url", "render", "run_monitor", "sparkline"]

@@ -488,7 +488,8 @@ class MonitorState:
                 state = "down"
                 self.sidecar_error = clean(error or "no answer", 300)
             else:
-                state = "up" if health.get("status") == "ok" else "unhealthy"
+                status = health.get("status")
+                state = {"ok": "up", "degraded": "degraded"}.get(str(status), "unhealthy")
                 self.sidecar_error = None
                 upload = health.get("upload")
                 if isinstance(upload, Mapping):

@@ -131,4 +131,5 @@ class Receiver:
             self.subscription.watch()
             self.stats.connected = self.subscription.connected
             self.stats.subscription_problem = self.subscription.problem
+            self.stats.proxy_absent = self.subscription.absent
         self.ingest.upkeep()

@@ -203,20 +203,83 @@ def replay(
 
 
 def _start_progress(console: Console, uploader: Uploader, finished: threading.Event) -> threading.Thread:
-    """Say every PROGRESS_S how far the upload got (if it moved), until `finished`."""
+    """Show how far the upload got until `finished`: a bar with rate and ETA on a terminal, else a
+    plain line every PROGRESS_S (when it moved) with the same figures."""
+    selected = [
+        r
+        for r in uploader.spool.runs()
+        if (uploader.only is None or r.uid in uploader.only) and not r.uploaded.state.finished
+    ]
+    total = sum(max(0, r.received.documents - r.uploaded.documents) for r in selected)
+    progress = UploadProgress(total, time.monotonic())
 
-    def loop() -> None:
+    def plain() -> None:
         said = (0, 0, 0)
         while not finished.wait(PROGRESS_S):
             status = uploader.status
             now = (status.runs_uploaded, status.documents, status.rows)
             if now != said:
                 said = now
-                _say(console, "... {} run(s) uploaded, {} documents, {} rows so far".format(*now))
+                _say(console, progress.line(*now, time.monotonic()))
 
-    thread = threading.Thread(target=loop, name="progress", daemon=True)
+    def bar() -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (
+            TextColumn("uploading"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("documents, {task.fields[rate]}/s, {task.fields[runs]} run(s) done, ETA"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=True) as shown:
+            task = shown.add_task("upload", total=total or None, rate="-", runs=0)
+            while True:
+                stopping = finished.wait(0.25)
+                status = uploader.status
+                now = time.monotonic()
+                shown.update(
+                    task,
+                    completed=status.documents,
+                    total=max(total, status.documents) or None,
+                    rate=progress.rate_text(status.documents, now),
+                    runs=status.runs_uploaded,
+                )
+                if stopping:
+                    return
+
+    thread = threading.Thread(target=bar if console.is_terminal else plain, name="progress", daemon=True)
     thread.start()
     return thread
+
+
+class UploadProgress:
+    """Rate and ETA of an upload of `total` documents that started at `started` (monotonic seconds)."""
+
+    def __init__(self, total: int, started: float) -> None:
+        self.total = total
+        self.started = started
+
+    def rate(self, documents: int, now: float) -> float | None:
+        elapsed = now - self.started
+        return documents / elapsed if elapsed > 0 and documents > 0 else None
+
+    def rate_text(self, documents: int, now: float) -> str:
+        rate = self.rate(documents, now)
+        return "-" if rate is None else f"{rate:.0f}" if rate >= 10 else f"{rate:.1f}"
+
+    def line(self, runs: int, documents: int, rows: int, now: float) -> str:
+        """The plain progress line: counts, share of the total, rate, ETA."""
+        rate = self.rate(documents, now)
+        share = f"/{self.total} ({100 * documents / self.total:.0f}%)" if self.total >= documents > 0 else ""
+        eta = ""
+        if rate and self.total > documents:
+            left = int((self.total - documents) / rate)
+            eta = f", ETA {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+        return (
+            f"... {runs} run(s) uploaded, {documents}{share} documents, {rows} rows so far; "
+            f"{self.rate_text(documents, now)} documents/s{eta}"
+        )
 
 
 def _start_watcher(spool: SpoolDir, uploader: Uploader) -> threading.Thread:

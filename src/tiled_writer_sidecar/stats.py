@@ -39,3 +39,4 @@ class ReceiverStats:
     connected: bool = False
     subscription_problem: str | None = None
     ledger: RunLedger | None = None  # the receiver's runs not yet uploaded, for health (health.py)
+    proxy_absent: str | None = None  # `Subscription.absent`: no proxy connection for a while

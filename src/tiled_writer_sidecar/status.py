@@ -1,4 +1,12 @@
-"""`status`: what the spool holds, per run and in total, as a table or JSON.
+"""`status`: what the spool holds, per run and in total, as a table or JSON, or a monitoring check.
+
+`check_report` is the one rule for ``status --check`` (Nagios plugin
+convention: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; one line on stdout
+with performance data after ``|``). CRITICAL: the receiver is not running,
+Tiled refuses the API key or is not Tiled, or a run
+has waited `crit_age` for upload. WARNING: the uploader is not running, Tiled
+is down, a run is quarantined, events are missing, or a run has waited
+`warn_age`.
 
 Names in the spool come from documents (uid, plan name, stream names in the
 problems, quarantine reasons): the table shows each through `text.clean` as a
@@ -46,6 +54,46 @@ def status_report(spool: SpoolDir) -> dict[str, Any]:
         "uploader_running": spool.is_locked("uploader"),
         "uploader": uploader.plain() if (uploader := UploaderStatus.load(spool.root)) else None,
     }
+
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+CHECK_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+CHECK_WARN_AGE_S = 1800.0  # as the alert rule TiledWriterSidecarBacklogOld
+CHECK_CRIT_AGE_S = 4 * 3600.0
+
+
+def check_report(report: dict[str, Any], *, warn_age: float, crit_age: float) -> tuple[int, str]:
+    """(exit code, one line) for ``status --check``: the rule is the module docstring's."""
+    totals = report["totals"]
+    uploader = report.get("uploader") or {}
+    tiled = uploader.get("tiled") or "unknown"
+    age = totals["oldest_unuploaded_age_seconds"] or 0.0
+    quarantined = totals["by_state"].get("quarantined", 0)
+    backlog = sum(1 for r in report["runs"] if RunState(r["state"]).waiting)
+    findings: list[tuple[int, str]] = []
+    if not report["receiver_running"]:
+        findings.append((CRITICAL, "receiver not running"))
+    elif not report["uploader_running"]:
+        findings.append((WARNING, "uploader not running"))
+    if tiled in ("unauthorized", "not_tiled"):
+        findings.append((CRITICAL, f"tiled {tiled}"))
+    elif tiled == "down":
+        findings.append((WARNING, "tiled down"))
+    if age >= crit_age or age >= warn_age:
+        findings.append((CRITICAL if age >= crit_age else WARNING, f"oldest run waiting {age:.0f} s"))
+    if quarantined:
+        findings.append((WARNING, f"{quarantined} run(s) quarantined"))
+    if totals["gaps"]:
+        findings.append((WARNING, f"{totals['gaps']} events missing"))
+    code = max((c for c, _ in findings), default=OK)
+    summary = "; ".join(clean(message) for _, message in findings) or (
+        f"{totals['runs']} run(s), tiled {clean(tiled)}"
+    )
+    perf = (
+        f"runs={totals['runs']} backlog_runs={backlog} "
+        f"oldest_age={age:.0f}s;{warn_age:.0f};{crit_age:.0f} gaps={totals['gaps']} quarantined={quarantined}"
+    )
+    return code, f"TILED-WRITER-SIDECAR {CHECK_NAMES[code]} - {summary} | {perf}"
 
 
 def print_status(report: dict[str, Any], as_json: bool, console: Console) -> None:

@@ -16,6 +16,9 @@ Contract:
   (a refused CURVE handshake) hold the state, each change logged once;
   `connects` and `retries` count connections made and attempts refused
   (nothing listens yet), so a reader that looks now and then misses none.
+- `absent` says, once `NO_PROXY_WARN_S` pass without a connection (nothing
+  listens at the address, or a firewall drops it), that the proxy is missing,
+  logged once per episode; the daemon's ``/healthz`` is then degraded.
 - `wait` paces wakes: below `LOW_RATE` messages/s wakes are at least
   `WAKE_INTERVAL_S` apart, so what arrives meanwhile is handled in one batch
   (the socket's queue holds it; nothing upstream backs up). `drain` then
@@ -41,6 +44,7 @@ LOW_RATE = 2000  # messages/s: below it, wakes are spaced out ...
 RATE_WINDOW_S = 0.1  # ... as measured over this long
 MAX_BATCH = 10_000  # messages handled per wake at most, so upkeep is never starved
 RCVBUF = 8 * 2**20
+NO_PROXY_WARN_S = 5.0  # without a proxy connection this long: `absent` is set and logged
 
 _HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (wrong server key?)",
@@ -59,6 +63,8 @@ class Subscription:
         self.problem: str | None = None
         self.connects = 0  # connections made (a reconnection counts again)
         self.retries = 0  # connection attempts that found nothing listening
+        self.absent: str | None = None  # why there is no proxy connection, after NO_PROXY_WARN_S
+        self._down_since = time.monotonic()
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._last_wake = 0.0
         self._rate_since = 0.0
@@ -135,11 +141,13 @@ class Subscription:
             ):
                 if self.problem or not self.connected:
                     log.info("subscribed to the proxy at %s", self.config.address)
+                self.absent = None
                 if not self.connected:
                     self.connects += 1
                 self.connected, self.problem = True, None
             elif event == zmq.EVENT_DISCONNECTED:
                 self.connected = False
+                self._down_since = time.monotonic()
                 log.warning("proxy at %s disconnected; reconnecting", self.config.address)
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 self.retries += 1
@@ -148,6 +156,13 @@ class Subscription:
                 if problem != self.problem:
                     log.error("%s (check the CURVE keys in [zmq])", problem)
                 self.problem = problem
+        waited = time.monotonic() - self._down_since
+        if not self.connected and self.absent is None and waited >= NO_PROXY_WARN_S:
+            self.absent = (
+                f"no connection to the proxy at {self.config.address} for {waited:.0f} s "
+                f"({self.retries} attempts refused); check [zmq] address and that the proxy runs"
+            )
+            log.warning("%s", self.absent)
 
     def close(self) -> None:
         self.socket.disable_monitor()

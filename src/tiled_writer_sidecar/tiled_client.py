@@ -27,8 +27,10 @@ from urllib.parse import quote
 
 import pyarrow.ipc
 from tiled.client import from_uri
+from tiled.client.context import USER_AGENT as TILED_USER_AGENT
 from tiled.client.utils import handle_error
 
+from . import USER_AGENT
 from .config import Config
 from .errors import UnsafeName
 
@@ -86,6 +88,7 @@ def connect(config: Config) -> Any:
         remember_me=False,
         timeout=config.tiled.timeout_seconds,
         include_data_sources=True,
+        headers={"user-agent": f"{USER_AGENT} {TILED_USER_AGENT}"},  # ours first, then tiled's own
     )
     return client
 

@@ -2,8 +2,13 @@
 
 - `client` is None while Tiled is down; `connect` builds a new one only once
   `reachable` (one GET on a kept HTTP client) says the server answers.
-- Every state change (connected, down, unauthorized, up again) is one log
-  line and lands in the shared `UploaderStatus`; retries are counted there.
+- Every state change is one log line and lands in the shared `UploaderStatus`;
+  retries are counted there. The states (`spool.index.TILED_STATES`): ``connecting``,
+  ``up``, ``down`` (no answer, or 5xx), ``unauthorized`` (the API key is
+  refused or missing) and ``not_tiled`` (the URI answers, but not as Tiled).
+  When a connection fails, `misconfigured` asks the server which of the last
+  two it is (``GET /api/v1/``: Tiled's JSON, then ``/api/v1/metadata/``
+  with the key), so a wrong setting is named at once, not retried silently.
 - One `Backoff` for outages and one short one for a busy Tiled (an append
   answered with a 5xx while the server answers); both reset on `recovered`.
 - `give_up_after` (replay): failing longer than that raises
@@ -25,6 +30,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from . import USER_AGENT
 from .backoff import Backoff
 from .config import Config
 from .errors import TiledUnavailableError
@@ -34,9 +40,18 @@ from .tiled_client import connect
 
 log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT_S = 5.0
 BUSY_BACKOFF_INITIAL_S = 0.05  # retrying an append Tiled answered with a 5xx (see TiledLink.busy_backoff)
 BUSY_BACKOFF_MAX_S = 1.0
 IN_PLACE_ATTEMPTS = 5  # waits of one failing request while Tiled answers others (see InPlaceRetry)
+
+
+class Misconfigured(TiledDown):
+    """Connecting failed because of a setting: Tiled refuses the API key, or the URI is not Tiled."""
+
+    def __init__(self, state: str, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
 
 
 class TiledLink:
@@ -70,7 +85,13 @@ class TiledLink:
         if self.client is None:
             if self.status.tiled == "down" and not self.reachable():
                 raise TiledDown(self._probe_error or "Tiled is not reachable")
-            self.client = connect(self.config)
+            try:
+                self.client = connect(self.config)
+            except Exception as err:
+                misconfigured = self.misconfigured(err)
+                if misconfigured is not None:
+                    raise misconfigured from err
+                raise
             self.set_state("up")
         return self.client
 
@@ -81,16 +102,50 @@ class TiledLink:
         reconnection while Tiled is down (a new HTTP client costs ~20 ms of
         CPU to load the TLS trust store).
         """
-        server = urlsplit(self.config.tiled.uri)
-        if self._probe is None:
-            self._probe = httpx.Client(timeout=5)
         try:
-            response = self._probe.get(f"{server.scheme}://{server.netloc}/api/v1/")
+            response = self._get("/api/v1/")
         except httpx.HTTPError as err:
             self._probe_error = one_line(err)
             return False
         self._probe_error = None if response.status_code < 500 else f"HTTP {response.status_code}"
         return response.status_code < 500
+
+    def _get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        server = urlsplit(self.config.tiled.uri)
+        if self._probe is None:
+            self._probe = httpx.Client(timeout=PROBE_TIMEOUT_S, headers={"user-agent": USER_AGENT})
+        return self._probe.get(f"{server.scheme}://{server.netloc}{path}", headers=headers)
+
+    def misconfigured(self, err: Exception) -> Misconfigured | None:
+        """Why connecting failed, if a setting is the cause: the URI is not Tiled, or the key is refused.
+
+        Two GETs at most, only after a connection failed: ``/api/v1/`` must
+        answer with Tiled's JSON (``api_version``); ``/api/v1/metadata/`` with
+        the configured key must not answer 401/403. None when the server does
+        not answer (Tiled is down) or both look right.
+        """
+        if isinstance(err, httpx.TransportError | ConnectionError | TimeoutError):
+            return None
+        uri = self.config.tiled.uri
+        try:
+            about = self._get("/api/v1/")
+            if about.status_code >= 500:
+                return None
+            if not _is_tiled(about):
+                kind = about.headers.get("content-type", "no content type").split(";")[0]
+                return Misconfigured(
+                    "not_tiled",
+                    f"{uri} answers but is not a Tiled server (GET /api/v1/: HTTP {about.status_code}, {kind})",
+                )
+            key = self.config.api_key()
+            headers = {"Authorization": f"Apikey {key}"} if key else None
+            metadata = self._get("/api/v1/metadata/", headers=headers)
+        except httpx.HTTPError:
+            return None
+        if metadata.status_code in (401, 403):
+            why = "refused the API key" if key else "requires an API key and none is set"
+            return Misconfigured("unauthorized", f"Tiled at {uri} {why} (HTTP {metadata.status_code})")
+        return None
 
     def failed(self, err: Exception) -> None:
         """A step failed (any run it broke is abandoned already): note it, back off, then go on."""
@@ -106,7 +161,8 @@ class TiledLink:
             self.status.last_error = one_line(err)
         else:
             self.client = None
-            self.set_state("down", str(err) if isinstance(err, TiledDown) else one_line(err))
+            state = err.state if isinstance(err, Misconfigured) else "down"
+            self.set_state(state, str(err) if isinstance(err, TiledDown) else one_line(err))
         self.report()
         self._give_up_if_too_long(err)
         self.stop_event.wait(self.backoff.next_delay())
@@ -145,21 +201,25 @@ class TiledLink:
             return
         previous, since = self.status.tiled, self.status.since
         self.status.tiled, self.status.since = state, time.time()
+        uri = self.config.tiled.uri
         if state == "up":
-            if previous in ("down", "unauthorized"):
-                log.warning("tiled up again uri=%s after %.1f s", self.config.tiled.uri, time.time() - since)
+            if previous in ("down", "unauthorized", "not_tiled"):
+                log.warning("tiled up again uri=%s after %.1f s", uri, time.time() - since)
             else:
-                log.info("tiled connected uri=%s", self.config.tiled.uri)
+                log.info("tiled connected uri=%s", uri)
         elif state == "unauthorized":
             log.error(
-                "tiled unauthorized: check the API key (TILED_API_KEY or api_key_file); data stays spooled"
+                "tiled unauthorized uri=%s: %s; check the API key (TILED_API_KEY or api_key_file); "
+                "data stays spooled",
+                uri,
+                error or "HTTP 401/403",
+            )
+        elif state == "not_tiled":
+            log.error(
+                "tiled uri=%s is not a Tiled server: %s; fix [tiled] uri; data stays spooled", uri, error
             )
         else:
-            log.warning(
-                "tiled down uri=%s: %s; retrying with backoff, data stays spooled",
-                self.config.tiled.uri,
-                error,
-            )
+            log.warning("tiled down uri=%s: %s; retrying with backoff, data stays spooled", uri, error)
 
     def close(self) -> None:
         """Close the probe and the Tiled client (a later step connects again)."""
@@ -177,6 +237,15 @@ class TiledLink:
             raise TiledUnavailableError(
                 f"giving up after {now - self._failing_since:.0f} s: {self.config.tiled.uri}: {one_line(err)}"
             )
+
+
+def _is_tiled(response: httpx.Response) -> bool:
+    """Whether a ``GET /api/v1/`` answer is Tiled's: a JSON object with ``api_version``."""
+    try:
+        about = response.json()
+    except ValueError:
+        return False
+    return isinstance(about, dict) and "api_version" in about
 
 
 class InPlaceRetry:

@@ -457,6 +457,10 @@ class Uploaded(_IndexFile):
         super().save(run_dir)
 
 
+#: Tiled's states as the uploader records them (`tiled_link.TiledLink.set_state`); one metric series each.
+TILED_STATES = ("connecting", "up", "down", "unauthorized", "not_tiled")
+
+
 @dataclass
 class UploaderStatus(_IndexFile):
     """What the uploader tells the receiver's /metrics and /healthz and `status` (``uploader.json``)."""
@@ -464,7 +468,7 @@ class UploaderStatus(_IndexFile):
     FILE: ClassVar[str] = UPLOADER
     FIELDS: ClassVar[dict[str, Callable[[Any], Any]]] = _UPLOADER_STATUS_FIELDS
 
-    tiled: str = "connecting"  # connecting, up, down, unauthorized
+    tiled: str = "connecting"  # one of TILED_STATES
     since: float = field(default_factory=time.time)
     last_error: str | None = None
     documents: int = 0
