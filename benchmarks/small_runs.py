@@ -30,6 +30,8 @@ Standalone: ``python -m benchmarks.small_runs [--quick|--smoke] [--shapes
 other comparisons kept as they are, key order included; with ``--add`` also
 the shapes measured earlier and not again) and regenerates RESULTS.md; with
 ``--smoke`` and no ``--results`` it writes into a temporary directory.
+``--merge FILE...`` measures nothing and merges other runs' entries (shapes
+measured concurrently into other files) as ``--add`` would.
 """
 
 from __future__ import annotations
@@ -684,8 +686,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--add", action="store_true", help="keep the earlier results' shapes not measured again (and memory)"
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS",
+        help="measure nothing: merge these results files' entries into --results, as --add does",
+    )
     args = parser.parse_args(argv)
     from . import run as bench_run
+
+    if args.merge:
+        target = args.results or bench_run.HERE / "results.json"
+        for path in args.merge:
+            merge_into(target, json.loads(path.read_text())["comparisons"][NAME], add=True)
+        bench_run._log(f"merged {len(args.merge)} file(s) into {target} and regenerated RESULTS.md")
+        return 0
 
     reps = args.reps or (1 if args.smoke else 2 if args.quick else 3)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else None)
