@@ -516,7 +516,15 @@ def section(c: dict[str, Any]) -> list[str]:
 def _breakdown_lines(s: dict[str, Any]) -> list[str]:
     b = s["breakdown"]
     sc, ip = b["sidecar"], b["inprocess"]
-    labels = list(dict.fromkeys([*sc["phases"], *ip["phases"]]))
+
+    def largest_first(*tables: dict[str, Any], key: str) -> list[str]:
+        """Labels of `tables` (results.json sorts keys), the largest `key` of the first table first."""
+        out: list[str] = []
+        for table in tables:
+            out += sorted((k for k in table if k not in out), key=lambda k: -table[k][key])
+        return out
+
+    labels = largest_first(sc["phases"], ip["phases"], key="ms_per_run")
 
     def cell(side: dict[str, Any], label: str) -> str:
         p = side["phases"].get(label)
@@ -529,7 +537,7 @@ def _breakdown_lines(s: dict[str, Any]) -> list[str]:
     rows.append(
         ["**wall time per run**", f"**{sc['wall_ms_per_run']:.1f}**", f"**{ip['wall_ms_per_run']:.1f}**"]
     )
-    req_labels = list(dict.fromkeys([*sc["http"]["by_phase"], *ip["http"]["by_phase"]]))
+    req_labels = largest_first(sc["http"]["by_phase"], ip["http"]["by_phase"], key="per_run")
 
     def req(side: dict[str, Any], label: str) -> str:
         r = side["http"]["by_phase"].get(label)
