@@ -462,7 +462,7 @@ def section(c: dict[str, Any]) -> list[str]:
     for s in c["shapes"]:
         rows.append(
             [
-                f"{s['runs']} x {s['events']:,} ({s['ratio']['n']} reps)",
+                f"{s['runs']} x {s['events']:,} ({s['ratio']['n']} rep{'s' if s['ratio']['n'] > 1 else ''})",
                 _side_cell(s, "sidecar", "runs_per_s"),
                 _side_cell(s, "inprocess", "runs_per_s"),
                 f"**x{fmt(s['ratio']['median'])}** ({fmt(s['ratio']['min'])}-{fmt(s['ratio']['max'])})",
@@ -477,7 +477,8 @@ def section(c: dict[str, Any]) -> list[str]:
     opts = c.get("options", {})
     out = [
         "Backlog of N runs x M events spooled first, then drained; in each repetition both sides, "
-        "alternating which goes first, each into its own Tiled server. Re-run: "
+        "alternating which goes first, each into its own Tiled server. Re-run every shape: "
+        "`python -m benchmarks.small_runs` (or `make bench`); measured here with "
         + "; ".join(
             f"`{cmd}`" for cmd in c.get("commands", [opts.get("command", "python -m benchmarks.small_runs")])
         )
