@@ -30,6 +30,8 @@ Standalone: ``python -m benchmarks.small_runs [--quick|--smoke] [--shapes
 other comparisons kept as they are, key order included; with ``--add`` also
 the shapes measured earlier and not again) and regenerates RESULTS.md; with
 ``--smoke`` and no ``--results`` it writes into a temporary directory.
+``--merge FILE...`` measures nothing and merges other runs' entries (shapes
+measured concurrently into other files) as ``--add`` would.
 """
 
 from __future__ import annotations
@@ -460,7 +462,7 @@ def section(c: dict[str, Any]) -> list[str]:
     for s in c["shapes"]:
         rows.append(
             [
-                f"{s['runs']} x {s['events']:,} ({s['ratio']['n']} reps)",
+                f"{s['runs']} x {s['events']:,} ({s['ratio']['n']} rep{'s' if s['ratio']['n'] > 1 else ''})",
                 _side_cell(s, "sidecar", "runs_per_s"),
                 _side_cell(s, "inprocess", "runs_per_s"),
                 f"**x{fmt(s['ratio']['median'])}** ({fmt(s['ratio']['min'])}-{fmt(s['ratio']['max'])})",
@@ -475,7 +477,8 @@ def section(c: dict[str, Any]) -> list[str]:
     opts = c.get("options", {})
     out = [
         "Backlog of N runs x M events spooled first, then drained; in each repetition both sides, "
-        "alternating which goes first, each into its own Tiled server. Re-run: "
+        "alternating which goes first, each into its own Tiled server. Re-run every shape: "
+        "`python -m benchmarks.small_runs` (or `make bench`); measured here with "
         + "; ".join(
             f"`{cmd}`" for cmd in c.get("commands", [opts.get("command", "python -m benchmarks.small_runs")])
         )
@@ -514,7 +517,15 @@ def section(c: dict[str, Any]) -> list[str]:
 def _breakdown_lines(s: dict[str, Any]) -> list[str]:
     b = s["breakdown"]
     sc, ip = b["sidecar"], b["inprocess"]
-    labels = list(dict.fromkeys([*sc["phases"], *ip["phases"]]))
+
+    def largest_first(*tables: dict[str, Any], key: str) -> list[str]:
+        """Labels of `tables` (results.json sorts keys), the largest `key` of the first table first."""
+        out: list[str] = []
+        for table in tables:
+            out += sorted((k for k in table if k not in out), key=lambda k: -table[k][key])
+        return out
+
+    labels = largest_first(sc["phases"], ip["phases"], key="ms_per_run")
 
     def cell(side: dict[str, Any], label: str) -> str:
         p = side["phases"].get(label)
@@ -527,7 +538,7 @@ def _breakdown_lines(s: dict[str, Any]) -> list[str]:
     rows.append(
         ["**wall time per run**", f"**{sc['wall_ms_per_run']:.1f}**", f"**{ip['wall_ms_per_run']:.1f}**"]
     )
-    req_labels = list(dict.fromkeys([*sc["http"]["by_phase"], *ip["http"]["by_phase"]]))
+    req_labels = largest_first(sc["http"]["by_phase"], ip["http"]["by_phase"], key="per_run")
 
     def req(side: dict[str, Any], label: str) -> str:
         r = side["http"]["by_phase"].get(label)
@@ -684,8 +695,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--add", action="store_true", help="keep the earlier results' shapes not measured again (and memory)"
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS",
+        help="measure nothing: merge these results files' entries into --results, as --add does",
+    )
     args = parser.parse_args(argv)
     from . import run as bench_run
+
+    if args.merge:
+        target = args.results or bench_run.HERE / "results.json"
+        for path in args.merge:
+            merge_into(target, json.loads(path.read_text())["comparisons"][NAME], add=True)
+        bench_run._log(f"merged {len(args.merge)} file(s) into {target} and regenerated RESULTS.md")
+        return 0
 
     reps = args.reps or (1 if args.smoke else 2 if args.quick else 3)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else None)
