@@ -343,3 +343,22 @@ def test_resources_are_bounded_across_open_runs_not_only_per_run(monkeypatch: py
     assert rejected(tracker, "resource", resource(runs[2], 99)) == "too-many-resources"
     tracker.close(tracker.runs[runs[0].start["uid"]])
     assert tracker.route("resource", resource(runs[2], 100)).uid == runs[2].start["uid"]
+
+
+def test_rows_covered_by_stream_datums_count_against_stop_num_events() -> None:
+    """A stream with no events, only stream_datums covering seq_nums 1..3, and a stop saying 3: no gap
+    (bluesky-tiled-plugins' external_assets_single_key example); a stop saying 5: 2 missing."""
+    tracker = RunTracker()
+    run = Run()
+    tracked = opened(tracker, run)
+    tracker.route("stream_resource", {"uid": "sr", "run_start": run.start["uid"]})
+    for start in (1, 2, 3):
+        datum = {"uid": f"sr/{start}", "stream_resource": "sr", "descriptor": run.descriptor["uid"]}
+        datum.update(
+            indices={"start": start - 1, "stop": start}, seq_nums={"start": start, "stop": start + 1}
+        )
+        tracker.route("stream_datum", datum)
+    tracker.route("stop", run.stop(primary=3))
+    assert tracked.received.gaps() == {} and tracked.received.events == {}
+    tracked.received.expected_events = {"primary": 5}
+    assert tracked.received.gaps() == {"primary": 2}

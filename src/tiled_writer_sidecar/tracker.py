@@ -26,7 +26,8 @@ document kind; the receiver, its crash recovery and `monitor` share it
   and counts in ``out_of_order``; any other seq_num at or below the highest
   (a copy) is ``duplicate-seq-num`` with `reject_duplicates` (the receiver),
   else a received event (the monitor). A stop's ``num_events`` is kept as
-  ``expected_events``; `Received.gaps` adds a shortfall beyond the holes. A
+  ``expected_events``; `Received.gaps` adds a shortfall beyond the holes
+  (rows covered by stream_datums count as received: ``datum_rows``). A
   seq_num must be an integer in 1..2**53 (``bad-seq-num``).
 - Only plain bounded values reach `Received` (`plain_int`, `plain_str`).
 - Memory is bounded: descriptors and resources per run and across open
@@ -238,6 +239,7 @@ class RunTracker(DocumentRouter):
         received.last_received = plain_float(received.last_received) or 0.0
         received.dropped = plain_int(received.dropped, 0, 2**63) or 0
         received.events, received.missing, received.out_of_order = {}, {}, {}
+        received.datum_rows = {}
         received.expected_events, received.stop_received, received.exit_status = None, False, None
         run = TrackedRun(received)
         self.runs[received.uid] = run
@@ -269,6 +271,7 @@ class RunTracker(DocumentRouter):
         """Open an orphan known from the spool (crash recovery) and route its logged documents again."""
         kind = received.orphan if received.orphan in ("run_start", "descriptor") else "run_start"
         received.events, received.missing, received.out_of_order = {}, {}, {}
+        received.datum_rows = {}
         received.expected_events, received.stop_received = None, False
         gate, self.may_orphan = self.may_orphan, lambda k, u: (k, u) == (kind, received.uid)
         try:
@@ -390,7 +393,13 @@ class RunTracker(DocumentRouter):
         return None
 
     def stream_datum(self, doc: Any) -> None:
-        self._described_run("stream_datum", doc)
+        run = self._described_run("stream_datum", doc)
+        seq_nums = doc.get("seq_nums")
+        last = plain_int(seq_nums.get("stop"), 1, MAX_SEQ_NUM + 1) if isinstance(seq_nums, Mapping) else None
+        if last is not None:  # rows covered by external data: what stop.num_events counts for such a stream
+            stream = run.streams[doc["descriptor"]]
+            rows = run.received.datum_rows
+            rows[stream] = max(rows.get(stream, 0), last - 1)
 
     def datum(self, doc: Any) -> Any:
         self._resourced_run(doc)

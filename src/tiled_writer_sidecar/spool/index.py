@@ -298,6 +298,7 @@ _RECEIVED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "orphan": as_text,
     "out_of_order": as_counts,
     "duplicates": _number,
+    "datum_rows": as_counts,
 }
 _UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "state": _state,
@@ -391,6 +392,9 @@ class Received(_IndexFile):
     orphan: str | None = None  # what keys an orphan: "run_start" (its uid) or "descriptor"
     out_of_order: dict[str, int] = field(default_factory=dict)  # late events that filled a hole
     duplicates: int = 0  # copies of a received seq_num, rejected
+    datum_rows: dict[str, int] = field(
+        default_factory=dict
+    )  # highest seq_num stream_datums cover, per stream
 
     @classmethod
     def load(cls, run_dir: Path) -> Received | None:
@@ -402,7 +406,8 @@ class Received(_IndexFile):
         """Events missing per stream: seq_num holes and stop.num_events shortfalls."""
         gaps = {k: v for k, v in self.missing.items() if v}
         for stream, expected in (self.expected_events or {}).items():
-            shortfall = expected - self.events.get(stream, 0) - gaps.get(stream, 0)
+            rows = max(self.events.get(stream, 0), self.datum_rows.get(stream, 0))
+            shortfall = expected - rows - gaps.get(stream, 0)
             if shortfall > 0:
                 gaps[stream] = gaps.get(stream, 0) + shortfall
         return gaps
