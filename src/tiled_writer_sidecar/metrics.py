@@ -395,7 +395,13 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
-        log.info("metrics client %s: %s", client_address[0] if client_address else "?", _one_line(error))
+        gone = isinstance(error, (BrokenPipeError, ConnectionResetError, TimeoutError))  # the client's doing
+        log.log(
+            logging.DEBUG if gone else logging.INFO,
+            "metrics client %s: %s",
+            client_address[0] if client_address else "?",
+            _one_line(error),
+        )
 
 
 def _hang_up(connection: socket.socket) -> None:
