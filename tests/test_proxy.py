@@ -341,3 +341,38 @@ def test_unit_is_notify_with_watchdog_and_flags_the_command_accepts() -> None:
     assert flags == ["--in-address", "--out-address", "--max-buffer-bytes", "--metrics-address"]
     help_text = run_proxy("--help").stdout
     assert all(flag in help_text for flag in flags)
+
+
+def bluesky_flags() -> set[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "bluesky.commandline.zmq_proxy", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return {word.strip("[],") for word in done.stdout.split() if word.startswith(("--", "-v"))} - {"--help"}
+
+
+def test_every_flag_of_bluesky_0mq_proxy_is_accepted() -> None:
+    """Each option of `bluesky-0MQ-proxy --help` is in the project's proxy's --help too."""
+    ours = run_proxy("--help").stdout
+    missing = sorted(flag for flag in bluesky_flags() if flag not in ours)
+    assert missing == [], missing
+    assert len(bluesky_flags()) >= 16
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--in-client-secret", "x.key_secret", "--in-server-public", "y.key"],  # client keys on a bind side
+        ["--out-mode", "connect", "--out-curve-secret", "x.key_secret"],  # server keys on a connect side
+        ["--in-curve-secret", "/nonexistent.key_secret"],
+        ["--in-mode", "connect"],  # connect needs an address
+    ],
+)
+def test_curve_and_mode_mistakes_are_exit_2_with_one_line(args: list[str]) -> None:
+    """bluesky's pairing rules for CURVE flags and modes, and unreadable keys: exit 2, one line."""
+    done = run_proxy("--out-address", str(free_port()), *args)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
