@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -81,8 +82,8 @@ def shape_key(runs: int, events: int) -> str:
 def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
     """``"200x50,20x10000:1"`` -> ((200, 50), (20, 10000, 1)): runs x events, optionally ``:repetitions``."""
     shapes = []
-    for part in text.split(","):
-        size, _, reps = part.strip().lower().partition(":")
+    for part in filter(None, (p.strip() for p in text.split(","))):  # "": no shape (memory only)
+        size, _, reps = part.lower().partition(":")
         runs, _, events = size.partition("x")
         shapes.append((int(runs), int(events), *((int(reps),) if reps else ())))
     return tuple(shapes)
@@ -374,7 +375,9 @@ def measure_memory(
 def run(bench: Bench) -> dict[str, Any]:
     """The comparison under `benchmarks.run`; options from ``bench.shared["small_runs_options"]``."""
     options = bench.shared.get("small_runs_options", {})
-    shapes = options.get("shapes") or (SMOKE_SHAPES if bench.smoke else FULL_SHAPES)
+    shapes = options.get("shapes")
+    if shapes is None:
+        shapes = SMOKE_SHAPES if bench.smoke else FULL_SHAPES
     reps = options.get("reps") or min(bench.reps, MAX_REPS)
     memory_runs = options.get("memory_runs")
     if memory_runs is None:
@@ -713,13 +716,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     reps = args.reps or (1 if args.smoke else 2 if args.quick else 3)
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else None)
+    shapes = QUICK_SHAPES if args.quick and args.shapes is None else args.shapes
     options: dict[str, Any] = {
         "shapes": shapes,
         "memory_runs": args.memory_runs,
         "memory_seconds": args.memory_seconds,
         "reps": reps,
-        "command": "python -m benchmarks.small_runs " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.small_runs "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     run_argv = ["--only", NAME, "--reps", str(reps)]
     run_argv += ["--smoke"] if args.smoke else []
