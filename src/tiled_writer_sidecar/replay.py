@@ -78,23 +78,31 @@ def _say(console: Console, line: str) -> None:
 
 
 def in_tiled(config: Config, uids: list[str]) -> set[str] | None:
-    """Which of `uids` Tiled holds (None if Tiled cannot be asked); read-only."""
-    if not uids:
-        return set()
-    from .tiled_client import connect, run_exists
+    """Which of `uids` Tiled holds (None if Tiled cannot be asked): one read-only GET per run.
 
+    Plain HTTP with the API key, never a Tiled client: without a key, a client may prompt to log in.
+    """
+    import httpx
+
+    from .tiled_client import check_uid, url_path
+
+    uri = config.tiled.uri.rstrip("/")
+    base = uri if "/api/v1/metadata" in uri else f"{uri}/api/v1/metadata"
+    key = config.api_key()
+    headers = {"Authorization": f"Apikey {key}"} if key else {}
+    found = set()
     try:
-        client = connect(config)
+        with httpx.Client(timeout=config.tiled.timeout_seconds, headers=headers) as http:
+            for uid in uids:
+                response = http.get(f"{base}/{url_path(check_uid(uid))}")
+                if response.status_code == 404:
+                    continue
+                response.raise_for_status()
+                found.add(uid)
     except Exception as err:  # noqa: BLE001 - the dry run says it could not ask, in one line
         log.warning("dry run: cannot ask Tiled which runs exist: %s", one_line(err))
         return None
-    try:
-        return {uid for uid in uids if run_exists(client, uid)}
-    except Exception as err:  # noqa: BLE001 - as above
-        log.warning("dry run: cannot ask Tiled which runs exist: %s", one_line(err))
-        return None
-    finally:
-        client.context.close()
+    return found
 
 
 def dry_run_line(view: RunView, exists: bool | None, overwrite_foreign: bool) -> str:

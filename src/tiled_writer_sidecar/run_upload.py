@@ -213,13 +213,21 @@ class RunUpload:
                 self._save_progress()
         return count > 0
 
-    def latest_received(self) -> Received:
-        """The run's ``received.json``, read again only if the file changed (inode, mtime, size)."""
+    def _received_stat(self) -> tuple[int, int, int] | None:
         try:
             st = os.stat(self.view.directory / RECEIVED, follow_symlinks=False)
-            key: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
-            key = None
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def has_news(self) -> bool:
+        """Whether a pass may do anything: not waiting, or its received.json changed (the receiver
+        rewrites it with every batch it appends, and when it closes the run)."""
+        return not self.waiting or self._received_stat() != self._received_key
+
+    def latest_received(self) -> Received:
+        """The run's ``received.json``, read again only if the file changed (inode, mtime, size)."""
+        key = self._received_stat()
         if key != self._received_key:
             self._received_key = key
             self.received = Received.load(self.view.directory) or self.view.received

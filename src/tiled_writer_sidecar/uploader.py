@@ -54,9 +54,9 @@ from .tiled_run import check_tiledwriter_api
 
 log = logging.getLogger(__name__)
 
-#: Closed runs uploaded at once (open runs, the live lane, do not count). More in flight is slower
+#: Closed runs uploaded at once (open runs, the live lane, do not count). More in flight is no faster
 #: with Tiled on SQLite: concurrent writes answer 500 "database is locked" (measured, docs/design.md).
-MAX_ACTIVE_RUNS = 2
+MAX_ACTIVE_RUNS = 1
 LIVE_WORKERS = 1  # workers beyond MAX_ACTIVE_RUNS: open runs never queue behind the backlog
 PASS_S = 1.0  # a worker gives its run back at least this often (stop, fairness)
 IDLE_WAIT_S = 0.05
@@ -219,6 +219,8 @@ class Uploader:
         for slot in list(self.active.values()):
             if slot.future is not None or self.stop_event.is_set():
                 continue
+            if slot.run is not None and not slot.run.has_news():
+                continue  # an open run waiting for documents: a stat here, no pass
             if self._pool is None:
                 future: Future[bool] = Future()
                 try:

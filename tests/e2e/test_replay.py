@@ -50,7 +50,11 @@ def test_replay_dry_run_then_upload_every_row_once(tiled_container: TiledContain
     spool_documents(spool, documents)
     dry = _cli("replay", "--dry-run", "--spool-dir", str(spool), "--tiled-uri", tiled_container.uri)
     assert dry.returncode == 0, dry.stderr
-    assert all(uid in dry.stderr for uid in uids) and "2 run(s) would be uploaded" in dry.stderr
+    assert (
+        all(f"would upload {uid}" in dry.stdout for uid in uids)
+        and "2 run(s) would be uploaded" in dry.stdout
+    )
+    assert "DELETE" not in dry.stdout
     assert not any(uid in tiled_container.client() for uid in uids)
 
     done = _cli(
@@ -104,8 +108,11 @@ def test_replay_with_tiled_unreachable_is_one_clear_line(tmp_path: Path) -> None
     assert status["runs"][0]["state"] in ("pending", "uploading")
 
 
-def test_import_backup_replaces_a_partial_run(tiled_container: TiledContainer, tmp_path: Path) -> None:
-    """A TiledWriter JSONL backup of a run Tiled holds only partly: imported, the run is whole, once."""
+def test_import_backup_never_replaces_a_run_another_writer_made_unless_asked(
+    tiled_container: TiledContainer, tmp_path: Path
+) -> None:
+    """A TiledWriter JSONL backup of a run that in-process TiledWriter holds only partly: import-backup
+    quarantines it and leaves Tiled's copy alone (exit 1); with --overwrite-foreign it replaces it whole."""
     documents = _record(bp.count([det], 12))
     (uid,) = _uids(documents)
     backup_dir = tmp_path / "backup"
@@ -118,18 +125,62 @@ def test_import_backup_replaces_a_partial_run(tiled_container: TiledContainer, t
         partial(name, doc)
     assert len(read_stream(tiled_container.client(), uid)) == 5
 
-    result = _cli(
-        "import-backup",
-        *map(str, backup_dir.iterdir()),
-        "--spool-dir",
-        str(tmp_path / "spool"),
-        "--tiled-uri",
-        tiled_container.uri,
-        api_key=tiled_container.api_key,
-    )
+    def import_backup(spool: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        files = map(str, backup_dir.iterdir())
+        return _cli(
+            "import-backup",
+            *files,
+            *flags,
+            "--spool-dir",
+            str(tmp_path / spool),
+            "--tiled-uri",
+            tiled_container.uri,
+            api_key=tiled_container.api_key,
+        )
+
+    refused = import_backup("spool-a")
+    assert refused.returncode == 1 and "1 quarantined" in refused.stderr, refused.stderr
+    assert len(read_stream(tiled_container.client(), uid)) == 5
+    status = json.loads(_cli("status", "--json", "--spool-dir", str(tmp_path / "spool-a")).stdout)
+    assert "did not create it" in status["runs"][0]["reason"]
+
+    result = import_backup("spool-b", "--overwrite-foreign")
     assert result.returncode == 0, result.stderr
     assert frame_rows(read_stream(tiled_container.client(), uid)) == expected_rows(documents)
     assert tiled_container.client()[uid].metadata["stop"]["num_events"] == {"primary": 12}
+
+
+def test_replay_never_deletes_a_run_another_writer_made(
+    tiled_container: TiledContainer, tmp_path: Path
+) -> None:
+    """In-process TiledWriter wrote the run (owner beamline-A); the spool holds a forged copy of that uid.
+    --dry-run says, on stdout, it would not upload it (and that --overwrite-foreign would DELETE it);
+    replay quarantines it and Tiled's run is untouched; replay of the quarantined run again leaves it."""
+    documents = _record(bp.count([det], 5, md={"owner": "beamline-A"}))
+    (uid,) = _uids(documents)
+    inprocess = TiledWriter(tiled_container.client())
+    for name, doc in documents:
+        inprocess(name, doc)
+    forged = [(n, {**d, "owner": "FORGED"} if n == "start" else d) for n, d in documents]
+    spool = tmp_path / "spool"
+    spool_documents(spool, forged)
+    common = ("--spool-dir", str(spool), "--tiled-uri", tiled_container.uri)
+
+    dry = _cli("replay", "--dry-run", *common, api_key=tiled_container.api_key)
+    assert dry.returncode == 0, dry.stderr
+    assert f"would NOT upload {uid}" in dry.stdout and "--overwrite-foreign would DELETE" in dry.stdout
+    dry_overwrite = _cli(
+        "replay", "--dry-run", "--overwrite-foreign", *common, api_key=tiled_container.api_key
+    )
+    assert f"would DELETE the run in Tiled and rewrite it: {uid}" in dry_overwrite.stdout
+
+    for _ in range(2):  # the pending run, then the quarantined run named by uid
+        done = _cli("replay", *common, *([uid] if _ else []), api_key=tiled_container.api_key)
+        assert done.returncode == 1 and "1 quarantined" in done.stderr, done.stderr
+        assert tiled_container.client()[uid].metadata["start"]["owner"] == "beamline-A"
+        assert len(read_stream(tiled_container.client(), uid)) == 5
+    status = json.loads(_cli("status", "--json", "--spool-dir", str(spool)).stdout)
+    assert status["runs"][0]["state"] == "quarantined" and "did not create it" in status["runs"][0]["reason"]
 
 
 def test_status_and_verify_on_a_missing_spool_are_one_line_errors(tmp_path: Path) -> None:
