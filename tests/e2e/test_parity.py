@@ -154,6 +154,7 @@ def write_live(root: Any, docs: list[tuple[str, dict[str, Any]]]) -> TiledRun:
     return run
 
 
+@pytest.mark.timeout(900)  # 10,000 keys: TiledWriter's normalizer is O(keys^2) per event (upstream.md)
 def test_a_descriptor_split_above_1024_columns_is_written_once_and_reads_back(
     tiled_container: TiledContainer, tmp_path: Path
 ) -> None:
@@ -191,6 +192,7 @@ def test_a_descriptor_split_above_1024_columns_is_written_once_and_reads_back(
 MANY_STREAMS = 300
 
 
+@pytest.mark.timeout(900)
 def test_a_run_with_many_streams_is_written_once_and_every_stream_reads_back(
     tiled_container: TiledContainer,
 ) -> None:

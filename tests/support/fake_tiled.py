@@ -82,6 +82,9 @@ class FakeRunWriter:
     def buffered_age(self) -> float | None:
         return None
 
+    def ready_to_flush(self, *, caught_up: bool) -> bool:
+        return caught_up and not self.stopped and bool(self.buffer)
+
     def flush(self) -> float | None:
         for stream, seq_num in self.buffer:
             self.tiled.runs[self.uid][stream].append(seq_num)
