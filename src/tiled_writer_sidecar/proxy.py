@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -479,6 +480,7 @@ def run_proxy(options: ProxyOptions) -> int:
         previous = {sig: signal.signal(sig, proxy.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         print(
             f"Receiving on address {proxy.in_endpoint}; publishing to address {proxy.out_endpoint}.",
+            file=sys.__stdout__,  # bluesky-0MQ-proxy's announcement, on stdout (other stray output is logged)
             flush=True,
         )
         log.info(

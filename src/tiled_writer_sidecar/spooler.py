@@ -201,6 +201,7 @@ class RunSpooler:
             not result.failed
             and not self.stats.spool_writable
             and not (limit and self.stats.spool_bytes >= limit)
+            and run.directory.parent == self.spool.runs_dir  # an orphan's write does not prove runs/ works
         ):
             self.stats.spool_writable = True
             log.warning("spool writable again; spooling resumed")

@@ -25,7 +25,8 @@ document kind; the receiver, its crash recovery and `monitor` share it
   one that falls in a counted hole is a late event: kept, it fills the hole
   and counts in ``out_of_order``; any other seq_num at or below the highest
   (a copy) is ``duplicate-seq-num`` with `reject_duplicates` (the receiver),
-  else a received event (the monitor). A stop's ``num_events`` is kept as
+  else a received event (the monitor); so is a descriptor received twice in
+  its run (``duplicate-descriptor``). A stop's ``num_events`` is kept as
   ``expected_events``; `Received.gaps` adds a shortfall beyond the holes
   (rows covered by stream_datums count as received: ``datum_rows``). A
   seq_num must be an integer in 1..2**53 (``bad-seq-num``).
@@ -183,7 +184,7 @@ class RunTracker(DocumentRouter):
 
         `safe_uids=False` (the monitor: it shows runs, never stores them)
         accepts any string as a run uid, not only a safe directory name.
-        `reject_duplicates` rejects a copy of a received seq_num; `may_orphan`
+        `reject_duplicates` rejects a copy of a received seq_num or descriptor; `may_orphan`
         (None: no orphans) says whether a new orphan run may be opened.
         """
         super().__init__()
@@ -364,6 +365,10 @@ class RunTracker(DocumentRouter):
         run = self._declaring_run("descriptor", doc)
         uid = doc["uid"]
         self._check_claim("descriptor", uid, run, self.run_of_descriptor)
+        if self.reject_duplicates and uid in run.streams:  # a copy (e.g. a proxy's replay): spooled once
+            raise ValidationError(
+                "duplicate-descriptor", f"descriptor {str(uid)[:80]} of run {run.uid} again"
+            )
         if uid not in run.streams and len(run.streams) >= MAX_DESCRIPTORS_PER_RUN:
             raise ValidationError("too-many-descriptors", f"run {run.uid} has {MAX_DESCRIPTORS_PER_RUN}")
         if uid not in run.streams and len(self.run_of_descriptor) >= MAX_DESCRIPTORS_OPEN:

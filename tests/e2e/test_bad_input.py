@@ -40,6 +40,8 @@ from ophyd.sim import det, motor
 
 from tests.support.daemon import assert_runs_uploaded, make_sidecar, rejected_counts, run_documents
 from tests.support.framing import frame, new_uid
+from tiled_writer_sidecar import __version__
+from tiled_writer_sidecar.cli import PROG
 from tiled_writer_sidecar.spool.directory import quarantine_entry
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, is_probe, wait_until
 from tiled_writer_sidecar.testing._process import ManagedProcess
@@ -92,6 +94,12 @@ def rejection_log_lines(sidecar: SidecarProcess) -> list[str]:
     return [line for line in sidecar.log_tail(100_000).splitlines() if "message rejected" in line]
 
 
+def kept_of(reason: str, frames: list[bytes]) -> bytes:
+    """What the receiver keeps (and logs the size of) for a rejected message: all of it, except that a
+    multipart message is refused as it is read and only its first frame is kept (`Subscription.drain`)."""
+    return frames[0] if reason == "frame-count" else b"".join(frames)
+
+
 def assert_rejected(sidecar: SidecarProcess, sent: list[tuple[str, list[bytes]]]) -> None:
     """Every (reason, frames) in `sent` was counted, quarantined and logged once per reason.
 
@@ -104,14 +112,14 @@ def assert_rejected(sidecar: SidecarProcess, sent: list[tuple[str, list[bytes]]]
     # Each bad message is in the quarantine under its reason, nothing else is (but probes).
     expected: dict[str, Counter[bytes]] = {}
     for reason, frames in sent:
-        expected.setdefault(reason, Counter())[quarantine_entry(b"".join(frames))] += 1
+        expected.setdefault(reason, Counter())[quarantine_entry(kept_of(reason, frames))] += 1
     assert {reason: Counter(raw) for reason, raw in without_probes(kept).items()} == expected
     # Logged once per reason, with the size of the first such message, never one line per message.
     lines = rejection_log_lines(sidecar)
     for reason in counts:
         mine = [line for line in lines if f"reason={reason} " in line]
         assert len(mine) == 1 and " count=1 " in mine[0], mine
-    firsts = {reason: b"".join(frames) for reason, frames in reversed(sent)}
+    firsts = {reason: kept_of(reason, frames) for reason, frames in reversed(sent)}
     for reason, first in firsts.items():
         if reason != "unknown-document":  # there, a probe came first
             (line,) = [line for line in lines if f"reason={reason} " in line]
@@ -424,7 +432,8 @@ def refused_run(tmp_path: Path, spool: Path) -> tuple[int | None, list[str]]:
     finally:
         code = process.kill()
     lines = [line for line in log.read_text().splitlines()[1:] if line.strip()]  # [0]: ManagedProcess header
-    return code, lines
+    # Every daemon start first logs its version (`cli.startup_line`); the refusal is the line after it.
+    return code, [line for line in lines if f"{PROG} {__version__} starting (" not in line]
 
 
 @pytest.mark.parametrize("mode", [0o770, 0o702, 0o777], ids=oct)

@@ -189,11 +189,14 @@ def _open_run_with_symlinked_last_segment(spool_root: Path, victim: Path) -> Pat
     return run_dir
 
 
-def test_verify_repair_and_a_restarted_daemon_never_write_through_a_symlinked_segment(tmp_path: Path) -> None:
+def test_verify_repair_and_a_restarted_daemon_never_write_through_a_symlinked_segment(
+    proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+) -> None:
     """`verify --repair` (the CLI) reports the symlinked segment and leaves its target alone; the
-    daemon reopening that open run starts a new segment instead of truncating the target."""
+    restarted daemon, reopening that open run's log for its next document, starts a new segment
+    instead of truncating the target."""
     victim = tmp_path / "victim.seg"
-    sidecar = offline_sidecar(tmp_path / "sidecar", f"tcp://{LOCALHOST}:{free_port()}")
+    sidecar = offline_sidecar(tmp_path / "sidecar", proxy.out_address)
     run_dir = _open_run_with_symlinked_last_segment(sidecar.spool_dir, victim)
     before = victim.read_bytes()
     out = subprocess.run(
@@ -206,6 +209,18 @@ def test_verify_repair_and_a_restarted_daemon_never_write_through_a_symlinked_se
     assert victim.read_bytes() == before, out.stdout + out.stderr
     assert out.returncode == 1 and "symlink" in out.stdout, out.stdout + out.stderr
     with sidecar:
+        acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+        assert acquisition.publisher is not None
+        descriptor = {
+            "uid": new_uid(),
+            "run_start": run_dir.name,
+            "time": 2.0,
+            "data_keys": {},
+            "name": "primary",
+        }
+        acquisition.publisher.send_raw(
+            frame("descriptor", descriptor)
+        )  # the run's log opens on its next write
         wait_until(lambda: (run_dir / "0000000002.seg").exists(), 60, what="the reopened run's new segment")
         assert sidecar.process.running
     assert victim.read_bytes() == before

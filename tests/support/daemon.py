@@ -54,9 +54,13 @@ def make_sidecar(
 
 
 def rejected_counts(sidecar: SidecarProcess) -> dict[str, float]:
-    """``{reason: count}`` from the daemon's /metrics."""
+    """``{reason: count}`` from the daemon's /metrics, for the reasons counted at least once.
+
+    Every known reason is exported from the start at 0 (so alerts see the first one); those are left out.
+    """
     text = httpx.get(sidecar.metrics_url, timeout=10).text
-    return {m[1]: float(m[2]) for m in re.finditer(REJECTED + r'\{reason="([^"]+)"\} ([0-9.e+]+)', text)}
+    counts = {m[1]: float(m[2]) for m in re.finditer(REJECTED + r'\{reason="([^"]+)"\} ([0-9.e+]+)', text)}
+    return {reason: n for reason, n in counts.items() if n}
 
 
 def run_documents(docs: Iterable[Document], uid: str) -> list[Document]:
