@@ -190,7 +190,15 @@ class BufferingProxy:
         now = self._now
         if size >= self._largest or now - self._largest_at > HWM_WINDOW_S:
             self._largest, self._largest_at = size, now
-            self._set_hwm(hwm_for(self.options.pipe_bytes, size))
+            target, current = hwm_for(self.options.pipe_bytes, size), self.stats.pipe_hwm
+            # Changing a live pipe's HWM is rare on purpose: libzmq 4.3.5 crashed (SIGSEGV in its I/O
+            # thread) twice in tests when it raced a disconnecting subscriber. Lower at once (the memory
+            # bound) to a power of two, so that slowly growing messages do not change it again; raise only
+            # when the share doubles.
+            if target < current:
+                self._set_hwm(max(MIN_HWM, 1 << (target.bit_length() - 1)))
+            elif target >= 2 * current:
+                self._set_hwm(target)
 
     # -- sending ----------------------------------------------------------------
 
