@@ -58,8 +58,9 @@ def pump_until_finished(run: RunUpload, passes: int = 10) -> None:
 def test_a_closed_run_is_fed_verified_and_recorded_uploaded(
     spool: Spool, tiled: FakeTiled, shared: Shared, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """pending -> uploading (once Tiled created the run: one write) -> uploaded: every row in Tiled once,
-    in order; counts and rows recorded; uploaded.json written twice for a small run."""
+    """pending (+ creating, before the create) -> uploading (once Tiled created the run: one write) ->
+    uploaded: every row in Tiled once, in order; counts and rows recorded; uploaded.json written three
+    times for a small run."""
     uid = spool.closed_run(events=5)
     saves: list[str] = []
     real_save = Uploaded.save
@@ -67,13 +68,13 @@ def test_a_closed_run_is_fed_verified_and_recorded_uploaded(
     run = started(spool, shared, uid)
     assert Uploaded.load(spool.dir.run_dir(uid)).state == UploadState.PENDING and uid not in tiled.runs
     pump_until_finished(run)
-    assert saves == [UploadState.UPLOADING, UploadState.UPLOADED]
+    assert saves == [UploadState.PENDING, UploadState.UPLOADING, UploadState.UPLOADED]
     uploaded = Uploaded.load(spool.dir.run_dir(uid))
     assert uploaded.state == UploadState.UPLOADED
     assert uploaded.documents == 8 and uploaded.rows == {"primary": 5}
     assert tiled.runs[uid] == {"primary": [1, 2, 3, 4, 5]}
     assert (shared.status.runs_uploaded, shared.status.documents, shared.status.rows) == (1, 8, 5)
-    assert uploaded.created and uploaded.attempts == 1
+    assert uploaded.created and not uploaded.creating and uploaded.attempts == 1
 
 
 def test_a_row_lost_in_tiled_fails_verification_and_leaves_the_run_uploading(
@@ -126,6 +127,28 @@ def test_overwrite_foreign_deletes_a_run_this_spool_did_not_create(
     pump_until_finished(started(spool, shared, foreign))
     assert tiled.deleted == [foreign] and tiled.runs[foreign] == {"primary": [1, 2, 3]}
     assert Uploaded.load(spool.dir.run_dir(foreign)).created
+
+
+def test_an_upload_cut_between_create_and_record_is_rewritten_not_quarantined(
+    spool: Spool, tiled: FakeTiled, shared: Shared
+) -> None:
+    """``creating`` left set by a killed uploader + the run in Tiled holds this spool's start: it is this
+    spool's own run, deleted and written again. The same uid created from another start stays foreign."""
+    ours, other = spool.closed_run(), spool.closed_run()
+    first = started(spool, shared, ours)
+    first.pump()  # creates the run in Tiled...
+    Uploaded(state=UploadState.PENDING, creating=True).save(spool.dir.run_dir(ours))  # ...then killed
+    assert not Uploaded.load(spool.dir.run_dir(ours)).created
+    pump_until_finished(started(spool, shared, ours))
+    assert tiled.deleted == [ours] and tiled.runs[ours] == {"primary": [1, 2, 3]}
+    assert Uploaded.load(spool.dir.run_dir(ours)).state == UploadState.UPLOADED
+
+    Uploaded(state=UploadState.PENDING, creating=True).save(spool.dir.run_dir(other))
+    tiled.runs[other] = {"primary": [7]}
+    tiled.starts[other] = {"uid": other, "time": 0.0}
+    with pytest.raises(ForeignRun):
+        started(spool, shared, other).pump()
+    assert tiled.runs[other] == {"primary": [7]} and tiled.deleted == [ours]
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,12 @@
 - `RunUpload.start` deletes a partial upload of the run in Tiled first, only
   if this spool created it (``uploaded.created``) or `Shared.overwrite_foreign`
   says so; it makes no request otherwise. Feeding the start creates the run
-  in Tiled: Tiled answers 409 if another writer has it (`ForeignRun`: the run
-  is quarantined, nothing deleted); once created, ``uploaded.json`` records
-  ``uploading`` and ``created`` in one write. `pump` feeds what is new in the
+  in Tiled: ``uploaded.json`` records ``creating`` first; Tiled answers 409
+  if another writer has the run (`ForeignRun`: the run is quarantined, nothing
+  deleted); once created, ``uploaded.json`` records ``uploading`` and
+  ``created`` in one write. A 409 after an upload cut between the create and
+  that write (``creating`` left set) on a run whose start in Tiled is this
+  spool's start is this spool's own: it is deleted and created again. `pump` feeds what is new in the
   log (at most `RECORDS_PER_PUMP`), flushes when a batch is due, and finishes
   the run once it is closed and read to its end.
 - Everything read back is untrusted: `feed` refuses a document that is not
@@ -127,6 +130,8 @@ class RunUpload:
         self.last_read = time.monotonic()  # when its last pass read a document
         self.finished = False  # uploaded: the scheduler forgets it
         self.start_seen = False
+        # An upload before this one was cut between creating the run and recording it.
+        self.cut_while_creating = view.uploaded.creating and not view.uploaded.created
         self.streams: dict[str, str] = {}  # descriptor uid -> stream name, as fed
         self.seq_nums: dict[str, SeqNums] = {}  # stream -> seq_num fed, in order
 
@@ -166,11 +171,40 @@ class RunUpload:
         tiled = TiledRun(client, shared.config.tiled.batch_rows, retry)
         return cls(view, tiled, shared, retry)
 
+    def _create(self, doc: dict[str, Any]) -> None:
+        """Feed the start, which creates the run in Tiled, recording ``creating`` first (module docstring)."""
+        uploaded = self.view.uploaded
+        if not uploaded.created:
+            uploaded.creating = True
+            uploaded.save(self.view.directory)
+        try:
+            self.tiled.feed("start", doc)  # creates the run in Tiled: atomic against other writers
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code != 409:
+                raise
+            if not (self.cut_while_creating and _holds_start(self.shared.link.client, doc)):
+                raise ForeignRun(
+                    "a run with this uid is already in Tiled and this spool did not create it"
+                    " (another writer, or an upload cut before it was recorded);"
+                    " `replay --overwrite-foreign UID` replaces it"
+                ) from None
+            log.info(
+                "run %s: an upload cut before recording its create left the run in Tiled; rewriting it",
+                self.uid,
+            )
+            _close_for_subscribers(self.shared.link.client, self.uid)
+            delete_run(self.shared.link.client, self.uid)
+            with self.shared.lock:
+                self.shared.status.rewrites += 1
+            self.tiled.feed("start", doc)
+        self._created()
+
     def _created(self) -> None:
         """The start is in Tiled, created by this spool: record ``uploading`` (one write)."""
         uploaded = self.view.uploaded
         uploaded.state = UploadState.UPLOADING
         uploaded.created = True
+        uploaded.creating = False
         uploaded.attempts += 1
         uploaded.documents = 0
         uploaded.damage = []
@@ -300,20 +334,10 @@ class RunUpload:
                 seq.add(int(value))
         elif name == "stream_resource":
             check_key(doc.get("data_key"), "stream_resource data key")
-        if name != "start":
+        if name == "start":
+            self._create(doc)
+        else:
             self.tiled.feed(name, doc)
-            return
-        try:
-            self.tiled.feed(name, doc)  # creates the run in Tiled: atomic against other writers
-        except httpx.HTTPStatusError as err:
-            if err.response.status_code == 409:
-                raise ForeignRun(
-                    "a run with this uid is already in Tiled and this spool did not create it"
-                    " (another writer, or an upload cut before it was recorded);"
-                    " `replay --overwrite-foreign UID` replaces it"
-                ) from None
-            raise
-        self._created()
 
     # ------------------------------------------------------------- the end
     def finish(self, received: Received) -> None:
@@ -407,6 +431,12 @@ def quarantine(view: RunView, reason: str, status: UploaderStatus) -> None:
         uploaded.save(view.directory)
     except OSError as err:  # shown in the log; the run is not retried by this process
         log.error("run %s: cannot record its quarantine: %s", clean(uid, 80), one_line(err))
+
+
+def _holds_start(client: Any, doc: dict[str, Any]) -> bool:
+    """Tiled's run of this uid was created from this start document (same uid and time)."""
+    start = client[check_uid(doc["uid"])].metadata.get("start") or {}
+    return bool(start.get("uid") == doc["uid"] and start.get("time") == doc.get("time"))
 
 
 def _close_for_subscribers(client: Any, uid: str) -> None:

@@ -64,6 +64,7 @@ class FakeRunWriter:
             if self.uid in self.tiled.runs:  # Tiled's create: 409 if the key is taken
                 raise http_error(409, "POST", "http://127.0.0.1:8000/api/v1/metadata/")
             self.tiled.runs[self.uid] = {}
+            self.tiled.starts[self.uid] = doc
         elif name == "descriptor":
             self.streams[doc["uid"]] = doc["name"]
             self.tiled.runs[self.uid].setdefault(doc["name"], [])
@@ -102,11 +103,13 @@ class FakeTiled:
     def __init__(self) -> None:
         self.runs: dict[str, dict[str, list[int]]] = {}
         self.deleted: list[str] = []
+        self.starts: dict[str, dict[str, Any]] = {}  # run uid -> the start it was created from
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeTiled:
         monkeypatch.setattr(run_upload, "TiledRun", self)
         monkeypatch.setattr(run_upload, "run_exists", lambda client, uid: uid in self.runs)
         monkeypatch.setattr(run_upload, "delete_run", self.delete_run)
+        monkeypatch.setattr(run_upload, "_holds_start", lambda client, doc: self.starts.get(doc["uid"]) == doc)
         monkeypatch.setattr(
             run_upload, "read_seq_nums", lambda client, uid, stream: self.runs.get(uid, {}).get(stream)
         )
@@ -121,6 +124,7 @@ class FakeTiled:
     def delete_run(self, client: Any, uid: str) -> None:
         self.deleted.append(uid)
         del self.runs[uid]
+        self.starts.pop(uid, None)
 
 
 def config_for(spool: SpoolDir, **spool_options: Any) -> Config:

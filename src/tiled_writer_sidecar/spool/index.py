@@ -309,6 +309,7 @@ _UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "rows": as_counts,
     "updated": _time,
     "created": _flag,
+    "creating": _flag,
 }
 
 
@@ -438,6 +439,8 @@ class Uploaded(_IndexFile):
     updated: float = field(default_factory=time.time)
     #: This spool created the run in Tiled (so only it may delete it there; docs/design.md, "Upload").
     created: bool = False
+    #: This spool sent the request that creates the run and has not recorded the answer yet.
+    creating: bool = False
 
     def __post_init__(self) -> None:
         self.state = _state(self.state)  # a plain string from a caller becomes its UploadState
