@@ -137,3 +137,31 @@ def test_backoff_is_exponential_with_equal_jitter_capped_and_reset() -> None:
 def test_backoff_survives_a_huge_attempt_count() -> None:
     backoff = Backoff(0.5, 30.0, attempt=10_000)
     assert 15.0 <= backoff.next_delay() <= 30.0
+
+
+@pytest.mark.parametrize(
+    ("root", "lookup", "serving"),
+    [(200, 404, True), (200, 200, True), (200, 401, True), (200, 500, False), (503, 404, False)],
+    ids=["lookup-not-found", "lookup-found", "lookup-unauthorized", "database-down", "root-failing"],
+)
+def test_reachable_means_the_root_and_a_catalog_lookup_answer(
+    root: int, lookup: int, serving: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiled up with its database down answers its root but 500 on every lookup: that is an outage
+    (everyone pauses, no run's failure counted), not one run's problem; a 404 on the lookup is an answer."""
+    seen: list[tuple[str, str | None]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.headers.get("authorization")))
+        return httpx.Response(root if request.url.path == "/api/v1/" else lookup)
+
+    monkeypatch.setenv("TILED_API_KEY", "secret")
+    config = Config(tiled=TiledConfig(uri="http://127.0.0.1:9/"))
+    link = TiledLink(config, UploaderStatus(), stop=threading.Event(), report=lambda: None)
+    link._probe = httpx.Client(transport=httpx.MockTransport(answer))
+    assert link.reachable() is serving
+    assert seen[0] == ("/api/v1/", None)
+    if root < 500:
+        assert seen[1] == (tiled_link.PROBE_LOOKUP, "Apikey secret")
+    else:
+        assert len(seen) == 1

@@ -1,7 +1,8 @@
 """The uploader's link to Tiled: one client, its up/down state, and how long to wait.
 
 - `client` is None while Tiled is down; `connect` builds a new one only once
-  `reachable` (one GET on a kept HTTP client) says the server answers.
+  `reachable` (two GETs on a kept HTTP client: the root, and a lookup in
+  its catalog) says the server answers and its database does too.
 - Every state change is one log line and lands in the shared `UploaderStatus`;
   retries are counted there. The states (`spool.index.TILED_STATES`): ``connecting``,
   ``up``, ``down`` (no answer, or 5xx), ``unauthorized`` (the API key is
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5.0
 BUSY_BACKOFF_INITIAL_S = 0.05  # retrying an append Tiled answered with a 5xx (see TiledLink.busy_backoff)
 BUSY_BACKOFF_MAX_S = 1.0
+#: A catalog lookup no run answers (404): a 5xx here means Tiled's database is down (see `reachable`).
+PROBE_LOOKUP = "/api/v1/metadata/tiled-writer-sidecar-probe"
 IN_PLACE_ATTEMPTS = 5  # waits of one failing request while Tiled answers others (see InPlaceRetry)
 
 
@@ -96,19 +99,31 @@ class TiledLink:
         return self.client
 
     def reachable(self) -> bool:
-        """Whether Tiled's server answers at all (one GET on a client kept for this).
+        """Whether Tiled serves requests: its root answers, and so does a lookup in its catalog.
 
-        Cheap on purpose: it is asked on every failure, and before every
-        reconnection while Tiled is down (a new HTTP client costs ~20 ms of
-        CPU to load the TLS trust store).
+        Two GETs on a client kept for this: ``/api/v1/``, then ``PROBE_LOOKUP``
+        (a key no run has: 404 is an answer). A 5xx on the lookup is Tiled up
+        with its database down, which fails every run's request alike: an
+        outage, not one run's failure. Cheap on purpose: it is asked on every
+        failure, and before every reconnection while Tiled is down (a new HTTP
+        client costs ~20 ms of CPU to load the TLS trust store).
         """
         try:
             response = self._get("/api/v1/")
+            if response.status_code < 500:
+                response = self._get(PROBE_LOOKUP, headers=self._auth())
         except httpx.HTTPError as err:
             self._probe_error = one_line(err)
             return False
-        self._probe_error = None if response.status_code < 500 else f"HTTP {response.status_code}"
-        return response.status_code < 500
+        failing = response.status_code >= 500
+        self._probe_error = (
+            f"HTTP {response.status_code} on GET {response.request.url.path}" if failing else None
+        )
+        return not failing
+
+    def _auth(self) -> dict[str, str] | None:
+        key = self.config.api_key()
+        return {"Authorization": f"Apikey {key}"} if key else None
 
     def _get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
         server = urlsplit(self.config.tiled.uri)
@@ -138,8 +153,7 @@ class TiledLink:
                     f"{uri} answers but is not a Tiled server (GET /api/v1/: HTTP {about.status_code}, {kind})",
                 )
             key = self.config.api_key()
-            headers = {"Authorization": f"Apikey {key}"} if key else None
-            metadata = self._get("/api/v1/metadata/", headers=headers)
+            metadata = self._get("/api/v1/metadata/", headers=self._auth())
         except httpx.HTTPError:
             return None
         if metadata.status_code in (401, 403):
