@@ -5,8 +5,9 @@
   run is quarantined. `decide` returns the first rule that matches; the
   scheduler branches on it once per failure.
 - A failure is the run's own problem unless Tiled is down (its root does
-  not answer) or refuses the API key: then everyone pauses and nothing is
-  counted. Otherwise the run backs off on its own (the others go on) and the
+  not answer, or a lookup in its catalog fails: its database is down) or
+  refuses the API key: then everyone pauses and nothing is counted.
+  Otherwise the run backs off on its own (the others go on) and the
   failure counts: the same failure (`failure_key`) `repeats` times in a row,
   or `MAX_RUN_FAILURES` failures of any kind, quarantine it with a one-line
   reason. A run's own bad content (unsafe name, a document of another run,

@@ -17,7 +17,7 @@ A run's state machine is in ``uploaded.json`` (`spool.index.UploadState`)::
   schedules, collects results and writes ``uploader.json``. Shared counters
   are updated under `Shared.lock`.
 - A failure of one run is decided once, by `outcomes.decide`: quarantine;
-  a Tiled-wide outage (Tiled's root does not answer, or the API key is
+  a Tiled-wide outage (Tiled's root or its catalog does not answer, or the API key is
   refused), where everyone pauses on `TiledLink.failed`; or the run's own
   problem: it alone backs off (`RunRetry`: per-run backoff with a not-before
   time) and is quarantined once the rule's repeats or `MAX_RUN_FAILURES` are
