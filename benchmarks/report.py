@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import burst, live_streaming, scale_out, small_runs
+from . import backlog_live, burst, live_streaming, scale_out, small_runs
 from .common import fmt, fmt_summary, summary
 
 
@@ -467,6 +467,7 @@ SECTIONS = {
     "scale_out": scale_out.section,
     "live_streaming": live_streaming.section,
     "small_runs": small_runs.section,
+    "backlog_live": backlog_live.section,
     "runengine_cost": _runengine,
     "receive_path": _receive,
     "backlog_drain": _drain,
@@ -509,6 +510,8 @@ def _headline(name: str, c: dict[str, Any]) -> str:
         return live_streaming.headline(c)
     if name == "small_runs":
         return small_runs.headline(c)
+    if name == "backlog_live":
+        return backlog_live.headline(c)
     return ""
 
 
@@ -769,6 +772,7 @@ ANALYSIS = {
     "scale_out": scale_out.analysis,
     "live_streaming": live_streaming.analysis,
     "small_runs": small_runs.analysis,
+    "backlog_live": backlog_live.analysis,
     "runengine_cost": _an_runengine,
     "receive_path": _an_receive,
     "backlog_drain": _an_drain,

@@ -27,6 +27,7 @@ from typing import Any
 
 from . import (
     backlog_drain,
+    backlog_live,
     burst,
     live_latency,
     live_streaming,
@@ -51,6 +52,7 @@ COMPARISONS: list[ModuleType] = [
     scale_out,
     live_streaming,
     small_runs,
+    backlog_live,
 ]
 HERE = Path(__file__).resolve().parent
 

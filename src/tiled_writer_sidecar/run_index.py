@@ -2,10 +2,16 @@
 
 Scheduling costs O(log N) per run, not a pass over the spool:
 
-- The run directories' names are listed (`SpoolDir.run_names`: no symlink)
+- The run directories' names are listed (`SpoolDir.run_entries`: no symlink)
   only when ``runs/`` changed (its mtime and link count) or every
   `FULL_LISTING_S`, never more often than every `LISTING_INTERVAL_S`; a new
   name's two JSON files are read once.
+- New names are indexed in bounded chunks (at most `INDEX_CHUNK` names or,
+  beyond `INDEX_MIN`, `INDEX_BUDGET_S` per refresh), so a spool of 50,000 runs starts uploading
+  at once: the names wait in a queue ordered by their directory's mtime (a
+  lstat, no file read), taken from both ends: the oldest (the backlog's
+  head: oldest-first is kept while the rest is indexed) and a few newest
+  (`NEWEST_PER_REFRESH`: the run being acquired, for the live lane).
 - Closed runs wait in a heap, oldest first (``first_received``, then uid);
   their files are read again only when one is taken (`next_closed`).
 - Open runs (the live lane) are kept with the stat of their
@@ -22,6 +28,7 @@ put in ``done``.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import logging
 import os
@@ -38,6 +45,10 @@ log = logging.getLogger(__name__)
 
 LISTING_INTERVAL_S = 0.2  # at most this often is runs/ listed
 FULL_LISTING_S = 5.0  # listed at least this often, changed or not (a missed mtime tick)
+INDEX_CHUNK = 2000  # new names indexed per refresh at most (their files read) ...
+INDEX_BUDGET_S = 0.1  # ... and for at most this long once INDEX_MIN are read
+INDEX_MIN = 64
+NEWEST_PER_REFRESH = 16  # of those, taken from the newest end (the live run, when a backlog waits)
 
 StatKey = tuple[int, int, int] | None
 
@@ -59,6 +70,13 @@ def _stat_key(path: Path) -> StatKey:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def _mtime_ns(entry: os.DirEntry[str]) -> int:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime_ns
+    except OSError:
+        return 0
+
+
 def age_of(received: Received, uid: str) -> tuple[float, str]:
     """Sort key: oldest first (a hostile received.json may hold anything there)."""
     first = received.first_received
@@ -77,6 +95,7 @@ class RunIndex:
         self.open: dict[str, OpenRun] = {}
         self.delayed: list[tuple[float, str]] = []  # heap of (not before, monotonic; uid)
         self.out: set[str] = set()  # in flight or backing off: in no queue
+        self.unindexed: collections.deque[str] = collections.deque()  # listed, not read: oldest first
         self._listing_key: StatKey = None
         self._listed_at = -1e9
         self._full_at = -1e9
@@ -92,6 +111,7 @@ class RunIndex:
                 self._full_at = now
                 self._list()
             self._listed_at = now
+        self._index_some()
         for uid, entry in list(self.open.items()):
             key = _stat_key(self.spool.runs_dir / uid / RECEIVED)
             if key != entry.key:
@@ -103,16 +123,31 @@ class RunIndex:
             self._enqueue(uid)
 
     def _list(self) -> None:
-        names = set(self.spool.run_names())
+        entries = {entry.name: entry for entry in self.spool.run_entries()}
+        names = set(entries)
         if self.only is not None:
             names &= self.only
         for uid in self.known - names:  # pruned from the spool
             self.known.discard(uid)
             self.done.discard(uid)
             self.open.pop(uid, None)
-        for uid in names - self.known:
-            self.known.add(uid)
-            self._enqueue(uid)
+        new = names - self.known
+        self.known |= new
+        self.unindexed.extend(
+            sorted(new, key=lambda uid: (_mtime_ns(entries[uid]), uid))
+        )  # newer than all queued
+
+    def _index_some(self) -> None:
+        """Read a bounded chunk of listed names: a few newest, then the oldest, until the budget is spent."""
+        queue = self.unindexed
+        deadline = time.monotonic() + INDEX_BUDGET_S
+        for n in range(min(INDEX_CHUNK, len(queue))):
+            newest = n % 2 == 1 and n < 2 * NEWEST_PER_REFRESH
+            uid = queue.pop() if newest else queue.popleft()
+            if uid in self.known:  # else pruned meanwhile
+                self._enqueue(uid)
+            if n + 1 >= INDEX_MIN and time.monotonic() >= deadline:
+                break
 
     def _enqueue(self, uid: str) -> None:
         """Read a run's files and put it in its lane (or in ``done``)."""
@@ -202,8 +237,15 @@ class RunIndex:
         return {uid: entry for uid, entry in self.open.items() if entry.parked}
 
     def waiting(self) -> int:
-        """Runs in a queue or backing off (not those in flight)."""
-        return len(self.closed) + len(self.open) + len(self.delayed)
+        """Runs in a queue or backing off, or not indexed yet (not those in flight)."""
+        return len(self.closed) + len(self.open) + len(self.delayed) + len(self.unindexed)
+
+    @property
+    def indexing(self) -> bool:
+        """Listed names are still to be read (the next refresh reads more)."""
+        return bool(self.unindexed)
 
     def work_left(self) -> bool:
-        return bool(self.closed or self.delayed or any(not e.parked for e in self.open.values()))
+        return bool(
+            self.unindexed or self.closed or self.delayed or any(not e.parked for e in self.open.values())
+        )

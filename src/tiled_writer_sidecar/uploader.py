@@ -7,7 +7,8 @@ A run's state machine is in ``uploaded.json`` (`spool.index.UploadState`)::
                    │  └── failed, backing off, or interrupted: rewritten whole (if this spool created it)
                    └────> quarantined            (the run cannot be uploaded; `replay UID` retries it)
 
-- Runs come from `RunIndex` (in memory, refreshed incrementally). Lanes: every
+- Runs come from `RunIndex` (in memory, refreshed incrementally; a big spool is
+  indexed in chunks while the oldest runs already upload). Lanes: every
   open run (the one being acquired) is activated at once, never behind the
   backlog; closed runs, oldest first, while fewer than `MAX_ACTIVE_RUNS` of
   them are in flight. Runs in memory are bounded by ``max_open_runs +
@@ -196,7 +197,7 @@ class Uploader:
                 self._write_status()
                 if until_idle and not progressed and not self._work_left():
                     break
-                if not progressed:
+                if not progressed and not self.index.indexing:  # else index the next chunk at once
                     self.wake.wait(IDLE_WAIT_S)
                     self.wake.clear()
         finally:

@@ -162,6 +162,10 @@ class SpoolDir:
 
     def run_dirs(self) -> list[Path]:
         """The run directories (never a symlink, never a file)."""
+        return [Path(entry.path) for entry in self.run_entries()]
+
+    def run_entries(self) -> list[os.DirEntry[str]]:
+        """`run_dirs` as directory entries (no `Path` each: 50,000 of them cost seconds)."""
         dirs = []
         try:
             entries = list(os.scandir(self.runs_dir))
@@ -170,7 +174,7 @@ class SpoolDir:
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    dirs.append(Path(entry.path))
+                    dirs.append(entry)
             except OSError:
                 continue
         return dirs
@@ -218,15 +222,14 @@ class SpoolDir:
     def _uploaded_by_age(self, exclude: Path) -> list[Path]:
         """Run directories holding an uploaded.json, oldest write first (one stat each, no read)."""
         dated = []
-        for directory in self.run_dirs():
-            if directory == exclude:
-                continue
+        for entry in self.run_entries():
             try:
-                dated.append((os.stat(directory / UPLOADED, follow_symlinks=False).st_mtime_ns, directory))
+                mtime = os.stat(os.path.join(entry.path, UPLOADED), follow_symlinks=False).st_mtime_ns
             except OSError:
                 continue
+            dated.append((mtime, entry.path))
         dated.sort()
-        return [directory for _, directory in dated]
+        return [Path(path) for _, path in dated if path != str(exclude)]
 
     def _quarantine_listing(self) -> list[tuple[str, int]]:
         """``(name, size)`` of each file in quarantine/, oldest first."""
