@@ -109,9 +109,10 @@ def test_start_rewrites_a_partial_upload_it_created_and_never_touches_a_run_it_d
     assert tiled.deleted == [ours] and shared.status.rewrites == 1
     pump_until_finished(run)
     assert tiled.runs[ours] == {"primary": [1, 2, 3]}
-    for uid in (foreign, imported):
+    for uid in (foreign, imported, foreign):  # the second try (a replay) finds the same: foreign
         with pytest.raises(ForeignRun, match="already in Tiled and this spool did not create it"):
             started(spool, shared, uid).pump()
+        assert not Uploaded.load(spool.dir.run_dir(uid)).creating
     assert tiled.runs[foreign] == {"primary": [7]} and tiled.runs[imported] == {"primary": [8]}
     assert tiled.deleted == [ours]
     assert not Uploaded.load(spool.dir.run_dir(foreign)).created
@@ -149,6 +150,7 @@ def test_an_upload_cut_between_create_and_record_is_rewritten_not_quarantined(
     with pytest.raises(ForeignRun):
         started(spool, shared, other).pump()
     assert tiled.runs[other] == {"primary": [7]} and tiled.deleted == [ours]
+    assert not Uploaded.load(spool.dir.run_dir(other)).creating
 
 
 @pytest.mark.parametrize(

@@ -174,30 +174,44 @@ class RunUpload:
     def _create(self, doc: dict[str, Any]) -> None:
         """Feed the start, which creates the run in Tiled, recording ``creating`` first (module docstring)."""
         uploaded = self.view.uploaded
+        client = self.shared.link.client
         if not uploaded.created:
             uploaded.creating = True
             uploaded.save(self.view.directory)
         try:
             self.tiled.feed("start", doc)  # creates the run in Tiled: atomic against other writers
         except httpx.HTTPStatusError as err:
-            if err.response.status_code != 409:
+            ours = err.response.status_code == 409 and self.cut_while_creating and _holds_start(client, doc)
+            if not ours:
+                self._not_created(foreign=err.response.status_code == 409)
+                if err.response.status_code == 409:
+                    raise ForeignRun(
+                        "a run with this uid is already in Tiled and this spool did not create it"
+                        " (another writer, or an upload cut before it was recorded);"
+                        " `replay --overwrite-foreign UID` replaces it"
+                    ) from None
                 raise
-            if not (self.cut_while_creating and _holds_start(self.shared.link.client, doc)):
-                raise ForeignRun(
-                    "a run with this uid is already in Tiled and this spool did not create it"
-                    " (another writer, or an upload cut before it was recorded);"
-                    " `replay --overwrite-foreign UID` replaces it"
-                ) from None
             log.info(
                 "run %s: an upload cut before recording its create left the run in Tiled; rewriting it",
                 self.uid,
             )
-            _close_for_subscribers(self.shared.link.client, self.uid)
-            delete_run(self.shared.link.client, self.uid)
+            _close_for_subscribers(client, self.uid)
+            delete_run(client, self.uid)
             with self.shared.lock:
                 self.shared.status.rewrites += 1
             self.tiled.feed("start", doc)
+        except httpx.ConnectError:
+            self._not_created(foreign=False)
+            raise
         self._created()
+
+    def _not_created(self, *, foreign: bool) -> None:
+        """Tiled answered (or was never reached): this create did not land, so ``creating`` is cleared,
+        unless an earlier, cut create may have landed (then only a 409 on another start clears it)."""
+        uploaded = self.view.uploaded
+        if uploaded.creating and (foreign or not self.cut_while_creating):
+            uploaded.creating = False
+            uploaded.save(self.view.directory)
 
     def _created(self) -> None:
         """The start is in Tiled, created by this spool: record ``uploading`` (one write)."""
