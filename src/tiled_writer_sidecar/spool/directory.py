@@ -38,7 +38,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import SpoolError, SpoolLockedError
+from ..errors import SpoolError, SpoolLockedError, UnsafeName
+from ..text import ascii_text
 from .index import UPLOADED, Received, RunView, Uploaded, UploadState
 from .segment import list_segments, log_bytes
 
@@ -51,8 +52,16 @@ _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def is_safe_uid(uid: object) -> bool:
-    """A uid we can use as a directory name (no separators, no traversal, no newline: a full match)."""
+    """The one rule for a run uid: what bluesky writes (uuid4) and more, never a separator, a dot
+    segment or a newline (a full match), so it is both a directory name and a Tiled key."""
     return isinstance(uid, str) and _SAFE_UID.fullmatch(uid) is not None and ".." not in uid
+
+
+def check_uid(uid: object) -> str:
+    """`uid` if `is_safe_uid`; else raise `UnsafeName` (its reason shows the uid escaped and bounded)."""
+    if not isinstance(uid, str) or not is_safe_uid(uid):
+        raise UnsafeName(f"run uid {ascii_text(ascii(uid), 80)} is not a safe Tiled key")
+    return uid
 
 
 def quarantine_entry(payload: bytes) -> bytes:
@@ -160,20 +169,27 @@ class SpoolDir:
             os.close(fd)
         self._locks.clear()
 
-    def run_dirs(self) -> list[Path]:
-        """The run directories (never a symlink, never a file)."""
-        dirs = []
+    def run_listing(self) -> tuple[list[Path], list[str]]:
+        """The one listing of runs/: its run directories, and the names of its symlinks (never followed,
+        never read; `verify` reports them). Files and unreadable entries are in neither."""
+        dirs, links = [], []
         try:
             entries = list(os.scandir(self.runs_dir))
         except OSError:
-            return []
+            return [], []
         for entry in entries:
             try:
-                if entry.is_dir(follow_symlinks=False):
+                if entry.is_symlink():
+                    links.append(entry.name)
+                elif entry.is_dir(follow_symlinks=False):
                     dirs.append(Path(entry.path))
             except OSError:
                 continue
-        return dirs
+        return dirs, links
+
+    def run_dirs(self) -> list[Path]:
+        """The run directories (`run_listing`: never a symlink, never a file)."""
+        return self.run_listing()[0]
 
     def run_names(self) -> list[str]:
         """The names of the run directories (`run_dirs`: never a symlink, never a file)."""
