@@ -43,10 +43,6 @@ class ForeignRun(Exception):
     """Tiled already holds a run with this uid, and this spool did not create it: never touch it."""
 
 
-class RunRejected(Exception):
-    """This run cannot be written (kept for callers; `decide` decides from the error itself)."""
-
-
 class TiledDown(Transient):
     """Tiled was down and still does not answer (checked before connecting again)."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from .config import Config
 from .errors import RejectedMessage
@@ -56,10 +55,6 @@ class Receiver:
     @property
     def spooler(self) -> RunSpooler:
         return self.ingest.spooler
-
-    @property
-    def socket(self) -> Any:
-        return self.subscription.socket
 
     def close(self) -> None:
         self.ingest.shutdown()
