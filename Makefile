@@ -1,8 +1,9 @@
-# The two set-up commands of the README: `make demo` and `make test`.
+# The two set-up commands of the README: `make demo` and `make test`; `make unit`: the tests that start
+# no process (tests/conftest.py marks them `unit`), for a quick check while editing.
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest bench bench-smoke clean
+.PHONY: demo test unit lint typecheck pytest bench bench-smoke clean
 
 $(BIN)/tiled-writer-sidecar: pyproject.toml uv.lock
 	scripts/bootstrap.sh
@@ -24,6 +25,9 @@ typecheck:
 
 pytest:
 	$(BIN)/pytest -n 3 --dist load
+
+unit: $(BIN)/tiled-writer-sidecar
+	$(BIN)/pytest -m unit -n 3 --dist load
 
 bench: $(BIN)/tiled-writer-sidecar
 	$(BIN)/python -m benchmarks.run

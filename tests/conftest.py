@@ -1,12 +1,19 @@
-"""Fixtures that start real processes: Tiled, bluesky-0MQ-proxy, a RunEngine.
+"""Fixtures that start real processes: Tiled, bluesky-0MQ-proxy, a RunEngine; and the unit layer.
 
 Every fixture but `shared_tiled_server` is function-scoped; each cleans up
 its process group in teardown (also after a failure or Ctrl+C). When a test fails, the tail of
 each service's log is attached to the report as its own section.
+
+The unit layer (`pytest -m unit`, `make unit`): every test that uses none of `PROCESS_FIXTURES` and is
+not marked `process` is marked `unit`, and while a unit test runs, starting a process fails it (the
+rule is checked, not hoped): a test that starts one itself is marked `process` by its module or itself.
 """
 
 from __future__ import annotations
 
+import _posixsubprocess
+import os
+import subprocess
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -32,6 +39,36 @@ _LOGGED_FIXTURES = (
     "postgres",
     "deployment",
 )
+
+
+#: The fixtures above and the modules' own fixtures that start a process (directly or through another).
+PROCESS_FIXTURES = frozenset(
+    {"tiled_server", "shared_tiled_server", "tiled_container", "proxy", "acquisition", "sidecar"}
+    | {"postgres", "deployment", "sidecar_proxy", "make_proxy", "chain", "pipeline"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `unit` every test that uses no process-starting fixture and is not marked `process`."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("process") is None and not fixtures & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked `unit` fails if it forks, spawns or execs a process (subprocess, multiprocessing)."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a test marked `unit` started a process: mark it `process` (tests/conftest.py)")
+
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", refuse)  # multiprocessing's spawn
+    monkeypatch.setattr(subprocess, "_fork_exec", refuse)
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp"):  # not os.system: tests pickle it
+        monkeypatch.setattr(os, name, refuse)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -76,6 +76,7 @@ def named_metrics(expr: str, exported: set[str]) -> set[str]:
     return names
 
 
+@pytest.mark.process
 def test_promtool_accepts_the_rules(promtool: str) -> None:
     result = subprocess.run(
         [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60, check=False
@@ -84,6 +85,7 @@ def test_promtool_accepts_the_rules(promtool: str) -> None:
     assert f"SUCCESS: {len(rules())} rules found" in result.stdout
 
 
+@pytest.mark.process
 def test_promtool_unit_tests_pass(promtool: str) -> None:
     """Each alert fires on its failure's series (and none on a healthy sidecar): promtool test rules."""
     result = subprocess.run(

@@ -45,6 +45,7 @@ def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@pytest.mark.process
 @pytest.mark.timeout(900)
 def test_smoke_run_writes_every_comparison_with_numbers(tmp_path: Path) -> None:
     """`--smoke` runs every comparison but scale-out and writes results.json, RESULTS.md and the plots."""

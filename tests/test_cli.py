@@ -99,6 +99,7 @@ def test_status_piped_shows_every_uid_in_full(spool: Path, capsys: pytest.Captur
     assert "…" not in out
 
 
+@pytest.mark.process
 def test_status_into_a_closed_pipe_exits_quietly(spool: Path) -> None:
     """`status | head -1`: no traceback and no "Broken pipe" error; the pipeline's status is 0."""
     command = " ".join([*sidecar_command(), "status", "--spool-dir", str(spool)])

@@ -439,6 +439,7 @@ def run_cli(*args: str, api_key: str | None = None) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.process
 def test_check_config_prints_the_effective_config_and_masks_the_key(tmp_path: Path) -> None:
     """`run --check-config` exits 0 and prints file values and flag overrides, never the key."""
     path = write_config(
@@ -456,6 +457,7 @@ def test_check_config_prints_the_effective_config_and_masks_the_key(tmp_path: Pa
     assert not (tmp_path / "spool").exists()  # checking the config starts nothing
 
 
+@pytest.mark.process
 def test_check_config_masks_a_key_read_from_a_file(tmp_path: Path) -> None:
     key_file = write_key_file(tmp_path / "key", SECRET, 0o600)
     path = write_config(tmp_path / "c.toml", {"tiled": {"api_key_file": str(key_file)}})
@@ -465,6 +467,7 @@ def test_check_config_masks_a_key_read_from_a_file(tmp_path: Path) -> None:
     assert "API key: set (masked)" in result.stdout
 
 
+@pytest.mark.process
 def test_check_config_says_when_no_key_is_set(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.toml", {"tiled": {"uri": "http://127.0.0.1:8000"}})
     result = run_cli("run", "--check-config", "--config", str(path))
@@ -472,6 +475,7 @@ def test_check_config_says_when_no_key_is_set(tmp_path: Path) -> None:
     assert "API key: not set" in result.stdout
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("sections", "reason"),
     [
@@ -492,6 +496,7 @@ def test_check_config_of_a_bad_config_exits_2_with_one_line(
     assert reason in lines[0]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("sections", "reason"),
     [
@@ -512,6 +517,7 @@ def test_check_config_of_a_bad_value_exits_2_with_one_line_and_no_secret(
     assert SECRET not in result.stdout + result.stderr
 
 
+@pytest.mark.process
 def test_check_config_refuses_a_world_readable_key_file_with_exit_2(tmp_path: Path) -> None:
     key_file = write_key_file(tmp_path / "key", SECRET, 0o644)
     path = write_config(tmp_path / "c.toml", {"tiled": {"api_key_file": str(key_file)}})
@@ -522,6 +528,7 @@ def test_check_config_refuses_a_world_readable_key_file_with_exit_2(tmp_path: Pa
     assert SECRET not in result.stdout + result.stderr
 
 
+@pytest.mark.process
 def test_check_config_of_the_example_file_succeeds() -> None:
     """The file operators copy to /etc is accepted as it is."""
     result = run_cli("run", "--check-config", "--config", str(EXAMPLE))

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tiled_writer_sidecar.testing.sidecar import sidecar_command
+
+pytestmark = pytest.mark.process  # each test runs the demo in its own process
 
 
 def test_demo_passes_and_leaves_no_process_behind() -> None:

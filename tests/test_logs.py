@@ -197,6 +197,7 @@ def test_priorities_are_syslogs(level: int, priority: int) -> None:
     assert logs.priority(level) == priority
 
 
+@pytest.mark.process
 def test_under_journald_every_line_starts_with_its_priority(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,6 +231,7 @@ def test_under_journald_every_line_starts_with_its_priority(
                 assert json.loads(lines[0].removeprefix("<4>"))["n"] == 1
 
 
+@pytest.mark.process
 def test_a_daemon_captures_what_libraries_print_warnings_and_uncaught_errors(tmp_path: Path) -> None:
     """A role's process: tiled's bare `Retrying…` on stderr, a print on stdout, a warning and an uncaught
     exception each become one JSON record; nothing else reaches stderr."""

@@ -87,6 +87,7 @@ def test_proxy_connected_follows_the_subscription(scraped: Scraped) -> None:
     assert scraped.samples()[f"{P}_proxy_connected"] == 1
 
 
+@pytest.mark.process
 def test_receiver_and_uploader_process_metrics(scraped: Scraped, tmp_path: Path) -> None:
     """The receiver's (this process) and the uploader's (a child holding the uploader lock with 50 more
     files open) memory and descriptors; the uploader's vanish when it exits."""

@@ -213,6 +213,7 @@ def test_render_shows_the_run_the_plot_and_a_down_sidecar() -> None:
     assert "sidecar ● down" in text and "nothing listens there" in text
 
 
+@pytest.mark.process
 def test_json_without_once_is_a_usage_error() -> None:
     """`monitor --json` alone exits 2 with a one-line reason, before subscribing to anything."""
     done = subprocess.run(
@@ -300,6 +301,7 @@ def test_once_json_matches_what_the_run_engine_sent(
     assert sidecar["health"]["upload"]["last_lag_seconds"] == 0.25
 
 
+@pytest.mark.process
 def test_once_without_proxy_or_sidecar_says_so_and_exits_0(
     tmp_path: Path, monitor: Callable[..., MonitorProcess]
 ) -> None:
@@ -327,6 +329,7 @@ def test_once_without_proxy_or_sidecar_says_so_and_exits_0(
     assert "sidecar ● down" in screen
 
 
+@pytest.mark.process
 def test_monitor_started_before_the_proxy_follows_it_through_a_restart(
     tmp_path: Path, monitor: Callable[..., MonitorProcess]
 ) -> None:

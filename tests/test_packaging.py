@@ -68,6 +68,7 @@ def wheel_of(dist: Path) -> Path:
     return wheel
 
 
+@pytest.mark.process
 def test_twine_check_accepts_the_wheel_and_the_sdist(dist: Path) -> None:
     """What PyPI (or a facility's index) would accept: metadata and README render."""
     files = sorted([*dist.glob("*.tar.gz"), *dist.glob("*.whl")])
@@ -111,6 +112,7 @@ def test_the_wheel_ships_units_and_configs_and_no_test_code(dist: Path) -> None:
         assert "import pytest" not in source and "import hypothesis" not in source, name
 
 
+@pytest.mark.process
 def test_deep_publisher_imports_from_the_wheel_without_the_sidecars_dependencies(
     dist: Path, tmp_path: Path
 ) -> None:

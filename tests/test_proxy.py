@@ -244,6 +244,7 @@ def run_proxy(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.process
 def test_address_in_use_is_exit_1_with_one_line() -> None:
     """Another process holds --in-address: exit 1, one line naming the address, no traceback."""
     port = free_port()
@@ -259,6 +260,7 @@ def test_address_in_use_is_exit_1_with_one_line() -> None:
     assert len(lines) == 1 and "address already in use" in lines[0] and str(port) in lines[0], done.stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "args",
     [
@@ -276,6 +278,7 @@ def test_bad_arguments_are_exit_2_with_one_line(args: list[str]) -> None:
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.process
 def test_sigterm_exits_0_after_ready_and_stopping_via_sd_notify(tmp_path: Path) -> None:
     """Under a NOTIFY_SOCKET the proxy sends READY=1 once bound, WATCHDOG=1, then STOPPING=1 on SIGTERM
     and exits 0 with a summary line."""
@@ -317,6 +320,7 @@ def test_sigterm_exits_0_after_ready_and_stopping_via_sd_notify(tmp_path: Path) 
 # -- the systemd unit ------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     """`systemd-analyze verify` finds nothing wrong with the unit (ExecStart pointed at this venv)."""
     if shutil.which("systemd-analyze") is None:
@@ -332,6 +336,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert [line for line in result.stderr.splitlines() if UNIT.name in line] == []
 
 
+@pytest.mark.process
 def test_unit_is_notify_with_watchdog_and_flags_the_command_accepts() -> None:
     """Type=notify with a watchdog; ExecStart uses exactly the proxy's flags; memory is limited."""
     text = UNIT.read_text()
@@ -354,6 +359,7 @@ def bluesky_flags() -> set[str]:
     return {word.strip("[],") for word in done.stdout.split() if word.startswith(("--", "-v"))} - {"--help"}
 
 
+@pytest.mark.process
 def test_every_flag_of_bluesky_0mq_proxy_is_accepted() -> None:
     """Each option of `bluesky-0MQ-proxy --help` is in the project's proxy's --help too."""
     ours = run_proxy("--help").stdout
@@ -362,6 +368,7 @@ def test_every_flag_of_bluesky_0mq_proxy_is_accepted() -> None:
     assert len(bluesky_flags()) >= 16
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "args",
     [

@@ -213,6 +213,7 @@ def test_without_a_subscriber_deep_publisher_waits_connect_timeout_and_warns(
     publisher("start", {"uid": "nobody-listens", "time": 0.0})
 
 
+@pytest.mark.process
 def test_deep_publisher_imports_nothing_of_the_sidecar_but_itself() -> None:
     """Installed alone into a RunEngine's environment it needs bluesky and pyzmq only: importing it
     loads no other tiled_writer_sidecar module and none of the sidecar's own dependencies."""

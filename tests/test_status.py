@@ -95,6 +95,7 @@ def test_json_escapes_controls_and_keeps_the_values(
     assert runs[UID_NEWLINE]["reason"] == REASON
 
 
+@pytest.mark.process
 def test_status_command_exits_0_and_prints_escaped(tmp_path: Path) -> None:
     """The console script, table and --json, over the hostile spool: exit 0, no traceback, the
     names escaped (table) or JSON-escaped (--json)."""

@@ -95,6 +95,7 @@ def run_analyze(*args: str) -> subprocess.CompletedProcess[str]:
 # ------------------------------------------------------------------- verify
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", [SIDECAR, INSTANCE, PROXY, BUFFERING_PROXY])
 def test_unit_passes_systemd_analyze_verify(systemd_analyze: str, installed_units: Path, name: str) -> None:
     """No error and no warning about the unit (verify only warns, exit 0, on an unknown key); an
@@ -105,6 +106,7 @@ def test_unit_passes_systemd_analyze_verify(systemd_analyze: str, installed_unit
     assert about_unit == []
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(("edited", "verified"), [(SIDECAR, SIDECAR), (TEMPLATE, INSTANCE)])
 def test_verify_catches_a_misspelt_key(
     systemd_analyze: str, installed_units: Path, edited: str, verified: str
@@ -119,6 +121,7 @@ def test_verify_catches_a_misspelt_key(
 # ----------------------------------------------------------------- security
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", [SIDECAR, INSTANCE, PROXY, BUFFERING_PROXY])
 def test_security_exposure_is_ok_or_better(
     systemd_analyze: str, installed_units: Path, name: str, record_property: Callable[[str, object], None]
@@ -233,6 +236,7 @@ def test_proxy_restarts_always_and_stops_with_sigint(proxy: dict[str, list[str]]
     assert one(proxy, "Service.DynamicUser") == "yes"
 
 
+@pytest.mark.process
 def test_proxy_exits_0_on_sigint_as_its_unit_expects(tmp_path: Path) -> None:
     """KillSignal=SIGINT in the proxy unit: bluesky-0MQ-proxy then stops at once with exit code 0."""
     log = tmp_path / "proxy.log"
@@ -337,6 +341,7 @@ def test_proxy_has_memory_and_file_limits(proxy: dict[str, list[str]]) -> None:
     assert int(one(proxy, "Service.LimitNOFILE")) >= 1024
 
 
+@pytest.mark.process
 def test_the_daemon_raises_its_soft_file_limit_or_refuses_with_one_line() -> None:
     """In a child (limits are per process): soft limit raised to what max_open_runs needs; too low a hard limit is exit 2."""
     code = (

@@ -14,16 +14,14 @@ import event_model
 import numpy as np
 import pytest
 
+from tiled_writer_sidecar.coerce import MAX_NAME, as_counts, as_int
 from tiled_writer_sidecar.errors import ValidationError
 from tiled_writer_sidecar.tracker import (
     CLOSED_RUN_MEMORY,
     MAX_SEQ_NUM,
-    MAX_TEXT,
     ORPHAN_STREAM,
     RunTracker,
     TrackedRun,
-    plain_counts,
-    plain_int,
     received_from_start,
 )
 
@@ -268,9 +266,9 @@ def test_only_plain_bounded_values_reach_received() -> None:
     }
     received = received_from_start(start)
     assert received.scan_id is None and received.start_time is None
-    assert received.plan_name == "p" * MAX_TEXT and type(received.plan_name) is str
-    assert plain_int(np.int64(7), 0, 10) == 7
-    assert plain_counts({"primary": np.int64(3), "bad": 10**5000, 5: 1}) == {"primary": 3}
+    assert received.plan_name == "p" * MAX_NAME and type(received.plan_name) is str
+    assert as_int(np.int64(7), 0, 10) == 7
+    assert as_counts({"primary": np.int64(3), "bad": 10**5000, 5: 1}) == {"primary": 3}
     json.dumps(asdict(received))
 
 

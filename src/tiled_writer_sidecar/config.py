@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from .address import host_port
 from .errors import ConfigError
 from .logs import register_secret
 
@@ -120,7 +121,7 @@ class Config:
             raise ConfigError("[tiled] backoff_max_seconds must be at least backoff_initial_seconds")
         if "://" not in self.zmq.address:
             raise ConfigError(f"[zmq] address must look like tcp://HOST:PORT, not {self.zmq.address!r}")
-        if self.metrics.address and not _is_host_port(self.metrics.address):
+        if self.metrics.address and host_port(self.metrics.address) is None:
             raise ConfigError(
                 f'[metrics] address must be HOST:PORT (port 1-65535) or "", not {self.metrics.address!r}'
             )
@@ -216,15 +217,6 @@ def _check_range(section: str, key: str, value: float, low: float | None, high: 
         raise ConfigError(f"{name} must be at least {low:g}, not {value!r}")
     if value > high:
         raise ConfigError(f"{name} must be at most {high:g}, not {value!r}")
-
-
-def _is_host_port(address: str) -> bool:
-    host, sep, port = address.rpartition(":")
-    return (
-        bool(sep and host and port.isascii() and port.isdigit())
-        and 1 <= int(port) <= 65535
-        and not any(c.isspace() or c in "/@?#" for c in host)
-    )
 
 
 def _check_tiled_uri(uri: str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .spool.directory import SpoolDir
-from .spool.index import Received, RunView, Uploaded, UploaderStatus
+from .spool.index import Backlog, Received, RunView, Uploaded, UploaderStatus
 from .stats import ReceiverStats
 
 LOOP_STALL_SECONDS = 10.0
@@ -216,11 +216,9 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
         runs_count, newest = ledger.runs, ledger.newest()
     else:  # no receiver keeps a ledger (a test, a tool): list the spool
         views = spool.runs()
-        waiting = [r for r in views if not r.uploaded.state.finished]
-        backlog_runs = len(waiting)
-        backlog_documents = sum(max(0, r.received.documents - r.uploaded.documents) for r in waiting)
-        backlog_bytes = sum(r.received.bytes for r in waiting)
-        oldest = min((r.received.first_received for r in waiting), default=None)
+        backlog = Backlog.of(views)
+        backlog_runs, backlog_documents, backlog_bytes = backlog.runs, backlog.documents, backlog.bytes
+        oldest = backlog.oldest
         runs_count, newest = len(views), views[-RECENT_RUNS:]
     uploader = UploaderStatus.load(spool.root)
     known = uploader or NO_UPLOADER_YET

@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from .coerce import as_float
 from .config import SpoolConfig
 from .errors import RejectedMessage, ValidationError
 from .health import RunLedger
@@ -41,7 +42,8 @@ from .spool.index import Received
 from .spool.segment import list_segments
 from .spooler import RunSpooler
 from .stats import ReceiverStats
-from .tracker import RunTracker, TrackedRun, plain_float
+from .text import one_line
+from .tracker import RunTracker, TrackedRun
 from .validation import validate_document
 
 log = logging.getLogger(__name__)
@@ -58,15 +60,6 @@ def internal_error(err: BaseException) -> RejectedMessage:
         tb = tb.tb_next
     where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else "?"
     return RejectedMessage(f"internal-error:{type(err).__name__}", f"at {where}")
-
-
-def describe(err: BaseException) -> str:
-    """``Type: message`` of an exception, bounded, even if its ``str()`` fails."""
-    try:
-        text = str(err)[:200]
-    except Exception:  # noqa: BLE001  # str() itself failed (a huge int, say)
-        text = ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class Ingest:
@@ -367,7 +360,7 @@ class Ingest:
                     self.stats.rejected[err.reason] += 1
                     rejected += 1
         except Exception as err:  # noqa: BLE001  # a damaged orphan log: keep what was fed
-            log.error("orphan %s: its log could not be read to the end (%s)", orphan.key, describe(err))
+            log.error("orphan %s: its log could not be read to the end (%s)", orphan.key, one_line(err))
         shutil.rmtree(spooled.directory, ignore_errors=True)
         self.stats.orphan_runs -= 1
         self.stats.orphan_bytes = max(0, self.stats.orphan_bytes - orphan.received.bytes)
@@ -387,7 +380,7 @@ class Ingest:
         try:
             views = self.spool.runs()
         except Exception as err:  # noqa: BLE001  # go on; the uploader will say what is wrong
-            log.error("cannot list the runs in the spool (%s)", describe(err))
+            log.error("cannot list the runs in the spool (%s)", one_line(err))
             return []
         self.ledger.load(views)
         for view in views:
@@ -395,7 +388,7 @@ class Ingest:
                 self.tracker.closed_runs[view.uid] = None
         left_open = [view.received for view in views if not view.received.closed]
         # Replayed, their logs open on their next write; beyond the memory bound the idlest are closed.
-        left_open.sort(key=lambda received: plain_float(received.last_received) or 0.0)
+        left_open.sort(key=lambda received: as_float(received.last_received) or 0.0)
         excess = len(left_open) - self.max_runs_in_memory
         crowded = f"closed at start-up: more than {self.max_runs_in_memory} runs open"
         closed = []
@@ -412,7 +405,7 @@ class Ingest:
             run = self.tracker.replay(received, self.spooler.read_back(received))
             spooled = self.spooler.resume(run.received)
         except Exception as err:  # noqa: BLE001  # this run only
-            reason = f"its log could not be replayed ({describe(err)})"
+            reason = f"its log could not be replayed ({one_line(err)})"
             log.warning("run %s closed: %s", received.uid, reason)
             failed = self.tracker.runs.get(received.uid)
             if failed is not None:
@@ -442,7 +435,7 @@ class Ingest:
             try:
                 run = self.tracker.replay_orphan(received, self.spooler.read_back(received, orphan.directory))
             except Exception as err:  # noqa: BLE001  # this orphan only: kept on disk, as it is
-                log.warning("orphan %s:%s not reopened (%s)", orphan.kind, received.uid, describe(err))
+                log.warning("orphan %s:%s not reopened (%s)", orphan.kind, received.uid, one_line(err))
                 continue
             self.spooler.resume(run.received, orphan.directory, run.key)
             self.stats.orphan_runs += 1

@@ -37,10 +37,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .address import host_port
+from .errors import ConfigError
 from .health import NO_UPLOADER_YET, health_snapshot
 from .spool.directory import SpoolDir
 from .spool.index import TILED_STATES, UploaderStatus
 from .stats import ReceiverStats
+from .text import one_line
 
 PREFIX = "tiled_writer_sidecar"
 
@@ -403,7 +406,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
             logging.DEBUG if gone else logging.INFO,
             "metrics client %s: %s",
             client_address[0] if client_address else "?",
-            _one_line(error),
+            one_line(error) if error is not None else "connection failed",
         )
 
 
@@ -413,18 +416,13 @@ def _hang_up(connection: socket.socket) -> None:
         connection.shutdown(socket.SHUT_RDWR)
 
 
-def _one_line(error: BaseException | None) -> str:
-    if error is None:
-        return "connection failed"
-    text = str(error).splitlines()[0][:120] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 class MetricsServer:
     """Serves /metrics and /healthz on `address` ("host:port") in a thread (`_BoundedHTTPServer`)."""
 
     def __init__(self, address: str, stats: ReceiverStats, spool: SpoolDir) -> None:
-        host, _, port = address.rpartition(":")
+        bind = host_port(address)
+        if bind is None:
+            raise ConfigError(f"[metrics] address must be HOST:PORT, not {address!r}")
         registry = CollectorRegistry()
         registry.register(SidecarCollector(stats, spool))
         self.loop_beat = time.time()
@@ -461,7 +459,7 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        self.httpd = _BoundedHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        self.httpd = _BoundedHTTPServer(bind, Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
 
     @property

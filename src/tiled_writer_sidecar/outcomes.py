@@ -26,7 +26,7 @@ from enum import StrEnum
 import httpx
 
 from .errors import BadRunDocument, TiledUnavailableError, UnsafeName
-from .text import clean
+from .text import one_line as one_line  # the one rule, re-exported for the upload side
 from .tiled_run import AppendAmbiguous, retryable
 
 MAX_RUN_FAILURES = 8  # failures of one run, of any kind, while Tiled answers: then it is quarantined
@@ -42,10 +42,6 @@ class VerificationFailed(Transient):
 
 class ForeignRun(Exception):
     """Tiled already holds a run with this uid, and this spool did not create it: never touch it."""
-
-
-class RunRejected(Exception):
-    """This run cannot be written (kept for callers; `decide` decides from the error itself)."""
 
 
 class TiledDown(Transient):
@@ -143,12 +139,6 @@ def decide(err: BaseException) -> Rule:
 def classify(err: BaseException) -> Outcome:
     """The outcome of one failure (`decide`'s row)."""
     return decide(err).outcome
-
-
-def one_line(err: BaseException) -> str:
-    """`err` as one safe line (type, first line of its message; escaped and bounded)."""
-    text = str(err).strip().splitlines()
-    return clean(f"{type(err).__name__}: {text[0] if text else ''}", 300)
 
 
 def failure_key(err: BaseException, fed: int) -> str:

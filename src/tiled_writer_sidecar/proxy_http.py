@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .address import host_port
 from .errors import ConfigError, SidecarError
 from .proxy_sockets import AddressInUse
 
@@ -126,11 +127,11 @@ class MetricsServer(ThreadingHTTPServer):
 
 def start_metrics(address: str, registry: CollectorRegistry) -> MetricsServer:
     """Serve `registry` on ``HOST:PORT`` in a daemon thread; returns the server (`shutdown` it)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    bind = host_port(address)
+    if bind is None:
         raise ConfigError(f"--metrics-address must be HOST:PORT, not {address!r}")
     try:
-        server = MetricsServer((host.strip("[]") or "127.0.0.1", int(port)), registry)
+        server = MetricsServer(bind, registry)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise AddressInUse(f"--metrics-address {address}: address already in use") from None

@@ -63,8 +63,6 @@ ZMQ_DEFAULT_SNDHWM = 1_000
 SUPPORTED_BLUESKY = "bluesky >=1.14"
 #: libzmq applies a changed SNDHWM to already-connected pipes from this version on.
 MIN_LIBZMQ = (4, 2)
-#: libzmq's bookkeeping per queued message (zmq_msg_t slot + allocation header), measured.
-MESSAGE_OVERHEAD_BYTES = 100
 
 
 def deep_publisher(

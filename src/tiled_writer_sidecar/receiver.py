@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from .config import Config
 from .errors import RejectedMessage
-from .ingest import Ingest, describe, internal_error
+from .ingest import Ingest, internal_error
 from .spool.directory import SpoolDir
 from .spooler import RunSpooler
 from .stats import ReceiverStats
 from .subscription import Subscription
+from .text import one_line
 from .tracker import RunTracker
 from .wire import decode_message
 
@@ -55,10 +55,6 @@ class Receiver:
     @property
     def spooler(self) -> RunSpooler:
         return self.ingest.spooler
-
-    @property
-    def socket(self) -> Any:
-        return self.subscription.socket
 
     def close(self) -> None:
         self.ingest.shutdown()
@@ -105,7 +101,7 @@ class Receiver:
             self.spool.quarantine(reason, raw)
         except Exception as err:  # noqa: BLE001  # the count above is what matters
             if count == 1:
-                log.error("cannot quarantine a rejected message (%s)", describe(err))
+                log.error("cannot quarantine a rejected message (%s)", one_line(err))
 
     def tick(self) -> None:
         """Upkeep between wakes; never raises (a failure is logged once per episode)."""
@@ -115,7 +111,7 @@ class Receiver:
             if not self._upkeep_failing:
                 log.error(
                     "receiver upkeep failed (%s %s); retrying every wake",
-                    describe(err),
+                    one_line(err),
                     internal_error(err).detail,
                 )
             self._upkeep_failing = True

@@ -84,7 +84,8 @@ def in_tiled(config: Config, uids: list[str]) -> set[str] | None:
     """
     import httpx
 
-    from .tiled_client import check_uid, url_path
+    from .spool.directory import check_uid
+    from .tiled_client import url_path
 
     uri = config.tiled.uri.rstrip("/")
     base = uri if "/api/v1/metadata" in uri else f"{uri}/api/v1/metadata"

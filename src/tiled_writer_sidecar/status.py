@@ -25,15 +25,15 @@ from rich.text import Text
 
 from .orphans import orphan_report
 from .spool.directory import SpoolDir
-from .spool.index import STATES, RunState, UploaderStatus
+from .spool.index import STATES, Backlog, RunState, UploaderStatus
 from .text import clean, text
 
 
 def status_report(spool: SpoolDir) -> dict[str, Any]:
-    runs = [view.as_dict() for view in spool.runs()]
+    views = spool.runs()
+    runs = [view.as_dict() for view in views]
     now = time.time()
-    waiting = [r for r in runs if RunState(r["state"]).waiting]
-    oldest = min((r["first_received"] for r in waiting), default=None)
+    oldest = Backlog.of(views).oldest
     orphans = orphan_report(spool)
     return {
         "spool": str(spool.root),

@@ -19,6 +19,10 @@ any value into a string that is safe on a terminal, in rich and in a log line:
 Rich shows the result only as a plain `Text` (`text`), never as a markup
 string: ``rich.markup.escape`` cannot express every string (a backslash
 before ``[`` is lost), a `Text` has no markup to escape.
+
+Where a text must stay ASCII (a rejection's detail, a reason naming an untrusted uid or key),
+`ascii_text` bounds it the same way with ``ascii()`` escapes and "..."; `one_line` is an exception
+as one such line (``Type: first line of its message``), even when its ``str()`` fails.
 """
 
 from __future__ import annotations
@@ -89,6 +93,28 @@ def clean(value: object, limit: int = LIMIT) -> str:
     return "".join(kept) + ELLIPSIS
 
 
+def ascii_text(value: object, limit: int) -> str:
+    """`value` as printable ASCII of at most `limit` characters; a longer one ends in "...".
+
+    A str that is printable ASCII is kept as it is, any other str becomes its ``ascii()``
+    escapes without the quotes; any other value its ``ascii()``.
+    """
+    if isinstance(value, str):
+        shown = value if value.isascii() and value.isprintable() else ascii(value)[1:-1]
+    else:
+        shown = ascii(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """`err` as one safe line: ``Type: first line of its message`` (escaped, bounded), or ``Type``."""
+    try:
+        lines = str(err).strip().splitlines()
+    except Exception:  # noqa: BLE001 - str() itself failed (a huge int, a hostile __str__)
+        lines = []
+    return clean(f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__, limit)
+
+
 def text(value: object, style: str = "", limit: int = LIMIT) -> Text:
     """`clean(value)` as a rich `Text` (never parsed as markup)."""
     from rich.text import Text
@@ -96,4 +122,4 @@ def text(value: object, style: str = "", limit: int = LIMIT) -> Text:
     return Text(clean(value, limit), style=style)
 
 
-__all__ = ["LIMIT", "clean", "escape_char", "is_safe", "text"]
+__all__ = ["LIMIT", "ascii_text", "clean", "escape_char", "is_safe", "one_line", "text"]

@@ -33,6 +33,8 @@ from tiled.client.utils import handle_error
 from . import USER_AGENT
 from .config import Config
 from .errors import UnsafeName
+from .spool.directory import check_uid as check_uid  # the one rule, re-exported for its callers here
+from .text import ascii_text
 
 ARROW = "application/vnd.apache.arrow.file"
 
@@ -42,18 +44,9 @@ ARROW = "application/vnd.apache.arrow.file"
 INTERNAL_TABLE = "internal"
 _SPLIT_PART = re.compile(r"internal_[0-9]+")
 
-#: A run uid: what bluesky writes (uuid4) and more, never a separator or a dot segment (full match).
-_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 #: Characters that would end or escape a URL path segment, wherever a key is put into a URL.
 _UNSAFE_IN_KEY = re.compile(r"[/\\?#%\x00-\x1f\x7f-\x9f]")
 MAX_KEY_LENGTH = 255  # Tiled's own limit on a node's key
-
-
-def check_uid(uid: object) -> str:
-    """`uid` if it is a safe run uid (full match, no ``..``); else raise `UnsafeName`."""
-    if not (isinstance(uid, str) and _UID.fullmatch(uid) and ".." not in uid):
-        raise UnsafeName(f"run uid {_shown(uid)} is not a safe Tiled key")
-    return uid
 
 
 def check_key(key: object, what: str) -> str:
@@ -65,14 +58,8 @@ def check_key(key: object, what: str) -> str:
         and key == key.strip()
         and not _UNSAFE_IN_KEY.search(key)
     ):
-        raise UnsafeName(f"{what} {_shown(key)} could address another Tiled node")
+        raise UnsafeName(f"{what} {ascii_text(ascii(key), 80)} could address another Tiled node")
     return key
-
-
-def _shown(value: object) -> str:
-    """A bounded, escaped rendering of an untrusted value for a reason or a log line."""
-    text = ascii(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def url_path(*segments: str) -> str:

@@ -30,7 +30,7 @@ document kind; the receiver, its crash recovery and `monitor` share it
   ``expected_events``; `Received.gaps` adds a shortfall beyond the holes
   (rows covered by stream_datums count as received: ``datum_rows``). A
   seq_num must be an integer in 1..2**53 (``bad-seq-num``).
-- Only plain bounded values reach `Received` (`plain_int`, `plain_str`).
+- Only plain bounded values reach `Received` (`coerce`: the same limits as its file).
 - Memory is bounded: descriptors and resources per run and across open
   runs, and the closed runs remembered (to say ``after-stop``).
 """
@@ -38,15 +38,13 @@ document kind; the receiver, its crash recovery and `monitor` share it
 from __future__ import annotations
 
 import bisect
-import math
-import numbers
-import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from event_model import DocumentRouter
 
+from .coerce import MAX_NAME, as_counts, as_float, as_int, as_text
 from .errors import ValidationError
 from .spool.directory import is_safe_uid
 from .spool.index import Received
@@ -57,8 +55,6 @@ MAX_RESOURCES_PER_RUN = 100_000
 # Across all open runs (a few hundred bytes each), so max_open_runs hostile runs stay within ~100 MiB.
 MAX_DESCRIPTORS_OPEN = 100_000
 MAX_RESOURCES_OPEN = 500_000
-MAX_STREAMS = 10_000  # entries kept from a stop's num_events
-MAX_TEXT = 256  # characters kept of plan names, stream names, exit status
 CLOSED_RUN_MEMORY = 1000  # closed runs remembered, to reject their late documents as after-stop
 CLOSED_UID_MEMORY = 100_000  # descriptor / resource uids of closed runs remembered
 MAX_HOLES = 1000  # seq_num holes remembered per descriptor; an older hole's late copy is a duplicate
@@ -81,59 +77,9 @@ OrphanGate = Callable[[str, str], bool]  # kind ("run_start" / "descriptor"), ui
 ORPHAN_STREAM = "(descriptor unknown)"  # stream name of the events of a descriptor-keyed orphan
 
 
-def plain_int(value: object, low: int, high: int) -> int | None:
-    """`value` as a plain int if it is an integer (or integral float) in low..high, else None."""
-    if type(value) is int:
-        number = value
-    elif isinstance(value, bool):
-        return None
-    elif isinstance(value, float):
-        if not value.is_integer():
-            return None
-        number = int(value)
-    else:
-        try:
-            number = operator.index(value)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001  # anything that is not an integer
-            return None
-    return int(number) if low <= number <= high else None
-
-
-def plain_str(value: object, limit: int = MAX_TEXT) -> str | None:
-    """`value` as a plain str of at most `limit` characters, or None if it is not a string."""
-    if not isinstance(value, str):
-        return None
-    return str.__str__(value)[:limit]
-
-
-def plain_float(value: object) -> float | None:
-    """`value` as a finite plain float, or None."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        number = float(value)
-    except Exception:  # noqa: BLE001  # a Real that will not convert
-        return None
-    return number if math.isfinite(number) else None
-
-
-def plain_counts(value: object) -> dict[str, int]:
-    """A stop's ``num_events`` as ``{stream: count}`` of plain values; entries that are not dropped."""
-    counts: dict[str, int] = {}
-    if not isinstance(value, Mapping):
-        return counts
-    for key, count in value.items():
-        stream, number = plain_str(key), plain_int(count, 0, MAX_SEQ_NUM)
-        if stream is not None and number is not None:
-            counts[stream] = number
-            if len(counts) >= MAX_STREAMS:
-                break
-    return counts
-
-
 def seq_num(value: object) -> int:
     """A seq_num as a plain int in 1..2**53, or ``ValidationError("bad-seq-num")``."""
-    number = plain_int(value, 1, MAX_SEQ_NUM)
+    number = as_int(value, 1, MAX_SEQ_NUM)
     if number is None:
         what = "out of range" if isinstance(value, int) else f"a {type(value).__name__}"
         raise ValidationError("bad-seq-num", f"seq_num must be an integer in 1..2**53, not {what}")
@@ -144,9 +90,9 @@ def received_from_start(doc: Mapping[str, Any]) -> Received:
     """A run's `Received` from its start document, plain bounded values only."""
     return Received(
         uid=str.__str__(doc["uid"]),
-        scan_id=plain_int(doc.get("scan_id"), -(2**63), 2**63 - 1),
-        plan_name=plain_str(doc.get("plan_name")),
-        start_time=plain_float(doc.get("time")),
+        scan_id=as_int(doc.get("scan_id")),
+        plan_name=as_text(doc.get("plan_name"), MAX_NAME),
+        start_time=as_float(doc.get("time")),
     )
 
 
@@ -233,12 +179,12 @@ class RunTracker(DocumentRouter):
         again, and the counters the log determines (events, missing,
         expected_events, stop) start from zero.
         """
-        received.scan_id = plain_int(received.scan_id, -(2**63), 2**63 - 1)
-        received.plan_name = plain_str(received.plan_name)
-        received.start_time = plain_float(received.start_time)
-        received.first_received = plain_float(received.first_received) or 0.0
-        received.last_received = plain_float(received.last_received) or 0.0
-        received.dropped = plain_int(received.dropped, 0, 2**63) or 0
+        received.scan_id = as_int(received.scan_id)
+        received.plan_name = as_text(received.plan_name, MAX_NAME)
+        received.start_time = as_float(received.start_time)
+        received.first_received = as_float(received.first_received) or 0.0
+        received.last_received = as_float(received.last_received) or 0.0
+        received.dropped = as_int(received.dropped, 0, 2**63) or 0
         received.events, received.missing, received.out_of_order = {}, {}, {}
         received.datum_rows = {}
         received.expected_events, received.stop_received, received.exit_status = None, False, None
@@ -373,7 +319,7 @@ class RunTracker(DocumentRouter):
             raise ValidationError("too-many-descriptors", f"run {run.uid} has {MAX_DESCRIPTORS_PER_RUN}")
         if uid not in run.streams and len(self.run_of_descriptor) >= MAX_DESCRIPTORS_OPEN:
             raise ValidationError("too-many-descriptors", f"open runs hold {MAX_DESCRIPTORS_OPEN}")
-        run.streams[uid] = plain_str(doc.get("name", "primary")) or "primary"
+        run.streams[uid] = as_text(doc.get("name", "primary"), MAX_NAME) or "primary"
         run.last_seq.setdefault(uid, 0)
         self.run_of_descriptor[uid] = run
         self.closed_owner.pop(uid, None)  # claimed anew: no longer a closed run's
@@ -400,7 +346,7 @@ class RunTracker(DocumentRouter):
     def stream_datum(self, doc: Any) -> None:
         run = self._described_run("stream_datum", doc)
         seq_nums = doc.get("seq_nums")
-        last = plain_int(seq_nums.get("stop"), 1, MAX_SEQ_NUM + 1) if isinstance(seq_nums, Mapping) else None
+        last = as_int(seq_nums.get("stop"), 1, MAX_SEQ_NUM + 1) if isinstance(seq_nums, Mapping) else None
         if last is not None:  # rows covered by external data: what stop.num_events counts for such a stream
             stream = run.streams[doc["descriptor"]]
             rows = run.received.datum_rows
@@ -417,8 +363,8 @@ class RunTracker(DocumentRouter):
         run = self._declaring_run("stop", doc)
         received = run.received
         received.stop_received = True
-        received.exit_status = plain_str(doc.get("exit_status"))
-        received.expected_events = plain_counts(doc.get("num_events"))
+        received.exit_status = as_text(doc.get("exit_status"), MAX_NAME)
+        received.expected_events = as_counts(doc.get("num_events"), MAX_SEQ_NUM)
 
     # ---------------------------------------------------------------- rules
     def _declaring_run(self, name: str, doc: Any) -> TrackedRun:

@@ -47,7 +47,7 @@ from .errors import TiledUnavailableError
 from .metrics import LagHistogram
 from .outcomes import MAX_RUN_FAILURES, Outcome, Stopping, decide, failure_key, is_auth_error, one_line
 from .run_index import RunIndex, age_of
-from .run_upload import RECORDS_PER_PUMP, RunUpload, Shared, quarantine
+from .run_upload import RunUpload, Shared, quarantine
 from .spool.directory import SpoolDir
 from .spool.index import Received, RunView, Uploaded, UploaderStatus
 from .tiled_link import TiledLink
@@ -65,7 +65,7 @@ STATUS_INTERVAL_S = 1.0
 RATE_WINDOW_S = 60.0  # the drain rate in uploader.json is measured over this window
 RUN_BACKOFF_MAX_S = 30.0  # the longest a failing run waits before its next attempt
 
-__all__ = ["MAX_ACTIVE_RUNS", "RECORDS_PER_PUMP", "Uploader"]
+__all__ = ["MAX_ACTIVE_RUNS", "Uploader"]
 
 
 @dataclass
@@ -163,11 +163,6 @@ class Uploader:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="upload") if self.workers else None
         self._rate = DrainRate()
         self._last_status_write = 0.0
-
-    @property
-    def client(self) -> Any:
-        """The Tiled client in use (None while Tiled is down)."""
-        return self.link.client
 
     @property
     def done(self) -> set[str]:

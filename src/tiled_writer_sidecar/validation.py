@@ -38,6 +38,7 @@ import jsonschema.exceptions  # type: ignore[import-untyped]
 from event_model import DocumentNames, schema_validators, schemas
 
 from .errors import ValidationError
+from .text import ascii_text
 
 __all__ = ["validate_document"]
 
@@ -329,12 +330,6 @@ def _compile_fast(schema: dict[str, Any]) -> _Check:
     return _KeyRuleSites(check, sites) if sites else check
 
 
-def _cut(text: str, limit: int) -> str:
-    """`text` as printable ASCII (escapes for the rest), at most `limit` characters."""
-    shown = text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
-
-
 def _explain(name: str, doc: dict[str, Any]) -> str | None:
     """event-model's verdict: None if valid, else a short explanation."""
     validator = schema_validators[DocumentNames(name)]
@@ -345,8 +340,8 @@ def _explain(name: str, doc: dict[str, Any]) -> str | None:
         # A failing allOf branch leaves its properties "unevaluated": that error is an echo.
         causes = [error for error in errors if error.validator != "unevaluatedProperties"] or errors
         error = jsonschema.exceptions.best_match(causes)
-        path = _cut(str(error.json_path), _PATH_CHARS)
-        return f"{name} {path}: {_cut(str(error.message), _MESSAGE_CHARS - len(path))}"
+        path = ascii_text(str(error.json_path), _PATH_CHARS)
+        return f"{name} {path}: {ascii_text(str(error.message), _MESSAGE_CHARS - len(path))}"
     except OSError:  # no descriptor, say: the document is not at fault (see `validate_document`)
         raise
     except Exception as exc:  # noqa: BLE001  # event-model could not even look at it (MemoryError too)
@@ -392,7 +387,7 @@ def validate_document(name: str, doc: dict[str, Any]) -> None:
         raise
     except Exception as exc:  # noqa: BLE001  # a schema we cannot compile rejects, never crashes
         raise ValidationError(
-            "schema", f"{_cut(name, 40)}: cannot be checked ({type(exc).__name__})"
+            "schema", f"{ascii_text(name, 40)}: cannot be checked ({type(exc).__name__})"
         ) from None
     try:
         check(doc)

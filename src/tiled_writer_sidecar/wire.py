@@ -42,11 +42,12 @@ import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
 
+from .config import SERIALIZERS
 from .errors import DecodeError
+from .text import ascii_text
 
 __all__ = ["DOCUMENT_NAMES", "REASONS", "SERIALIZERS", "budget_for", "decode_message", "loads_json_checked"]
 
-SERIALIZERS: Final = ("auto", "pickle", "msgpack", "json")
 
 #: event-model's document names (the deprecated ``bulk_*`` are refused).
 DOCUMENT_NAMES: Final = frozenset(
@@ -96,9 +97,8 @@ _DETAIL_CHARS: Final = 200
 
 
 def _short(text: object) -> str:
-    """`text` as printable ASCII, at most 200 characters."""
-    shown = ascii(text) if not isinstance(text, str) else ascii(text)[1:-1]
-    return shown if len(shown) <= _DETAIL_CHARS else shown[: _DETAIL_CHARS - 3] + "..."
+    """`text` as printable ASCII, at most `_DETAIL_CHARS` characters (`text.ascii_text`)."""
+    return ascii_text(text, _DETAIL_CHARS)
 
 
 # --------------------------------------------------------------------- pickle

@@ -436,6 +436,7 @@ def refused_run(tmp_path: Path, spool: Path) -> tuple[int | None, list[str]]:
     return code, [line for line in lines if f"{PROG} {__version__} starting (" not in line]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("mode", [0o770, 0o702, 0o777], ids=oct)
 def test_run_refuses_a_spool_directory_writable_by_group_or_others(tmp_path: Path, mode: int) -> None:
     """`run` on a spool that group or others may write: exit 1 and one line naming it and the fix."""
@@ -450,6 +451,7 @@ def test_run_refuses_a_spool_directory_writable_by_group_or_others(tmp_path: Pat
     assert stat.S_IMODE(spool.stat().st_mode) == mode, "the sidecar must not fix it silently"
 
 
+@pytest.mark.process
 def test_a_refused_spool_directory_is_left_untouched(tmp_path: Path) -> None:
     """`run` refuses a 0777 spool without creating anything in it."""
     spool = tmp_path / "spool"

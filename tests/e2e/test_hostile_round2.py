@@ -62,6 +62,7 @@ def decode_in_a_child(frames: list[bytes]) -> tuple[int, list[str]]:
     return done.returncode, done.stdout.decode().splitlines()
 
 
+@pytest.mark.process
 def test_the_nested_tuple_pickles_that_crashed_the_decoder_are_too_complex() -> None:
     """The issue's repro (dict key of 200,000 TUPLE1) and its dtype-state variant (the dtype cache
     hashed the sender's state): the decoding process lives on and refuses both, by the scan."""
@@ -186,6 +187,7 @@ _IMPORT_ONE = textwrap.dedent(
 )
 
 
+@pytest.mark.process
 def test_import_backup_reads_with_the_wire_decoders_budget(tmp_path: Path) -> None:
     """A 64 MiB JSON array of ``{}`` (1.93 GB before) and a 60 MiB line of empty lists inside a valid
     start (1.88 GB, and spooled): each skipped as too-complex, the importing process's peak RSS
@@ -234,6 +236,7 @@ _RECOVER_AND_VERIFY = textwrap.dedent(
 )
 
 
+@pytest.mark.process
 def test_spool_files_that_broke_recovery_are_read_within_bounds(tmp_path: Path) -> None:
     """A 1.5 GiB sparse segment without a v2 header (read whole as v1: receiver 1.63 GB at start-up,
     ``verify`` 1.56 GB) is damage, never read; a segment whose first 40 bytes are zeroed (both file

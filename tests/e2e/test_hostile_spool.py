@@ -30,6 +30,7 @@ from typing import Any
 
 import event_model
 import numpy as np
+import pytest
 
 from tiled_writer_sidecar.spool import record
 from tiled_writer_sidecar.spool.codec import pack_document
@@ -258,6 +259,7 @@ def test_a_planted_temporary_file_symlink_is_never_written_through(
     assert loaded is not None and loaded.uid == uid and loaded.documents == len(docs)
 
 
+@pytest.mark.process
 def test_a_symlinked_lock_file_is_refused_and_its_target_kept(tmp_path: Path) -> None:
     """With receiver.lock a symlink, `run` refuses the spool with a one-line reason naming the lock;
     the link's target is neither truncated nor written."""

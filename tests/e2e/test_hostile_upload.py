@@ -272,6 +272,7 @@ def test_the_uploaders_argv_holds_no_configuration(
         assert_rows_in_tiled(tiled_container, acquisition, scan)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "uri",
     [f"https://beamline:{SECRET}@tiled.example.org", f"https://tiled.example.org/api?api_key={SECRET}"],

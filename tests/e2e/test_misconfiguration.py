@@ -95,6 +95,7 @@ def wait_for_state(sidecar: SidecarProcess, state: str, started: float) -> float
     return time.monotonic() - started
 
 
+@pytest.mark.process
 def test_a_uri_that_is_not_tiled_and_a_proxy_address_where_nothing_listens(
     tmp_path: Path, not_tiled: NotTiled
 ) -> None:

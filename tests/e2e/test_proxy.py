@@ -250,6 +250,7 @@ def test_the_monitor_works_through_it_unchanged(sidecar_proxy: SidecarProxy, tmp
     assert runs[uid]["gaps"] == {}
 
 
+@pytest.mark.process
 def test_burst_with_a_paused_subscriber_loses_nothing_where_bluesky_proxy_drops(tmp_path: Path) -> None:
     """50,000 events back to back through bluesky's Publisher while the subscriber is SIGSTOPped for 1 s.
 
@@ -302,6 +303,7 @@ def test_burst_with_a_paused_subscriber_loses_nothing_where_bluesky_proxy_drops(
     )
 
 
+@pytest.mark.process
 def test_buffer_limit_is_respected_and_the_stalled_subscriber_alone_loses(tmp_path: Path) -> None:
     """With --max-buffer-bytes 4 MiB and one subscriber stopped for a whole burst of 150,000 events
     (~45 MiB as bytes in a buffer without a limit): the buffer stays

@@ -134,6 +134,7 @@ def test_bluesky_publisher_and_remote_dispatcher_round_trip_through_curve_proxie
         publisher.close()  # type: ignore[no-untyped-call]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("who", ["key-not-admitted", "address-not-allowed"])
 def test_a_publisher_not_admitted_gets_nothing_through(
     who: str, keys: dict[str, Path], tmp_path: Path

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import bluesky.plans as bp
+import pytest
 from bluesky import RunEngine
 from bluesky_tiled_plugins import TiledWriter
 from bluesky_tiled_plugins.writing._json_writer import JSONLinesWriter
@@ -85,6 +86,7 @@ def test_replay_dry_run_then_upload_every_row_once(tiled_container: TiledContain
     assert len(read_stream(tiled_container.client(), uids[0])) == 7
 
 
+@pytest.mark.process
 def test_replay_with_tiled_unreachable_is_one_clear_line(tmp_path: Path) -> None:
     """Tiled down: replay gives up after its deadline with one line, exit 1, and the data stays spooled."""
     documents = _record(bp.count([det], 3))
@@ -183,6 +185,7 @@ def test_replay_never_deletes_a_run_another_writer_made(
     assert status["runs"][0]["state"] == "quarantined" and "did not create it" in status["runs"][0]["reason"]
 
 
+@pytest.mark.process
 def test_status_and_verify_on_a_missing_spool_are_one_line_errors(tmp_path: Path) -> None:
     """Pointing at a directory that is not a spool: exit 1, one line, no traceback."""
     for command in ("status", "verify", "replay"):
@@ -191,6 +194,7 @@ def test_status_and_verify_on_a_missing_spool_are_one_line_errors(tmp_path: Path
         assert result.stderr.count("\n") == 1 and "not a spool directory" in result.stderr
 
 
+@pytest.mark.process
 def test_verify_reports_every_record_and_exits_zero_on_a_cleanspool_documents(tmp_path: Path) -> None:
     """verify reads every record of every run and says ok."""
     documents = _record(bp.count([det], 4))

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 
+from tiled_writer_sidecar.config import SpoolConfig
 from tiled_writer_sidecar.errors import SpoolError
+from tiled_writer_sidecar.health import health_snapshot
+from tiled_writer_sidecar.ingest import Ingest
+from tiled_writer_sidecar.run_index import RunIndex
 from tiled_writer_sidecar.spool import directory
+from tiled_writer_sidecar.spool.check import verify_spool
 from tiled_writer_sidecar.spool.directory import QUARANTINE_PREFIX, SpoolDir, is_safe_uid
 from tiled_writer_sidecar.spool.index import Received
 from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
+from tiled_writer_sidecar.stats import ReceiverStats
+from tiled_writer_sidecar.status import status_report
 
 
 @pytest.mark.parametrize("uid", ["run\n", "run\r", "a/b", "..", "a..b", "", ".hidden", "x" * 129, "ü"])
@@ -60,6 +68,42 @@ def test_symlinked_run_directories_are_skipped(tmp_path: Path) -> None:
     Received(uid="evil").save(elsewhere)
     (spool.runs_dir / "evil").symlink_to(elsewhere)
     assert spool.runs() == [] and spool.total_bytes() == 0 and spool.segment_count() == 0
+
+
+def test_a_symlinked_run_directory_is_never_listed_read_or_counted_by_receiver_uploader_status_verify(
+    tmp_path: Path,
+) -> None:
+    """One open and one closed run planted elsewhere and linked into runs/: the receiver's recovery and
+    size, the uploader's index, `status`, `/healthz` and `verify` all go through `run_listing` and
+    neither read nor count them (verify names each as a refused symlink)."""
+    spool = SpoolDir(tmp_path / "spool")
+    for uid, closed in (("evil-open", False), ("evil-closed", True)):
+        elsewhere = tmp_path / uid
+        writer = LogWriter(elsewhere, 1 << 20, FsyncPolicy("never"))
+        writer.append(b"x" * 1000)
+        writer.close()
+        Received(uid=uid, documents=1, bytes=1000, closed=closed, stop_received=closed).save(elsewhere)
+        (spool.runs_dir / uid).symlink_to(elsewhere)
+    planted = {
+        uid: sorted(p.name for p in (tmp_path / uid).iterdir()) for uid in ("evil-open", "evil-closed")
+    }
+    run_dirs, links = spool.run_listing()
+    assert run_dirs == [] and sorted(links) == ["evil-closed", "evil-open"]
+    ingest = Ingest(SpoolConfig(dir=str(spool.root)), spool, ReceiverStats())
+    assert ingest.recover() == [] and ingest.tracker.runs == {} and ingest.ledger.runs == 0
+    ingest.upkeep()
+    index = RunIndex(spool)
+    index.refresh()
+    assert index.known == set() and index.next_closed() is None and index.live() == []
+    report = status_report(spool)
+    assert report["runs"] == [] and report["totals"]["bytes"] == 0
+    health = health_snapshot(ReceiverStats(), spool, loop_beat=time.time())
+    assert health.spool.runs == health.spool.backlog_runs == 0
+    assert [(r.run, r.records, r.problem) for r in verify_spool(spool)] == [
+        ("evil-closed", 0, "a symlink: not read, not repaired"),
+        ("evil-open", 0, "a symlink: not read, not repaired"),
+    ]
+    assert planted == {uid: sorted(p.name for p in (tmp_path / uid).iterdir()) for uid in planted}
 
 
 def test_quarantine_keeps_a_prefix_of_a_large_frame(tmp_path: Path) -> None:

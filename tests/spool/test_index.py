@@ -15,10 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tiled_writer_sidecar.coerce import MAX_ITEMS, MAX_NAME
 from tiled_writer_sidecar.spool import index
 from tiled_writer_sidecar.spool.index import (
-    MAX_ITEMS,
-    MAX_TEXT,
     Received,
     Uploaded,
     atomic_write_json,
@@ -62,11 +61,11 @@ def test_received_with_any_value_saves_and_loads(tmp_path: Path, value: Any) -> 
     assert loaded is not None and loaded.uid == "run-1"
     assert loaded.scan_id is None or type(loaded.scan_id) is int
     assert loaded.start_time is None or type(loaded.start_time) is float
-    assert loaded.plan_name is None or len(loaded.plan_name) <= MAX_TEXT
-    assert all(type(v) is int and len(k) <= MAX_TEXT for k, v in (loaded.expected_events or {}).items())
+    assert loaded.plan_name is None or len(loaded.plan_name) <= MAX_NAME
+    assert all(type(v) is int and len(k) <= MAX_NAME for k, v in (loaded.expected_events or {}).items())
     assert raw["scan_id"] == loaded.scan_id
     if isinstance(value, np.int64):
-        assert loaded.scan_id == 7 and loaded.expected_events == {"primary": 7, "x" * MAX_TEXT: 1}
+        assert loaded.scan_id == 7 and loaded.expected_events == {"primary": 7, "x" * MAX_NAME: 1}
     loaded.problems()  # derived values compute
 
 

@@ -109,7 +109,9 @@ class FakeTiled:
         monkeypatch.setattr(run_upload, "TiledRun", self)
         monkeypatch.setattr(run_upload, "run_exists", lambda client, uid: uid in self.runs)
         monkeypatch.setattr(run_upload, "delete_run", self.delete_run)
-        monkeypatch.setattr(run_upload, "_holds_start", lambda client, doc: self.starts.get(doc["uid"]) == doc)
+        monkeypatch.setattr(
+            run_upload, "_holds_start", lambda client, doc: self.starts.get(doc["uid"]) == doc
+        )
         monkeypatch.setattr(
             run_upload, "read_seq_nums", lambda client, uid, stream: self.runs.get(uid, {}).get(stream)
         )

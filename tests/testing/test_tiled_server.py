@@ -176,6 +176,7 @@ def test_start_failure_reports_the_log(shared_tiled_server: TiledServer, tmp_pat
     other.close()
 
 
+@pytest.mark.process
 def test_taken_port_is_replaced_on_first_start(tmp_path: Path) -> None:
     """If the free port is grabbed before Tiled binds it, start() picks another."""
     server = TiledServer(tmp_path / "tiled")

@@ -47,11 +47,13 @@ def verify_spool(spool: SpoolDir, repair: bool = False) -> list[SegmentReport]:
     if repair and spool.is_locked("receiver"):
         raise SpoolLockedError("the receiver is running on this spool; stop it before --repair")
     reports = []
-    for run_dir in sorted(spool.runs_dir.iterdir()):
-        if run_dir.is_symlink():
-            reports.append(_refused(run_dir.name, "(run directory)", "a symlink: not read, not repaired"))
-            continue
-        if not run_dir.is_dir():
+    run_dirs, links = spool.run_listing()
+    listed: list[tuple[str, Path | None]] = [(d.name, Path(d.path)) for d in run_dirs] + [
+        (n, None) for n in links
+    ]
+    for name, run_dir in sorted(listed, key=lambda item: item[0]):
+        if run_dir is None:
+            reports.append(_refused(name, "(run directory)", "a symlink: not read, not repaired"))
             continue
         segments = list_segments(run_dir)
         for i, path in enumerate(segments):

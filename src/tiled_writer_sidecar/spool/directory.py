@@ -38,7 +38,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import SpoolError, SpoolLockedError
+from ..errors import SpoolError, SpoolLockedError, UnsafeName
+from ..text import ascii_text
 from .index import UPLOADED, Received, RunView, Uploaded, UploadState
 from .segment import list_segments, log_bytes
 
@@ -51,8 +52,16 @@ _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def is_safe_uid(uid: object) -> bool:
-    """A uid we can use as a directory name (no separators, no traversal, no newline: a full match)."""
+    """The one rule for a run uid: what bluesky writes (uuid4) and more, never a separator, a dot
+    segment or a newline (a full match), so it is both a directory name and a Tiled key."""
     return isinstance(uid, str) and _SAFE_UID.fullmatch(uid) is not None and ".." not in uid
+
+
+def check_uid(uid: object) -> str:
+    """`uid` if `is_safe_uid`; else raise `UnsafeName` (its reason shows the uid escaped and bounded)."""
+    if not isinstance(uid, str) or not is_safe_uid(uid):
+        raise UnsafeName(f"run uid {ascii_text(ascii(uid), 80)} is not a safe Tiled key")
+    return uid
 
 
 def quarantine_entry(payload: bytes) -> bytes:
@@ -160,24 +169,32 @@ class SpoolDir:
             os.close(fd)
         self._locks.clear()
 
-    def run_dirs(self) -> list[Path]:
-        """The run directories (never a symlink, never a file)."""
-        return [Path(entry.path) for entry in self.run_entries()]
-
-    def run_entries(self) -> list[os.DirEntry[str]]:
-        """`run_dirs` as directory entries (no `Path` each: 50,000 of them cost seconds)."""
-        dirs = []
+    def run_listing(self) -> tuple[list[os.DirEntry[str]], list[str]]:
+        """The one listing of runs/: its run directories as entries (no `Path` each: 50,000 of them
+        cost seconds), and the names of its symlinks (never followed, never read; `verify` reports
+        them). Files and unreadable entries are in neither."""
+        dirs, links = [], []
         try:
             entries = list(os.scandir(self.runs_dir))
         except OSError:
-            return []
+            return [], []
         for entry in entries:
             try:
-                if entry.is_dir(follow_symlinks=False):
+                if entry.is_symlink():
+                    links.append(entry.name)
+                elif entry.is_dir(follow_symlinks=False):
                     dirs.append(entry)
             except OSError:
                 continue
-        return dirs
+        return dirs, links
+
+    def run_dirs(self) -> list[Path]:
+        """The run directories (`run_listing`: never a symlink, never a file)."""
+        return [Path(entry.path) for entry in self.run_entries()]
+
+    def run_entries(self) -> list[os.DirEntry[str]]:
+        """`run_dirs` as directory entries."""
+        return self.run_listing()[0]
 
     def run_names(self) -> list[str]:
         """The names of the run directories (`run_dirs`: never a symlink, never a file)."""

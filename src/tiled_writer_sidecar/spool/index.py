@@ -18,9 +18,9 @@ so a reader sees the old or the new version, never half of one:
 spool's root holds ``uploader.json`` (`UploaderStatus`), written by the
 uploader about once a second, read by ``/metrics``, ``/healthz`` and `status`.
 
-`save` writes plain JSON values only: ints within 64 bits, finite floats,
-strings of at most `MAX_TEXT` characters, dicts and lists of at most
-`MAX_ITEMS` entries (numpy numbers become Python numbers, anything else
+`save` writes plain JSON values only (`coerce`: ints within 64 bits, finite floats,
+names and other strings within their limits, dicts and lists of at most
+`MAX_ITEMS` entries, numpy numbers as Python numbers, anything else
 ``None``). `load` never raises: it returns the same plain values, defaults
 for unusable fields, ``None``/defaults for a file it cannot read. No file is
 opened through a symlink; temporary files have unpredictable names and are
@@ -30,16 +30,16 @@ created exclusively.
 from __future__ import annotations
 
 import json
-import math
-import operator
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
+
+from ..coerce import MAX_NAME, as_bool, as_counts, as_float, as_floats, as_int, as_text, as_texts, plain
 
 RECEIVED = "received.json"
 UPLOADED = "uploaded.json"
@@ -78,13 +78,8 @@ class RunState(StrEnum):
 
 STATES = tuple(RunState)
 
-#: Longest string kept in an index file; longer ones are cut.
-MAX_TEXT = 1024
-#: Most entries kept in one dict or list of an index file.
-MAX_ITEMS = 1000
 #: Largest index file `read_json` reads; a bigger one reads as missing.
 MAX_JSON_BYTES = 16 * 2**20
-_INT64 = (-(2**63), 2**63 - 1)
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -145,84 +140,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-# ------------------------------------------------------ plain JSON values
-
-
-def as_int(value: Any) -> int | None:
-    """An int within 64 bits (numpy ints and integral floats too), else None."""
-    if isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            return None
-        value = int(value)
-    if getattr(value, "ndim", 0) != 0:  # a numpy array is not a number
-        return None
-    try:
-        number = operator.index(value)
-    except TypeError:
-        return None
-    return number if _INT64[0] <= number <= _INT64[1] else None
-
-
-def as_float(value: Any) -> float | None:
-    """A finite float (from any real number within range), else None."""
-    if isinstance(value, (str, bytes, complex)) or not hasattr(value, "__float__"):
-        return None
-    if getattr(value, "ndim", 0) != 0:  # a numpy array is not a number
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def as_text(value: Any) -> str | None:
-    """A str of at most MAX_TEXT characters, else None."""
-    return str.__str__(value)[:MAX_TEXT] if isinstance(value, str) else None
-
-
-def as_bool(value: Any) -> bool:
-    """True only for True (or numpy's True); anything else is False."""
-    if isinstance(value, bool):
-        return value
-    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_") and bool(value)
-
-
-def as_counts(value: Any) -> dict[str, int]:
-    """A dict of str -> int (at most MAX_ITEMS); entries that are not are left out."""
-    counts: dict[str, int] = {}
-    if isinstance(value, dict):
-        for key, number in list(value.items())[:MAX_ITEMS]:
-            text, count = as_text(key), as_int(number)
-            if text is not None and count is not None:
-                counts[text] = count
-    return counts
-
-
-def as_texts(value: Any) -> list[str]:
-    if not isinstance(value, (list, tuple)):
-        return []
-    return [text for item in value[:MAX_ITEMS] if (text := as_text(item)) is not None]
-
-
-def plain(value: Any, depth: int = 0) -> Any:
-    """Any value as plain, bounded JSON (for files whose fields are not typed)."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return as_text(value)
-    if isinstance(value, dict) and depth < 16:
-        items = list(value.items())[:MAX_ITEMS]
-        return {
-            str(k)[:MAX_TEXT] if isinstance(k, (str, int)) else repr(type(k)): plain(v, depth + 1)
-            for k, v in items
-        }
-    if isinstance(value, (list, tuple)) and depth < 16:
-        return [plain(v, depth + 1) for v in value[:MAX_ITEMS]]
-    number = as_int(value)
-    if number is not None and not isinstance(value, float):
-        return number
-    return as_float(value)
+# ------------------------------------------------------ plain JSON values (../coerce.py)
 
 
 def _fields_of(cls: type, data: dict[str, Any], coerce: dict[str, Callable[[Any], Any]]) -> dict[str, Any]:
@@ -265,6 +183,10 @@ def _state(value: Any) -> UploadState:
         return UploadState.PENDING
 
 
+def _name(value: Any) -> str | None:
+    return as_text(value, MAX_NAME)
+
+
 def _number(value: Any) -> int:
     return as_int(value) or 0
 
@@ -280,7 +202,7 @@ def _flag(value: Any) -> bool:
 _RECEIVED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "uid": lambda v: as_text(v) or "",
     "scan_id": as_int,
-    "plan_name": as_text,
+    "plan_name": _name,
     "start_time": as_float,
     "first_received": _time,
     "last_received": _time,
@@ -290,7 +212,7 @@ _RECEIVED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "missing": as_counts,
     "expected_events": _optional_counts,
     "stop_received": _flag,
-    "exit_status": as_text,
+    "exit_status": _name,
     "dropped": _number,
     "closed": _flag,
     "close_reason": as_text,
@@ -313,14 +235,6 @@ _UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _finite_floats(value: Any) -> list[float]:
-    """The finite real numbers (not bools) of a list, at most MAX_ITEMS."""
-    if not isinstance(value, (list, tuple)):
-        return []
-    items = (as_float(v) for v in value[:MAX_ITEMS] if not isinstance(v, bool))
-    return [v for v in items if v is not None]
-
-
 def _plain_dict(value: Any) -> dict[str, Any]:
     return plain(value) if isinstance(value, dict) else {}
 
@@ -338,7 +252,7 @@ _UPLOADER_STATUS_FIELDS: dict[str, Callable[[Any], Any]] = {
     "append_retries": _number,
     "flushes": _number,
     "last_lag_seconds": as_float,
-    "lag_seconds": _finite_floats,
+    "lag_seconds": as_floats,
     "lag_histogram": _plain_dict,
     "runs_per_second": as_float,
     "rows_per_second": as_float,
@@ -527,6 +441,11 @@ class RunView:
             return RunState.UPLOADING
         return RunState.PENDING if self.received.closed else RunState.RECEIVING
 
+    @property
+    def waiting(self) -> bool:
+        """Not in Tiled yet (`RunState.waiting`: the uploader has not finished it)."""
+        return self.state.waiting
+
     def as_dict(self) -> dict[str, Any]:
         r = self.received
         return {
@@ -546,3 +465,23 @@ class RunView:
             "attempts": self.uploaded.attempts,
             "reason": self.uploaded.reason,
         }
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The runs not in Tiled yet (`RunView.waiting`), as `status` and ``/healthz`` count them."""
+
+    runs: int = 0
+    documents: int = 0  # received and not yet confirmed by Tiled
+    bytes: int = 0
+    oldest: float | None = None  # first_received of the oldest waiting run
+
+    @classmethod
+    def of(cls, views: Iterable[RunView]) -> Backlog:
+        waiting = [view for view in views if view.waiting]
+        return cls(
+            runs=len(waiting),
+            documents=sum(max(0, v.received.documents - v.uploaded.documents) for v in waiting),
+            bytes=sum(v.received.bytes for v in waiting),
+            oldest=min((v.received.first_received for v in waiting), default=None),
+        )
