@@ -13,14 +13,16 @@ Every flag of bluesky's proxy with the same meaning (addresses, ``--in-mode``
   reading holds the others back for ``--stall-seconds`` at most.
 - out: an XPUB socket (``ZMQ_XPUB_NODROP``; subscriptions filtered as a PUB
   would, and read for `proxy_replay`'s catch-up of a restarted sidecar).
-- Memory, in bytes: ``--max-buffer-bytes`` is split between the buffer
-  (half), each subscriber's pipe (a quarter: its SNDHWM, and the in socket's
-  RCVHWM, is that share over the largest message of the last
-  `HWM_WINDOW_S`, recomputed before a larger message is sent) and the
-  replay ring (a quarter). A pipe holds copies of messages the others hold
-  too (0MQ shares one buffer per message), so stalled subscribers cost
-  about one share together, not one each. ``ZMQ_MAXMSGSIZE`` bounds a
-  message on the in socket and a subscription on the out socket.
+- Memory, in bytes: ``--max-buffer-bytes`` B is split between the buffer
+  (B/2), the replay ring (B/4) and each 0MQ pipe (B/4: the in socket's and
+  each subscriber's). Every pipe's HWM is `PIPE_MESSAGES`, set once when its
+  socket is made and never changed (libzmq 4.3.5 crashed in its I/O thread
+  when a live pipe's HWM change raced a disconnecting subscriber), and a
+  message is at most B/4 / `PIPE_MESSAGES` (`max_message_bytes`,
+  ``ZMQ_MAXMSGSIZE`` on the in socket; 64 MiB at most), so a pipe never
+  holds more than B/4. Pipes share one copy of a message (0MQ counts
+  references), so subscribers that stall together cost one share.
+  ``ZMQ_MAXMSGSIZE`` bounds a subscription on the out socket too.
 
 Why, and what each subscriber misses: docs/design.md, "What 0MQ loses, and
 how it is reported".
@@ -44,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from zmq.utils.monitor import recv_monitor_message
 
-from .errors import DecodeError
+from .errors import ConfigError, DecodeError
 from .proxy_buffer import (
     DEFAULT_STALL_SECONDS,
     MESSAGE_OVERHEAD,
@@ -83,10 +85,10 @@ MAX_MESSAGE_BYTES = 64 * 2**20
 #: Largest subscription frame accepted on the out socket (a subscriber sending more is
 #: disconnected): bluesky subscribes to a prefix, a few bytes.
 MAX_SUBSCRIPTION_BYTES = 1024
-#: Bounds of a pipe's HWM (messages), and libzmq's bookkeeping per queued message.
-MIN_HWM, MAX_HWM, ZMQ_MESSAGE_OVERHEAD = 4, 1_000_000, 96
-#: How long a large message keeps the pipes' HWM down.
-HWM_WINDOW_S = 30.0
+#: Every pipe's HWM (messages), set once per socket: a pipe holds at most this many of the largest message.
+PIPE_MESSAGES = 16
+#: The smallest ``--max-buffer-bytes``: a pipe's share must hold `PIPE_MESSAGES` messages of 4 KiB.
+MIN_BUFFER_BYTES = 4 * PIPE_MESSAGES * 4096
 #: Messages read from the in socket per wake before forwarding again.
 READ_BATCH = 2_000
 #: Frames of a refused multipart message thrown away per wake.
@@ -118,10 +120,19 @@ class ProxyOptions:
     def pipe_bytes(self) -> int:
         return self.max_buffer_bytes // 4
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message accepted: `PIPE_MESSAGES` of them fill one pipe's share (module doc)."""
+        return min(MAX_MESSAGE_BYTES, self.pipe_bytes // PIPE_MESSAGES)
 
-def hwm_for(share: int, largest: int) -> int:
-    """A pipe's HWM (messages) so that it holds about `share` bytes of messages up to `largest`."""
-    return max(MIN_HWM, min(MAX_HWM, share // (largest + ZMQ_MESSAGE_OVERHEAD)))
+    def check(self) -> None:
+        """ConfigError in one line for a budget too small to be split (see the module doc)."""
+        if self.max_buffer_bytes < MIN_BUFFER_BYTES:
+            raise ConfigError(
+                f"--max-buffer-bytes {self.max_buffer_bytes} is too small (at least {MIN_BUFFER_BYTES})"
+            )
+        for side in (self.in_side, self.out_side):
+            side.check()
 
 
 class BufferingProxy:
@@ -143,15 +154,15 @@ class BufferingProxy:
         self._stop = False
         self._discarding = False
         self._now = time.monotonic()
-        self._largest, self._largest_at = 0, 0.0
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._gate = Gatekeeper(self._context)
         self._monitors: dict[zmq.Socket[bytes], str] = {}
         try:
-            for side in (options.in_side, options.out_side):
-                side.check()
+            options.check()
+            # Every option before the socket has a pipe, never after (the module doc: HWMs).
             self.in_socket = self._context.socket(zmq.SUB)
-            self.in_socket.setsockopt(zmq.MAXMSGSIZE, min(MAX_MESSAGE_BYTES, max(options.pipe_bytes, 1)))
+            self.in_socket.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
+            self.in_socket.setsockopt(zmq.RCVHWM, PIPE_MESSAGES)
             self.in_socket.setsockopt(zmq.LINGER, 0)
             self.in_socket.setsockopt(zmq.SUBSCRIBE, b"")
             self.out_socket = self._context.socket(zmq.XPUB)
@@ -159,7 +170,8 @@ class BufferingProxy:
             self.out_socket.setsockopt(zmq.XPUB_VERBOSER, 1)
             self.out_socket.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
             self.out_socket.setsockopt(zmq.LINGER, int(SHUTDOWN_FLUSH_SECONDS * 1000))
-            self._set_hwm(hwm_for(options.pipe_bytes, 1024))
+            self.out_socket.setsockopt(zmq.SNDHWM, PIPE_MESSAGES)
+            self.stats.pipe_hwm = PIPE_MESSAGES
             for sock, side in ((self.in_socket, options.in_side), (self.out_socket, options.out_side)):
                 if side.binds:
                     self._gate.admit(sock, side)
@@ -176,35 +188,11 @@ class BufferingProxy:
             raise
         self._lossy = False
 
-    # -- memory -----------------------------------------------------------------
-
-    def _set_hwm(self, hwm: int) -> None:
-        """Both pipes' HWM (libzmq >= 4.2 applies it to connected pipes too)."""
-        if hwm != self.stats.pipe_hwm:
-            self.out_socket.setsockopt(zmq.SNDHWM, hwm)
-            self.in_socket.setsockopt(zmq.RCVHWM, hwm)
-            self.stats.pipe_hwm = hwm
-
-    def _observe(self, size: int) -> None:
-        """Keep the pipes' HWM at the byte share over the largest recent message (module doc)."""
-        now = self._now
-        if size >= self._largest or now - self._largest_at > HWM_WINDOW_S:
-            self._largest, self._largest_at = size, now
-            target, current = hwm_for(self.options.pipe_bytes, size), self.stats.pipe_hwm
-            # Changing a live pipe's HWM is rare on purpose: libzmq 4.3.5 crashed (SIGSEGV in its I/O
-            # thread) twice in tests when it raced a disconnecting subscriber. Lower at once (the memory
-            # bound) to a power of two, so that slowly growing messages do not change it again; raise only
-            # when the share doubles.
-            if target < current:
-                self._set_hwm(max(MIN_HWM, 1 << (target.bit_length() - 1)))
-            elif target >= 2 * current:
-                self._set_hwm(target)
-
     # -- sending ----------------------------------------------------------------
 
     def _send(self, message: Message, lossy: bool) -> bool:
         out = self.out_socket
-        if lossy != self._lossy:
+        if lossy != self._lossy:  # the XPUB's own flag (xsetsockopt): no pipe hears of it
             out.setsockopt(zmq.XPUB_NODROP, 0 if lossy else 1)
             self._lossy = lossy
         try:
@@ -243,7 +231,6 @@ class BufferingProxy:
                 if not self._discard():
                     return
                 continue
-            self._observe(len(message))
             append(message, now)
             if verbose:
                 _log_message(message, verbose)
@@ -315,11 +302,14 @@ class BufferingProxy:
         blocked_wait = 1
         next_tick = time.monotonic()
         status_every, next_status = 5.0, time.monotonic() + 5.0
+        stats = self.stats
         while not self._stop:
             self._now = time.monotonic()
+            sent = stats.sent
             if buffer.forward(send, self._now):
+                # A pipe holds few messages: wait long only while nothing goes out at all.
+                blocked_wait = 1 if stats.sent != sent else min(2 * blocked_wait, MAX_BLOCKED_WAIT_MS)
                 timeout = blocked_wait
-                blocked_wait = min(2 * blocked_wait, MAX_BLOCKED_WAIT_MS)
             else:
                 timeout, blocked_wait = int(TICK_SECONDS * 1000), 1
             if self._discarding:
