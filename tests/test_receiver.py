@@ -332,7 +332,8 @@ def test_subscription_connects_receives_and_never_limits_message_size() -> None:
 def test_subscription_bounds_queued_bytes_and_hands_the_overflow_over() -> None:
     """24 single-frame 2 MiB messages (the issue's 24 x 50 MiB, scaled down) to a handler that takes
     20 ms each, with an 8 MiB bound: what waits never exceeds 8 MiB, every message is either handled,
-    in order, or handed to `overflow` (the receiver rejects those as queue-full), none is lost."""
+    in order, or handed to `overflow` as its first 64 KiB and its length (the receiver rejects those as
+    queue-full), none is lost."""
     import time
 
     import zmq
@@ -345,12 +346,12 @@ def test_subscription_bounds_queued_bytes_and_hands_the_overflow_over() -> None:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     publisher = context.socket(zmq.XPUB)
     port = publisher.bind_to_random_port("tcp://127.0.0.1")
-    overflowed: list[list[bytes]] = []
+    overflowed: list[tuple[bytes, int]] = []
     subscription = Subscription(
         ZmqConfig(address=f"tcp://127.0.0.1:{port}"),
         pace=False,
         max_queued_bytes=bound,
-        overflow=overflowed.append,
+        overflow=lambda head, length: overflowed.append((head, length)),
     )
     handled: list[int] = []
 
@@ -368,7 +369,8 @@ def test_subscription_bounds_queued_bytes_and_hands_the_overflow_over() -> None:
         assert subscription.queued_bytes_peak <= bound
         assert subscription.overflowed == len(overflowed) > 0
         assert handled == sorted(handled) and len(handled) + len(overflowed) == 24
-        assert sorted(handled + [frames[0][0] for frames in overflowed]) == list(range(24))
+        assert sorted(handled + [head[0] for head, _ in overflowed]) == list(range(24))
+        assert all(len(head) == 2**16 and length == size for head, length in overflowed)
     finally:
         subscription.close()
         publisher.close(linger=0)

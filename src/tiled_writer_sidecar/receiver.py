@@ -73,17 +73,20 @@ class Receiver:
         self.tick()
         return count
 
-    def _count(self, frames: list[bytes]) -> None:
+    def _count(self, frames: list[bytes], size: int | None = None) -> None:
         stats = self.stats
         stats.messages += 1
-        stats.bytes += len(frames[0]) if len(frames) == 1 else sum(len(f) for f in frames)
+        if size is None:
+            size = len(frames[0]) if len(frames) == 1 else sum(len(f) for f in frames)
+        stats.bytes += size
         stats.last_message = time.time()
 
-    def _overflowed(self, frames: list[bytes]) -> None:
-        """A message the receive queue had no room for: counted and quarantined as ``queue-full``."""
-        self._count(frames)
+    def _overflowed(self, head: bytes, size: int) -> None:
+        """A message the receive queue had no room for (its first bytes): counted, quarantined as ``queue-full``."""
+        self._count([head], size)
         queued = self.subscription.queued_bytes
-        self._reject(RejectedMessage("queue-full", f"{queued} bytes wait to be handled already"), frames)
+        detail = f"{size} bytes (the first {len(head)} kept); {queued} bytes wait to be handled already"
+        self._reject(RejectedMessage("queue-full", detail), [head])
 
     def handle(self, frames: list[bytes]) -> None:
         """Decode, validate, route and spool one message; whatever is wrong with it stays with it."""

@@ -27,9 +27,11 @@ Contract:
   moves what 0MQ holds into the subscription's own queue before it handles
   any, and again after each `PULL_BYTES` (or `PULL_MESSAGES`) handled, so
   0MQ holds at most what arrives while that much is handled. A message that
-  would take the queue past its bound goes to `overflow` instead (the
-  receiver rejects it as ``queue-full``: counted and quarantined, never
-  silently lost); `overflowed` counts them.
+  would take the queue past its bound goes to `overflow` instead, as its
+  first 64 KiB and its length, never copied whole, so overflowing is cheap
+  (the receiver rejects it as ``queue-full``: counted and quarantined,
+  never silently lost); `overflowed` counts them. Large messages wait as
+  0MQ's own buffers (``copy=False``), copied only as they are handled.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -60,6 +63,11 @@ PULL_BYTES, PULL_MESSAGES = 2**20, 1_000
 #: Bytes counted per queued message on top of its length.
 QUEUE_OVERHEAD = 100
 
+#: A message of this many bytes or more waits as 0MQ's own buffer, copied only as it is handled.
+ZERO_COPY_FROM = 2**16
+#: What `overflow` gets of a message the queue has no room for: its first bytes (and its length).
+OVERFLOW_KEPT = 2**16
+
 Frames = list[bytes]
 
 _HANDSHAKE_FAILURES = {
@@ -79,7 +87,7 @@ class Subscription:
         pace: bool = True,
         catch_up: bool = False,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
-        overflow: Callable[[Frames], None] | None = None,
+        overflow: Callable[[bytes, int], None] | None = None,
     ) -> None:
         self.config = config
         self.pace = pace
@@ -87,7 +95,7 @@ class Subscription:
         self.overflowed = 0  # messages handed to `overflow` (the queue was full)
         self.queued_bytes_peak = 0
         self._overflow = overflow
-        self._queue: deque[tuple[Frames, int]] = deque()
+        self._queue: deque[tuple[list[Any], int]] = deque()  # a large first frame: a zmq.Frame
         self._queued_bytes = 0
         self.connected = False
         self.problem: str | None = None
@@ -157,6 +165,8 @@ class Subscription:
         while queue and count < limit:
             frames, size = queue.popleft()
             self._queued_bytes -= size
+            if not isinstance(frames[0], bytes):
+                frames[0] = frames[0].bytes
             handle(frames)
             count += 1
             handled += size
@@ -172,19 +182,22 @@ class Subscription:
         recv, queue = socket.recv, self._queue
         for _ in range(MAX_BATCH):
             try:
-                first = recv(zmq.NOBLOCK)
+                frame = recv(zmq.NOBLOCK, copy=False)  # 0MQ's buffer, not a copy, until it is handled
             except zmq.Again:
                 return
-            frames = [first]
-            if socket.rcvmore:
-                while socket.rcvmore:
-                    recv(copy=False)
+            first = frame.bytes if len(frame) < ZERO_COPY_FROM else frame
+            frames: list[Any] = [first]
+            if frame.more:
+                while recv(copy=False).more:
+                    pass
                 frames.append(b"")
-            size = len(first) + QUEUE_OVERHEAD
+            size = len(frame) + QUEUE_OVERHEAD
             if queue and self._queued_bytes + size > self.max_queued_bytes:
                 self.overflowed += 1
-                if self._overflow is not None:
-                    self._overflow(frames)
+                if (
+                    self._overflow is not None
+                ):  # its first OVERFLOW_KEPT bytes and its length: never copied whole
+                    self._overflow(bytes(frame.buffer[:OVERFLOW_KEPT]), len(frame))
                 elif self.overflowed == 1 or self.overflowed % 1000 == 0:
                     log.warning(
                         "receive queue full (%d bytes queued, %d bytes arrived): %d messages overflowed",
