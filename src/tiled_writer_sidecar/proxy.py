@@ -86,9 +86,9 @@ MAX_MESSAGE_BYTES = 64 * 2**20
 #: disconnected): bluesky subscribes to a prefix, a few bytes.
 MAX_SUBSCRIPTION_BYTES = 1024
 #: Every pipe's HWM (messages), set once per socket: a pipe holds at most this many of the largest message.
-PIPE_MESSAGES = 16
+PIPE_MESSAGES = 256  # fewer: a healthy subscriber fell behind a burst (docs/design.md)
 #: The smallest ``--max-buffer-bytes``: a pipe's share must hold `PIPE_MESSAGES` messages of 4 KiB.
-MIN_BUFFER_BYTES = 4 * PIPE_MESSAGES * 4096
+MIN_BUFFER_BYTES = 4 * PIPE_MESSAGES * 4096  # 4 MiB
 #: Messages read from the in socket per wake before forwarding again.
 READ_BATCH = 2_000
 #: Frames of a refused multipart message thrown away per wake.
@@ -307,9 +307,12 @@ class BufferingProxy:
             self._now = time.monotonic()
             sent = stats.sent
             if buffer.forward(send, self._now):
-                # A pipe holds few messages: wait long only while nothing goes out at all.
-                blocked_wait = 1 if stats.sent != sent else min(2 * blocked_wait, MAX_BLOCKED_WAIT_MS)
-                timeout = blocked_wait
+                # A pipe holds few messages, and libzmq hears that one has room again only when the loop
+                # calls into it (a zero poll does): while sends progress, go again at once; else back off.
+                if stats.sent != sent:
+                    timeout, blocked_wait = 0, 1
+                else:
+                    timeout, blocked_wait = blocked_wait, min(2 * blocked_wait, MAX_BLOCKED_WAIT_MS)
             else:
                 timeout, blocked_wait = int(TICK_SECONDS * 1000), 1
             if self._discarding:

@@ -309,12 +309,12 @@ def test_buffer_limit_is_respected_and_the_stalled_subscriber_alone_loses(tmp_pa
     under its limit, the proxy's RSS stays bounded, drops are counted, and the healthy subscriber
     still gets every document the proxy received (only the stalled one misses messages, at least
     as many as counted)."""
-    limit = 16 * 2**20  # the buffer (8 MiB) is the healthy one's slack: a pipe holds 16 messages
+    limit = 16 * 2**20  # the buffer (8 MiB) is the healthy one's slack, with its pipe (256 messages)
     docs = burst_documents(3 * EVENTS)
     with SidecarProxy(log_path=tmp_path / "proxy.log", max_buffer_bytes=limit) as proxy:
-        # healthy: a deep receive queue, as the sidecar's: a pipe holds 16 messages (the byte budget over
+        # healthy: a deep receive queue, as the sidecar's: a pipe holds 256 messages (the byte budget over
         # the largest message), so a subscriber that lets 0MQ's default 1,000 fill up while the burst is
-        # past the budget is full too, and misses what is sent lossy meanwhile.
+        # past the budget may be full too, and miss what is sent lossy meanwhile.
         healthy = Subscriber(tmp_path, "healthy", SUBSCRIBER, proxy.out_address, "0")
         stalled = Subscriber(tmp_path, "stalled", SUBSCRIBER, proxy.out_address)
         publisher = Publisher(proxy.in_address)

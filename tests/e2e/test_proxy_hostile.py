@@ -189,18 +189,18 @@ def test_idle_metrics_clients_never_starve_forwarding_of_file_descriptors(make_p
     assert "Traceback" not in proxy.log.read_text()
 
 
-#: Message sizes cycled through by the churn test: from a scalar event to the largest a 32 MiB budget takes.
-CHURN_SIZES = (100, 2_000, 100, 64 * 2**10, 500, 512 * 2**10 - 64)
+#: Message sizes cycled through by the churn test: from a scalar event to the largest a 64 MiB budget takes.
+CHURN_SIZES = (100, 2_000, 100, 16 * 2**10, 500, 64 * 2**10 - 64)
 
 
 def test_subscribers_coming_and_going_never_crash_the_proxy_nor_cost_the_steady_one_a_message(
     make_proxy: type[Proxy],
 ) -> None:
     """6 rounds of 50 SUB sockets connected, fed a tenth of the messages, and closed with messages in
-    flight, while 6,000 messages of 100 B to 512 KiB go through a proxy with a 32 MiB budget: the proxy is still running,
+    flight, while 6,000 messages of 100 B to 64 KiB go through a proxy with a 64 MiB budget: the proxy is still running,
     a steady subscriber got every message in order, and its peak RSS grew by less than twice the
     budget."""
-    proxy = make_proxy(budget="32MiB")
+    proxy = make_proxy(budget="64MiB")
     base = proxy.rss_mib("VmHWM")
     context = proxy.context
     steady = context.socket(zmq.SUB)
@@ -210,39 +210,43 @@ def test_subscribers_coming_and_going_never_crash_the_proxy_nor_cost_the_steady_
     publisher = context.socket(zmq.PUB)
     publisher.setsockopt(zmq.SNDHWM, 0)
     publisher.connect(f"tcp://{LOCALHOST}:{proxy.in_port}")
-    wait_until(lambda: _probe(publisher, steady), 60, interval=0.0, what="the steady subscriber joined")
-    got: list[int] = []
-    reading = threading.Thread(target=_read_numbers, args=(steady, 6_000, got), daemon=True)
-    reading.start()
-    sent, churned = 0, 0
-    for _ in range(6):
-        subscribers = [context.socket(zmq.SUB) for _ in range(50)]
-        for sub in subscribers:
-            sub.setsockopt(zmq.SUBSCRIBE, b"x c ")  # never read: 100 small messages a round
-            sub.connect(f"tcp://{LOCALHOST}:{proxy.out_port}")
-        for _ in range(1_000):
-            if sent % 100 == 0:  # a publisher the steady subscriber keeps up with (~10 MB ahead at most)
-                wait_until(lambda n=sent - 100: len(got) >= n, 120, interval=0.01, what="the steady one")
-            size = CHURN_SIZES[sent % len(CHURN_SIZES)]
-            publisher.send(b"x n %08d " % sent + b"z" * size)
-            if sent % 10 == 0:
-                publisher.send(b"x c " + b"z" * 100)
-            sent += 1
-        subscribers[-1].poll(100)  # some of them have messages queued, or arriving, when they go
-        for sub in subscribers:
-            sub.close(linger=0)
-        churned += len(subscribers)
+    try:
+        wait_until(lambda: _probe(publisher, steady), 60, interval=0.0, what="the steady subscriber joined")
+        got: list[int] = []
+        reading = threading.Thread(target=_read_numbers, args=(steady, 6_000, got), daemon=True)
+        reading.start()
+        sent, churned = 0, 0
+        for _ in range(6):
+            subscribers = [context.socket(zmq.SUB) for _ in range(50)]
+            for sub in subscribers:
+                sub.setsockopt(zmq.SUBSCRIBE, b"x c ")  # never read: 100 small messages a round
+                sub.connect(f"tcp://{LOCALHOST}:{proxy.out_port}")
+            for _ in range(1_000):
+                if sent % 100 == 0:  # a publisher the steady subscriber keeps up with (~2 MB ahead at most)
+                    wait_until(lambda n=sent - 100: len(got) >= n, 120, interval=0.01, what="the steady one")
+                size = CHURN_SIZES[sent % len(CHURN_SIZES)]
+                publisher.send(b"x n %08d " % sent + b"z" * size)
+                if sent % 10 == 0:
+                    publisher.send(b"x c " + b"z" * 100)
+                sent += 1
+            subscribers[-1].poll(100)  # some of them have messages queued, or arriving, when they go
+            for sub in subscribers:
+                sub.close(linger=0)
+            churned += len(subscribers)
+            assert proxy.process.poll() is None, proxy.log.read_text()[-3000:]
+        reading.join(120)
         assert proxy.process.poll() is None, proxy.log.read_text()[-3000:]
-    reading.join(120)
-    assert proxy.process.poll() is None, proxy.log.read_text()[-3000:]
-    metrics = proxy.metrics()
-    assert got == list(range(sent)), (len(got), sent, metrics, proxy.log.read_text()[-3000:])
+        metrics = proxy.metrics()
+        assert got == list(range(sent)), (len(got), sent, metrics, proxy.log.read_text()[-3000:])
+    finally:
+        steady.close(linger=0)
+        publisher.close(linger=0)
     grown = proxy.rss_mib("VmHWM") - base
     print(
         f"\nchurn: {churned} subscribers came and went, {sent} messages, proxy peak RSS +{grown:.0f} MiB, "
         f"lossy sends {metrics['messages_dropped_total']:.0f}"
     )
-    assert grown < 64, grown
+    assert grown < 128, grown
 
 
 def _probe(publisher: zmq.Socket[bytes], sub: zmq.Socket[bytes]) -> bool:
