@@ -111,6 +111,23 @@ def test_past_the_limit_what_would_block_is_sent_lossy_and_counted() -> None:
     assert not buffer.overflowing and len(buffer) == 0
 
 
+def test_past_the_limit_a_full_subscriber_gets_over_grace_to_make_room() -> None:
+    """Over the limit with over_grace 0.2 s: a blocked head waits (the proxy reads nothing meanwhile);
+    a subscriber that makes room within the grace misses nothing; past it, the send goes lossy."""
+    per = 100 + MESSAGE_OVERHEAD
+    buffer = BurstBuffer(5 * per, over_grace=0.2)
+    sub = FakeSubscriber(room=0)
+    for i in range(6):
+        buffer.append(msg(i), 0.0)
+    assert buffer.forward(sub, 0.0) and buffer.forward(sub, 0.1)  # blocked, within the grace
+    sub.room = 1
+    assert buffer.forward(sub, 0.15) and sub.got == [msg(0)] and buffer.stats.dropped == 0
+    buffer.append(msg(6), 0.15)
+    assert buffer.forward(sub, 0.3)  # blocked again since 0.15: within the grace
+    assert buffer.forward(sub, 0.36)  # past the grace: the head went lossy, the rest waits within the limit
+    assert buffer.stats.dropped == sub.lossy_sends == 1 and buffer.bytes == buffer.max_bytes
+
+
 def test_lossless_sends_are_tried_first_even_past_the_limit() -> None:
     """Past the limit a message the subscriber can take is delivered, not dropped."""
     per = 100 + MESSAGE_OVERHEAD

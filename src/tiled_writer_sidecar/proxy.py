@@ -97,6 +97,8 @@ DISCARD_BATCH = 20_000
 TICK_SECONDS = 0.2
 #: On SIGTERM/SIGINT, how long to keep forwarding what is buffered before closing.
 SHUTDOWN_FLUSH_SECONDS = 2.0
+#: Over its limit, the buffer waits this long for room before a send goes lossy (see `proxy_buffer`).
+OVER_GRACE_S = 0.2
 #: Poll timeout while the head of the buffer is blocked (ms): from 1 ms doubling to this.
 MAX_BLOCKED_WAIT_MS = 50
 
@@ -147,6 +149,7 @@ class BufferingProxy:
             options.buffer_bytes,
             self.stats,
             stall_seconds=options.stall_seconds,
+            over_grace=OVER_GRACE_S,
             on_sent=self._sent,
             on_drop=self.peers.skipped,
         )
@@ -219,6 +222,8 @@ class BufferingProxy:
         )
         if self._discarding and not self._discard():
             return
+        if buffer.bytes > limit:
+            return  # nothing more until the buffer is within its limit (its grace, then lossy sends)
         for _ in range(READ_BATCH):
             try:
                 message = recv(zmq.NOBLOCK)
@@ -293,11 +298,12 @@ class BufferingProxy:
         self._stop = True
 
     def run(self) -> None:
-        poller = zmq.Poller()
+        poller, full = zmq.Poller(), zmq.Poller()  # full: the buffer is over its limit, the in side waits
         poller.register(self.in_socket, zmq.POLLIN)
-        poller.register(self.out_socket, zmq.POLLIN)
-        for monitor in self._monitors:
-            poller.register(monitor, zmq.POLLIN)
+        for each in (poller, full):
+            each.register(self.out_socket, zmq.POLLIN)
+            for monitor in self._monitors:
+                each.register(monitor, zmq.POLLIN)
         in_socket, out_socket, buffer, send = self.in_socket, self.out_socket, self.buffer, self._send
         blocked_wait = 1
         next_tick = time.monotonic()
@@ -317,7 +323,7 @@ class BufferingProxy:
                 timeout, blocked_wait = int(TICK_SECONDS * 1000), 1
             if self._discarding:
                 timeout = 0
-            ready = dict(poller.poll(timeout))
+            ready = dict((full if buffer.bytes > buffer.max_bytes else poller).poll(timeout))
             self._now = time.monotonic()
             if in_socket in ready or self._discarding:
                 self._read_in()
