@@ -491,12 +491,14 @@ def run_proxy(options: ProxyOptions) -> int:
             flush=True,
         )
         log.info(
-            "proxy ready: in=%s (%s) out=%s (%s) max_buffer_bytes=%d stall_seconds=%g replay_seconds=%g metrics=%s",
+            "proxy ready: in=%s (%s) out=%s (%s) max_buffer_bytes=%d max_message_bytes=%d stall_seconds=%g "
+            "replay_seconds=%g metrics=%s",
             proxy.in_endpoint,
             options.in_side.mode,
             proxy.out_endpoint,
             options.out_side.mode,
             options.max_buffer_bytes,
+            options.max_message_bytes,
             options.stall_seconds,
             options.replay_seconds,
             options.metrics_address or "off",
