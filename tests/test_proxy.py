@@ -24,9 +24,10 @@ import zmq
 from tiled_writer_sidecar.errors import ConfigError
 from tiled_writer_sidecar.proxy import (
     MESSAGE_OVERHEAD,
+    PIPE_MESSAGES,
     BurstBuffer,
     Message,
-    hwm_for,
+    ProxyOptions,
     normalize_address,
     parse_size,
 )
@@ -110,6 +111,23 @@ def test_past_the_limit_what_would_block_is_sent_lossy_and_counted() -> None:
     assert not buffer.overflowing and len(buffer) == 0
 
 
+def test_past_the_limit_a_full_subscriber_gets_over_grace_to_make_room() -> None:
+    """Over the limit with over_grace 0.2 s: a blocked head waits (the proxy reads nothing meanwhile);
+    a subscriber that makes room within the grace misses nothing; past it, the send goes lossy."""
+    per = 100 + MESSAGE_OVERHEAD
+    buffer = BurstBuffer(5 * per, over_grace=0.2)
+    sub = FakeSubscriber(room=0)
+    for i in range(6):
+        buffer.append(msg(i), 0.0)
+    assert buffer.forward(sub, 0.0) and buffer.forward(sub, 0.1)  # blocked, within the grace
+    sub.room = 1
+    assert buffer.forward(sub, 0.15) and sub.got == [msg(0)] and buffer.stats.dropped == 0
+    buffer.append(msg(6), 0.15)
+    assert buffer.forward(sub, 0.3)  # blocked again since 0.15: within the grace
+    assert buffer.forward(sub, 0.36)  # past the grace: the head went lossy, the rest waits within the limit
+    assert buffer.stats.dropped == sub.lossy_sends == 1 and buffer.bytes == buffer.max_bytes
+
+
 def test_lossless_sends_are_tried_first_even_past_the_limit() -> None:
     """Past the limit a message the subscriber can take is delivered, not dropped."""
     per = 100 + MESSAGE_OVERHEAD
@@ -186,13 +204,14 @@ def test_replay_ring_replays_since_departure_minus_margin_only_to_a_returning_ho
 
 
 @pytest.mark.parametrize(
-    ("share", "largest", "hwm"), [(64 * 2**20, 65536, 1022), (2**30, 100, 1_000_000), (10, 10, 4)]
+    ("budget", "largest"), [(256 * 2**20, 256 * 2**10), (4 * 2**20, 4096), (2**36, 64 * 2**20)]
 )
-def test_a_pipe_hwm_holds_the_byte_share_of_the_largest_recent_message(
-    share: int, largest: int, hwm: int
-) -> None:
-    """10,000 x 64 KiB no longer fit a 64 MiB share: the HWM is the share over the largest message."""
-    assert hwm_for(share, largest) == hwm
+def test_a_pipe_full_of_the_largest_messages_holds_a_quarter_of_the_budget(budget: int, largest: int) -> None:
+    """Pipes are sized once from the byte budget: PIPE_MESSAGES of the largest message accepted fill a
+    quarter of --max-buffer-bytes at most (64 MiB per message at most, as the sidecar's decoder)."""
+    options = ProxyOptions(max_buffer_bytes=budget)
+    assert options.max_message_bytes == largest
+    assert PIPE_MESSAGES * options.max_message_bytes <= budget // 4
 
 
 @pytest.mark.parametrize(
@@ -267,6 +286,14 @@ def test_address_in_use_is_exit_1_with_one_line() -> None:
         ["--in-address", "tcp://127.0.0.1:notaport", "--out-address", "tcp://127.0.0.1:0"],
         ["--in-address", "bogus://x", "--out-address", "tcp://127.0.0.1:0"],
         ["--max-buffer-bytes", "lots"],
+        [
+            "--max-buffer-bytes",
+            "1000",
+            "--in-address",
+            "tcp://127.0.0.1:0",
+            "--out-address",
+            "tcp://127.0.0.1:0",
+        ],
         ["--metrics-address", "nowhere"],
         ["--no-such-flag"],
     ],

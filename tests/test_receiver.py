@@ -327,3 +327,51 @@ def test_subscription_connects_receives_and_never_limits_message_size() -> None:
         subscription.close()
         pub.close(linger=0)
         context.term()
+
+
+def test_subscription_bounds_queued_bytes_and_hands_the_overflow_over() -> None:
+    """24 single-frame 2 MiB messages (the issue's 24 x 50 MiB, scaled down) to a handler that takes
+    20 ms each, with an 8 MiB bound: what waits never exceeds 8 MiB, every message is either handled,
+    in order, or handed to `overflow` as its first 64 KiB and its length (the receiver rejects those as
+    queue-full), none is lost."""
+    import time
+
+    import zmq
+
+    from tiled_writer_sidecar.config import ZmqConfig
+    from tiled_writer_sidecar.subscription import Subscription
+    from tiled_writer_sidecar.testing import wait_until
+
+    bound, size = 8 * 2**20, 2 * 2**20
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    publisher = context.socket(zmq.XPUB)
+    port = publisher.bind_to_random_port("tcp://127.0.0.1")
+    overflowed: list[tuple[bytes, int]] = []
+    subscription = Subscription(
+        ZmqConfig(address=f"tcp://127.0.0.1:{port}"),
+        pace=False,
+        max_queued_bytes=bound,
+        overflow=lambda head, length: overflowed.append((head, length)),
+    )
+    handled: list[int] = []
+
+    def slow(frames: list[bytes]) -> None:
+        handled.append(frames[0][0])
+        time.sleep(0.02)  # the work of decoding and spooling a large document
+
+    try:
+        assert publisher.poll(30_000) and publisher.recv() == b"\x01"  # subscribed
+        for i in range(24):
+            publisher.send(bytes([i]) * size)
+        wait_until(
+            lambda: subscription.drain(slow) >= 0 and len(handled) + len(overflowed) >= 24, 60, interval=0.01
+        )
+        assert subscription.queued_bytes_peak <= bound
+        assert subscription.overflowed == len(overflowed) > 0
+        assert handled == sorted(handled) and len(handled) + len(overflowed) == 24
+        assert sorted(handled + [head[0] for head, _ in overflowed]) == list(range(24))
+        assert all(len(head) == 2**16 and length == size for head, length in overflowed)
+    finally:
+        subscription.close()
+        publisher.close(linger=0)
+        context.term()

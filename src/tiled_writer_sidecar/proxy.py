@@ -13,14 +13,16 @@ Every flag of bluesky's proxy with the same meaning (addresses, ``--in-mode``
   reading holds the others back for ``--stall-seconds`` at most.
 - out: an XPUB socket (``ZMQ_XPUB_NODROP``; subscriptions filtered as a PUB
   would, and read for `proxy_replay`'s catch-up of a restarted sidecar).
-- Memory, in bytes: ``--max-buffer-bytes`` is split between the buffer
-  (half), each subscriber's pipe (a quarter: its SNDHWM, and the in socket's
-  RCVHWM, is that share over the largest message of the last
-  `HWM_WINDOW_S`, recomputed before a larger message is sent) and the
-  replay ring (a quarter). A pipe holds copies of messages the others hold
-  too (0MQ shares one buffer per message), so stalled subscribers cost
-  about one share together, not one each. ``ZMQ_MAXMSGSIZE`` bounds a
-  message on the in socket and a subscription on the out socket.
+- Memory, in bytes: ``--max-buffer-bytes`` B is split between the buffer
+  (B/2), the replay ring (B/4) and each 0MQ pipe (B/4: the in socket's and
+  each subscriber's). Every pipe's HWM is `PIPE_MESSAGES`, set once when its
+  socket is made and never changed (libzmq 4.3.5 crashed in its I/O thread
+  when a live pipe's HWM change raced a disconnecting subscriber), and a
+  message is at most B/4 / `PIPE_MESSAGES` (`max_message_bytes`,
+  ``ZMQ_MAXMSGSIZE`` on the in socket; 64 MiB at most), so a pipe never
+  holds more than B/4. Pipes share one copy of a message (0MQ counts
+  references), so subscribers that stall together cost one share.
+  ``ZMQ_MAXMSGSIZE`` bounds a subscription on the out socket too.
 
 Why, and what each subscriber misses: docs/design.md, "What 0MQ loses, and
 how it is reported".
@@ -44,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from zmq.utils.monitor import recv_monitor_message
 
-from .errors import DecodeError
+from .errors import ConfigError, DecodeError
 from .proxy_buffer import (
     DEFAULT_STALL_SECONDS,
     MESSAGE_OVERHEAD,
@@ -83,10 +85,10 @@ MAX_MESSAGE_BYTES = 64 * 2**20
 #: Largest subscription frame accepted on the out socket (a subscriber sending more is
 #: disconnected): bluesky subscribes to a prefix, a few bytes.
 MAX_SUBSCRIPTION_BYTES = 1024
-#: Bounds of a pipe's HWM (messages), and libzmq's bookkeeping per queued message.
-MIN_HWM, MAX_HWM, ZMQ_MESSAGE_OVERHEAD = 4, 1_000_000, 96
-#: How long a large message keeps the pipes' HWM down.
-HWM_WINDOW_S = 30.0
+#: Every pipe's HWM (messages), set once per socket: a pipe holds at most this many of the largest message.
+PIPE_MESSAGES = 256  # fewer: a healthy subscriber fell behind a burst (docs/design.md)
+#: The smallest ``--max-buffer-bytes``: a pipe's share must hold `PIPE_MESSAGES` messages of 4 KiB.
+MIN_BUFFER_BYTES = 4 * PIPE_MESSAGES * 4096  # 4 MiB
 #: Messages read from the in socket per wake before forwarding again.
 READ_BATCH = 2_000
 #: Frames of a refused multipart message thrown away per wake.
@@ -95,6 +97,8 @@ DISCARD_BATCH = 20_000
 TICK_SECONDS = 0.2
 #: On SIGTERM/SIGINT, how long to keep forwarding what is buffered before closing.
 SHUTDOWN_FLUSH_SECONDS = 2.0
+#: Over its limit, the buffer waits this long for room before a send goes lossy (see `proxy_buffer`).
+OVER_GRACE_S = 0.2
 #: Poll timeout while the head of the buffer is blocked (ms): from 1 ms doubling to this.
 MAX_BLOCKED_WAIT_MS = 50
 
@@ -118,10 +122,19 @@ class ProxyOptions:
     def pipe_bytes(self) -> int:
         return self.max_buffer_bytes // 4
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message accepted: `PIPE_MESSAGES` of them fill one pipe's share (module doc)."""
+        return min(MAX_MESSAGE_BYTES, self.pipe_bytes // PIPE_MESSAGES)
 
-def hwm_for(share: int, largest: int) -> int:
-    """A pipe's HWM (messages) so that it holds about `share` bytes of messages up to `largest`."""
-    return max(MIN_HWM, min(MAX_HWM, share // (largest + ZMQ_MESSAGE_OVERHEAD)))
+    def check(self) -> None:
+        """ConfigError in one line for a budget too small to be split (see the module doc)."""
+        if self.max_buffer_bytes < MIN_BUFFER_BYTES:
+            raise ConfigError(
+                f"--max-buffer-bytes {self.max_buffer_bytes} is too small (at least {MIN_BUFFER_BYTES})"
+            )
+        for side in (self.in_side, self.out_side):
+            side.check()
 
 
 class BufferingProxy:
@@ -136,6 +149,7 @@ class BufferingProxy:
             options.buffer_bytes,
             self.stats,
             stall_seconds=options.stall_seconds,
+            over_grace=OVER_GRACE_S,
             on_sent=self._sent,
             on_drop=self.peers.skipped,
         )
@@ -143,15 +157,15 @@ class BufferingProxy:
         self._stop = False
         self._discarding = False
         self._now = time.monotonic()
-        self._largest, self._largest_at = 0, 0.0
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._gate = Gatekeeper(self._context)
         self._monitors: dict[zmq.Socket[bytes], str] = {}
         try:
-            for side in (options.in_side, options.out_side):
-                side.check()
+            options.check()
+            # Every option before the socket has a pipe, never after (the module doc: HWMs).
             self.in_socket = self._context.socket(zmq.SUB)
-            self.in_socket.setsockopt(zmq.MAXMSGSIZE, min(MAX_MESSAGE_BYTES, max(options.pipe_bytes, 1)))
+            self.in_socket.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
+            self.in_socket.setsockopt(zmq.RCVHWM, PIPE_MESSAGES)
             self.in_socket.setsockopt(zmq.LINGER, 0)
             self.in_socket.setsockopt(zmq.SUBSCRIBE, b"")
             self.out_socket = self._context.socket(zmq.XPUB)
@@ -159,7 +173,8 @@ class BufferingProxy:
             self.out_socket.setsockopt(zmq.XPUB_VERBOSER, 1)
             self.out_socket.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
             self.out_socket.setsockopt(zmq.LINGER, int(SHUTDOWN_FLUSH_SECONDS * 1000))
-            self._set_hwm(hwm_for(options.pipe_bytes, 1024))
+            self.out_socket.setsockopt(zmq.SNDHWM, PIPE_MESSAGES)
+            self.stats.pipe_hwm = PIPE_MESSAGES
             for sock, side in ((self.in_socket, options.in_side), (self.out_socket, options.out_side)):
                 if side.binds:
                     self._gate.admit(sock, side)
@@ -176,35 +191,11 @@ class BufferingProxy:
             raise
         self._lossy = False
 
-    # -- memory -----------------------------------------------------------------
-
-    def _set_hwm(self, hwm: int) -> None:
-        """Both pipes' HWM (libzmq >= 4.2 applies it to connected pipes too)."""
-        if hwm != self.stats.pipe_hwm:
-            self.out_socket.setsockopt(zmq.SNDHWM, hwm)
-            self.in_socket.setsockopt(zmq.RCVHWM, hwm)
-            self.stats.pipe_hwm = hwm
-
-    def _observe(self, size: int) -> None:
-        """Keep the pipes' HWM at the byte share over the largest recent message (module doc)."""
-        now = self._now
-        if size >= self._largest or now - self._largest_at > HWM_WINDOW_S:
-            self._largest, self._largest_at = size, now
-            target, current = hwm_for(self.options.pipe_bytes, size), self.stats.pipe_hwm
-            # Changing a live pipe's HWM is rare on purpose: libzmq 4.3.5 crashed (SIGSEGV in its I/O
-            # thread) twice in tests when it raced a disconnecting subscriber. Lower at once (the memory
-            # bound) to a power of two, so that slowly growing messages do not change it again; raise only
-            # when the share doubles.
-            if target < current:
-                self._set_hwm(max(MIN_HWM, 1 << (target.bit_length() - 1)))
-            elif target >= 2 * current:
-                self._set_hwm(target)
-
     # -- sending ----------------------------------------------------------------
 
     def _send(self, message: Message, lossy: bool) -> bool:
         out = self.out_socket
-        if lossy != self._lossy:
+        if lossy != self._lossy:  # the XPUB's own flag (xsetsockopt): no pipe hears of it
             out.setsockopt(zmq.XPUB_NODROP, 0 if lossy else 1)
             self._lossy = lossy
         try:
@@ -231,6 +222,8 @@ class BufferingProxy:
         )
         if self._discarding and not self._discard():
             return
+        if buffer.bytes > limit:
+            return  # nothing more until the buffer is within its limit (its grace, then lossy sends)
         for _ in range(READ_BATCH):
             try:
                 message = recv(zmq.NOBLOCK)
@@ -243,7 +236,6 @@ class BufferingProxy:
                 if not self._discard():
                     return
                 continue
-            self._observe(len(message))
             append(message, now)
             if verbose:
                 _log_message(message, verbose)
@@ -306,25 +298,32 @@ class BufferingProxy:
         self._stop = True
 
     def run(self) -> None:
-        poller = zmq.Poller()
+        poller, full = zmq.Poller(), zmq.Poller()  # full: the buffer is over its limit, the in side waits
         poller.register(self.in_socket, zmq.POLLIN)
-        poller.register(self.out_socket, zmq.POLLIN)
-        for monitor in self._monitors:
-            poller.register(monitor, zmq.POLLIN)
+        for each in (poller, full):
+            each.register(self.out_socket, zmq.POLLIN)
+            for monitor in self._monitors:
+                each.register(monitor, zmq.POLLIN)
         in_socket, out_socket, buffer, send = self.in_socket, self.out_socket, self.buffer, self._send
         blocked_wait = 1
         next_tick = time.monotonic()
         status_every, next_status = 5.0, time.monotonic() + 5.0
+        stats = self.stats
         while not self._stop:
             self._now = time.monotonic()
+            sent = stats.sent
             if buffer.forward(send, self._now):
-                timeout = blocked_wait
-                blocked_wait = min(2 * blocked_wait, MAX_BLOCKED_WAIT_MS)
+                # A pipe holds few messages, and libzmq hears that one has room again only when the loop
+                # calls into it (a zero poll does): while sends progress, go again at once; else back off.
+                if stats.sent != sent:
+                    timeout, blocked_wait = 0, 1
+                else:
+                    timeout, blocked_wait = blocked_wait, min(2 * blocked_wait, MAX_BLOCKED_WAIT_MS)
             else:
                 timeout, blocked_wait = int(TICK_SECONDS * 1000), 1
             if self._discarding:
                 timeout = 0
-            ready = dict(poller.poll(timeout))
+            ready = dict((full if buffer.bytes > buffer.max_bytes else poller).poll(timeout))
             self._now = time.monotonic()
             if in_socket in ready or self._discarding:
                 self._read_in()
@@ -492,12 +491,14 @@ def run_proxy(options: ProxyOptions) -> int:
             flush=True,
         )
         log.info(
-            "proxy ready: in=%s (%s) out=%s (%s) max_buffer_bytes=%d stall_seconds=%g replay_seconds=%g metrics=%s",
+            "proxy ready: in=%s (%s) out=%s (%s) max_buffer_bytes=%d max_message_bytes=%d stall_seconds=%g "
+            "replay_seconds=%g metrics=%s",
             proxy.in_endpoint,
             options.in_side.mode,
             proxy.out_endpoint,
             options.out_side.mode,
             options.max_buffer_bytes,
+            options.max_message_bytes,
             options.stall_seconds,
             options.replay_seconds,
             options.metrics_address or "off",

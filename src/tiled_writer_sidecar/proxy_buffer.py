@@ -9,10 +9,13 @@ every other one gets it — when either
 - the head has been blocked for `stall_seconds` (a subscriber that stopped
   reading: from then on, as long as sends keep blocking, every message goes
   lossy at once; the first lossless send that goes through ends it), or
-- the buffer is over its byte limit (``max_bytes``).
+- the buffer is over its byte limit (``max_bytes``) and the head has been
+  blocked for `over_grace` (the proxy: 0.2 s, so a healthy subscriber whose
+  small pipe is momentarily full as a large buffer drains into it does not
+  miss messages; the proxy reads nothing more while over the limit).
 
 So a stalled subscriber holds the others back for `stall_seconds` at most,
-and the bytes held never exceed the limit when `forward` returns. Each lossy
+and the bytes held exceed the limit by one message at most. Each lossy
 send is one message that at least one subscriber missed (`ProxyStats.dropped`).
 """
 
@@ -100,6 +103,7 @@ class BurstBuffer:
         stats: ProxyStats | None = None,
         *,
         stall_seconds: float = DEFAULT_STALL_SECONDS,
+        over_grace: float = 0.0,
         on_sent: SentHook = _ignore_sent,
         on_drop: DropHook = _ignore_drop,
     ) -> None:
@@ -108,6 +112,7 @@ class BurstBuffer:
         self.max_bytes = max_bytes
         self.low_bytes = max_bytes // 2
         self.stall_seconds = stall_seconds
+        self.over_grace = over_grace
         self.stats = stats if stats is not None else ProxyStats()
         self.stats.max_buffer_bytes = max_bytes
         self.on_sent, self.on_drop = on_sent, on_drop
@@ -176,6 +181,10 @@ class BurstBuffer:
                 if self._blocked_since is None:
                     self._blocked_since = now
                 over = self._bytes > self.max_bytes
+                if over and not self._stalled and now - self._blocked_since < self.over_grace:
+                    stats.blocked_sends += 1
+                    blocked = True
+                    break
                 if not over and not self._stalled:
                     if now - self._blocked_since < self.stall_seconds:
                         stats.blocked_sends += 1

@@ -14,9 +14,12 @@ send buffer at the lossy send.
 
 A lossy send marks every stalled subscriber *skipped* (none: counted once
 as ``unattributed``); each message sent while a subscriber is skipped,
-that one included, counts as missed by it, until its queue moves again.
-Not counted: what a waking subscriber misses while it drains its pipe (at
-most half its HWM per wake). `ProxyStats.dropped` counts the lossy sends.
+that one included, counts as missed by it, until a tick sees its queue
+move. So the count is over by what is sent between libzmq taking messages
+for it again and that tick, and short by what is sent after its queue
+moved and before libzmq re-admits its pipe (once half of it is read):
+within one tick's messages at each end (docs/design.md).
+`ProxyStats.dropped` counts the lossy sends.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ document to `Ingest` (validation, `RunTracker`, `RunSpooler`); `tick` does
 the upkeep between wakes. At start-up the runs left open by the last
 receiver are taken over (`Ingest.recover`).
 
+What it has not handled yet is bounded in bytes (`Subscription`): a message
+that would take that queue past its bound is rejected as ``queue-full``.
 Nothing on the wire, in the spool or in the traffic pattern makes it exit or
 refuse to start: a message that cannot be spooled is rejected with a reason,
 counted and quarantined (an unexpected exception too, as
@@ -45,7 +47,7 @@ class Receiver:
         self.ingest = Ingest(config.spool, spool, stats)
         self._last_watch = 0.0
         self._upkeep_failing = False
-        self.subscription = Subscription(config.zmq, catch_up=True)
+        self.subscription = Subscription(config.zmq, catch_up=True, overflow=self._overflowed)
         self.ingest.recover()
 
     @property
@@ -67,12 +69,24 @@ class Receiver:
         self.tick()
         return count
 
-    def handle(self, frames: list[bytes]) -> None:
-        """Decode, validate, route and spool one message; whatever is wrong with it stays with it."""
+    def _count(self, frames: list[bytes], size: int | None = None) -> None:
         stats = self.stats
         stats.messages += 1
-        stats.bytes += len(frames[0]) if len(frames) == 1 else sum(len(f) for f in frames)
+        if size is None:
+            size = len(frames[0]) if len(frames) == 1 else sum(len(f) for f in frames)
+        stats.bytes += size
         stats.last_message = time.time()
+
+    def _overflowed(self, head: bytes, size: int) -> None:
+        """A message the receive queue had no room for (its first bytes): counted, quarantined as ``queue-full``."""
+        self._count([head], size)
+        queued = self.subscription.queued_bytes
+        detail = f"{size} bytes (the first {len(head)} kept); {queued} bytes wait to be handled already"
+        self._reject(RejectedMessage("queue-full", detail), [head])
+
+    def handle(self, frames: list[bytes]) -> None:
+        """Decode, validate, route and spool one message; whatever is wrong with it stays with it."""
+        self._count(frames)
         try:
             name, doc = decode_message(
                 frames, serializer=self._serializer, prefix=self.prefix, max_bytes=self._max_bytes

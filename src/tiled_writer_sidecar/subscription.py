@@ -23,13 +23,24 @@ Contract:
   `WAKE_INTERVAL_S` apart, so what arrives meanwhile is handled in one batch
   (the socket's queue holds it; nothing upstream backs up). `drain` then
   hands each waiting message to a handler, at most `MAX_BATCH` per wake.
+- Queued bytes are bounded (`max_queued_bytes`), not only messages: `drain`
+  moves what 0MQ holds into the subscription's own queue before it handles
+  any, and again after each `PULL_BYTES` (or `PULL_MESSAGES`) handled, so
+  0MQ holds at most what arrives while that much is handled. A message that
+  would take the queue past its bound goes to `overflow` instead, as its
+  first 64 KiB and its length, never copied whole, so overflowing is cheap
+  (the receiver rejects it as ``queue-full``: counted and quarantined,
+  never silently lost); `overflowed` counts them. Large messages wait as
+  0MQ's own buffers (``copy=False``), copied only as they are handled.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -45,6 +56,19 @@ RATE_WINDOW_S = 0.1  # ... as measured over this long
 MAX_BATCH = 10_000  # messages handled per wake at most, so upkeep is never starved
 RCVBUF = 8 * 2**20
 NO_PROXY_WARN_S = 5.0  # without a proxy connection this long: `absent` is set and logged
+#: Bytes of messages received and not yet handled, at most (see the module docstring).
+MAX_QUEUED_BYTES = 256 * 2**20
+#: While draining, what 0MQ holds is moved into the queue after this many bytes or messages handled.
+PULL_BYTES, PULL_MESSAGES = 2**20, 1_000
+#: Bytes counted per queued message on top of its length.
+QUEUE_OVERHEAD = 100
+
+#: A message of this many bytes or more waits as 0MQ's own buffer, copied only as it is handled.
+ZERO_COPY_FROM = 2**16
+#: What `overflow` gets of a message the queue has no room for: its first bytes (and its length).
+OVERFLOW_KEPT = 2**16
+
+Frames = list[bytes]
 
 _HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (wrong server key?)",
@@ -56,9 +80,23 @@ _HANDSHAKE_FAILURES = {
 class Subscription:
     """The SUB socket, its connection state and wake pacing; see the module docstring."""
 
-    def __init__(self, config: ZmqConfig, *, pace: bool = True, catch_up: bool = False) -> None:
+    def __init__(
+        self,
+        config: ZmqConfig,
+        *,
+        pace: bool = True,
+        catch_up: bool = False,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        overflow: Callable[[bytes, int], None] | None = None,
+    ) -> None:
         self.config = config
         self.pace = pace
+        self.max_queued_bytes = max_queued_bytes
+        self.overflowed = 0  # messages handed to `overflow` (the queue was full)
+        self.queued_bytes_peak = 0
+        self._overflow = overflow
+        self._queue: deque[tuple[list[Any], int]] = deque()  # a large first frame: a zmq.Frame
+        self._queued_bytes = 0
         self.connected = False
         self.problem: str | None = None
         self.connects = 0  # connections made (a reconnection counts again)
@@ -93,6 +131,8 @@ class Subscription:
 
     def wait(self, timeout_ms: int) -> bool:
         """Wait up to `timeout_ms` for a message (paced, see the module docstring); True if one waits."""
+        if self._queue:
+            return True
         if not self.socket.poll(timeout_ms):
             return False
         if self.pace:
@@ -106,31 +146,70 @@ class Subscription:
             self._last_wake = time.monotonic()
         return True
 
-    def drain(self, handle: Callable[[list[bytes]], None], limit: int = MAX_BATCH) -> int:
-        """Hand each waiting message (its frames) to `handle`, at most `limit`; return how many.
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the messages received and not handled yet (0MQ's own queue aside)."""
+        return self._queued_bytes
+
+    def drain(self, handle: Callable[[Frames], None], limit: int = MAX_BATCH) -> int:
+        """Hand each waiting message (its frames) to `handle`, in order, at most `limit`; return how many.
 
         A message of more than one frame (bluesky's Publisher sends one) is
         handed over as its first frame and one empty frame: the others are
         dropped one by one as they are read, never gathered (5 million
         one-byte frames were a list of 300 MB).
         """
-        count = 0
-        socket = self.socket
-        recv = socket.recv
-        while count < limit:
-            try:
-                first = recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if socket.rcvmore:
-                while socket.rcvmore:
-                    recv(copy=False)
-                handle([first, b""])
-            else:
-                handle([first])
+        self._pull()
+        queue = self._queue
+        count = handled = 0
+        while queue and count < limit:
+            frames, size = queue.popleft()
+            self._queued_bytes -= size
+            if not isinstance(frames[0], bytes):
+                frames[0] = frames[0].bytes
+            handle(frames)
             count += 1
+            handled += size
+            if handled >= PULL_BYTES or count % PULL_MESSAGES == 0:
+                self._pull()
+                handled = 0
         self._rate_count += count
         return count
+
+    def _pull(self) -> None:
+        """Move what 0MQ holds into the queue, up to `MAX_BATCH` messages; past the byte bound: `overflow`."""
+        socket = self.socket
+        recv, queue = socket.recv, self._queue
+        for _ in range(MAX_BATCH):
+            try:
+                frame = recv(zmq.NOBLOCK, copy=False)  # 0MQ's buffer, not a copy, until it is handled
+            except zmq.Again:
+                return
+            first = frame.bytes if len(frame) < ZERO_COPY_FROM else frame
+            frames: list[Any] = [first]
+            if frame.more:
+                while recv(copy=False).more:
+                    pass
+                frames.append(b"")
+            size = len(frame) + QUEUE_OVERHEAD
+            if queue and self._queued_bytes + size > self.max_queued_bytes:
+                self.overflowed += 1
+                if (
+                    self._overflow is not None
+                ):  # its first OVERFLOW_KEPT bytes and its length: never copied whole
+                    self._overflow(bytes(frame.buffer[:OVERFLOW_KEPT]), len(frame))
+                elif self.overflowed == 1 or self.overflowed % 1000 == 0:
+                    log.warning(
+                        "receive queue full (%d bytes queued, %d bytes arrived): %d messages overflowed",
+                        self._queued_bytes,
+                        size,
+                        self.overflowed,
+                    )
+                continue
+            queue.append((frames, size))
+            self._queued_bytes += size
+            if self._queued_bytes > self.queued_bytes_peak:
+                self.queued_bytes_peak = self._queued_bytes
 
     def watch(self) -> None:
         """Read connection events: log each change once, keep `connected` and `problem`."""

@@ -34,13 +34,14 @@ from tiled_writer_sidecar.testing.sidecar import sidecar_command
 
 EVENTS = 50_000
 
-#: A subscriber in its own process: a SUB socket with 0MQ's defaults (RCVHWM 1000).
-#: It creates READY at the first probe frame, counts document messages until the
+#: A subscriber in its own process: a SUB socket with 0MQ's defaults (RCVHWM 1000, or the one given
+#: after OUT: 0 is the sidecar's deep queue, unlimited). It creates READY at the first probe frame, counts document messages until the
 #: stop document or 10 s of silence, and writes what it saw as JSON to OUT.
 SUBSCRIBER = """
 import json, sys, zmq
 address, ready, out = sys.argv[1:4]
 sock = zmq.Context().socket(zmq.SUB)
+sock.setsockopt(zmq.RCVHWM, int((sys.argv[4:] or ["1000"])[0]))
 sock.setsockopt(zmq.SUBSCRIBE, b"")
 sock.connect(address)
 names, stopped, started = {}, False, False
@@ -83,13 +84,13 @@ dispatcher.start()
 class Subscriber:
     """A subscriber script in its own process (pausable), writing what it saw to a JSON file."""
 
-    def __init__(self, tmp_path: Path, name: str, script: str, address: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, script: str, address: str, *args: str) -> None:
         self.ready = tmp_path / f"{name}.ready"
         self.out = tmp_path / f"{name}.json"
         self.log = tmp_path / f"{name}.log"
         with self.log.open("wb") as log:
             self.popen = subprocess.Popen(
-                [sys.executable, "-c", script, address, str(self.ready), str(self.out)],
+                [sys.executable, "-c", script, address, str(self.ready), str(self.out), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -305,15 +306,18 @@ def test_burst_with_a_paused_subscriber_loses_nothing_where_bluesky_proxy_drops(
 
 @pytest.mark.process
 def test_buffer_limit_is_respected_and_the_stalled_subscriber_alone_loses(tmp_path: Path) -> None:
-    """With --max-buffer-bytes 4 MiB and one subscriber stopped for a whole burst of 150,000 events
+    """With --max-buffer-bytes 16 MiB and one subscriber stopped for a whole burst of 150,000 events
     (~45 MiB as bytes in a buffer without a limit): the buffer stays
     under its limit, the proxy's RSS stays bounded, drops are counted, and the healthy subscriber
     still gets every document the proxy received (only the stalled one misses messages, at least
     as many as counted)."""
-    limit = 4 * 2**20
+    limit = 16 * 2**20  # the buffer (8 MiB) is the healthy one's slack, with its pipe (256 messages)
     docs = burst_documents(3 * EVENTS)
     with SidecarProxy(log_path=tmp_path / "proxy.log", max_buffer_bytes=limit) as proxy:
-        healthy = Subscriber(tmp_path, "healthy", SUBSCRIBER, proxy.out_address)
+        # healthy: a deep receive queue, as the sidecar's: a pipe holds 256 messages (the byte budget over
+        # the largest message), so a subscriber that lets 0MQ's default 1,000 fill up while the burst is
+        # past the budget may be full too, and miss what is sent lossy meanwhile.
+        healthy = Subscriber(tmp_path, "healthy", SUBSCRIBER, proxy.out_address, "0")
         stalled = Subscriber(tmp_path, "stalled", SUBSCRIBER, proxy.out_address)
         publisher = Publisher(proxy.in_address)
         try:
@@ -348,7 +352,7 @@ def test_buffer_limit_is_respected_and_the_stalled_subscriber_alone_loses(tmp_pa
     # says the process stays within a small multiple of it.
     assert rss - base_rss < 128, f"proxy RSS grew {rss - base_rss:.1f} MiB"
     print(
-        f"\nLIMIT 4 MiB: dropped {metrics['messages_dropped_total']:.0f} (counted), the stalled subscriber "
+        f"\nLIMIT 16 MiB: dropped {metrics['messages_dropped_total']:.0f} (counted), the stalled subscriber "
         f"missed {missed}; healthy got {got['messages']}; RSS +{rss - base_rss:.1f} MiB",
         flush=True,
     )

@@ -129,10 +129,10 @@ print(n, flush=True)
 def test_a_stalled_subscriber_holds_nothing_back_and_its_misses_are_counted(
     tiled_container: TiledContainer, tmp_path: Path
 ) -> None:
-    """A SIGSTOPped subscriber during a 200 Hz scan of 16 KiB events with a 4 MiB budget (its pipe
-    fills in a second): the sidecar gets every row; the proxy switched the stalled one to lossy and
+    """A SIGSTOPped subscriber during a 200 Hz scan of 16 KiB events with a 32 MiB budget (its pipe,
+    256 messages, fills in a second or two): the sidecar gets every row; the proxy switched the stalled one to lossy and
     counted misses for it, never more than it missed plus one pipe."""
-    with SidecarProxy(log_path=tmp_path / "proxy.log", max_buffer_bytes=4 * 2**20) as proxy:
+    with SidecarProxy(log_path=tmp_path / "proxy.log", max_buffer_bytes=32 * 2**20) as proxy:
         _stalled_scan(proxy, tiled_container, tmp_path)
 
 
