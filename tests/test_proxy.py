@@ -204,14 +204,17 @@ def test_replay_ring_replays_since_departure_minus_margin_only_to_a_returning_ho
 
 
 @pytest.mark.parametrize(
-    ("budget", "largest"), [(256 * 2**20, 256 * 2**10), (4 * 2**20, 4096), (2**36, 64 * 2**20)]
+    ("budget", "largest", "bounded"),
+    [(256 * 2**20, 16 * 2**20, 256 * 2**10), (4 * 2**20, 256 * 2**10, 4096), (2**36, 64 * 2**20, 2**26)],
 )
-def test_a_pipe_full_of_the_largest_messages_holds_a_quarter_of_the_budget(budget: int, largest: int) -> None:
-    """Pipes are sized once from the byte budget: PIPE_MESSAGES of the largest message accepted fill a
-    quarter of --max-buffer-bytes at most (64 MiB per message at most, as the sidecar's decoder)."""
+def test_pipes_are_sized_from_the_byte_budget(budget: int, largest: int, bounded: int) -> None:
+    """A message is at most a sixteenth of --max-buffer-bytes (64 MiB at most, as the sidecar's decoder):
+    a 1 MiB document passes the default proxy; PIPE_MESSAGES of messages up to `pipe_bound_message_bytes`
+    (256 KiB by default) fill a pipe's quarter of the budget at most."""
     options = ProxyOptions(max_buffer_bytes=budget)
     assert options.max_message_bytes == largest
-    assert PIPE_MESSAGES * options.max_message_bytes <= budget // 4
+    assert options.pipe_bound_message_bytes == bounded
+    assert PIPE_MESSAGES * options.pipe_bound_message_bytes <= budget // 4
 
 
 @pytest.mark.parametrize(

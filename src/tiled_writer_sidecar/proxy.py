@@ -17,11 +17,13 @@ Every flag of bluesky's proxy with the same meaning (addresses, ``--in-mode``
   (B/2), the replay ring (B/4) and each 0MQ pipe (B/4: the in socket's and
   each subscriber's). Every pipe's HWM is `PIPE_MESSAGES`, set once when its
   socket is made and never changed (libzmq 4.3.5 crashed in its I/O thread
-  when a live pipe's HWM change raced a disconnecting subscriber), and a
-  message is at most B/4 / `PIPE_MESSAGES` (`max_message_bytes`,
-  ``ZMQ_MAXMSGSIZE`` on the in socket; 64 MiB at most), so a pipe never
-  holds more than B/4. Pipes share one copy of a message (0MQ counts
-  references), so subscribers that stall together cost one share.
+  when a live pipe's HWM change raced a disconnecting subscriber). A message
+  is at most B/16 (`max_message_bytes`, ``ZMQ_MAXMSGSIZE`` on the in socket;
+  64 MiB at most): a pipe holds at most B/4 while messages are at most
+  B/4 / `PIPE_MESSAGES` (256 KiB by default: every bluesky document but
+  inline images), and `PIPE_MESSAGES` of the largest otherwise. Pipes share
+  one copy of a message (0MQ counts references), so subscribers that stall
+  together cost one share.
   ``ZMQ_MAXMSGSIZE`` bounds a subscription on the out socket too.
 
 Why, and what each subscriber misses: docs/design.md, "What 0MQ loses, and
@@ -124,8 +126,14 @@ class ProxyOptions:
 
     @property
     def max_message_bytes(self) -> int:
-        """The largest message accepted: `PIPE_MESSAGES` of them fill one pipe's share (module doc)."""
-        return min(MAX_MESSAGE_BYTES, self.pipe_bytes // PIPE_MESSAGES)
+        """The largest message accepted: a quarter of a pipe's share (module doc); a drop-in proxy
+        must not disconnect a publisher for an ordinary document of a few MiB."""
+        return min(MAX_MESSAGE_BYTES, self.pipe_bytes // 4)
+
+    @property
+    def pipe_bound_message_bytes(self) -> int:
+        """Messages up to this size keep every pipe within its share (`PIPE_MESSAGES` of them fill it)."""
+        return self.pipe_bytes // PIPE_MESSAGES
 
     def check(self) -> None:
         """ConfigError in one line for a budget too small to be split (see the module doc)."""
