@@ -83,6 +83,9 @@ class FakeRunWriter:
     def buffered_age(self) -> float | None:
         return None
 
+    def acknowledged_rows(self, stream: str) -> int | None:
+        return None  # unknown: `run_upload` reads every stream back (`FakeTiled.runs`)
+
     def ready_to_flush(self, *, caught_up: bool) -> bool:
         return caught_up and not self.stopped and bool(self.buffer)
 
@@ -109,13 +112,15 @@ class FakeTiled:
         monkeypatch.setattr(run_upload, "TiledRun", self)
         monkeypatch.setattr(run_upload, "run_exists", lambda client, uid: uid in self.runs)
         monkeypatch.setattr(run_upload, "delete_run", self.delete_run)
-        monkeypatch.setattr(run_upload, "_holds_start", lambda client, doc: self.starts.get(doc["uid"]) == doc)
+        monkeypatch.setattr(
+            run_upload, "_holds_start", lambda client, doc: self.starts.get(doc["uid"]) == doc
+        )
         monkeypatch.setattr(
             run_upload, "read_seq_nums", lambda client, uid, stream: self.runs.get(uid, {}).get(stream)
         )
         return self
 
-    def __call__(self, client: Any, batch_rows: int, retry: Any) -> FakeRunWriter:
+    def __call__(self, client: Any, batch_rows: int, retry: Any, serial: Any = None) -> FakeRunWriter:
         return FakeRunWriter(self, batch_rows)
 
     def close_run_in_tiled(self, client: Any, uid: str) -> int:
