@@ -298,7 +298,7 @@ class Uploader:
         batches in memory (the uploader's RSS budget) and gain nothing (Tiled writes one table at a time)."""
         received = view.received
         rows = sum(max(n, received.datum_rows.get(s, 0)) for s, n in received.events.items())
-        return rows >= self.config.tiled.batch_rows
+        return max(rows, received.documents) >= self.config.tiled.batch_rows
 
     def _activate(self, view: RunView, *, live: bool, large: bool = False) -> None:
         slot = Slot(view, live=live, large=large)
