@@ -23,8 +23,9 @@
   reads the table back), or `VerificationFailed`.
 - Runs are uploaded from several worker threads at once: the shared
   counters are changed under `Shared.lock`; closed runs send their table
-  requests one at a time (`Shared.tables_lock`), an open run's never wait; ``uploaded.json`` is written at
-  the start, at most every `PROGRESS_INTERVAL_S` while rows flow, and at the end.
+  requests one at a time (`Shared.tables_lock`), an open run's never wait;
+  ``uploaded.json`` is written at the start, at most every
+  `PROGRESS_INTERVAL_S` while rows flow, and at the end.
 - A failure leaves ``uploaded.json`` at ``uploading``: the scheduler forgets
   the run (`abandon`) and the next `start` rewrites it whole.
 - ``received.json`` is read again only when it changed on disk.

@@ -285,9 +285,8 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         self.widened: list[str] = []  # one line per table rewritten with wider types
         self.data_keys = _WideTableDataKeys()
         self.acknowledged: dict[str, int] = {}  # stream -> rows Tiled answered 2xx to, each append once
-        self.unsure: set[str] = (
-            set()
-        )  # streams whose rows only a read-back can tell (see `acknowledged_rows`)
+        # streams whose rows only a read-back can tell (see `acknowledged_rows`)
+        self.unsure: set[str] = set()
 
     def acknowledged_rows(self, stream: str) -> int | None:
         """Rows of `stream` in Tiled, known without reading them back; None if only a read-back can tell.
