@@ -22,8 +22,8 @@
   back: the values fed, in the order fed or in ``seq_num`` order (how Tiled
   reads the table back), or `VerificationFailed`.
 - Runs are uploaded from several worker threads at once: the shared
-  counters are changed under `Shared.lock`; closed runs send their table
-  requests one at a time (`Shared.tables_lock`), an open run's never wait;
+  counters are changed under `Shared.lock`; closed runs send their appends
+  one at a time (`Shared.tables_lock`), an open run's never wait;
   ``uploaded.json`` is written at the start, at most every
   `PROGRESS_INTERVAL_S` while rows flow, and at the end.
 - A failure leaves ``uploaded.json`` at ``uploading``: the scheduler forgets
@@ -110,7 +110,7 @@ class Shared:
     lag: LagHistogram = field(default_factory=LagHistogram)
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards `status` and `lag`
     overwrite_foreign: bool = False  # replay --overwrite-foreign: delete a run this spool did not create
-    #: Held by closed runs around each request that writes or reads a table (`TiledRun`'s `serial`).
+    #: Held by closed runs around each append to or read of a table (`TiledRun`'s `serial`).
     tables_lock: threading.Lock = field(default_factory=threading.Lock)
 
 

@@ -21,9 +21,10 @@ so what lands in Tiled is what an in-process `TiledWriter` writes, except:
 - `FastRunNormalizer` validates with the sidecar's compiled validators and
   does not deep-copy events.
 - Runs uploaded together may share a lock (`serial`) held around every
-  request that creates, appends to or reads a table: Tiled on SQLite answers
+  request that appends to or reads a table's rows: Tiled on SQLite answers
   two such requests at once with 500 "database is locked" (its tables store
-  does not wait). `acknowledged_rows` tells the uploader when a read-back
+  does not wait). Creating a table is not serialized (held there, the lock
+  capped a drain of small runs at one create + append round trip per run). `acknowledged_rows` tells the uploader when a read-back
   cannot tell more than Tiled's answers did.
 - Each stream table is created with the data-source parameter
   ``order_by_args = [{"column": "seq_num", "direction": "asc"}]``
@@ -197,15 +198,9 @@ class SeqNumOrderedNode:
     create the table again if its column types widen.
     """
 
-    def __init__(
-        self,
-        node: Any,
-        created: dict[str, dict[str, Any]] | None = None,
-        serial: contextlib.AbstractContextManager[Any] | None = None,
-    ) -> None:
+    def __init__(self, node: Any, created: dict[str, dict[str, Any]] | None = None) -> None:
         self._node = node
         self._created = created if created is not None else {}
-        self._serial = serial if serial is not None else contextlib.nullcontext()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._node, name)
@@ -230,15 +225,14 @@ class SeqNumOrderedNode:
             mimetype=SQL_TABLE_MIMETYPE,
             parameters=parameters,
         )
-        with self._serial:  # Tiled creates the SQL table too: one tables writer at a time
-            table = self._node.new(
-                StructureFamily.table,
-                [source],
-                key=key,
-                metadata=metadata or {},
-                specs=specs or [],
-                access_tags=access_tags,
-            )
+        table = self._node.new(
+            StructureFamily.table,
+            [source],
+            key=key,
+            metadata=metadata or {},
+            specs=specs or [],
+            access_tags=access_tags,
+        )
         self._created[f"{self._node.item['id']}/{table.item['id']}"] = metadata or {}
         return table
 
@@ -278,7 +272,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
     ) -> None:
         super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
         self.retry = retry
-        self.serial = serial  # held around every request that writes or reads a table (see TiledRun)
+        self.serial = serial  # held around each append to or read of a table (module docstring)
         self.table_rows: dict[str, int] = {}  # rows each internal table holds, by its URI
         self.table_schemas: dict[str, pyarrow.Schema] = {}  # stream/key -> the types its rows so far infer
         self.table_metadata: dict[str, dict[str, Any]] = {}  # stream/key -> the metadata it was created with
@@ -300,7 +294,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         return None if stream in self.unsure else self.acknowledged.get(stream, 0)
 
     def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
-        node = SeqNumOrderedNode(desc_node, self.table_metadata, self._tables())
+        node = SeqNumOrderedNode(desc_node, self.table_metadata)
         desc_name = desc_node.item["id"]
         self.data_keys.part_columns = lambda: self._next_part_columns(data_cache, desc_name)
         try:
@@ -318,7 +312,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
             self.data_keys.part_columns = None
 
     def _tables(self) -> contextlib.AbstractContextManager[Any]:
-        """Held around a request that writes or reads a table: `serial`, if given."""
+        """Held around a request that appends to or reads a table: `serial`, if given."""
         return self.serial if self.serial is not None else contextlib.nullcontext()
 
     def _next_part_columns(self, rows: list[dict[str, Any]], desc_name: str) -> set[str] | None:
@@ -366,7 +360,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         try:
             df_client.close_stream()
             desc_node.delete_contents(key, external_only=False)
-            new = SeqNumOrderedNode(desc_node, self.table_metadata, self._tables()).create_appendable_table(
+            new = SeqNumOrderedNode(desc_node, self.table_metadata).create_appendable_table(
                 schema=stored,
                 key=key,
                 metadata=self.table_metadata.get(name, {}),
