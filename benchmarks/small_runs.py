@@ -502,9 +502,11 @@ def section(c: dict[str, Any]) -> list[str]:
         ),
         "",
     ]
+    out += _repetition_lines(c)
     for s in c["shapes"]:
         if s.get("breakdown"):
             out += _breakdown_lines(s)
+    out += _before_lines()
     memory = c.get("memory")
     if memory:
         out.append(
@@ -514,6 +516,75 @@ def section(c: dict[str, Any]) -> list[str]:
             f"{memory['runs_uploaded']} runs were uploaded"
             + (" (all)." if memory["finished"] else " (stopped there; the queue stayed long).")
         )
+    return out
+
+
+def _repetition_lines(c: dict[str, Any]) -> list[str]:
+    """Each repetition of each shape, both sides side by side (which went first, then the figures)."""
+    rows = []
+    for s in c["shapes"]:
+        for i, rep in enumerate(s.get("repetitions") or []):
+            side = rep["results"]
+            rows.append(
+                [
+                    f"{s['runs']} x {s['events']:,}",
+                    f"{i + 1} ({rep['order'][0]} first)",
+                    fmt(side["sidecar"]["runs_per_s"]),
+                    fmt(side["inprocess"]["runs_per_s"]),
+                    f"x{fmt(rep['ratio'])}",
+                    fmt(side["sidecar"]["rows_per_s"]),
+                    fmt(side["inprocess"]["rows_per_s"]),
+                    f"{fmt(side['sidecar']['http_requests'] / max(1, side['sidecar']['runs_uploaded']))} / "
+                    f"{fmt(side['inprocess']['http_requests'] / max(1, side['inprocess']['runs_uploaded']))}",
+                ]
+            )
+    if not rows:
+        return []
+    header = ["runs x events", "repetition", "sidecar runs/s", "in-process runs/s", "sidecar / in-process"]
+    header += ["sidecar rows/s", "in-process rows/s", "HTTP requests/run (sidecar / in-process)"]
+    return ["Per repetition:", "", _table(header, rows), ""]
+
+
+#: The figures before issue 24's changes (one closed run in flight, a read-back per stream), kept to
+#: compare: the small_runs entry of results.json at that commit.
+BEFORE = Path(__file__).with_name("small_runs_before.json")
+
+
+def _before_lines() -> list[str]:
+    """The same tables measured before issue 24's changes, if `BEFORE` is there."""
+    if not BEFORE.exists():
+        return []
+    before = json.loads(BEFORE.read_text())
+    rows = [
+        [
+            f"{s['runs']} x {s['events']:,} ({s['ratio']['n']} rep{'s' if s['ratio']['n'] > 1 else ''})",
+            _side_cell(s, "sidecar", "runs_per_s"),
+            _side_cell(s, "inprocess", "runs_per_s"),
+            f"**x{fmt(s['ratio']['median'])}** ({fmt(s['ratio']['min'])}-{fmt(s['ratio']['max'])})",
+            f"{fmt(s['http_requests_per_run']['sidecar']['median'])} / "
+            f"{fmt(s['http_requests_per_run']['inprocess']['median'])}",
+        ]
+        for s in before["shapes"]
+    ]
+    out = [
+        f"**Before** (commit {before.get('commit', '?')}: one closed run in flight, every stream read "
+        f"back; load average {before.get('loadavg', {}).get('before', '?')} at the start):",
+        "",
+        _table(
+            [
+                "runs x events",
+                "sidecar runs/s",
+                "in-process runs/s",
+                "sidecar / in-process",
+                "HTTP requests/run (sidecar / in-process)",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    for s in before["shapes"]:
+        if s.get("breakdown"):
+            out += ["Before: " + line if i == 0 else line for i, line in enumerate(_breakdown_lines(s))]
     return out
 
 
@@ -579,7 +650,9 @@ def _breakdown_lines(s: dict[str, Any]) -> list[str]:
     timed = {side: 1000 * s["seconds"][side]["median"] / s["runs"] for side in SIDES}
     out = [
         f"Where one run's time goes, {s['runs']} x {s['events']} (a drain of {sc['runs']} runs per side, "
-        "all threads sampled every ~1 ms; ms per run, of which waiting for an HTTP response; unprofiled, "
+        "all threads sampled every ~1 ms; ms per run, of which waiting for an HTTP response, summed over "
+        "threads: with several runs in flight the sidecar's phases add up to more than its wall time; "
+        "unprofiled, "
         f"the timed drains took {timed['sidecar']:.0f} and {timed['inprocess']:.0f} ms per run):",
         "",
         _table(["phase", "sidecar ms/run", "in-process ms/run"], rows),
@@ -651,6 +724,13 @@ def analysis(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
                 )
                 + "."
             )
+        cpu = {side: 1000 * s["server_cpu_seconds"][side]["median"] / s["runs"] for side in SIDES}
+        out.append(
+            f"  Tiled's own CPU per run: sidecar {cpu['sidecar']:.0f} ms, in-process {cpu['inprocess']:.0f} ms "
+            "(the same requests). With several runs in flight the sidecar keeps the server busy, and each "
+            "request waits longer (above): the drain is bounded by Tiled's CPU per run on a core it shares "
+            "with the other processes, not by the sidecar's round trips."
+        )
     return out
 
 

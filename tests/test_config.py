@@ -47,6 +47,7 @@ NON_DEFAULTS: dict[str, dict[str, Any]] = {
         "timeout_seconds": 5.0,
         "backoff_initial_seconds": 0.1,
         "backoff_max_seconds": 9.0,
+        "runs_in_flight": 2,
     },
     "spool": {
         "dir": "/data/spool",

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.fake_tiled import FakeClient, FakeTiled, Spool, scan
+from tests.support.fake_tiled import FakeClient, FakeRunWriter, FakeTiled, Spool, scan
+from tiled_writer_sidecar import run_upload
 from tiled_writer_sidecar.errors import BadRunDocument, UnsafeName
 from tiled_writer_sidecar.outcomes import ForeignRun, VerificationFailed
 from tiled_writer_sidecar.run_upload import RunUpload, SeqNums, Shared
@@ -91,6 +92,36 @@ def test_a_row_lost_in_tiled_fails_verification_and_leaves_the_run_uploading(
     with pytest.raises(VerificationFailed, match="Tiled holds 3 rows"):
         pump_until_finished(run)
     assert Uploaded.load(spool.dir.run_dir(uid)).state == UploadState.UPLOADING
+
+
+def test_rows_tiled_acknowledged_as_fed_are_not_read_back_and_a_shortfall_is(
+    spool: Spool, tiled: FakeTiled, shared: Shared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream whose appends Tiled acknowledged at once, as many rows as fed, is verified by that count:
+    no read-back request. Fewer acknowledged than fed: the stream is read back (and here, short, fails)."""
+    acknowledged: dict[str, int] = {}
+    monkeypatch.setattr(FakeRunWriter, "acknowledged_rows", lambda self, stream: acknowledged[self.uid])
+    read_back: list[str] = []
+    real_read = run_upload.read_seq_nums
+    monkeypatch.setattr(
+        run_upload, "read_seq_nums", lambda c, uid, stream: read_back.append(uid) or real_read(c, uid, stream)
+    )
+    good, short = spool.closed_run(events=4), spool.closed_run(events=4)
+    acknowledged.update({good: 4, short: 3})
+    pump_until_finished(started(spool, shared, good))
+    assert read_back == [] and Uploaded.load(spool.dir.run_dir(good)).rows == {"primary": 4}
+
+    real_flush = FakeRunWriter.flush
+
+    def losing_the_last_row(self: FakeRunWriter) -> float | None:
+        lag = real_flush(self)
+        del tiled.runs[self.uid]["primary"][3:]
+        return lag
+
+    monkeypatch.setattr(FakeRunWriter, "flush", losing_the_last_row)
+    with pytest.raises(VerificationFailed, match="Tiled holds 3 rows"):
+        pump_until_finished(started(spool, shared, short))
+    assert read_back == [short]
 
 
 def test_start_rewrites_a_partial_upload_it_created_and_never_touches_a_run_it_did_not(

@@ -1,12 +1,18 @@
-"""tiled_run's start-up check of TiledWriter's private hooks, without a Tiled server."""
+"""tiled_run without a Tiled server: the start-up check of TiledWriter's private hooks, and what an
+append tells (rows acknowledged, the shared table lock)."""
 
 from __future__ import annotations
 
+import threading
+
+import pyarrow
 import pytest
 from bluesky_tiled_plugins.writing import tiled_writer
 
+from tests.support.fake_tiled import http_error
+from tiled_writer_sidecar import tiled_run
 from tiled_writer_sidecar.errors import IncompatibleDependency
-from tiled_writer_sidecar.tiled_run import PRIVATE_HOOKS, check_tiledwriter_api
+from tiled_writer_sidecar.tiled_run import PRIVATE_HOOKS, SidecarRunWriter, check_tiledwriter_api
 
 
 def test_the_installed_bluesky_tiled_plugins_has_every_hook() -> None:
@@ -30,3 +36,71 @@ def test_a_hook_whose_parameters_changed_is_refused(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(tiled_writer._RunWriter, "_append_with_retry", lambda self, client, rows: None)
     with pytest.raises(IncompatibleDependency, match="_append_with_retry"):
         check_tiledwriter_api()
+
+
+# ----------------------------------------------------------------- appends: acknowledged rows, one table writer
+
+
+class _Table:
+    """A stream table's client as `SidecarRunWriter._append` uses it: appends land, or fail first."""
+
+    def __init__(self, key: str = "internal", failures: list[Exception] | None = None) -> None:
+        self.item = {"id": key}
+        self.uri = f"http://tiled/api/v1/metadata/run/primary/{key}"
+        self.rows: list[int] = []
+        self.failures = failures or []
+        self.lock_held: list[bool] = []
+        self.serial: threading.Lock | None = None
+
+    def append_partition(self, partition: int, table: pyarrow.Table) -> None:
+        self.lock_held.append(self.serial is not None and self.serial.locked())
+        if self.failures:
+            raise self.failures.pop(0)
+        self.rows += table["seq_num"].to_pylist()
+
+
+class _NoWait:
+    def wait(self, err: Exception) -> None:
+        return None
+
+    def recovered(self) -> None:
+        return None
+
+
+def _rows(*seq_nums: int) -> pyarrow.Table:
+    return pyarrow.table({"seq_num": list(seq_nums), "time": [0.0] * len(seq_nums)})
+
+
+def test_rows_appended_at_the_first_attempt_are_acknowledged_without_a_read_back() -> None:
+    """Each append answered 2xx at once counts: the stream's rows are known, no read-back needed."""
+    writer = SidecarRunWriter(None, 100, _NoWait())
+    table = _Table()
+    writer._append(table, _rows(1, 2, 3), "primary")
+    writer._append(table, _rows(4, 5), "primary")
+    assert writer.acknowledged_rows("primary") == 5 and table.rows == [1, 2, 3, 4, 5]
+    assert writer.acknowledged_rows("baseline") == 0  # a stream with no rows
+
+
+def test_a_retried_append_or_a_split_table_leaves_only_a_read_back_to_tell(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An append that failed once (then found not landed and sent again), or a part of a table split
+    above 1024 columns: acknowledged_rows is None, so the uploader reads the stream back."""
+    monkeypatch.setattr(tiled_run, "read_table_column", lambda table, column: list(table.rows))
+    writer = SidecarRunWriter(None, 100, _NoWait())
+    busy = http_error(500)
+    table = _Table(failures=[busy])
+    writer._append(table, _rows(1, 2), "primary")
+    assert table.rows == [1, 2] and writer.acknowledged_rows("primary") is None
+    writer._append(_Table("internal_0"), _rows(1), "wide")
+    assert writer.acknowledged_rows("wide") is None
+
+
+def test_closed_runs_append_one_at_a_time_under_the_shared_lock() -> None:
+    """With `serial` (closed runs), every append is sent holding it; without (the live lane), never."""
+    lock = threading.Lock()
+    locked, free = _Table(), _Table()
+    locked.serial = free.serial = lock
+    SidecarRunWriter(None, 100, _NoWait(), lock)._append(locked, _rows(1), "primary")
+    SidecarRunWriter(None, 100, _NoWait())._append(free, _rows(1), "primary")
+    assert locked.lock_held == [True] and free.lock_held == [False] and not lock.locked()

@@ -459,3 +459,32 @@ def test_cost_per_run_not_per_spool_with_50000_runs(
             f"\n50,000 runs in the spool: first pass {first_pass:.1f} s, first run uploaded {first_upload:.1f} s "
             f"and the real run {to_real:.1f} s after the start, then {rate:.0f} runs/s"
         )
+
+
+def test_a_closed_run_of_a_batch_or_more_is_uploaded_alone(
+    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small closed runs go several at once; one of at least `batch_rows` rows (100 here) waits until
+    those in flight are done, then goes alone (one batch in memory), and the runs after it wait for it."""
+    small = [spool.closed_run(first_received=1.0 + n) for n in range(2)]
+    large = spool.closed_run(events=spool.config.tiled.batch_rows, first_received=5.0)
+    after = spool.closed_run(first_received=6.0)
+    received = spool.view(large).received
+    received.events = {"primary": spool.config.tiled.batch_rows}  # what the receiver's tracker counts
+    received.save(spool.dir.run_dir(large))
+    uploader = scheduler(spool, monkeypatch)
+    in_flight: list[list[str]] = []
+    schedule = uploader._schedule
+
+    def recorded() -> None:
+        schedule()
+        now = sorted(uid for uid, slot in uploader.active.items() if slot.busy)
+        if not in_flight or in_flight[-1] != now:
+            in_flight.append(now)
+
+    monkeypatch.setattr(uploader, "_schedule", recorded)
+    uploader.run(until_idle=True)
+    assert sorted(tiled.runs) == sorted([*small, large, after])
+    assert in_flight[0] == sorted(small)
+    assert [large] in in_flight and all(large not in now or now == [large] for now in in_flight)
+    assert in_flight.index([large]) < next(i for i, now in enumerate(in_flight) if after in now)

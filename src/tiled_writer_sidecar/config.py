@@ -54,6 +54,7 @@ class TiledConfig:
     timeout_seconds: float = 30.0
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
+    runs_in_flight: int = 4
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float]] = {
     ("tiled", "timeout_seconds"): (POSITIVE, 3600.0),
     ("tiled", "backoff_initial_seconds"): (0.01, 3600.0),
     ("tiled", "backoff_max_seconds"): (0.01, DAY),
+    ("tiled", "runs_in_flight"): (1, 64),
     ("spool", "fsync_interval_ms"): (1, 60_000),
     ("spool", "fsync_records"): (1, 10_000_000),
     ("spool", "segment_bytes"): (4096, 2**40),

@@ -14,13 +14,18 @@
 - Everything read back is untrusted: `feed` refuses a document that is not
   of this run and names that could address another Tiled node
   (`BadRunDocument`, `UnsafeName`: the run is quarantined, by `quarantine`).
-- `finish` verifies each stream's ``seq_num`` column against what was fed,
-  in the order fed or in ``seq_num`` order (how Tiled reads the table back;
-  `VerificationFailed` otherwise), then records ``uploaded`` and releases the
-  run's segments.
+- `finish` verifies each stream against what was fed, then records
+  ``uploaded`` and releases the run's segments. A stream whose every append
+  Tiled acknowledged at its first attempt, as many rows as fed
+  (`TiledRun.acknowledged_rows`), is verified by that count; any other (an
+  append retried, a table widened or split) has its ``seq_num`` column read
+  back: the values fed, in the order fed or in ``seq_num`` order (how Tiled
+  reads the table back), or `VerificationFailed`.
 - Runs are uploaded from several worker threads at once: the shared
-  counters are changed under `Shared.lock`; ``uploaded.json`` is written at
-  the start, at most every `PROGRESS_INTERVAL_S` while rows flow, and at the end.
+  counters are changed under `Shared.lock`; closed runs send their appends
+  one at a time (`Shared.tables_lock`), an open run's never wait;
+  ``uploaded.json`` is written at the start, at most every
+  `PROGRESS_INTERVAL_S` while rows flow, and at the end.
 - A failure leaves ``uploaded.json`` at ``uploading``: the scheduler forgets
   the run (`abandon`) and the next `start` rewrites it whole.
 - ``received.json`` is read again only when it changed on disk.
@@ -105,6 +110,8 @@ class Shared:
     lag: LagHistogram = field(default_factory=LagHistogram)
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards `status` and `lag`
     overwrite_foreign: bool = False  # replay --overwrite-foreign: delete a run this spool did not create
+    #: Held by closed runs around each append to or read of a table (`TiledRun`'s `serial`).
+    tables_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class RunUpload:
@@ -168,7 +175,8 @@ class RunUpload:
             with shared.lock:
                 shared.status.rewrites += 1
         retry = InPlaceRetry(shared.link)
-        tiled = TiledRun(client, shared.config.tiled.batch_rows, retry)
+        serial = shared.tables_lock if view.received.closed else None  # the live lane never waits
+        tiled = TiledRun(client, shared.config.tiled.batch_rows, retry, serial=serial)
         return cls(view, tiled, shared, retry)
 
     def _create(self, doc: dict[str, Any]) -> None:
@@ -396,6 +404,8 @@ class RunUpload:
     def _verify(self, stream: str) -> int:
         """Rows of `stream` in Tiled: exactly the seq_nums fed, in the order they were fed."""
         fed = self.seq_nums.get(stream, SeqNums())
+        if self.tiled.acknowledged_rows(stream) == fed.count:
+            return fed.count  # every row acknowledged once, as fed: a read-back cannot differ
         tiled = self._read_back(stream)
         if tiled is None:
             if fed.count == 0:

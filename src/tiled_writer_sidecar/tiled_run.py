@@ -20,6 +20,12 @@ so what lands in Tiled is what an in-process `TiledWriter` writes, except:
   run. Waiting between attempts is the uploader's (`RetryPolicy`).
 - `FastRunNormalizer` validates with the sidecar's compiled validators and
   does not deep-copy events.
+- Runs uploaded together may share a lock (`serial`) held around every
+  request that appends to or reads a table's rows: Tiled on SQLite answers
+  two such requests at once with 500 "database is locked" (its tables store
+  does not wait). Creating a table is not serialized (held there, the lock
+  capped a drain of small runs at one create + append round trip per run). `acknowledged_rows` tells the uploader when a read-back
+  cannot tell more than Tiled's answers did.
 - Each stream table is created with the data-source parameter
   ``order_by_args = [{"column": "seq_num", "direction": "asc"}]``
   (`SeqNumOrderedNode`), so Tiled reads it back in seq_num order; a table
@@ -31,7 +37,9 @@ tests. Why each difference: docs/design.md, "Upload: one table of outcomes".
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from typing import Any, Protocol
 
@@ -52,7 +60,7 @@ from tiled.structures.table import TableStructure
 
 from .column_types import TypeChangeNotWidening, conform, promote_schema, stored_schema
 from .errors import IncompatibleDependency
-from .tiled_client import read_table, read_table_column
+from .tiled_client import INTERNAL_TABLE, read_table, read_table_column
 from .validation import validate_document
 
 log = logging.getLogger(__name__)
@@ -259,14 +267,31 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
     """`_RunWriter` whose failed appends are retried in place, exactly once, whose tables
     Tiled reads back in ``seq_num`` order, and whose column types widen (see the module docstring)."""
 
-    def __init__(self, client: BaseClient, batch_size: int, retry: RetryPolicy) -> None:
+    def __init__(
+        self, client: BaseClient, batch_size: int, retry: RetryPolicy, serial: threading.Lock | None = None
+    ) -> None:
         super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
         self.retry = retry
+        self.serial = serial  # held around each append to or read of a table (module docstring)
         self.table_rows: dict[str, int] = {}  # rows each internal table holds, by its URI
         self.table_schemas: dict[str, pyarrow.Schema] = {}  # stream/key -> the types its rows so far infer
         self.table_metadata: dict[str, dict[str, Any]] = {}  # stream/key -> the metadata it was created with
         self.widened: list[str] = []  # one line per table rewritten with wider types
         self.data_keys = _WideTableDataKeys()
+        self.acknowledged: dict[str, int] = {}  # stream -> rows Tiled answered 2xx to, each append once
+        # streams whose rows only a read-back can tell (see `acknowledged_rows`)
+        self.unsure: set[str] = set()
+
+    def acknowledged_rows(self, stream: str) -> int | None:
+        """Rows of `stream` in Tiled, known without reading them back; None if only a read-back can tell.
+
+        Known when every append to the stream's one table was answered 2xx at
+        its first attempt (Tiled's client resends an append only when it never
+        reached the server, so each landed exactly once, in the order sent)
+        and the table was never rewritten with wider types. A retried append,
+        a widened table or a table split above 1024 columns: None.
+        """
+        return None if stream in self.unsure else self.acknowledged.get(stream, 0)
 
     def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
         node = SeqNumOrderedNode(desc_node, self.table_metadata)
@@ -285,6 +310,10 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
                 super()._write_internal_data(chunk, desc_node=node)
         finally:
             self.data_keys.part_columns = None
+
+    def _tables(self) -> contextlib.AbstractContextManager[Any]:
+        """Held around a request that appends to or reads a table: `serial`, if given."""
+        return self.serial if self.serial is not None else contextlib.nullcontext()
 
     def _next_part_columns(self, rows: list[dict[str, Any]], desc_name: str) -> set[str] | None:
         """The columns of the first part of `rows`' table not created yet, if it is split; else None."""
@@ -322,8 +351,10 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         """
         key = df_client.item["id"]
         name = f"{desc_name}/{key}"
+        self.unsure.add(desc_name)
         stored = stored_schema(promoted)
-        before = conform(read_table(df_client), stored)  # exact, or TypeChangeNotWidening
+        with self._tables():
+            before = conform(read_table(df_client), stored)  # exact, or TypeChangeNotWidening
         rows = pyarrow.concat_tables([before, conform(table, stored)])
         desc_node = self._desc_nodes[desc_name]
         try:
@@ -361,16 +392,21 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         failed = False
         while True:
             try:
-                df_client.append_partition(0, table)
+                with self._tables():
+                    df_client.append_partition(0, table)
                 break
             except (httpx.TransportError, httpx.HTTPStatusError) as err:
                 if not retryable(err):
                     raise
                 failed = True
+                self.unsure.add(desc_name)
                 self.retry.wait(err)
                 if self._landed(df_client, table, before, err, desc_name):
                     break
         self.table_rows[df_client.uri] = before + table.num_rows
+        if df_client.item["id"] != INTERNAL_TABLE:
+            self.unsure.add(desc_name)  # a part of a split table: every part holds every row
+        self.acknowledged[desc_name] = self.acknowledged.get(desc_name, 0) + table.num_rows
         if failed:
             self.retry.recovered()
 
@@ -382,7 +418,8 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         column = "seq_num" if "seq_num" in table.column_names else table.column_names[0]
         while True:
             try:
-                held = read_table_column(df_client, column)
+                with self._tables():
+                    held = read_table_column(df_client, column)
                 break
             except (httpx.TransportError, httpx.HTTPStatusError) as check_err:
                 if not retryable(check_err):
@@ -435,8 +472,10 @@ def _convertible_runs(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 class TiledRun:
     """Feeds one run's documents into Tiled through TiledWriter's machinery."""
 
-    def __init__(self, client: BaseClient, batch_rows: int, retry: RetryPolicy) -> None:
-        self.writer = SidecarRunWriter(client, batch_rows, retry)
+    def __init__(
+        self, client: BaseClient, batch_rows: int, retry: RetryPolicy, serial: threading.Lock | None = None
+    ) -> None:
+        self.writer = SidecarRunWriter(client, batch_rows, retry, serial)
         self.normalizer = FastRunNormalizer()
         self.normalizer.subscribe(self.writer)
         self.streams: dict[str, str] = {}
@@ -461,6 +500,10 @@ class TiledRun:
             self.stopped = True
             self.closed = True  # TiledWriter's stop closed every stream it wrote
             self.oldest_unflushed = None
+
+    def acknowledged_rows(self, stream: str) -> int | None:
+        """Rows of `stream` Tiled holds, known without a read-back, or None (`SidecarRunWriter`'s)."""
+        return self.writer.acknowledged_rows(stream)
 
     def ready_to_flush(self, *, caught_up: bool) -> bool:
         """Whether to write the buffered rows now: there are some and the run's log is read to its end.

@@ -10,9 +10,9 @@ A run's state machine is in ``uploaded.json`` (`spool.index.UploadState`)::
 - Runs come from `RunIndex` (in memory, refreshed incrementally; a big spool is
   indexed in chunks while the oldest runs already upload). Lanes: every
   open run (the one being acquired) is activated at once, never behind the
-  backlog; closed runs, oldest first, while fewer than `MAX_ACTIVE_RUNS` of
-  them are in flight. Runs in memory are bounded by ``max_open_runs +
-  MAX_ACTIVE_RUNS``; beyond it the longest idle open run is parked.
+  backlog; closed runs, oldest first, while fewer than ``[tiled] runs_in_flight``
+  of them are in flight (a run of at least ``batch_rows`` rows alone). Runs in memory are bounded by ``max_open_runs +
+  runs_in_flight``; beyond it the longest idle open run is parked.
 - Each active run's start and pump run in a pool of worker threads (one run
   in one worker at a time, a pass of at most `PASS_S`); this thread only
   schedules, collects results and writes ``uploader.json``. Shared counters
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backoff import Backoff
-from .config import Config
+from .config import Config, TiledConfig
 from .errors import TiledUnavailableError
 from .metrics import LagHistogram
 from .outcomes import MAX_RUN_FAILURES, Outcome, Stopping, decide, failure_key, is_auth_error, one_line
@@ -55,9 +55,9 @@ from .tiled_run import check_tiledwriter_api
 
 log = logging.getLogger(__name__)
 
-#: Closed runs uploaded at once (open runs, the live lane, do not count). More in flight is no faster
-#: with Tiled on SQLite: concurrent writes answer 500 "database is locked" (measured, docs/design.md).
-MAX_ACTIVE_RUNS = 1
+#: Closed runs uploaded at once by default (open runs, the live lane, do not count): ``[tiled]
+#: runs_in_flight``. Several in flight hide each run's ~9 sequential round trips (docs/design.md).
+MAX_ACTIVE_RUNS = TiledConfig.runs_in_flight
 LIVE_WORKERS = 1  # workers beyond MAX_ACTIVE_RUNS: open runs never queue behind the backlog
 PASS_S = 1.0  # a worker gives its run back at least this often (stop, fairness)
 IDLE_WAIT_S = 0.05
@@ -74,6 +74,7 @@ class Slot:
 
     view: RunView
     live: bool  # open when activated: the live lane, never counted against MAX_ACTIVE_RUNS
+    large: bool = False  # closed, at least one batch of rows: uploaded alone (see `Uploader._schedule`)
     run: RunUpload | None = None
     future: Future[bool] | None = None
 
@@ -158,8 +159,9 @@ class Uploader:
         self.index = RunIndex(spool, only)
         self.active: dict[str, Slot] = {}
         self.retries: dict[str, RunRetry] = {}
-        self.max_in_memory = config.spool.max_open_runs + MAX_ACTIVE_RUNS
-        self.workers = MAX_ACTIVE_RUNS + LIVE_WORKERS if workers is None else workers
+        self.max_active = config.tiled.runs_in_flight
+        self.max_in_memory = config.spool.max_open_runs + self.max_active
+        self.workers = self.max_active + LIVE_WORKERS if workers is None else workers
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="upload") if self.workers else None
         self._rate = DrainRate()
         self._last_status_write = 0.0
@@ -274,17 +276,28 @@ class Uploader:
                     self.index.again(later.directory.name)
                 break
             self._activate(view, live=True)
-        while sum(slot.busy for slot in self.active.values()) < MAX_ACTIVE_RUNS:
+        while True:
+            busy = [slot for slot in self.active.values() if slot.busy]
+            if len(busy) >= self.max_active or any(slot.large for slot in busy):
+                break
             oldest = self.index.next_closed()
             if oldest is None:
                 break
-            if len(self.active) >= self.max_in_memory and not self._park_idle_run():
-                self.index.again(oldest.directory.name)
+            large = self._large(oldest)
+            if (busy and large) or (len(self.active) >= self.max_in_memory and not self._park_idle_run()):
+                self.index.again(oldest.directory.name)  # offered again once the runs in flight are done
                 break
-            self._activate(oldest, live=False)
+            self._activate(oldest, live=False, large=large)
 
-    def _activate(self, view: RunView, *, live: bool) -> None:
-        slot = Slot(view, live=live)
+    def _large(self, view: RunView) -> bool:
+        """A run of at least one batch (`batch_rows`) is uploaded alone: several at once would hold several
+        batches in memory (the uploader's RSS budget) and gain nothing (Tiled writes one table at a time)."""
+        received = view.received
+        rows = sum(max(n, received.datum_rows.get(s, 0)) for s, n in received.events.items())
+        return max(rows, received.documents) >= self.config.tiled.batch_rows
+
+    def _activate(self, view: RunView, *, live: bool, large: bool = False) -> None:
+        slot = Slot(view, live=live, large=large)
         self.active[slot.uid] = slot
 
     def _park_idle_run(self) -> bool:

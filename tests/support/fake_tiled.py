@@ -83,6 +83,9 @@ class FakeRunWriter:
     def buffered_age(self) -> float | None:
         return None
 
+    def acknowledged_rows(self, stream: str) -> int | None:
+        return None  # unknown: `run_upload` reads every stream back (`FakeTiled.runs`)
+
     def ready_to_flush(self, *, caught_up: bool) -> bool:
         return caught_up and not self.stopped and bool(self.buffer)
 
@@ -117,7 +120,7 @@ class FakeTiled:
         )
         return self
 
-    def __call__(self, client: Any, batch_rows: int, retry: Any) -> FakeRunWriter:
+    def __call__(self, client: Any, batch_rows: int, retry: Any, serial: Any = None) -> FakeRunWriter:
         return FakeRunWriter(self, batch_rows)
 
     def close_run_in_tiled(self, client: Any, uid: str) -> int:
