@@ -113,6 +113,7 @@ def sidecar_upload(
     *,
     batch_rows: int = 10_000,
     batch_seconds: float = 1.0,
+    runs_in_flight: int = 1,
     threads: int = 1,
     profile: str | None = None,
     api_key: str | None = None,
@@ -137,7 +138,9 @@ def sidecar_upload(
     uploaders = []
     for part in parts:
         config = Config(
-            tiled=TiledConfig(uri=uri, batch_rows=batch_rows, batch_seconds=batch_seconds),
+            tiled=TiledConfig(
+                uri=uri, batch_rows=batch_rows, batch_seconds=batch_seconds, runs_in_flight=runs_in_flight
+            ),
             spool=SpoolConfig(dir=str(part)),
         )
         spool = SpoolDir(part, create=False)

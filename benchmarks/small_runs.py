@@ -5,7 +5,7 @@ the backlog is spooled once by the sidecar's own `Ingest`, as if Tiled had
 been down while the runs were acquired (`backlog_drain.make_backlog`). In
 every repetition, side by side, alternating which goes first:
 
-- ``sidecar``: the daemon's `Uploader` with its default settings drains a
+- ``sidecar``: the daemon's `Uploader` (default settings but `RUNS_IN_FLIGHT` = 4) drains a
   copy of that spool until every run is ``uploaded`` (`_upload.sidecar_upload`);
 - ``inprocess``: ``TiledWriter(client)`` is fed the same documents from
   memory (`_upload.inprocess_upload`), as ``RE.subscribe(TiledWriter(client))``.
@@ -168,11 +168,19 @@ def _uploaded_count(spool: Path) -> Callable[[], str]:
 # ------------------------------------------------------------------ one drain per side
 
 
+#: The sidecar's setting for a backlog of many short runs (the default, 1, keeps strict acquisition order).
+RUNS_IN_FLIGHT = 4
+
+
 def _sidecar_settings() -> dict[str, Any]:
     from tiled_writer_sidecar.config import TiledConfig
 
     defaults = TiledConfig()
-    return {"batch_rows": defaults.batch_rows, "batch_seconds": defaults.batch_seconds}
+    return {
+        "batch_rows": defaults.batch_rows,
+        "batch_seconds": defaults.batch_seconds,
+        "runs_in_flight": RUNS_IN_FLIGHT,
+    }
 
 
 def _drain_sidecar(

@@ -89,3 +89,21 @@ def test_names_pruned_before_they_are_indexed_are_never_read(
     while (view := index.next_closed()) is not None:
         taken.append(view.directory.name)
     assert taken == ["run-0", "run-2", "run-3", "run-4", "run-5"] and "run-1" not in index.done
+
+
+def test_a_run_listed_before_its_received_json_is_written_is_indexed_once_it_is(
+    spool: SpoolDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver makes a run's directory (its log) before writing received.json: a listing in between
+    must not forget the run (it was left in no lane, never uploaded, while its directory's name was known)."""
+    monkeypatch.setattr(run_index, "LISTING_INTERVAL_S", 0.0)
+    monkeypatch.setattr(run_index, "FULL_LISTING_S", 0.0)
+    (spool.runs_dir / "new-run").mkdir()
+    index = RunIndex(spool)
+    index.refresh()
+    assert index.next_closed() is None and not index.open
+    received = Received(uid="new-run", closed=True, stop_received=True, first_received=1.0)
+    (spool.runs_dir / "new-run" / "received.json").write_text(json.dumps(received.plain()))
+    index.refresh()
+    view = index.next_closed()
+    assert view is not None and view.directory.name == "new-run"

@@ -54,7 +54,7 @@ class TiledConfig:
     timeout_seconds: float = 30.0
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
-    runs_in_flight: int = 4
+    runs_in_flight: int = 1  # 1: runs are created and finished strictly oldest first (docs/design.md)
 
 
 @dataclass(frozen=True)

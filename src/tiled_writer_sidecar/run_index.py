@@ -155,6 +155,8 @@ class RunIndex:
             return
         view = self.load(uid)
         if view is None:
+            if uid not in self.done:  # received.json not written yet (the run was just made): list it again
+                self.known.discard(uid)
             return
         if not view.received.closed:
             self.open[uid] = OpenRun(age_of(view.received, uid), _stat_key(view.directory / RECEIVED))
