@@ -473,6 +473,7 @@ def test_a_closed_run_of_a_batch_or_more_is_uploaded_alone(
     received.events = {"primary": spool.config.tiled.batch_rows}  # what the receiver's tracker counts
     received.save(spool.dir.run_dir(large))
     uploader = scheduler(spool, monkeypatch)
+    uploader.max_active = 4  # [tiled] runs_in_flight = 4 (the default, 1, keeps acquisition order)
     in_flight: list[list[str]] = []
     schedule = uploader._schedule
 

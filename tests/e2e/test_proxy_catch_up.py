@@ -142,8 +142,8 @@ def test_a_suspended_monitor_holds_nothing_back_and_sees_its_own_gaps(
 ) -> None:
     """`tiled-writer-sidecar monitor` SIGSTOPped (a laptop that sleeps with its connection open) during a
     200 Hz scan of 16 KiB events through the project's proxy: the sidecar gets every row with no gap;
-    the proxy counts misses for the monitor; woken, the monitor goes on, gets the next run whole and
-    shows what it missed of the stalled run as gaps (its loss is visible to it, never to the sidecar)."""
+    woken, the monitor goes on and gets the next run whole; whatever it missed of the stalled run is
+    counted for it by the proxy and shows in its own view as gaps (visible to it, never to the sidecar)."""
     with (
         SidecarProxy(log_path=tmp_path / "proxy.log", max_buffer_bytes=32 * 2**20) as proxy,
         Acquisition.for_proxy(proxy) as acquisition,
@@ -164,7 +164,7 @@ def test_a_suspended_monitor_holds_nothing_back_and_sees_its_own_gaps(
             assert run["gaps"] == {} and run["state"] == "uploaded", run
             assert_rows_in_tiled(tiled_container, acquisition, uid)
             missed = {k: v for k, v in proxy.metrics().items() if "subscriber_messages_missed_total" in k}
-            assert sum(v for k, v in missed.items() if "unattributed" not in k) > 0, missed
+            counted = sum(v for k, v in missed.items() if "unattributed" not in k)
             os.kill(mon.popen.pid, signal.SIGCONT)
             (after,) = acquisition.run(bp.count([det], 5))
             mon.wait_log(f"run stop uid={after}", timeout=120)
@@ -176,9 +176,10 @@ def test_a_suspended_monitor_holds_nothing_back_and_sees_its_own_gaps(
     runs = {r["uid"]: r for r in snap["runs"]}
     assert runs[after]["events"] == {"primary": 5} and runs[after]["gaps"] == {}
     stalled = runs.get(uid, {})
-    if stalled:  # it saw part of the stalled run: what it missed shows as gaps or a missing stop
-        assert stalled["events"].get("primary", 0) < 600
-        assert stalled["gaps"] or stalled["state"] == "running", stalled
+    whole = stalled.get("events") == {"primary": 600} and not stalled.get("gaps")
+    if not whole:  # what the stalled monitor missed (the kernel's buffers may hold all 600) is counted,
+        assert counted > 0, missed  # and it shows as gaps, a missing stop or a missing run
+        assert not stalled or stalled["gaps"] or stalled["state"] == "running", stalled
     print(f"\nmonitor: missed counted {missed}; saw {stalled.get('events')} of 600 events of the stalled run")
 
 
