@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .common import synthetic_run
+from .common import spawn_streaming_tiled, synthetic_run
 
 NAME = "backlog_live"
 TITLE = "Live lane during a backlog drain (1,000 runs spooled while Tiled was down, a 10 Hz scan)"
@@ -337,12 +337,7 @@ def headline_figures(r: dict[str, Any]) -> dict[str, Any]:
 
 def prepare(bench: Any) -> None:
     """Spawn this comparison's streaming Tiled now: it imports while other comparisons run."""
-    from tiled_writer_sidecar.testing import TiledServer
-
-    server = TiledServer(bench.workdir / "backlog-live-tiled", streaming_cache="memory")
-    bench._stack.callback(server.close)
-    server.start(wait=False)
-    bench.shared["backlog_live_tiled"] = server
+    spawn_streaming_tiled(bench, "backlog_live_tiled")
 
 
 def run(bench: Any) -> dict[str, Any]:

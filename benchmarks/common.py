@@ -284,6 +284,17 @@ class Bench:
         return smoke if self.smoke else full
 
 
+def spawn_streaming_tiled(bench: Bench, name: str) -> None:
+    """Spawn a Tiled server with a streaming cache as ``bench.shared[name]`` (closed with the bench); it
+    imports while other comparisons run."""
+    from tiled_writer_sidecar.testing import TiledServer
+
+    server = TiledServer(bench.workdir / name, streaming_cache="memory")
+    bench._stack.callback(server.close)
+    server.start(wait=False)
+    bench.shared[name] = server
+
+
 def dead_tiled_uri() -> str:
     """A Tiled URI where nothing listens: "Tiled down"."""
     from tiled_writer_sidecar.testing import free_port

@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .common import rounded
+from .common import rounded, spawn_streaming_tiled
 
 NAME = "live_streaming"
 TITLE = "Live streaming (event time to a Tiled subscriber's callback)"
@@ -260,12 +260,7 @@ def headline_figures(results: list[dict[str, Any]], batch_seconds: float) -> dic
 
 def prepare(bench: Any) -> None:
     """Spawn the streaming Tiled server now: it imports while the other comparisons start."""
-    from tiled_writer_sidecar.testing import TiledServer
-
-    server = TiledServer(bench.workdir / "live-streaming-tiled", streaming_cache="memory")
-    bench._stack.callback(server.close)
-    server.start(wait=False)
-    bench.shared["live_streaming_tiled"] = server
+    spawn_streaming_tiled(bench, "live_streaming_tiled")
 
 
 def run(bench: Any) -> dict[str, Any]:
