@@ -257,7 +257,7 @@ def _add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="memory for messages in all, e.g. 268435456, 256MiB, 1GiB (default 256MiB): half the buffer, "
         "a quarter each subscriber's pipe, a quarter the replay ring; past it a full subscriber misses "
-        "messages (counted)",
+        "messages (counted). A message is at most a sixteenth of it (16 MiB by default, 64 MiB at most)",
     )
     parser.add_argument(
         "--stall-seconds",
