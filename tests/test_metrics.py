@@ -20,7 +20,8 @@ import pytest
 import tiled_writer_sidecar
 from tiled_writer_sidecar.metrics import MetricsServer, known_rejections
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import TILED_STATES, atomic_write_json
+from tiled_writer_sidecar.spool.index import atomic_write_json
+from tiled_writer_sidecar.states import TILED_STATES
 from tiled_writer_sidecar.stats import ReceiverStats
 from tiled_writer_sidecar.testing import free_port, wait_until
 from tiled_writer_sidecar.wire import DOCUMENT_NAMES

@@ -1,4 +1,4 @@
-"""The failure table in milliseconds: `classify` follows `OUTCOMES` row by row.
+"""The failure table in milliseconds: `decide` follows `OUTCOMES` row by row.
 
 No Tiled and no subprocess: errors are built the way httpx raises them. The
 quarantine rule (rejections counted per run) is the scheduler's:
@@ -16,14 +16,15 @@ from tests.support.fake_tiled import http_error, transport
 from tiled_writer_sidecar.errors import BadRunDocument, TiledUnavailableError, UnsafeName
 from tiled_writer_sidecar.outcomes import (
     OUTCOMES,
+    AppendAmbiguous,
     ForeignRun,
     Outcome,
     Stopping,
     TiledDown,
     VerificationFailed,
-    classify,
+    decide,
+    retryable,
 )
-from tiled_writer_sidecar.tiled_run import AppendAmbiguous
 
 CASES: list[tuple[BaseException, Outcome]] = [
     (Stopping(), Outcome.STOP),
@@ -34,8 +35,8 @@ CASES: list[tuple[BaseException, Outcome]] = [
     (ConnectionResetError(), Outcome.TILED_DOWN),
     (TimeoutError(), Outcome.TILED_DOWN),
     (TiledDown("no answer"), Outcome.TILED_DOWN),
-    (http_error(401), Outcome.TILED_DOWN),
-    (http_error(403), Outcome.TILED_DOWN),
+    (http_error(401), Outcome.UNAUTHORIZED),
+    (http_error(403), Outcome.UNAUTHORIZED),
     (http_error(500), Outcome.RETRY),
     (http_error(502), Outcome.RETRY),
     (http_error(503), Outcome.RETRY),
@@ -59,9 +60,9 @@ CASES: list[tuple[BaseException, Outcome]] = [
 
 
 @pytest.mark.parametrize(("err", "outcome"), CASES, ids=[f"{type(e).__name__}-{o}" for e, o in CASES])
-def test_classify_follows_the_table(err: BaseException, outcome: Outcome) -> None:
+def test_decide_follows_the_table(err: BaseException, outcome: Outcome) -> None:
     """Each kind of failure gets the outcome `OUTCOMES` lists for it."""
-    assert classify(err) is outcome
+    assert decide(err).outcome is outcome
 
 
 def test_the_table_has_a_row_for_every_outcome() -> None:
@@ -74,4 +75,12 @@ def test_outages_and_ambiguous_failures_never_quarantine_at_once() -> None:
     """Only a run's own content is quarantined without a repeat: nothing Tiled or the network did."""
     for err, _ in CASES:
         if not isinstance(err, (UnsafeName, BadRunDocument, ForeignRun)):
-            assert classify(err) is not Outcome.QUARANTINE, err
+            assert decide(err).outcome is not Outcome.QUARANTINE, err
+
+
+def test_retried_in_place_are_the_request_failures_of_the_rows_retry_and_tiled_down() -> None:
+    """`retryable` (what the writer retries in place) agrees with the table: httpx's errors whose outcome is
+    RETRY or TILED_DOWN, and no other."""
+    for err, outcome in CASES:
+        expected = isinstance(err, httpx.HTTPError) and outcome in (Outcome.RETRY, Outcome.TILED_DOWN)
+        assert retryable(err) is expected, err

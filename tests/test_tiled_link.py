@@ -18,7 +18,7 @@ from tiled_writer_sidecar import tiled_link
 from tiled_writer_sidecar.backoff import Backoff
 from tiled_writer_sidecar.config import Config, TiledConfig
 from tiled_writer_sidecar.errors import TiledUnavailableError
-from tiled_writer_sidecar.outcomes import Stopping, TiledDown
+from tiled_writer_sidecar.outcomes import Stopping, TiledDown, decide
 from tiled_writer_sidecar.spool.index import UploaderStatus
 from tiled_writer_sidecar.tiled_link import InPlaceRetry, TiledLink
 
@@ -42,6 +42,11 @@ class Link:
         self.reports += 1
 
 
+def failed(link: Link, err: Exception) -> None:
+    """What the scheduler does with a step's failure: decide it once, hand the rule to the link."""
+    link.link.failed(err, decide(err))
+
+
 @pytest.fixture
 def link(monkeypatch: pytest.MonkeyPatch) -> Link:
     return Link(monkeypatch)
@@ -61,7 +66,7 @@ def test_while_tiled_is_down_no_client_is_built_until_it_answers(
     """Down and not answering: TiledDown without building a client (a client costs ~20 ms of CPU)."""
     monkeypatch.setattr(tiled_link, "connect", lambda config: pytest.fail("connected while down"))
     link.answers = False
-    link.link.failed(transport(httpx.ConnectError))
+    failed(link, transport(httpx.ConnectError))
     assert link.status.tiled == "down" and link.link.client is None and link.reports == 1
     with pytest.raises(TiledDown):
         link.link.connected()
@@ -75,7 +80,7 @@ def test_while_tiled_is_down_no_client_is_built_until_it_answers(
 def test_a_refused_api_key_is_unauthorized_not_down(link: Link) -> None:
     """401/403: the client is dropped and the state says to check the key."""
     link.link.client = object()
-    link.link.failed(http_error(401))
+    failed(link, http_error(401))
     assert link.status.tiled == "unauthorized" and link.link.client is None
     assert "401" in (link.status.last_error or "")
 
@@ -84,7 +89,7 @@ def test_a_failure_while_tiled_answers_keeps_it_up(link: Link) -> None:
     """A 500 with Tiled's root answering: counted and shown, the client kept, the state unchanged."""
     client = link.link.client = object()
     link.status.tiled = "up"
-    link.link.failed(http_error(500))
+    failed(link, http_error(500))
     assert link.status.tiled == "up" and link.link.client is client and link.status.retries == 1
     assert "500" in (link.status.last_error or "")
 
@@ -115,9 +120,9 @@ def test_give_up_after_raises_once_failing_long_enough(monkeypatch: pytest.Monke
     """replay's give_up_after: failing longer than it ends the upload with one clear error."""
     link = Link(monkeypatch, give_up_after=0.0)
     link.answers = False
-    link.link.failed(transport(httpx.ConnectError))  # the first failure starts the clock
+    failed(link, transport(httpx.ConnectError))  # the first failure starts the clock
     with pytest.raises(TiledUnavailableError, match="giving up"):
-        link.link.failed(transport(httpx.ConnectError))
+        failed(link, transport(httpx.ConnectError))
 
 
 # ----------------------------------------------------------------- backoff and order

@@ -19,7 +19,7 @@ from tiled_writer_sidecar import run_index, run_upload
 from tiled_writer_sidecar import uploader as uploader_module
 from tiled_writer_sidecar.config import Config, SpoolConfig
 from tiled_writer_sidecar.errors import UnsafeName
-from tiled_writer_sidecar.outcomes import MAX_RUN_FAILURES
+from tiled_writer_sidecar.outcomes import MAX_RUN_FAILURES, Decided, decide
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import (
     UPLOADER,
@@ -50,12 +50,12 @@ def planted_run(uploader: Uploader, uid: str = "run-1") -> RunView:
 
 
 def fail(uploader: Uploader, view: RunView, err: Exception, fed: int = 7) -> bool:
-    """Report one failure of `view`'s upload; True if it paused everyone (re-raised), False if the run
-    backs off alone or was quarantined."""
+    """Report one failure of `view`'s upload; True if it paused everyone (handed up, decided), False if the
+    run backs off alone or was quarantined."""
     try:
         uploader._run_failed(view, err, fed=fed)
-    except Exception as raised:  # noqa: BLE001 - the test inspects what came back
-        assert raised is err
+    except Decided as raised:
+        assert raised.err is err and raised.rule is decide(err)
         return True
     return False
 

@@ -26,14 +26,14 @@ from typing import Any
 
 from .spool.directory import SpoolDir
 from .spool.index import Backlog, Received, RunView, Uploaded, UploaderStatus
+from .states import HealthStatus, TiledState
 from .stats import ReceiverStats
 
 LOOP_STALL_SECONDS = 10.0
 RECENT_RUNS = 20  # runs listed in the snapshot, newest last
 CHECKS_PER_SNAPSHOT = 64  # uploaded.json files a snapshot reads: the oldest waiting runs, then in turn
-NO_UPLOADER_YET = UploaderStatus(
-    tiled="unknown"
-)  # before the first uploader.json: zero counts (never changed)
+#: Before the first uploader.json: zero counts (never changed).
+NO_UPLOADER_YET = UploaderStatus(tiled=TiledState.UNKNOWN)
 
 
 class RunLedger:
@@ -165,7 +165,7 @@ class SpoolHealth:
 
 @dataclass(frozen=True)
 class TiledHealth:
-    state: str
+    state: TiledState
     since: float | None
     last_error: str | None
 
@@ -183,7 +183,7 @@ class UploadHealth:
 
 @dataclass(frozen=True)
 class Health:
-    status: str  # "ok", "degraded" (warnings) or "unhealthy" (reasons)
+    status: HealthStatus  # ok, degraded (warnings) or unhealthy (reasons)
     reasons: list[str]
     warnings: list[str]
     receiver: ReceiverHealth
@@ -194,7 +194,7 @@ class Health:
 
     @property
     def healthy(self) -> bool:
-        return self.status != "unhealthy"
+        return self.status != HealthStatus.UNHEALTHY
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,10 +230,10 @@ def health_snapshot(stats: ReceiverStats, spool: SpoolDir, loop_beat: float) -> 
     if stats.subscription_problem:
         reasons.append(stats.subscription_problem)
     warnings = [stats.proxy_absent] if stats.proxy_absent else []
-    if known.tiled in ("unauthorized", "not_tiled"):
+    if known.tiled.misconfigured:
         warnings.append(f"tiled {known.tiled}: {known.last_error or 'check [tiled]'}")
     return Health(
-        status="unhealthy" if reasons else "degraded" if warnings else "ok",
+        status=HealthStatus.UNHEALTHY if reasons else HealthStatus.DEGRADED if warnings else HealthStatus.OK,
         reasons=reasons,
         warnings=warnings,
         receiver=ReceiverHealth(

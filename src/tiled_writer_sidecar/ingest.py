@@ -41,6 +41,7 @@ from .spool.directory import SpoolDir
 from .spool.index import Received
 from .spool.segment import list_segments
 from .spooler import RunSpooler
+from .states import Rejection
 from .stats import ReceiverStats
 from .text import one_line
 from .tracker import RunTracker, TrackedRun
@@ -197,11 +198,11 @@ class Ingest:
         try:
             return self.tracker.route(name, doc)
         except ValidationError as err:
-            if err.reason == "after-stop":
+            if err.reason == Rejection.AFTER_STOP:
                 uid = self.tracker.closed_run_of(name, doc)
                 if uid is not None and uid in self.evicted and self._reopen(uid):
                     return self.tracker.route(name, doc)
-            elif err.reason == "duplicate-seq-num":
+            elif err.reason == Rejection.DUPLICATE_SEQ_NUM:
                 owner = self.tracker.run_of_descriptor.get(doc.get("descriptor"))  # type: ignore[arg-type]
                 if owner is not None:
                     owner.received.duplicates += 1

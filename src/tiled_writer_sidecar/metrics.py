@@ -41,7 +41,8 @@ from .address import host_port
 from .errors import ConfigError
 from .health import NO_UPLOADER_YET, health_snapshot
 from .spool.directory import SpoolDir
-from .spool.index import TILED_STATES, UploaderStatus
+from .spool.index import UploaderStatus
+from .states import TILED_STATES, Rejection, TiledState, counted
 from .stats import ReceiverStats
 from .text import one_line
 
@@ -160,35 +161,11 @@ def _histogram_status(value: Any) -> tuple[list[int], float] | None:
     return buckets, float(total)
 
 
-#: Rejection reasons that can occur besides the decoder's own (`wire.REASONS`): the validator's
-#: and the tracker's. Each is exported at 0 until it happens, so `increase(...) > 0` sees the first.
-#: A reason not listed here is exported too, from its first occurrence.
-OTHER_REJECTIONS = (
-    "schema",
-    "unsafe-uid",
-    "repeated-start",
-    "bad-seq-num",
-    "duplicate-seq-num",
-    "duplicate-descriptor",
-    "after-stop",
-    "orphans-full",
-    "too-many-descriptors",
-    "too-many-resources",
-    "datum-before-resource",
-    "event-before-descriptor",
-    "event_page-before-descriptor",
-    "descriptor-for-unknown-run",
-    "stop-for-unknown-run",
-    "resource-for-unknown-run",
-)
-_NOT_COUNTED = ("prefix-mismatch",)  # another publisher's messages: the receiver ignores them
-
-
 def known_rejections() -> tuple[str, ...]:
-    """The rejection reasons `/metrics` exports from the start (at 0)."""
-    from .wire import REASONS
-
-    return tuple(r for r in REASONS if r not in _NOT_COUNTED) + OTHER_REJECTIONS
+    """The rejection reasons `/metrics` exports from the start, at 0 (so `increase(...) > 0` sees the
+    first): every `Rejection` the receiver counts (another publisher's messages it ignores). A reason
+    outside the enum (``internal-error:<Type>``) is exported too, from its first occurrence."""
+    return tuple(r for r in Rejection if counted(r))
 
 
 def _labelled(
@@ -302,9 +279,9 @@ class SidecarCollector(Collector):
         loaded = UploaderStatus.load(self.spool.root)
         uploader = loaded or NO_UPLOADER_YET
         yield GaugeMetricFamily(
-            f"{p}_tiled_up", "1 if the uploader reaches Tiled", value=int(uploader.tiled == "up")
+            f"{p}_tiled_up", "1 if the uploader reaches Tiled", value=int(uploader.tiled == TiledState.UP)
         )
-        state = uploader.tiled if uploader.tiled in TILED_STATES else "connecting"
+        state = uploader.tiled if uploader.tiled in TILED_STATES else TiledState.CONNECTING
         states = GaugeMetricFamily(
             f"{p}_tiled_state",
             "1 for Tiled's state as the uploader sees it, 0 for the others",

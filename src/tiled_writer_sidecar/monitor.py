@@ -53,7 +53,8 @@ from rich.text import Text
 from .config import Config, ZmqConfig
 from .errors import ConfigError, RejectedMessage
 from .logs import TextFormatter
-from .monitor_state import MonitorState
+from .monitor_state import MonitorState, sidecar_state
+from .states import HealthStatus, counted
 from .subscription import Subscription
 from .text import clean, text
 
@@ -169,7 +170,7 @@ class Subscriber:
                 max_bytes=self.config.max_message_bytes,
             )
         except RejectedMessage as rejected:
-            if rejected.reason != "prefix-mismatch":
+            if counted(rejected.reason):
                 self.state.reject(rejected.reason)
             return
         except Exception as err:  # noqa: BLE001 - a decoder surprise costs one message, not the view
@@ -276,10 +277,8 @@ class HealthPoller:
             return
         self.state.set_health(body)
         status = body.get("status")
-        detail = body.get("warnings") if status == "degraded" else body.get("reasons")
-        self._transition(
-            {"ok": "up", "degraded": "degraded"}.get(str(status), "unhealthy"), str(detail or "")
-        )
+        detail = body.get("warnings") if status == HealthStatus.DEGRADED else body.get("reasons")
+        self._transition(sidecar_state(status), str(detail or ""))
 
     def _down(self, error: str) -> None:
         self.state.set_health(None, error)

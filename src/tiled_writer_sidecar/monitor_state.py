@@ -36,6 +36,7 @@ from itertools import islice
 from typing import Any, TypeGuard
 
 from .errors import ValidationError
+from .states import HealthStatus, RejectionCategory, rejection_category
 from .text import clean
 from .tracker import RunTracker, TrackedRun
 
@@ -122,9 +123,12 @@ def stream_name(value: Any) -> str:
     return clean(value or "primary", MAX_NAME)
 
 
-def _is_orphan(reason: str) -> bool:
-    """A tracker rejection meaning "the run's start (or descriptor, resource) was never seen"."""
-    return reason.endswith(("-for-unknown-run", "-before-descriptor", "-before-resource"))
+def sidecar_state(status: object) -> str:
+    """The sidecar as the monitor shows it, from /healthz's ``status``: up, degraded, else unhealthy."""
+    return _SIDECAR_STATES.get(str(status), "unhealthy")
+
+
+_SIDECAR_STATES: dict[str, str] = {HealthStatus.OK: "up", HealthStatus.DEGRADED: "degraded"}
 
 
 def _by_name(counts: Mapping[str, int], names: Sequence[str] = ()) -> dict[str, int]:
@@ -377,7 +381,7 @@ class MonitorState:
         try:
             tracked = self.tracker.route(name, doc if isinstance(doc, dict) else dict(doc))
         except ValidationError as rejected:
-            if not _is_orphan(rejected.reason):
+            if rejection_category(rejected.reason) != RejectionCategory.ORPHAN:
                 raise
             self.orphans += name in RUN_DOCUMENTS
             return
@@ -488,8 +492,7 @@ class MonitorState:
                 state = "down"
                 self.sidecar_error = clean(error or "no answer", 300)
             else:
-                status = health.get("status")
-                state = {"ok": "up", "degraded": "degraded"}.get(str(status), "unhealthy")
+                state = sidecar_state(health.get("status"))
                 self.sidecar_error = None
                 upload = health.get("upload")
                 if isinstance(upload, Mapping):

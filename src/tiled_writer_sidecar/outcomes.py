@@ -2,8 +2,11 @@
 
 - `OUTCOMES` is the table: each `Rule` says which failures it covers, their
   `Outcome`, and after how many identical failures in a row (`repeats`) the
-  run is quarantined. `decide` returns the first rule that matches; the
-  scheduler branches on it once per failure.
+  run is quarantined. `decide` returns the first rule that matches, once per
+  failure; the callers branch on its outcome: the scheduler
+  (`uploader._run_failed`, `Uploader.run`), the link (`TiledLink.failed`) and
+  the in-place retry (`tiled_link.InPlaceRetry`). A failure the scheduler
+  hands up to its loop goes up as `Decided`, with its rule.
 - A failure is the run's own problem unless Tiled is down (its root does
   not answer, or a lookup in its catalog fails: its database is down) or
   refuses the API key: then everyone pauses and nothing is counted.
@@ -12,6 +15,8 @@
   or `MAX_RUN_FAILURES` failures of any kind, quarantine it with a one-line
   reason. A run's own bad content (unsafe name, a document of another run,
   a uid Tiled holds from another writer) is quarantined at once.
+- `retryable` is the request-level rule the writer retries in place by (the
+  rows RETRY and TILED_DOWN, for httpx's errors).
 - `one_line` is how every failure is shown: one escaped, bounded line.
 - The uploader's own control-flow exceptions live here too.
 """
@@ -27,7 +32,6 @@ import httpx
 
 from .errors import BadRunDocument, TiledUnavailableError, UnsafeName
 from .text import one_line as one_line  # the one rule, re-exported for the upload side
-from .tiled_run import AppendAmbiguous, retryable
 
 MAX_RUN_FAILURES = 8  # failures of one run, of any kind, while Tiled answers: then it is quarantined
 
@@ -52,10 +56,15 @@ class Stopping(Exception):
     """The uploader was asked to stop while a request was being retried."""
 
 
+class AppendAmbiguous(Exception):
+    """An append failed and Tiled's table does not tell whether it landed: rewrite the run."""
+
+
 class Outcome(StrEnum):
     """What the uploader does after a failure (see `OUTCOMES`)."""
 
     STOP = "stop"  # stop uploading; every run stays as it is in the spool
+    UNAUTHORIZED = "unauthorized"  # Tiled refuses the API key: everyone pauses, nothing is counted
     TILED_DOWN = "tiled down"  # Tiled does not answer: everyone pauses; else the run backs off alone
     RETRY = "retry"  # Tiled failed the request: retried in place a few times, then the run backs off
     REWRITE = "rewrite"  # the run's state in Tiled is unknown or wrong: the run is rewritten whole
@@ -77,7 +86,7 @@ def _is(*types: type[BaseException]) -> Callable[[BaseException], bool]:
     return lambda err: isinstance(err, types)
 
 
-def is_auth_error(err: BaseException) -> bool:
+def _refused_key(err: BaseException) -> bool:
     """Tiled refused the API key (HTTP 401/403): an outage of ours, not the run's fault."""
     return isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403)
 
@@ -93,6 +102,20 @@ def _http_status(err: BaseException) -> bool:
     return isinstance(err, httpx.HTTPStatusError)
 
 
+def _busy(err: BaseException) -> bool:
+    """Tiled answered that it is failing or busy: HTTP 5xx, 408, 429."""
+    if not isinstance(err, httpx.HTTPStatusError):
+        return False
+    code = err.response.status_code
+    return code >= 500 or code in (408, 429)
+
+
+def retryable(err: BaseException) -> bool:
+    """A request's failure that may go away by itself (Tiled unreachable, overloaded or busy): the
+    failures of the rows RETRY and TILED_DOWN that httpx raises, which the writer retries in place."""
+    return _busy(err) or isinstance(err, httpx.TransportError)
+
+
 #: OS errors that say nothing about the run (the host is short of something).
 _LOCAL_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE})
 
@@ -104,19 +127,14 @@ OUTCOMES: tuple[Rule, ...] = (
         _is(Stopping, TiledUnavailableError),
         None,
     ),
-    Rule("Tiled refused the API key (HTTP 401/403)", Outcome.TILED_DOWN, is_auth_error, None),
+    Rule("Tiled refused the API key (HTTP 401/403)", Outcome.UNAUTHORIZED, _refused_key, None),
     Rule(
         "connection refused/reset, timeout, DNS; TiledDown",
         Outcome.TILED_DOWN,
         _is(TiledDown, httpx.TransportError, ConnectionError, TimeoutError),
         5,
     ),
-    Rule(
-        "HTTP 5xx, 408, 429 (Tiled busy or failing)",
-        Outcome.RETRY,
-        lambda e: retryable(e) and _http_status(e),
-        5,
-    ),
+    Rule("HTTP 5xx, 408, 429 (Tiled busy or failing)", Outcome.RETRY, _busy, 5),
     Rule("the read-back differs from what was fed", Outcome.REWRITE, _is(VerificationFailed), 2),
     Rule("an append that may have landed (AppendAmbiguous)", Outcome.REWRITE, _is(AppendAmbiguous), 3),
     Rule("local resource: disk full, read-only, out of memory", Outcome.REWRITE, _local_resource, None),
@@ -136,9 +154,14 @@ def decide(err: BaseException) -> Rule:
     return next(rule for rule in OUTCOMES if rule.matches(err))
 
 
-def classify(err: BaseException) -> Outcome:
-    """The outcome of one failure (`decide`'s row)."""
-    return decide(err).outcome
+class Decided(Exception):
+    """A failure and its rule, decided already: how the scheduler hands a run's failure up to its loop
+    (everyone pauses, or the uploader stops) without deciding it again."""
+
+    def __init__(self, err: Exception, rule: Rule) -> None:
+        super().__init__(one_line(err))
+        self.err = err
+        self.rule = rule
 
 
 def failure_key(err: BaseException, fed: int) -> str:
@@ -147,6 +170,3 @@ def failure_key(err: BaseException, fed: int) -> str:
         request = err.request
         return f"{fed} {request.method} {request.url.path} -> {err.response.status_code}"
     return f"{fed} {one_line(err)}"
-
-
-rejection_key = failure_key  # the name callers used before failures of every kind were counted

@@ -23,6 +23,7 @@ from .errors import RejectedMessage
 from .ingest import Ingest, internal_error
 from .spool.directory import SpoolDir
 from .spooler import RunSpooler
+from .states import counted
 from .stats import ReceiverStats
 from .subscription import Subscription
 from .text import one_line
@@ -93,7 +94,7 @@ class Receiver:
             )
             self.ingest.accept(name, doc)
         except RejectedMessage as rejected:
-            if rejected.reason != "prefix-mismatch":
+            if counted(rejected.reason):
                 self._reject(rejected, frames)
         except Exception as err:  # noqa: BLE001  # confined to this message, by design
             self._reject(internal_error(err), frames)

@@ -45,7 +45,7 @@ import httpx
 from .config import Config
 from .errors import BadRunDocument
 from .metrics import LagHistogram
-from .outcomes import ForeignRun, VerificationFailed, one_line
+from .outcomes import ForeignRun, VerificationFailed, one_line, retryable
 from .spool.codec import unpack_document
 from .spool.directory import SpoolDir
 from .spool.index import RECEIVED, Received, RunView, UploaderStatus, UploadState
@@ -53,7 +53,7 @@ from .spool.segment import LogReader
 from .text import clean
 from .tiled_client import check_key, check_uid, delete_run, read_seq_nums, run_exists
 from .tiled_link import InPlaceRetry, TiledLink
-from .tiled_run import TiledRun, retryable
+from .tiled_run import TiledRun
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from rich.text import Text
 from .orphans import orphan_report
 from .spool.directory import SpoolDir
 from .spool.index import STATES, Backlog, RunState, UploaderStatus
+from .states import TiledState
 from .text import clean, text
 
 
@@ -66,7 +67,7 @@ def check_report(report: dict[str, Any], *, warn_age: float, crit_age: float) ->
     """(exit code, one line) for ``status --check``: the rule is the module docstring's."""
     totals = report["totals"]
     uploader = report.get("uploader") or {}
-    tiled = uploader.get("tiled") or "unknown"
+    tiled = TiledState.of(uploader.get("tiled"))
     age = totals["oldest_unuploaded_age_seconds"] or 0.0
     quarantined = totals["by_state"].get("quarantined", 0)
     backlog = sum(1 for r in report["runs"] if RunState(r["state"]).waiting)
@@ -75,9 +76,9 @@ def check_report(report: dict[str, Any], *, warn_age: float, crit_age: float) ->
         findings.append((CRITICAL, "receiver not running"))
     elif not report["uploader_running"]:
         findings.append((WARNING, "uploader not running"))
-    if tiled in ("unauthorized", "not_tiled"):
+    if tiled.misconfigured:
         findings.append((CRITICAL, f"tiled {tiled}"))
-    elif tiled == "down":
+    elif tiled == TiledState.DOWN:
         findings.append((WARNING, "tiled down"))
     if age >= crit_age or age >= warn_age:
         findings.append((CRITICAL if age >= crit_age else WARNING, f"oldest run waiting {age:.0f} s"))

@@ -4,7 +4,7 @@
   `reachable` (two GETs on a kept HTTP client: the root, and a lookup in
   its catalog) says the server answers and its database does too.
 - Every state change is one log line and lands in the shared `UploaderStatus`;
-  retries are counted there. The states (`spool.index.TILED_STATES`): ``connecting``,
+  retries are counted there. The states (`states.TiledState`): ``connecting``,
   ``up``, ``down`` (no answer, or 5xx), ``unauthorized`` (the API key is
   refused or missing) and ``not_tiled`` (the URI answers, but not as Tiled).
   When a connection fails, `misconfigured` asks the server which of the last
@@ -14,10 +14,13 @@
   answered with a 5xx while the server answers); both reset on `recovered`.
 - `give_up_after` (replay): failing longer than that raises
   `TiledUnavailableError`; `stop` interrupts every wait.
+- `failed` acts on a failure the scheduler decided (`outcomes.decide`): its
+  outcome says whether to probe Tiled and which state to record.
 - `InPlaceRetry` is `tiled_run`'s `RetryPolicy` for one run, made of
-  `wait_before_retry` and `recovered`: at most `IN_PLACE_ATTEMPTS` waits while
-  Tiled answers (then the failure is the run's, which backs off on its own);
-  while Tiled does not answer it waits as everyone does.
+  `wait_before_retry` and `recovered`: only the outcomes RETRY and TILED_DOWN
+  are retried in place, at most `IN_PLACE_ATTEMPTS` waits while Tiled answers
+  (then the failure is the run's, which backs off on its own); while Tiled
+  does not answer it waits as everyone does.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from . import USER_AGENT
 from .backoff import Backoff
 from .config import Config
 from .errors import TiledUnavailableError
-from .outcomes import Outcome, Stopping, TiledDown, classify, is_auth_error, one_line
+from .outcomes import Outcome, Rule, Stopping, TiledDown, decide, one_line
 from .spool.index import UploaderStatus
+from .states import TiledState
 from .tiled_client import connect
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ IN_PLACE_ATTEMPTS = 5  # waits of one failing request while Tiled answers others
 class Misconfigured(TiledDown):
     """Connecting failed because of a setting: Tiled refuses the API key, or the URI is not Tiled."""
 
-    def __init__(self, state: str, reason: str) -> None:
+    def __init__(self, state: TiledState, reason: str) -> None:
         super().__init__(reason)
         self.state = state
 
@@ -86,7 +90,7 @@ class TiledLink:
     def connected(self) -> Any:
         """The Tiled client, built now if there is none (TiledDown if Tiled was down and still is)."""
         if self.client is None:
-            if self.status.tiled == "down" and not self.reachable():
+            if self.status.tiled == TiledState.DOWN and not self.reachable():
                 raise TiledDown(self._probe_error or "Tiled is not reachable")
             try:
                 self.client = connect(self.config)
@@ -95,7 +99,7 @@ class TiledLink:
                 if misconfigured is not None:
                     raise misconfigured from err
                 raise
-            self.set_state("up")
+            self.set_state(TiledState.UP)
         return self.client
 
     def reachable(self) -> bool:
@@ -149,7 +153,7 @@ class TiledLink:
             if not _is_tiled(about):
                 kind = about.headers.get("content-type", "no content type").split(";")[0]
                 return Misconfigured(
-                    "not_tiled",
+                    TiledState.NOT_TILED,
                     f"{uri} answers but is not a Tiled server (GET /api/v1/: HTTP {about.status_code}, {kind})",
                 )
             key = self.config.api_key()
@@ -158,25 +162,32 @@ class TiledLink:
             return None
         if metadata.status_code in (401, 403):
             why = "refused the API key" if key else "requires an API key and none is set"
-            return Misconfigured("unauthorized", f"Tiled at {uri} {why} (HTTP {metadata.status_code})")
+            return Misconfigured(
+                TiledState.UNAUTHORIZED, f"Tiled at {uri} {why} (HTTP {metadata.status_code})"
+            )
         return None
 
-    def failed(self, err: Exception) -> None:
-        """A step failed (any run it broke is abandoned already): note it, back off, then go on."""
+    def failed(self, err: Exception, rule: Rule) -> None:
+        """A step failed, decided as `rule` (any run it broke is abandoned already): note it, back off.
+
+        UNAUTHORIZED: the client is dropped, the state says so. TILED_DOWN, RETRY: Tiled is probed
+        (unless `err` is the probe's own `TiledDown`); not answering, the client is dropped and the
+        state is ``down`` (or what `Misconfigured` found). Any other outcome: the error is shown.
+        """
         self.status.retries += 1
-        outcome = classify(err)
-        if outcome in (Outcome.REWRITE, Outcome.REJECTED, Outcome.QUARANTINE):
-            self.status.last_error = one_line(err)
-        elif is_auth_error(err):
-            self.client = None
-            self.set_state("unauthorized", one_line(err))
-        elif not isinstance(err, TiledDown) and self.reachable():
-            log.warning("upload failed, Tiled is reachable: %s", one_line(err))
-            self.status.last_error = one_line(err)
-        else:
-            self.client = None
-            state = err.state if isinstance(err, Misconfigured) else "down"
-            self.set_state(state, str(err) if isinstance(err, TiledDown) else one_line(err))
+        match rule.outcome:
+            case Outcome.UNAUTHORIZED:
+                self.client = None
+                self.set_state(TiledState.UNAUTHORIZED, one_line(err))
+            case Outcome.TILED_DOWN | Outcome.RETRY if not isinstance(err, TiledDown) and self.reachable():
+                log.warning("upload failed, Tiled is reachable: %s", one_line(err))
+                self.status.last_error = one_line(err)
+            case Outcome.TILED_DOWN | Outcome.RETRY:
+                self.client = None
+                state = err.state if isinstance(err, Misconfigured) else TiledState.DOWN
+                self.set_state(state, str(err) if isinstance(err, TiledDown) else one_line(err))
+            case _:  # REWRITE, REJECTED, QUARANTINE (STOP is the caller's)
+                self.status.last_error = one_line(err)
         self.report()
         self._give_up_if_too_long(err)
         self.stop_event.wait(self.backoff.next_delay())
@@ -192,7 +203,7 @@ class TiledLink:
             self.status.last_error = one_line(err)
             backoff = self.busy_backoff
         else:
-            self.set_state("down", one_line(err))
+            self.set_state(TiledState.DOWN, one_line(err))
         self.report()
         self._give_up_if_too_long(err)
         if self.stop_event.wait(backoff.next_delay()):
@@ -205,9 +216,9 @@ class TiledLink:
             self.backoff.reset()
             self.busy_backoff.reset()
             if self.client is not None:
-                self.set_state("up")
+                self.set_state(TiledState.UP)
 
-    def set_state(self, state: str, error: str | None = None) -> None:
+    def set_state(self, state: TiledState, error: str | None = None) -> None:
         """Record Tiled's state (and the error that says why); one log line when it changes."""
         if error:
             self.status.last_error = error
@@ -216,19 +227,19 @@ class TiledLink:
         previous, since = self.status.tiled, self.status.since
         self.status.tiled, self.status.since = state, time.time()
         uri = self.config.tiled.uri
-        if state == "up":
-            if previous in ("down", "unauthorized", "not_tiled"):
+        if state is TiledState.UP:
+            if previous in (TiledState.DOWN, TiledState.UNAUTHORIZED, TiledState.NOT_TILED):
                 log.warning("tiled up again uri=%s after %.1f s", uri, time.time() - since)
             else:
                 log.info("tiled connected uri=%s", uri)
-        elif state == "unauthorized":
+        elif state is TiledState.UNAUTHORIZED:
             log.error(
                 "tiled unauthorized uri=%s: %s; check the API key (TILED_API_KEY or api_key_file); "
                 "data stays spooled",
                 uri,
                 error or "HTTP 401/403",
             )
-        elif state == "not_tiled":
+        elif state is TiledState.NOT_TILED:
             log.error(
                 "tiled uri=%s is not a Tiled server: %s; fix [tiled] uri; data stays spooled", uri, error
             )
@@ -263,14 +274,17 @@ def _is_tiled(response: httpx.Response) -> bool:
 
 
 class InPlaceRetry:
-    """`tiled_run.RetryPolicy` for one run's failed append: the link's backoff and status, then the same
-    append; beyond `IN_PLACE_ATTEMPTS` failures while Tiled answers, `err` is raised (the run backs off)."""
+    """`tiled_run.RetryPolicy` for one run's failed request: the link's backoff and status, then the same
+    request. Only RETRY and TILED_DOWN failures are retried in place; beyond `IN_PLACE_ATTEMPTS` failures
+    while Tiled answers, `err` is raised (the scheduler decides it: the run backs off)."""
 
     def __init__(self, link: TiledLink) -> None:
         self.link = link
         self.failures = 0
 
     def wait(self, err: Exception) -> None:
+        if decide(err).outcome not in (Outcome.RETRY, Outcome.TILED_DOWN):
+            raise err  # not for an in-place retry (the writer retries only `outcomes.retryable` failures)
         self.failures += 1
         if self.failures > IN_PLACE_ATTEMPTS and self.link.reachable():
             raise err

@@ -60,14 +60,11 @@ from tiled.structures.table import TableStructure
 
 from .column_types import TypeChangeNotWidening, conform, promote_schema, stored_schema
 from .errors import IncompatibleDependency
+from .outcomes import AppendAmbiguous, retryable
 from .tiled_client import INTERNAL_TABLE, read_table, read_table_column
 from .validation import validate_document
 
 log = logging.getLogger(__name__)
-
-
-class AppendAmbiguous(Exception):
-    """An append failed and Tiled's table does not tell whether it landed: rewrite the run."""
 
 
 class RetryPolicy(Protocol):
@@ -119,14 +116,6 @@ def check_tiledwriter_api() -> None:
 
 
 _MISSING = object()
-
-
-def retryable(err: BaseException) -> bool:
-    """A failure that may go away by itself: Tiled unreachable, overloaded or busy."""
-    if isinstance(err, httpx.HTTPStatusError):
-        code = err.response.status_code
-        return code >= 500 or code in (408, 429)
-    return isinstance(err, httpx.TransportError)
 
 
 def finished_unapplied(err: BaseException) -> bool:

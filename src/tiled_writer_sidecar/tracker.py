@@ -48,6 +48,7 @@ from .coerce import MAX_NAME, as_counts, as_float, as_int, as_text
 from .errors import ValidationError
 from .spool.directory import is_safe_uid
 from .spool.index import Received
+from .states import Rejection
 
 MAX_SEQ_NUM = 2**53
 MAX_DESCRIPTORS_PER_RUN = 10_000
@@ -383,7 +384,7 @@ class RunTracker(DocumentRouter):
                     _trim(self.closed_owner, CLOSED_UID_MEMORY)
                 raise ValidationError("after-stop", f"run {uid[:80]}")
             if run is None:
-                raise ValidationError(f"{name}-for-unknown-run", f"run {str(uid)[:80]}" if uid else "")
+                raise ValidationError(Rejection.for_unknown_run(name), f"run {str(uid)[:80]}" if uid else "")
         self._run = run
         return run
 
@@ -395,7 +396,7 @@ class RunTracker(DocumentRouter):
                 raise ValidationError("after-stop", f"run {self.closed_owner[descriptor]}")
             run = self._orphan("descriptor", descriptor)
             if run is None:
-                raise ValidationError(f"{name}-before-descriptor", f"descriptor {str(descriptor)[:80]}")
+                raise ValidationError(Rejection.before_descriptor(name), f"descriptor {str(descriptor)[:80]}")
         self._run = run
         return run
 

@@ -17,12 +17,14 @@ A run's state machine is in ``uploaded.json`` (`spool.index.UploadState`)::
   in one worker at a time, a pass of at most `PASS_S`); this thread only
   schedules, collects results and writes ``uploader.json``. Shared counters
   are updated under `Shared.lock`.
-- A failure of one run is decided once, by `outcomes.decide`: quarantine;
-  a Tiled-wide outage (Tiled's root or its catalog does not answer, or the API key is
-  refused), where everyone pauses on `TiledLink.failed`; or the run's own
+- Every failure is decided once, by `outcomes.decide`, and branched on by its
+  outcome. One run's (`_run_failed`): STOP stops the uploader; QUARANTINE
+  quarantines the run; UNAUTHORIZED, or any other while Tiled does not answer
+  (its root or its catalog), is Tiled-wide: handed up as `outcomes.Decided`,
+  and everyone pauses on `TiledLink.failed`; else it is the run's own
   problem: it alone backs off (`RunRetry`: per-run backoff with a not-before
   time) and is quarantined once the rule's repeats or `MAX_RUN_FAILURES` are
-  reached.
+  reached. A step's own failure is decided in `run`.
 - ``uploader.json`` (`UploaderStatus`) is written at most once a second (at
   once on a state change), with the drain rate over `RATE_WINDOW_S` and the
   backlog's ETA; on shutdown runs in flight stay ``uploading``.
@@ -43,9 +45,8 @@ from typing import Any
 
 from .backoff import Backoff
 from .config import Config, TiledConfig
-from .errors import TiledUnavailableError
 from .metrics import LagHistogram
-from .outcomes import MAX_RUN_FAILURES, Outcome, Stopping, decide, failure_key, is_auth_error, one_line
+from .outcomes import MAX_RUN_FAILURES, Decided, Outcome, Stopping, decide, failure_key, one_line
 from .run_index import RunIndex, age_of
 from .run_upload import RunUpload, Shared, quarantine
 from .spool.directory import SpoolDir
@@ -182,12 +183,13 @@ class Uploader:
             while not self.stop_event.is_set():
                 try:
                     progressed = self.step()
-                except Stopping:
-                    break
-                except TiledUnavailableError:
-                    raise
-                except Exception as err:  # noqa: BLE001 - a Tiled-wide outage: everyone pauses
-                    self.link.failed(err)
+                except Exception as raised:  # noqa: BLE001 - decided once (here or in _run_failed), acted on
+                    failure = raised if isinstance(raised, Decided) else Decided(raised, decide(raised))
+                    if failure.rule.outcome is Outcome.STOP:
+                        if isinstance(failure.err, Stopping):
+                            break
+                        raise failure.err from None  # gave up waiting for Tiled (replay): one line
+                    self.link.failed(failure.err, failure.rule)  # Tiled-wide: everyone pauses
                     continue
                 if progressed:
                     self.link.recovered()
@@ -321,20 +323,21 @@ class Uploader:
 
     # ------------------------------------------------------------- failures of one run
     def _run_failed(self, view: RunView, err: Exception, *, fed: int) -> None:
-        """Decide one run's failure once: quarantine it, pause everyone (re-raised), or back it off alone."""
+        """Decide one run's failure once: stop, quarantine it, pause everyone (handed up as `Decided`), or
+        back it off alone."""
         rule = decide(err)
         uid = view.directory.name
         slot = self.active.pop(uid, None)
         if rule.outcome is Outcome.STOP:
-            raise err
+            raise Decided(err, rule)
         if rule.outcome is Outcome.QUARANTINE:
             self._quarantine(view, one_line(err))
             return
         if slot is not None and slot.run is not None:
             slot.run.abandon(err)
-        if is_auth_error(err) or not self.link.reachable():
+        if rule.outcome is Outcome.UNAUTHORIZED or not self.link.reachable():
             self.index.again(uid)  # Tiled-wide: retried with everyone once Tiled answers again
-            raise err
+            raise Decided(err, rule)
         counted = rule.repeats is not None
         retry = self.retries.setdefault(
             uid, RunRetry(Backoff(self.config.tiled.backoff_initial_seconds, RUN_BACKOFF_MAX_S))

@@ -44,6 +44,7 @@ import numpy.typing as npt
 
 from .config import SERIALIZERS
 from .errors import DecodeError
+from .states import Rejection, RejectionCategory
 from .text import ascii_text
 
 __all__ = ["DOCUMENT_NAMES", "REASONS", "SERIALIZERS", "budget_for", "decode_message", "loads_json_checked"]
@@ -66,20 +67,9 @@ DOCUMENT_NAMES: Final = frozenset(
 )
 _NAMES_BY_BYTES: Final = {name.encode(): name for name in DOCUMENT_NAMES}
 
-#: Every ``DecodeError.reason`` this module raises.
-REASONS: Final = (
-    "frame-count",  # not exactly one frame
-    "oversized",  # the frame is longer than max_bytes
-    "envelope",  # not `prefix name payload`
-    "prefix-mismatch",  # another publisher's prefix (callers ignore these)
-    "unknown-document",  # name is not an event-model document name
-    "truncated",  # the payload ends too early (also: empty payload)
-    "garbage",  # not a well-formed payload of the chosen format
-    "pickle-forbidden-global",  # pickle asked for a global outside the allow-list
-    "msgpack-object-array",  # msgpack_numpy object array (it would need unpickling)
-    "too-complex",  # too deep, too much sharing, memo index out of range
-    "not-a-document",  # top level is not a dict with str keys
-    "unsupported-type",  # a value or key a document cannot hold
+#: Every ``DecodeError.reason`` this module raises (`states.Rejection`, in its order).
+REASONS: Final = tuple(
+    r for r in Rejection if r.category in (RejectionCategory.DECODE, RejectionCategory.FOREIGN)
 )
 
 _MAX_DEPTH: Final = 100

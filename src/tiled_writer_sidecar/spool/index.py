@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..coerce import MAX_NAME, as_bool, as_counts, as_float, as_floats, as_int, as_text, as_texts, plain
+from ..states import TiledState
 
 RECEIVED = "received.json"
 UPLOADED = "uploaded.json"
@@ -240,7 +241,7 @@ def _plain_dict(value: Any) -> dict[str, Any]:
 
 
 _UPLOADER_STATUS_FIELDS: dict[str, Callable[[Any], Any]] = {
-    "tiled": lambda v: as_text(v) or "unknown",
+    "tiled": TiledState.of,
     "since": _time,
     "last_error": as_text,
     "documents": _number,
@@ -379,10 +380,6 @@ class Uploaded(_IndexFile):
         super().save(run_dir)
 
 
-#: Tiled's states as the uploader records them (`tiled_link.TiledLink.set_state`); one metric series each.
-TILED_STATES = ("connecting", "up", "down", "unauthorized", "not_tiled")
-
-
 @dataclass
 class UploaderStatus(_IndexFile):
     """What the uploader tells the receiver's /metrics and /healthz and `status` (``uploader.json``)."""
@@ -390,7 +387,7 @@ class UploaderStatus(_IndexFile):
     FILE: ClassVar[str] = UPLOADER
     FIELDS: ClassVar[dict[str, Callable[[Any], Any]]] = _UPLOADER_STATUS_FIELDS
 
-    tiled: str = "connecting"  # one of TILED_STATES
+    tiled: TiledState = TiledState.CONNECTING  # as `tiled_link.TiledLink.set_state` records it
     since: float = field(default_factory=time.time)
     last_error: str | None = None
     documents: int = 0
