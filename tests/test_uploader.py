@@ -8,18 +8,28 @@ of tests/support/fake_tiled.py, and "is Tiled answering other requests"
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.support.fake_tiled import FakeClient, FakeRunWriter, FakeTiled, Spool, http_error, scan, transport
-from tiled_writer_sidecar import run_index, run_upload
+from tiled_writer_sidecar import run_index, run_upload, tiled_link
 from tiled_writer_sidecar import uploader as uploader_module
+from tiled_writer_sidecar.backoff import Backoff
 from tiled_writer_sidecar.config import Config, SpoolConfig
-from tiled_writer_sidecar.errors import UnsafeName
-from tiled_writer_sidecar.outcomes import MAX_RUN_FAILURES, Decided, decide
+from tiled_writer_sidecar.errors import TiledUnavailableError, UnsafeName
+from tiled_writer_sidecar.outcomes import (
+    MAX_RUN_FAILURES,
+    AppendAmbiguous,
+    Decided,
+    Outcome,
+    Stopping,
+    decide,
+)
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.index import (
     UPLOADER,
@@ -29,6 +39,8 @@ from tiled_writer_sidecar.spool.index import (
     UploaderStatus,
     UploadState,
 )
+from tiled_writer_sidecar.states import TiledState
+from tiled_writer_sidecar.tiled_link import IN_PLACE_ATTEMPTS
 from tiled_writer_sidecar.uploader import MAX_ACTIVE_RUNS, DrainRate, Uploader
 
 # ----------------------------------------------------------------- the quarantine rule
@@ -489,3 +501,147 @@ def test_a_closed_run_of_a_batch_or_more_is_uploaded_alone(
     assert in_flight[0] == sorted(small)
     assert [large] in in_flight and all(large not in now or now == [large] for now in in_flight)
     assert in_flight.index([large]) < next(i for i, now in enumerate(in_flight) if after in now)
+
+
+# ----------------------------------------------------------------- every outcome is acted on
+
+
+def failing_feed(monkeypatch: pytest.MonkeyPatch, uid: str, err: Exception, times: int = 1_000) -> None:
+    """The fake writer raises `err` on `uid`'s first event, the first `times` times."""
+    real_feed, left = FakeRunWriter.feed, [times]
+
+    def feed(self: FakeRunWriter, name: str, doc: dict[str, object]) -> None:
+        if name == "event" and self.uid == uid and left[0] > 0:
+            left[0] -= 1
+            raise err
+        real_feed(self, name, doc)
+
+    monkeypatch.setattr(FakeRunWriter, "feed", feed)
+
+
+class Scenario:
+    """Two closed runs, the oldest failing as a test says, uploaded by the real loop (`Uploader.run`)."""
+
+    def __init__(self, spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
+        self.failing = spool.closed_run(first_received=1.0)
+        self.other = spool.closed_run(first_received=2.0)
+        self.spool, self.tiled, self.caplog = spool, tiled, caplog
+        self.uploader = scheduler(spool, monkeypatch)
+        self.uploader.max_active = 2
+        self.uploader.link.busy_backoff = Backoff(0.001, 0.002)
+        monkeypatch.setattr(tiled_link, "connect", lambda config: FakeClient())  # reconnecting after a pause
+        caplog.set_level(logging.INFO, logger="tiled_writer_sidecar")
+
+    def uploaded(self, uid: str) -> Uploaded:
+        return Uploaded.load(self.spool.dir.run_dir(uid))
+
+    def logged(self, text: str) -> bool:
+        return any(text in record.getMessage() for record in self.caplog.records)
+
+    def backed_off_alone(self, outcome: Outcome) -> bool:
+        return self.logged(f"run {self.failing}: {outcome} (")
+
+
+def _stop(s: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STOP: asked to stop mid-request, the loop ends and the run stays as it is; giving up (replay) raises."""
+    failing_feed(monkeypatch, s.failing, Stopping())
+    s.uploader.run(until_idle=True)
+    assert s.uploaded(s.failing).state == UploadState.UPLOADING and s.uploader.status.retries == 0
+    later = s.spool.closed_run(first_received=3.0)
+    failing_feed(monkeypatch, later, TiledUnavailableError("giving up after 60 s"))
+    with pytest.raises(TiledUnavailableError, match="giving up"):
+        s.uploader.run(until_idle=True)
+    assert s.uploaded(later).state == UploadState.UPLOADING and s.uploader.status.runs_quarantined == 0
+
+
+def _unauthorized(s: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UNAUTHORIZED: everyone pauses (state unauthorized, client dropped) without probing, nothing counted."""
+    failing_feed(monkeypatch, s.failing, http_error(401), times=1)
+    monkeypatch.setattr(s.uploader.link, "reachable", lambda: pytest.fail("probed on a refused key"))
+    s.uploader.run(until_idle=True)
+    assert s.logged("tiled unauthorized") and s.logged("tiled up again")
+    assert not s.backed_off_alone(Outcome.UNAUTHORIZED)
+    assert s.uploaded(s.failing).state == UploadState.UPLOADED and s.uploaded(s.failing).attempts == 2
+
+
+def _tiled_down(s: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TILED_DOWN: Tiled does not answer, so everyone pauses (state down) and nothing is counted; it answers
+    again, everyone goes on."""
+    failing_feed(monkeypatch, s.failing, transport(httpx.ConnectError), times=1)
+    answers = iter([False, False])  # the scheduler's probe, the link's; then Tiled answers
+    monkeypatch.setattr(s.uploader.link, "reachable", lambda: next(answers, True))
+    s.uploader.run(until_idle=True)
+    assert s.logged("tiled down uri=") and s.logged("tiled up again")
+    assert not s.backed_off_alone(Outcome.TILED_DOWN)
+    assert s.uploaded(s.failing).state == UploadState.UPLOADED and s.uploaded(s.failing).attempts == 2
+
+
+def _retry(s: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RETRY: a 500 on a read-back while Tiled answers is retried in place IN_PLACE_ATTEMPTS times, then the
+    run backs off alone (Tiled stays up, the outage backoff untouched) and is rewritten."""
+    calls, read = [0], run_upload.read_seq_nums
+
+    def read_seq_nums(client: Any, uid: str, stream: str) -> list[int] | None:
+        if uid == s.failing and calls[0] <= IN_PLACE_ATTEMPTS:
+            calls[0] += 1
+            raise http_error(500, "GET")
+        return read(client, uid, stream)
+
+    monkeypatch.setattr(run_upload, "read_seq_nums", read_seq_nums)
+    s.uploader.run(until_idle=True)
+    assert s.uploader.status.append_retries == IN_PLACE_ATTEMPTS
+    assert s.backed_off_alone(Outcome.RETRY) and not s.logged("tiled down")
+    assert s.uploader.link.backoff.attempt == 0 and s.uploader.status.tiled == TiledState.UP
+    assert s.uploaded(s.failing).state == UploadState.UPLOADED and s.uploaded(s.failing).attempts == 2
+
+
+def _rewrite(s: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
+    """REWRITE: an append that may have landed: the run backs off alone, then its partial upload is deleted
+    and it is rewritten whole."""
+    failing_feed(monkeypatch, s.failing, AppendAmbiguous("the table holds 1 row, 0 before"), times=1)
+    s.uploader.run(until_idle=True)
+    assert s.backed_off_alone(Outcome.REWRITE) and s.failing in s.tiled.deleted
+    assert s.uploaded(s.failing).state == UploadState.UPLOADED and s.uploaded(s.failing).attempts == 2
+
+
+def _rejected(s: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
+    """REJECTED: Tiled refuses the run's documents: rewritten once, then quarantined (2 in a row)."""
+    failing_feed(monkeypatch, s.failing, http_error(422))
+    s.uploader.run(until_idle=True)
+    assert s.backed_off_alone(Outcome.REJECTED)
+    uploaded = s.uploaded(s.failing)
+    assert uploaded.state == UploadState.QUARANTINED and uploaded.attempts == 2
+    assert "failed 2 times the same way" in (uploaded.reason or "")
+
+
+def _quarantine(s: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QUARANTINE: the run's own bad content: quarantined on the first attempt, no back-off."""
+    failing_feed(monkeypatch, s.failing, UnsafeName("data key '../x'"))
+    s.uploader.run(until_idle=True)
+    assert not s.backed_off_alone(Outcome.QUARANTINE)
+    uploaded = s.uploaded(s.failing)
+    assert uploaded.state == UploadState.QUARANTINED and uploaded.attempts == 1
+
+
+SCENARIOS = {
+    Outcome.STOP: _stop,
+    Outcome.UNAUTHORIZED: _unauthorized,
+    Outcome.TILED_DOWN: _tiled_down,
+    Outcome.RETRY: _retry,
+    Outcome.REWRITE: _rewrite,
+    Outcome.REJECTED: _rejected,
+    Outcome.QUARANTINE: _quarantine,
+}
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_every_outcome_is_acted_on_as_the_table_says(
+    outcome: Outcome, spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """One run's failure of each outcome, through the real loop: what the scheduler and the link do with
+    it (each scenario's docstring); the other run is uploaded, unless the uploader stops."""
+    scenario = Scenario(spool, tiled, monkeypatch, caplog)
+    SCENARIOS[outcome](scenario, monkeypatch)
+    if outcome is not Outcome.STOP:
+        assert scenario.uploaded(scenario.other).state == UploadState.UPLOADED
+        assert tiled.runs[scenario.other] == {"primary": [1, 2, 3]}
