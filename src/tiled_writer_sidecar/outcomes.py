@@ -6,7 +6,9 @@
   failure; the callers branch on its outcome: the scheduler
   (`uploader._run_failed`, `Uploader.run`), the link (`TiledLink.failed`) and
   the in-place retry (`tiled_link.InPlaceRetry`). A failure the scheduler
-  hands up to its loop goes up as `Decided`, with its rule.
+  hands up to its loop goes up as `Decided`, with its rule. The scheduler
+  and the link match every outcome (`assert_never`): a new one fails mypy
+  until both say what it does.
 - A failure is the run's own problem unless Tiled is down (its root does
   not answer, or a lookup in its catalog fails: its database is down) or
   refuses the API key: then everyone pauses and nothing is counted.

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, assert_never
 from urllib.parse import urlsplit
 
 import httpx
@@ -186,8 +186,10 @@ class TiledLink:
                 self.client = None
                 state = err.state if isinstance(err, Misconfigured) else TiledState.DOWN
                 self.set_state(state, str(err) if isinstance(err, TiledDown) else one_line(err))
-            case _:  # REWRITE, REJECTED, QUARANTINE (STOP is the caller's)
+            case Outcome.REWRITE | Outcome.REJECTED | Outcome.QUARANTINE | Outcome.STOP:  # (STOP: never here)
                 self.status.last_error = one_line(err)
+            case unknown:
+                assert_never(unknown)
         self.report()
         self._give_up_if_too_long(err)
         self.stop_event.wait(self.backoff.next_delay())

@@ -41,7 +41,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from .backoff import Backoff
 from .config import Config, TiledConfig
@@ -328,16 +328,22 @@ class Uploader:
         rule = decide(err)
         uid = view.directory.name
         slot = self.active.pop(uid, None)
-        if rule.outcome is Outcome.STOP:
-            raise Decided(err, rule)
-        if rule.outcome is Outcome.QUARANTINE:
-            self._quarantine(view, one_line(err))
-            return
-        if slot is not None and slot.run is not None:
-            slot.run.abandon(err)
-        if rule.outcome is Outcome.UNAUTHORIZED or not self.link.reachable():
-            self.index.again(uid)  # Tiled-wide: retried with everyone once Tiled answers again
-            raise Decided(err, rule)
+        match rule.outcome:
+            case Outcome.STOP:
+                raise Decided(err, rule)  # the loop ends; the run stays as it is in the spool
+            case Outcome.QUARANTINE:
+                self._quarantine(view, one_line(err))
+                return
+            case (
+                Outcome.UNAUTHORIZED | Outcome.TILED_DOWN | Outcome.RETRY | Outcome.REWRITE | Outcome.REJECTED
+            ):
+                if slot is not None and slot.run is not None:
+                    slot.run.abandon(err)
+                if rule.outcome is Outcome.UNAUTHORIZED or not self.link.reachable():
+                    self.index.again(uid)  # Tiled-wide: retried with everyone once Tiled answers again
+                    raise Decided(err, rule)
+            case unknown:
+                assert_never(unknown)
         counted = rule.repeats is not None
         retry = self.retries.setdefault(
             uid, RunRetry(Backoff(self.config.tiled.backoff_initial_seconds, RUN_BACKOFF_MAX_S))
