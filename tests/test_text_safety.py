@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 from rich.text import Text
 
-from tiled_writer_sidecar.text import ELLIPSIS, LIMIT, clean, escape_char, is_safe, text
+from tiled_writer_sidecar.text import ELLIPSIS, LIMIT, clean, escape_char, is_safe, rich_text
 
 #: Characters a hostile document uses: terminal controls, bidi overrides, line separators,
 #: markup, surrogates; mixed with ordinary text.
@@ -79,8 +79,8 @@ def test_length_is_bounded_with_an_ellipsis_and_escapes_are_never_cut() -> None:
 
 
 def test_text_is_a_plain_rich_text_never_markup() -> None:
-    """`text()` gives a Text whose plain string is the cleaned value, markup left as it is."""
-    shown = text("[/bold]\x1b[2J", style="red")
+    """`rich_text()` gives a Text whose plain string is the cleaned value, markup left as it is."""
+    shown = rich_text("[/bold]\x1b[2J", style="red")
     assert isinstance(shown, Text)
     assert shown.plain == "[/bold]\\x1b[2J"
     assert shown.spans == []

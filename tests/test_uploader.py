@@ -411,7 +411,9 @@ def test_drain_rate_and_backlog_eta_over_the_window(monkeypatch: pytest.MonkeyPa
 def _plant_pending_runs(spool: SpoolDir, count: int) -> list[str]:
     """`count` closed runs, each a received.json only (no log), written fast (no fsync): a flood."""
     uids = [f"flood-{n:06d}" for n in range(count)]
-    template = json.dumps(Received(uid="UID", closed=True, stop_received=True, first_received=1.0).plain())
+    template = json.dumps(
+        Received(uid="UID", closed=True, stop_received=True, first_received=1.0).fields_as_json()
+    )
     for uid in uids:
         directory = spool.runs_dir / uid
         directory.mkdir()

@@ -339,7 +339,7 @@ class SidecarCollector(Collector):
             )
         if loaded is not None:
             with self._update_lock:
-                self.lag.update(loaded.plain())
+                self.lag.update(loaded.fields_as_json())
         buckets, lag_sum = self.lag.buckets_for_prometheus()
         yield HistogramMetricFamily(
             f"{p}_event_to_tiled_seconds",
