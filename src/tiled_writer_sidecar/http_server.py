@@ -43,6 +43,8 @@ DEADLINE_S = 15.0
 ACCEPT_PAUSE_S = 0.5
 #: Refusals and descriptor exhaustion are logged at the first and every this many.
 LOG_EVERY = 1000
+#: The serving thread looks for a `stop` this often.
+POLL_S = 0.1
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):
@@ -80,7 +82,9 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     def start(self) -> None:
         """Serve in a daemon thread named `name`."""
-        self._thread = threading.Thread(target=self.serve_forever, name=self.name, daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, args=(POLL_S,), name=self.name, daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
