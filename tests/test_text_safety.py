@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 from rich.text import Text
 
+from tests.support.strength import examples
 from tiled_writer_sidecar.text import ELLIPSIS, LIMIT, clean, escape_char, is_safe, rich_text
 
 #: Characters a hostile document uses: terminal controls, bidi overrides, line separators,
@@ -86,7 +87,7 @@ def test_text_is_a_plain_rich_text_never_markup() -> None:
     assert shown.spans == []
 
 
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(st.one_of(st.text(), HOSTILE_TEXT), st.integers(min_value=1, max_value=300))
 def test_clean_is_safe_bounded_and_idempotent(value: str, limit: int) -> None:
     """For any text and limit: no unsafe character, at most `limit` characters, clean(clean(x))
@@ -191,7 +192,7 @@ def hostile_health(draw: st.DrawFn) -> dict[str, object]:
     }
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(hostile_documents(), hostile_health(), st.sampled_from([200, 90]))
 def test_monitor_rendering_of_arbitrary_text_is_safe(
     docs: list[tuple[str, dict[str, object]]], health: dict[str, object], width: int
@@ -217,7 +218,7 @@ def test_monitor_rendering_of_arbitrary_text_is_safe(
         assert clean(docs[1][1]["name"], 64) in shown
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     st.lists(
         st.fixed_dictionaries(
