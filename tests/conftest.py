@@ -46,7 +46,7 @@ _LOGGED_FIXTURES = (
 #: The fixtures above and the modules' own fixtures that start a process (directly or through another).
 PROCESS_FIXTURES = frozenset(
     {"tiled_server", "shared_tiled_server", "tiled_container", "proxy", "acquisition", "sidecar"}
-    | {"postgres", "deployment", "sidecar_proxy", "make_proxy", "chain", "pipeline"}
+    | {"postgres", "deployment", "sidecar_proxy", "make_proxy", "chain", "pipeline", "dist"}  # dist: uv build
 )
 
 

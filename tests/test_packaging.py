@@ -23,8 +23,6 @@ import pytest
 import tiled_writer_sidecar
 from tiled_writer_sidecar.resources import CONFIGS, UNITS
 
-pytestmark = pytest.mark.process  # `uv build` and `twine check` run as processes
-
 REPO = Path(__file__).resolve().parents[1]
 #: The sidecar's own dependencies, none of which a RunEngine's environment needs for deep_publisher.
 SIDECAR_ONLY = (
