@@ -27,8 +27,9 @@ typecheck:
 pytest:
 	$(BIN)/pytest -n 3 --dist load --hypothesis-profile=ci
 
+# Two workers: each imports the whole suite first, and the unit layer waits on little but the CPU.
 unit: $(BIN)/tiled-writer-sidecar
-	$(BIN)/pytest -m unit -n 3 --dist load
+	$(BIN)/pytest -m unit -n 2 --dist load
 
 bench: $(BIN)/tiled-writer-sidecar
 	$(BIN)/python -m benchmarks.run
