@@ -1,5 +1,6 @@
-# The two set-up commands of the README: `make demo` and `make test`; `make unit`: the tests that start
-# no process (tests/conftest.py marks them `unit`), for a quick check while editing.
+# The two set-up commands of the README: `make demo` and `make test` (everything, the property tests at full
+# strength); `make unit`: the tests that start no process and are not `slow` (tests/conftest.py marks them
+# `unit`), property tests with a tenth of their examples, for a quick check while editing.
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -24,10 +25,11 @@ typecheck:
 	$(BIN)/mypy
 
 pytest:
-	$(BIN)/pytest -n 3 --dist load
+	$(BIN)/pytest -n 3 --dist load --hypothesis-profile=ci
 
+# Two workers: each imports the whole suite first, and the unit layer waits on little but the CPU.
 unit: $(BIN)/tiled-writer-sidecar
-	$(BIN)/pytest -m unit -n 3 --dist load
+	$(BIN)/pytest -m unit -n 2 --dist load
 
 bench: $(BIN)/tiled-writer-sidecar
 	$(BIN)/python -m benchmarks.run

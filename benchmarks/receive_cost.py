@@ -56,7 +56,7 @@ def plant(root: Path, runs: int) -> None:
         shutil.copyfile(segment, run_dir / segment.name)
         received = Received(uid=uid, first_received=now - runs + n, last_received=now - runs + n)
         received.documents, received.closed, received.close_reason = 1, True, "no stop"
-        (run_dir / "received.json").write_text(json.dumps(received.plain()))
+        (run_dir / "received.json").write_text(json.dumps(received.fields_as_json()))
     shutil.rmtree(template)
 
 

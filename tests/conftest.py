@@ -5,29 +5,31 @@ its process group in teardown (also after a failure or Ctrl+C). When a test fail
 each service's log is attached to the report as its own section.
 
 The unit layer (`pytest -m unit`, `make unit`): every test that uses none of `PROCESS_FIXTURES` and is
-not marked `process` is marked `unit`, and while a unit test runs, starting a process fails it (the
-rule is checked, not hoped): a test that starts one itself is marked `process` by its module or itself.
+marked neither `process` nor `slow` is marked `unit`, and while a test that uses none and is not
+marked `process` runs (unit or slow), starting a process fails it (the rule is checked, not hoped): a
+test that starts one itself is marked `process` by its module or itself. A `slow` test is a scale
+measurement (`make test` runs it, `make unit` does not). Hypothesis runs the ``unit`` profile
+unless ``--hypothesis-profile=ci`` (`make test`) says otherwise: tests/support/strength.py.
 """
 
 from __future__ import annotations
 
 import _posixsubprocess
+import contextlib
 import os
 import subprocess
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
+import tests.support.strength  # noqa: F401 - registers the `ci` and `unit` profiles
 from tests.support.daemon import make_sidecar
 from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 
-# Hypothesis tests check behaviour, not speed: on this shared 2-core machine under `-n 3` an example can take
-# longer than hypothesis's default 200 ms deadline, which would fail a correct test.
-settings.register_profile("shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("shared-machine")
+settings.load_profile("unit")  # `--hypothesis-profile=ci` (`make test`) replaces it
 
 #: Fixture names whose values have a `log_tail()` worth showing on failure (a test module may define
 #: `postgres` or `deployment`: tests.support.postgres).
@@ -44,31 +46,52 @@ _LOGGED_FIXTURES = (
 #: The fixtures above and the modules' own fixtures that start a process (directly or through another).
 PROCESS_FIXTURES = frozenset(
     {"tiled_server", "shared_tiled_server", "tiled_container", "proxy", "acquisition", "sidecar"}
-    | {"postgres", "deployment", "sidecar_proxy", "make_proxy", "chain", "pipeline"}
+    | {"postgres", "deployment", "sidecar_proxy", "make_proxy", "chain", "pipeline", "dist"}  # dist: uv build
 )
 
 
+def _starts_no_process(item: pytest.Item) -> bool:
+    """True if `item` uses no process-starting fixture and is not marked `process`."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    return item.get_closest_marker("process") is None and not fixtures & PROCESS_FIXTURES
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark `unit` every test that uses no process-starting fixture and is not marked `process`."""
+    """Mark `unit` every test that starts no process and is not marked `slow`."""
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if item.get_closest_marker("process") is None and not fixtures & PROCESS_FIXTURES:
+        if _starts_no_process(item) and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
 
 
-@pytest.fixture(autouse=True)
-def _unit_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test marked `unit` fails if it forks, spawns or execs a process (subprocess, multiprocessing)."""
-    if request.node.get_closest_marker("unit") is None:
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a test of the unit layer started a process: mark it `process` (tests/conftest.py)")
+
+
+@contextlib.contextmanager
+def _no_process(item: pytest.Item) -> Iterator[None]:
+    """While a test that should start none (unit or slow) runs, forking, spawning or exec'ing fails it."""
+    if not _starts_no_process(item):
+        yield
         return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_posixsubprocess, "fork_exec", _refuse)  # multiprocessing's spawn
+        patch.setattr(subprocess, "_fork_exec", _refuse)
+        for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp"):  # not os.system: tests pickle it
+            patch.setattr(os, name, _refuse)
+        yield
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a test marked `unit` started a process: mark it `process` (tests/conftest.py)")
 
-    monkeypatch.setattr(_posixsubprocess, "fork_exec", refuse)  # multiprocessing's spawn
-    monkeypatch.setattr(subprocess, "_fork_exec", refuse)
-    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp"):  # not os.system: tests pickle it
-        monkeypatch.setattr(os, name, refuse)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    """Its fixtures too, a module- or session-scoped one included (set up by the first test using it)."""
+    with _no_process(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    with _no_process(item):
+        return (yield)
 
 
 @pytest.hookimpl(wrapper=True)

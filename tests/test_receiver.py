@@ -150,18 +150,18 @@ def test_upkeep_never_raises_and_says_so_once(
 
 
 def test_max_open_runs_caps_open_files_not_runs_a_paused_run_ends_complete(tmp_path: Path) -> None:
-    """max_open_runs = 3: a run pauses mid-scan while 300 other starts arrive; at most 3 logs are open at
+    """max_open_runs = 3: a run pauses mid-scan while 30 other starts arrive; at most 3 logs are open at
     any time, no run is closed, and the paused run's remaining events and stop reopen its log: complete."""
     rx = receiver(tmp_path, max_open_runs=3)
     paused = composed(6)
     for name, doc in paused[:4]:  # start, descriptor, 2 events
         rx.handle(frame(name, doc))
-    others = [composed(0)[0] for _ in range(300)]
+    others = [composed(0)[0] for _ in range(30)]
     for name, doc in others:
         rx.handle(frame(name, doc))
         assert len(rx.spooler.open_files) <= 3
     rx.tick()
-    assert len(rx.tracker.runs) == 301 and rx.stats.runs_started == 301
+    assert len(rx.tracker.runs) == 31 and rx.stats.runs_started == 31
     for name, doc in paused[4:]:
         rx.handle(frame(name, doc))
     assert rx.spooler.reopened >= 1 and len(rx.spooler.open_files) <= 3

@@ -22,7 +22,7 @@ def _plant(spool: SpoolDir, uid: str, *, closed: bool, first_received: float, mt
     directory = spool.runs_dir / uid
     directory.mkdir(parents=True)
     received = Received(uid=uid, closed=closed, stop_received=closed, first_received=first_received)
-    (directory / "received.json").write_text(json.dumps(received.plain()))
+    (directory / "received.json").write_text(json.dumps(received.fields_as_json()))
     os.utime(directory, ns=(mtime, mtime))
 
 
@@ -103,7 +103,7 @@ def test_a_run_listed_before_its_received_json_is_written_is_indexed_once_it_is(
     index.refresh()
     assert index.next_closed() is None and not index.open
     received = Received(uid="new-run", closed=True, stop_received=True, first_received=1.0)
-    (spool.runs_dir / "new-run" / "received.json").write_text(json.dumps(received.plain()))
+    (spool.runs_dir / "new-run" / "received.json").write_text(json.dumps(received.fields_as_json()))
     index.refresh()
     view = index.next_closed()
     assert view is not None and view.directory.name == "new-run"

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from ophyd.sim import SynSignal, hw
 
+from tests.support.strength import examples
 from tiled_writer_sidecar.errors import DecodeError
 from tiled_writer_sidecar.spool.codec import FORMAT_VERSION, pack_document, unpack_document
 
@@ -264,14 +265,14 @@ documents = st.dictionaries(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(documents, st.sampled_from(["start", "event", "descriptor"]))
 def test_generated_documents_round_trip_exactly(doc: dict[str, Any], name: str) -> None:
     """Any mix of Python values, numpy arrays (any dtype/shape) and scalars comes back identical."""
     assert identical(stored(doc), round_trip(doc, name))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_unpack_to_a_document_or_a_decode_error(payload: bytes) -> None:
     """Whatever the bytes, unpack_document raises DecodeError (spool-corrupt/spool-version) or returns."""
@@ -283,7 +284,7 @@ def test_arbitrary_bytes_unpack_to_a_document_or_a_decode_error(payload: bytes) 
         assert type(name) is str and type(doc) is dict
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(documents, st.data())
 def test_damaged_payloads_raise_only_decode_error(doc: dict[str, Any], data: st.DataObject) -> None:
     """Real payloads cut short or with flipped bits: a document or a DecodeError, nothing else."""

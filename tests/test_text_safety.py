@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from rich.console import Console
 from rich.text import Text
 
-from tiled_writer_sidecar.text import ELLIPSIS, LIMIT, clean, escape_char, is_safe, text
+from tests.support.strength import examples
+from tiled_writer_sidecar.text import ELLIPSIS, LIMIT, clean, escape_char, is_safe, rich_text
 
 #: Characters a hostile document uses: terminal controls, bidi overrides, line separators,
 #: markup, surrogates; mixed with ordinary text.
@@ -79,14 +80,14 @@ def test_length_is_bounded_with_an_ellipsis_and_escapes_are_never_cut() -> None:
 
 
 def test_text_is_a_plain_rich_text_never_markup() -> None:
-    """`text()` gives a Text whose plain string is the cleaned value, markup left as it is."""
-    shown = text("[/bold]\x1b[2J", style="red")
+    """`rich_text()` gives a Text whose plain string is the cleaned value, markup left as it is."""
+    shown = rich_text("[/bold]\x1b[2J", style="red")
     assert isinstance(shown, Text)
     assert shown.plain == "[/bold]\\x1b[2J"
     assert shown.spans == []
 
 
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(st.one_of(st.text(), HOSTILE_TEXT), st.integers(min_value=1, max_value=300))
 def test_clean_is_safe_bounded_and_idempotent(value: str, limit: int) -> None:
     """For any text and limit: no unsafe character, at most `limit` characters, clean(clean(x))
@@ -191,7 +192,7 @@ def hostile_health(draw: st.DrawFn) -> dict[str, object]:
     }
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(hostile_documents(), hostile_health(), st.sampled_from([200, 90]))
 def test_monitor_rendering_of_arbitrary_text_is_safe(
     docs: list[tuple[str, dict[str, object]]], health: dict[str, object], width: int
@@ -217,7 +218,7 @@ def test_monitor_rendering_of_arbitrary_text_is_safe(
         assert clean(docs[1][1]["name"], 64) in shown
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     st.lists(
         st.fixed_dictionaries(

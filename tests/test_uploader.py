@@ -423,7 +423,9 @@ def test_drain_rate_and_backlog_eta_over_the_window(monkeypatch: pytest.MonkeyPa
 def _plant_pending_runs(spool: SpoolDir, count: int) -> list[str]:
     """`count` closed runs, each a received.json only (no log), written fast (no fsync): a flood."""
     uids = [f"flood-{n:06d}" for n in range(count)]
-    template = json.dumps(Received(uid="UID", closed=True, stop_received=True, first_received=1.0).plain())
+    template = json.dumps(
+        Received(uid="UID", closed=True, stop_received=True, first_received=1.0).fields_as_json()
+    )
     for uid in uids:
         directory = spool.runs_dir / uid
         directory.mkdir()
@@ -431,15 +433,27 @@ def _plant_pending_runs(spool: SpoolDir, count: int) -> list[str]:
     return uids
 
 
-def test_cost_per_run_not_per_spool_with_50000_runs(
-    spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("runs", "drain_s"),
+    [
+        pytest.param(2 * run_index.INDEX_CHUNK + 500, 0.5, id="three-chunks"),
+        pytest.param(50_000, 3.0, id="50000", marks=pytest.mark.slow),  # the scale measurement
+    ],
+)
+def test_cost_per_run_not_per_spool(
+    spool: Spool,
+    tiled: FakeTiled,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    runs: int,
+    drain_s: float,
 ) -> None:
-    """50,000 closed runs in the spool, then a real run: the first pass reads a bounded chunk of the
-    spool (the index is built in chunks while runs upload), yet the real run (open, live lane) is in Tiled
-    at once and uploaded when it closes; each received.json is read about once for the whole spool, then
-    a bounded number of times per uploaded run (no pass over the spool per run); prints the time to the
-    first upload and runs/s."""
-    flood = _plant_pending_runs(spool.dir, 50_000)
+    """`runs` closed runs in the spool (more than two index chunks; 50,000 for the `slow` measurement),
+    then a real run: the first pass reads a bounded chunk of the spool (the index is built in chunks while
+    runs upload), yet the real run (open, live lane) is in Tiled at once and uploaded when it closes; each
+    received.json is read about once for the whole spool, then a bounded number of times per uploaded run
+    (no pass over the spool per run); prints the time to the first upload and runs/s over `drain_s`."""
+    flood = _plant_pending_runs(spool.dir, runs)
     uid, docs, stop = scan()
     real = spool.open(docs, first_received=10.0)
     loads = [0]
@@ -461,14 +475,14 @@ def test_cost_per_run_not_per_spool_with_50000_runs(
             first_upload = time.monotonic() - started
     to_real = time.monotonic() - started
     drained_from, drained_at = uploader.status.runs_uploaded, time.monotonic()
-    while time.monotonic() - drained_at < 3.0:
+    while time.monotonic() - drained_at < drain_s:
         uploader.step()
     uploaded = uploader.status.runs_uploaded - drained_from
     rate = uploaded / (time.monotonic() - drained_at)
     assert uploaded > 0 and loads[0] <= len(flood) + 10 * uploader.status.runs_uploaded, loads[0]
     with capsys.disabled():
         print(
-            f"\n50,000 runs in the spool: first pass {first_pass:.1f} s, first run uploaded {first_upload:.1f} s "
+            f"\n{runs:,} runs in the spool: first pass {first_pass:.1f} s, first run uploaded {first_upload:.1f} s "
             f"and the real run {to_real:.1f} s after the start, then {rate:.0f} runs/s"
         )
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ophyd.sim import SynSignal, hw
 
+from tests.support.strength import examples
 from tiled_writer_sidecar import validation
 from tiled_writer_sidecar.errors import ValidationError
 from tiled_writer_sidecar.validation import validate_document
@@ -326,7 +327,7 @@ def mutations(all_documents: list[Document]) -> st.SearchStrategy[Document]:
     return mutated_documents(all_documents)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(data=st.data())
 def test_same_verdict_as_event_model_on_mutated_documents(
     mutations: st.SearchStrategy[Document], data: st.DataObject
@@ -336,7 +337,7 @@ def test_same_verdict_as_event_model_on_mutated_documents(
     assert we_accept(name, doc) == event_model_accepts(name, doc)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.sampled_from([kind.value for kind in DocumentNames]),
     st.dictionaries(st.sampled_from(_KEYS), st.sampled_from(_VALUES), max_size=6),
@@ -354,7 +355,7 @@ def test_events_meet_the_hand_written_check_first() -> None:
     assert isinstance(validation._compile("event"), validation._PlainFirst)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(data=st.data())
 def test_the_hand_written_event_check_only_accepts_what_event_model_accepts(
     all_documents: list[Document], data: st.DataObject

@@ -30,6 +30,7 @@ from hypothesis.extra import numpy as hnp
 from ophyd.sim import SynSignal, hw
 
 from tests.support.framing import CapturingPublisher, json_serializer, jsonable
+from tests.support.strength import examples
 from tiled_writer_sidecar import wire
 from tiled_writer_sidecar.errors import DecodeError
 from tiled_writer_sidecar.spool.codec import pack_document
@@ -510,7 +511,7 @@ documents = st.dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(documents, st.integers(0, 5))
 def test_any_document_pickled_with_any_protocol_round_trips(doc: dict[str, Any], protocol: int) -> None:
     """Generated documents (numpy of every dtype, tuples, bytes, big ints) decode like pickle.loads."""
@@ -520,7 +521,7 @@ def test_any_document_pickled_with_any_protocol_round_trips(doc: dict[str, Any],
     pack_document(name, back)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(documents)
 def test_any_msgpack_numpy_document_decodes_like_msgpack_numpy(doc: dict[str, Any]) -> None:
     """Whatever msgpack_numpy packs (object arrays aside) decodes to what it would unpack itself."""
@@ -566,7 +567,7 @@ def _pickle_programs() -> st.SearchStrategy[bytes]:
     return st.lists(st.one_of(tokens), max_size=30).map(lambda ops: b"\x80\x04" + b"".join(ops) + b".")
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(600), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_pickle_programs())
 def test_random_pickle_programs_only_raise_decode_error(program: bytes) -> None:
     """Opcode-level fuzzing of the restricted unpickler: a document or a DecodeError, nothing else."""
@@ -578,7 +579,7 @@ def test_random_pickle_programs_only_raise_decode_error(program: bytes) -> None:
         pack_document(name, doc)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(
     st.sampled_from(["auto", "pickle", "msgpack", "json"]),
     st.binary(max_size=300),
@@ -594,7 +595,7 @@ def test_arbitrary_payload_bytes_only_raise_decode_error(serializer: str, tail: 
         pack_document(name, doc)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.binary(max_size=60), max_size=4), st.binary(max_size=8))
 def test_arbitrary_frame_lists_only_raise_decode_error(frames: list[bytes], prefix: bytes) -> None:
     """Any list of frames and any configured prefix: a document or a DecodeError."""
@@ -604,7 +605,9 @@ def test_arbitrary_frame_lists_only_raise_decode_error(frames: list[bytes], pref
         assert error.reason in REASONS
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_mutated_real_messages_only_raise_decode_error(acquired: Acquired, data: st.DataObject) -> None:
     """Real messages truncated, bit-flipped, spliced or shortened: a document or a DecodeError."""
@@ -680,7 +683,7 @@ def test_pickles_of_a_known_skeleton_decode_exactly_like_pickle_loads(
     assert wire._SKELETONS.known(messages[-1].split(b" ", 2)[2])
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.integers(300, 399), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4))
 def test_a_known_skeleton_never_changes_a_verdict(seq: int, edits: list[tuple[int, int]]) -> None:
     """Bytes overwritten in a pickle whose skeleton is known: the same verdict as with none known.
@@ -744,7 +747,7 @@ def test_a_lying_frame_length_cannot_smuggle_a_memo_bomb_past_the_scan() -> None
     assert caught.value.reason == "not-a-document"  # it read `C\x05 r...` as bytes, like the scan
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.integers(300, 399), st.integers(0, 300))
 def test_frame_lengths_never_change_what_the_restricted_unpickler_reads(seq: int, frame: int) -> None:
     """Any FRAME length: the restricted unpickler parses like in-memory `pickle.loads` (or both fail)."""

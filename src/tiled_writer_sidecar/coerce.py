@@ -9,7 +9,7 @@ Python value within its bound, or None (``as_bool``: False) when the value is no
 - A float is a finite real number (not a bool).
 - A text is a str (a subclass becomes a plain str), cut to its field's limit: `MAX_NAME` for a name
   a document gives (plan name, stream name, exit status), `MAX_TEXT` for any other text kept.
-- A dict or list keeps at most `MAX_ITEMS` entries; `plain` turns any value into such JSON.
+- A dict or list keeps at most `MAX_ITEMS` entries; `as_json_value` turns any value into such JSON.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def as_floats(value: object) -> list[float]:
     return [number for item in value[:MAX_ITEMS] if (number := as_float(item)) is not None]
 
 
-def plain(value: Any, depth: int = 0) -> Any:
+def as_json_value(value: Any, depth: int = 0) -> Any:
     """Any value as plain, bounded JSON (for files whose fields are not typed); None where none fits."""
     if value is None or isinstance(value, bool):
         return value
@@ -106,11 +106,11 @@ def plain(value: Any, depth: int = 0) -> Any:
     if isinstance(value, dict) and depth < _MAX_DEPTH:
         items = list(value.items())[:MAX_ITEMS]
         return {
-            str(k)[:MAX_TEXT] if isinstance(k, (str, int)) else repr(type(k)): plain(v, depth + 1)
+            str(k)[:MAX_TEXT] if isinstance(k, (str, int)) else repr(type(k)): as_json_value(v, depth + 1)
             for k, v in items
         }
     if isinstance(value, (list, tuple)) and depth < _MAX_DEPTH:
-        return [plain(v, depth + 1) for v in value[:MAX_ITEMS]]
+        return [as_json_value(v, depth + 1) for v in value[:MAX_ITEMS]]
     number = as_int(value)
     if number is not None and not isinstance(value, float):
         return number
@@ -118,4 +118,4 @@ def plain(value: Any, depth: int = 0) -> Any:
 
 
 __all__ = ["INT64", "MAX_ITEMS", "MAX_NAME", "MAX_TEXT", "as_bool", "as_counts", "as_float", "as_floats"]
-__all__ += ["as_int", "as_text", "as_texts", "plain"]
+__all__ += ["as_int", "as_json_value", "as_text", "as_texts"]

@@ -6,8 +6,7 @@ receive path: a custom collector reads the receiver's plain counters
 per-run files when scraped. ``/healthz`` serves `health.health_snapshot`:
 200 while the sidecar can receive and spool, 503 with the reasons when it
 cannot. Clients never cost the receiver its descriptors: at most
-`MAX_CONNECTIONS` at once, each dropped after `CONNECTION_TIMEOUT_S` of
-silence or `CONNECTION_DEADLINE_S` in all (`_BoundedHTTPServer`).
+`MAX_CONNECTIONS` at once, the rest refused (`http_server.BoundedHTTPServer`).
 
 The lag histogram (``event_to_tiled_seconds``) is cumulative, as Prometheus
 needs for ``rate()`` and ``histogram_quantile``: `LagHistogram` adds only what
@@ -21,16 +20,12 @@ the list read before).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
-import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, TypeGuard
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -40,24 +35,16 @@ from prometheus_client.registry import Collector
 from .address import host_port
 from .errors import ConfigError
 from .health import NO_UPLOADER_YET, health_snapshot
+from .http_server import BoundedHTTPServer
 from .spool.directory import SpoolDir
 from .spool.index import UploaderStatus
 from .states import TILED_STATES, Rejection, TiledState, counted
 from .stats import ReceiverStats
-from .text import one_line
 
 PREFIX = "tiled_writer_sidecar"
 
-log = logging.getLogger(__name__)
-
-#: Connections served at once; more wait in the listen queue (no descriptor of ours meanwhile).
+#: Connections served at once; more are refused (`http_server`).
 MAX_CONNECTIONS = 8
-#: A client silent this long (per read or write) is dropped: half-sent requests hold nothing for long.
-CONNECTION_TIMEOUT_S = 5.0
-#: ... and hung up this long after it connected, however it trickles.
-CONNECTION_DEADLINE_S = 15.0
-#: After a failed accept (no descriptor left), the endpoint waits this long before the next one.
-ACCEPT_PAUSE_S = 0.5
 
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -316,7 +303,7 @@ class SidecarCollector(Collector):
             )
         if loaded is not None:
             with self._update_lock:
-                self.lag.update(loaded.plain())
+                self.lag.update(loaded.fields_as_json())
         buckets, lag_sum = self.lag.buckets_for_prometheus()
         yield HistogramMetricFamily(
             f"{p}_event_to_tiled_seconds",
@@ -331,70 +318,8 @@ class SidecarCollector(Collector):
             yield from self._uploader_process.collect()
 
 
-class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most `MAX_CONNECTIONS` at once, each `CONNECTION_TIMEOUT_S` per read.
-
-    When all are busy the next connection waits in the kernel's listen queue
-    (it costs this process no descriptor). A failed accept (no descriptor
-    left) is logged once per episode and retried after `ACCEPT_PAUSE_S`, not
-    in a busy loop; a client that goes away is one log line, no traceback.
-    """
-
-    daemon_threads = True
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._accept_failing = False
-        super().__init__(address, handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        try:
-            request = super().get_request()
-        except OSError as err:
-            if not self._accept_failing:
-                log.warning("metrics endpoint cannot accept a connection (%s); pausing", err.strerror or err)
-            self._accept_failing = True
-            time.sleep(ACCEPT_PAUSE_S)
-            raise
-        if self._accept_failing:
-            log.info("metrics endpoint accepts connections again")
-        self._accept_failing = False
-        return request
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self._slots.acquire()  # no accept while MAX_CONNECTIONS are served (see the class docstring)
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        error = sys.exc_info()[1]
-        gone = isinstance(error, (BrokenPipeError, ConnectionResetError, TimeoutError))  # the client's doing
-        log.log(
-            logging.DEBUG if gone else logging.INFO,
-            "metrics client %s: %s",
-            client_address[0] if client_address else "?",
-            one_line(error) if error is not None else "connection failed",
-        )
-
-
-def _hang_up(connection: socket.socket) -> None:
-    """End a connection past its deadline: its thread's next read or write fails at once."""
-    with contextlib.suppress(OSError):
-        connection.shutdown(socket.SHUT_RDWR)
-
-
 class MetricsServer:
-    """Serves /metrics and /healthz on `address` ("host:port") in a thread (`_BoundedHTTPServer`)."""
+    """Serves /metrics and /healthz on `address` ("host:port") in a thread (`http_server.BoundedHTTPServer`)."""
 
     def __init__(self, address: str, stats: ReceiverStats, spool: SpoolDir) -> None:
         bind = host_port(address)
@@ -406,18 +331,6 @@ class MetricsServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = CONNECTION_TIMEOUT_S
-
-            def setup(self) -> None:
-                super().setup()
-                self._deadline = threading.Timer(CONNECTION_DEADLINE_S, _hang_up, (self.connection,))
-                self._deadline.daemon = True
-                self._deadline.start()
-
-            def finish(self) -> None:
-                self._deadline.cancel()
-                super().finish()
-
             def do_GET(self) -> None:
                 if self.path.startswith("/metrics"):
                     body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
@@ -436,16 +349,14 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        self.httpd = _BoundedHTTPServer(bind, Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self.httpd = BoundedHTTPServer(bind, Handler, name="metrics", max_connections=MAX_CONNECTIONS)
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return self.httpd.port
 
     def start(self) -> None:
-        self.thread.start()
+        self.httpd.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.stop()

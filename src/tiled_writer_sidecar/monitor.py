@@ -56,7 +56,7 @@ from .logs import TextFormatter
 from .monitor_state import MonitorState, sidecar_state
 from .states import HealthStatus, counted
 from .subscription import Subscription
-from .text import clean, text
+from .text import clean, rich_text
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class HealthPoller:
 
 # ---------------------------------------------------------------- rendering
 # Every value below comes from documents, the wire or /healthz: it is shown with
-# `text.text` / `text.clean` as plain rich `Text` (never a markup string), and the
+# `text.rich_text` / `text.clean` as plain rich `Text` (never a markup string), and the
 # formatting helpers accept any value (a hostile /healthz body, inf, 10**400).
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
@@ -405,7 +405,7 @@ def _style(state: Any, default: str = "") -> str:
 
 
 def _badge(state: Any) -> Text:
-    return text(f"● {clean(state, 40)}", style=_style(state, "white"))
+    return rich_text(f"● {clean(state, 40)}", style=_style(state, "white"))
 
 
 def _get(mapping: Any, key: str, default: Any = None) -> Any:
@@ -473,9 +473,13 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60, *, compact: bool =
         streams.add_column(column, justify=justify)  # type: ignore[arg-type]
     for name, s in run["streams"].items():
         rate = s["rate"] if run["state"] == "running" else s["mean_rate"]
-        gaps = text(s["gaps"], style="bold red" if s["gaps"] else "")
+        gaps = rich_text(s["gaps"], style="bold red" if s["gaps"] else "")
         streams.add_row(
-            text(name, limit=64), text(s["events"]), text(_rate(rate)), text(s["last_seq_num"]), gaps
+            rich_text(name, limit=64),
+            rich_text(s["events"]),
+            rich_text(_rate(rate)),
+            rich_text(s["last_seq_num"]),
+            gaps,
         )
     parts.append(streams)
 
@@ -506,13 +510,13 @@ def render_run(snap: Mapping[str, Any], plot_width: int = 60, *, compact: bool =
         )
         parts.append(Text("\n".join(rows), style="cyan"))
     elif plot["key"]:
-        parts.append(text(f"plot {clean(plot['key'], 80)}: no values yet", style="dim"))
+        parts.append(rich_text(f"plot {clean(plot['key'], 80)}: no values yet", style="dim"))
     return Panel(Group(*parts), title="run", title_align="left")
 
 
 def render_sidecar(snap: Mapping[str, Any], *, compact: bool = False) -> RenderableType:
     side = snap["sidecar"]
-    lines: list[Text] = [] if compact else [text(side["url"], style="dim")]
+    lines: list[Text] = [] if compact else [rich_text(side["url"], style="dim")]
     state = side["state"]
     since = side["since"]
     head = Text.assemble(("sidecar ", "bold"), _badge(state))
@@ -521,13 +525,13 @@ def render_sidecar(snap: Mapping[str, Any], *, compact: bool = False) -> Rendera
     lines.append(head)
     health = side["health"]
     if state == "down":
-        lines.append(text(side["error"] or "no answer", style="red", limit=300))
+        lines.append(rich_text(side["error"] or "no answer", style="red", limit=300))
     if health is not None:
         for key, style in (("reasons", "red"), ("warnings", "yellow")):
             found = _get(health, key)
             if found:
                 shown = "; ".join(clean(r) for r in found[:10]) if isinstance(found, list) else clean(found)
-                lines.append(text(shown, style=style, limit=1000))
+                lines.append(rich_text(shown, style=style, limit=1000))
         tiled = _get(health, "tiled") or {}
         tiled_line = Text.assemble(("Tiled ", "dim"), _badge(_get(tiled, "state", "unknown")))
         tiled_since = _number(_get(tiled, "since"))
@@ -614,17 +618,17 @@ def render_runs(snap: Mapping[str, Any], limit: int = 8, *, wide: bool = True) -
             else "-"
         )
         cells: list[RenderableType] = [
-            text(run["scan_id"], limit=24),
-            text(clean(run["uid"], 256)[:8]),
-            text(run["plan_name"], limit=80),
+            rich_text(run["scan_id"], limit=24),
+            rich_text(clean(run["uid"], 256)[:8]),
+            rich_text(run["plan_name"], limit=80),
         ]
         if wide:
             cells += [Text(_clock(run["start_time"])), Text(_duration(run["elapsed_seconds"]))]
         cells += [
-            text(run["state"], style=_style(run["state"]), limit=40),
-            text(events, limit=400),
+            rich_text(run["state"], style=_style(run["state"]), limit=40),
+            rich_text(events, limit=400),
             Text(str(gaps), style="bold red" if gaps else ""),
-            text(sidecar, limit=80),
+            rich_text(sidecar, limit=80),
         ]
         table.add_row(*cells)
     return Panel(table, title="last runs", title_align="left")
@@ -696,7 +700,7 @@ def render_safely(state: MonitorState, width: int, height: int | None = None) ->
     except Exception as err:  # noqa: BLE001 - the view must outlive any surprise
         state.error(f"render: {type(err).__name__}: {err}")
         log.warning("monitor render: %s: %s", type(err).__name__, clean(err))
-        return text(f"cannot render this frame: {type(err).__name__}: {clean(err, 300)}", style="red")
+        return rich_text(f"cannot render this frame: {type(err).__name__}: {clean(err, 300)}", style="red")
 
 
 # ---------------------------------------------------------------- entry

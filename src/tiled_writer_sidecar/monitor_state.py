@@ -65,7 +65,7 @@ SCALAR_DTYPES = frozenset({"number", "integer", "boolean", "string"})
 NUMERIC_DTYPES = frozenset({"number", "integer"})
 
 
-def plain(value: Any) -> Any:
+def as_shown_value(value: Any) -> Any:
     """A numpy scalar (anything with `.item()`) as plain Python; text made safe by `text.clean`.
 
     Numbers stay numbers (non-finite floats and integers beyond 64 bits become
@@ -411,8 +411,8 @@ class MonitorState:
         run = RunState(
             uid=tracked.uid,
             tracked=tracked,
-            scan_id=plain(doc.get("scan_id")),
-            plan_name=plain(doc.get("plan_name")),
+            scan_id=as_shown_value(doc.get("scan_id")),
+            plan_name=as_shown_value(doc.get("plan_name")),
             start_time=epoch(doc.get("time")),
             detectors=[d for d in detectors[:MAX_LATEST_KEYS] if isinstance(d, str)]
             if isinstance(detectors, list)
@@ -466,18 +466,18 @@ class MonitorState:
             latest = rows[-1]
             for key in stream.scalar_keys:
                 if key in latest:
-                    stream.latest[key] = latest[key]  # made plain() in snapshot()
+                    stream.latest[key] = latest[key]  # made as_shown_value() in snapshot()
         if run.plot_key is not None and run.plot_stream == stream.name:
             for row in rows:
-                value = plain(row.get(run.plot_key))
+                value = as_shown_value(row.get(run.plot_key))
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     run.plot_values.append(float(value))
                     run.plot_count += 1
 
     def _stop(self, run: RunState, doc: Mapping[str, Any], num_events: dict[str, int]) -> None:
         run.stopped = True
-        run.exit_status = plain(doc.get("exit_status"))
-        run.reason = plain(doc.get("reason")) or None
+        run.exit_status = as_shown_value(doc.get("exit_status"))
+        run.reason = as_shown_value(doc.get("reason")) or None
         run.stop_time = epoch(doc.get("time"))
         run.num_events = num_events
         self.tracker.close(run.tracked)
@@ -580,7 +580,7 @@ class MonitorState:
                 "duplicates": s.duplicates,
             }
             if latest:
-                entry["latest"] = {clean(k, MAX_STRING): plain(v) for k, v in s.latest.items()}
+                entry["latest"] = {clean(k, MAX_STRING): as_shown_value(v) for k, v in s.latest.items()}
             streams[name] = entry
         return {
             "uid": clean(run.uid, MAX_KEY),
@@ -603,4 +603,4 @@ def _shown(name: str | None) -> str | None:
     return None if name is None else clean(name, MAX_STRING)
 
 
-__all__ = ["MonitorState", "RateMeter", "default_plot_key", "plain"]
+__all__ = ["MonitorState", "RateMeter", "as_shown_value", "default_plot_key"]

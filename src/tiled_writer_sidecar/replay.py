@@ -222,7 +222,7 @@ def _start_progress(console: Console, uploader: Uploader, finished: threading.Ev
     total = sum(max(0, r.received.documents - r.uploaded.documents) for r in selected)
     progress = UploadProgress(total, time.monotonic())
 
-    def plain() -> None:
+    def print_lines() -> None:
         said = (0, 0, 0)
         while not finished.wait(PROGRESS_S):
             status = uploader.status
@@ -257,7 +257,9 @@ def _start_progress(console: Console, uploader: Uploader, finished: threading.Ev
                 if stopping:
                     return
 
-    thread = threading.Thread(target=bar if console.is_terminal else plain, name="progress", daemon=True)
+    thread = threading.Thread(
+        target=bar if console.is_terminal else print_lines, name="progress", daemon=True
+    )
     thread.start()
     return thread
 

@@ -27,7 +27,7 @@ from .orphans import orphan_report
 from .spool.directory import SpoolDir
 from .spool.index import STATES, Backlog, RunState, UploaderStatus
 from .states import TiledState
-from .text import clean, text
+from .text import clean, rich_text
 
 
 def status_report(spool: SpoolDir) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def status_report(spool: SpoolDir) -> dict[str, Any]:
         "start_missing": orphans["runs"],
         "receiver_running": spool.is_locked("receiver"),
         "uploader_running": spool.is_locked("uploader"),
-        "uploader": uploader.plain() if (uploader := UploaderStatus.load(spool.root)) else None,
+        "uploader": uploader.fields_as_json() if (uploader := UploaderStatus.load(spool.root)) else None,
     }
 
 
@@ -106,7 +106,7 @@ def print_status(report: dict[str, Any], as_json: bool, console: Console) -> Non
     if as_json:
         print(json.dumps(report, indent=2, default=str, ensure_ascii=True))
         return
-    table = Table(title=text(f"spool {clean(report['spool'], 1000)}"))
+    table = Table(title=rich_text(f"spool {clean(report['spool'], 1000)}"))
     for column in ("uid", "scan_id", "plan", "state", "documents", "uploaded", "gaps / problems"):
         table.add_column(column)
     for run in report["runs"]:
@@ -115,7 +115,7 @@ def print_status(report: dict[str, Any], as_json: bool, console: Console) -> Non
     console.print(_totals_line(report["totals"]))
     if orphans := report.get("start_missing"):
         console.print(
-            text(
+            rich_text(
                 f"{len(orphans)} run(s) with start missing (kept, not uploaded until it comes): "
                 + ", ".join(f"{clean(o['uid'])} ({o['documents']} documents)" for o in orphans[:20]),
                 limit=2000,
@@ -123,7 +123,7 @@ def print_status(report: dict[str, Any], as_json: bool, console: Console) -> Non
         )
     uploader = report.get("uploader") or {}
     console.print(
-        text(
+        rich_text(
             f"receiver {'running' if report['receiver_running'] else 'not running'}, "
             f"uploader {'running' if report['uploader_running'] else 'not running'}"
             + (f", tiled {clean(uploader.get('tiled'))}" if uploader else "")
@@ -139,7 +139,7 @@ def _drain_line(uploader: dict[str, Any]) -> Text | None:
     if not isinstance(runs_per_s, (int, float)) or not isinstance(rows_per_s, (int, float)):
         return None
     eta = uploader.get("backlog_eta_seconds")
-    return text(
+    return rich_text(
         f"upload rate {runs_per_s:.2f} runs/s, {rows_per_s:.0f} rows/s (last minute); "
         f"backlog {uploader.get('backlog_runs', 0)} run(s)"
         + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else ""),
@@ -157,20 +157,20 @@ def _row(run: dict[str, Any]) -> list[Text]:
     if reason:
         notes.append(clean(reason, 500))
     return [
-        text(run.get("uid")),
-        text(run.get("scan_id")),
-        text(run.get("plan_name") or ""),
-        text(run.get("state")),
-        text(run.get("documents")),
-        text(run.get("uploaded_documents")),
-        text("; ".join(notes), limit=2000),
+        rich_text(run.get("uid")),
+        rich_text(run.get("scan_id")),
+        rich_text(run.get("plan_name") or ""),
+        rich_text(run.get("state")),
+        rich_text(run.get("documents")),
+        rich_text(run.get("uploaded_documents")),
+        rich_text("; ".join(notes), limit=2000),
     ]
 
 
 def _totals_line(totals: dict[str, Any]) -> Text:
     states = ", ".join(f"{n} {s}" for s, n in totals["by_state"].items() if n)
     age = totals["oldest_unuploaded_age_seconds"]
-    return text(
+    return rich_text(
         f"{totals['runs']} run(s) ({states or 'none'}); {totals['documents']} documents, "
         f"{totals['uploaded_documents']} uploaded; {totals['bytes']} bytes in segments; "
         f"{totals['gaps']} events missing" + (f"; oldest not yet uploaded: {age:.0f} s" if age else ""),

@@ -16,7 +16,7 @@ any value into a string that is safe on a terminal, in rich and in a log line:
 - any object becomes a string with `str` first (bytes are decoded as UTF-8
   with backslash escapes); if that fails, ``<typename>``.
 
-Rich shows the result only as a plain `Text` (`text`), never as a markup
+Rich shows the result only as a plain `Text` (`rich_text`), never as a markup
 string: ``rich.markup.escape`` cannot express every string (a backslash
 before ``[`` is lost), a `Text` has no markup to escape.
 
@@ -115,11 +115,11 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return clean(f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__, limit)
 
 
-def text(value: object, style: str = "", limit: int = LIMIT) -> Text:
+def rich_text(value: object, style: str = "", limit: int = LIMIT) -> Text:
     """`clean(value)` as a rich `Text` (never parsed as markup)."""
     from rich.text import Text
 
     return Text(clean(value, limit), style=style)
 
 
-__all__ = ["LIMIT", "ascii_text", "clean", "escape_char", "is_safe", "one_line", "text"]
+__all__ = ["LIMIT", "ascii_text", "clean", "escape_char", "is_safe", "one_line", "rich_text"]

@@ -289,12 +289,12 @@ def _without_annotations(node: Any) -> Any:
 class _PlainFirst:
     """A hand-written check that may say "valid", then the compiled one (raises on failure)."""
 
-    def __init__(self, plain: Callable[[Any], bool], check: _Check) -> None:
-        self.plain = plain
+    def __init__(self, fast_path: Callable[[Any], bool], check: _Check) -> None:
+        self.fast_path = fast_path
         self.check = check
 
     def __call__(self, doc: Any) -> None:
-        if not self.plain(doc):
+        if not self.fast_path(doc):
             self.check(doc)
 
 

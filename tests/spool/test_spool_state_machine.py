@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
+from tests.support.strength import examples
 from tiled_writer_sidecar.spool import record, segment
 from tiled_writer_sidecar.spool.record import FILE_HEADER_SIZE, HEADER_SIZE
 from tiled_writer_sidecar.spool.segment import Damage, FsyncPolicy, LogReader, LogWriter
@@ -273,7 +274,7 @@ class SpoolMachine(RuleBasedStateMachine):
 
 
 SpoolMachine.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=examples(60),
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

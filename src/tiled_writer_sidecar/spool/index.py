@@ -39,7 +39,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..coerce import MAX_NAME, as_bool, as_counts, as_float, as_floats, as_int, as_text, as_texts, plain
+from ..coerce import (
+    MAX_NAME,
+    as_bool,
+    as_counts,
+    as_float,
+    as_floats,
+    as_int,
+    as_json_value,
+    as_text,
+    as_texts,
+)
 from ..states import TiledState
 
 RECEIVED = "received.json"
@@ -89,7 +99,7 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 
     The temporary file has a random name and is created exclusively without
     following a symlink; values `json` cannot write are written as plain
-    values (see `plain`) instead of raising.
+    values (see `as_json_value`) instead of raising.
     """
     encoded = _dumps(data)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
@@ -117,7 +127,7 @@ def _dumps(data: dict[str, Any]) -> bytes:
     try:
         return json.dumps(data, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError, RecursionError):
-        return json.dumps(plain(data), sort_keys=True).encode()
+        return json.dumps(as_json_value(data), sort_keys=True).encode()
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -237,7 +247,7 @@ _UPLOADED_FIELDS: dict[str, Callable[[Any], Any]] = {
 
 
 def _plain_dict(value: Any) -> dict[str, Any]:
-    return plain(value) if isinstance(value, dict) else {}
+    return as_json_value(value) if isinstance(value, dict) else {}
 
 
 _UPLOADER_STATUS_FIELDS: dict[str, Callable[[Any], Any]] = {
@@ -275,12 +285,12 @@ class _IndexFile:
         data = read_json(directory / cls.FILE)
         return None if data is None else _fields_of(cls, data, cls.FIELDS)
 
-    def plain(self) -> dict[str, Any]:
+    def fields_as_json(self) -> dict[str, Any]:
         """The fields as plain, bounded JSON values (see the module docstring)."""
         return {name: coerce(getattr(self, name)) for name, coerce in self.FIELDS.items()}
 
     def save(self, directory: Path) -> None:
-        atomic_write_json(directory / self.FILE, self.plain())
+        atomic_write_json(directory / self.FILE, self.fields_as_json())
 
 
 @dataclass

@@ -13,8 +13,8 @@ tmux pane) is in ``tests/support/``, not here.
 from .acquisition import (
     Acquisition,
     DocumentRecorder,
+    as_python,
     expected_rows,
-    plain,
     run_uids,
 )
 from .ports import free_port, wait_until
@@ -29,11 +29,11 @@ __all__ = [
     "TiledContainer",
     "TiledServer",
     "ZmqProxy",
+    "as_python",
     "expected_rows",
     "frame_rows",
     "free_port",
     "is_probe",
-    "plain",
     "probe_message",
     "read_stream",
     "run_uids",

@@ -225,14 +225,14 @@ class Acquisition:
 # -- what Tiled must contain -----------------------------------------------
 
 
-def plain(value: Any) -> Any:
+def as_python(value: Any) -> Any:
     """numpy scalars/arrays and tuples as plain Python, for `==` comparisons."""
     if isinstance(value, numpy.ndarray):
         return value.tolist()
     if isinstance(value, numpy.generic):
         return value.item()
     if isinstance(value, (list, tuple)):
-        return [plain(item) for item in value]
+        return [as_python(item) for item in value]
     return value
 
 
@@ -283,9 +283,9 @@ def expected_rows(
         keep = [key for key in event["data"] if filled.get(key, key in internal)]
         row: dict[str, Any] = {"seq_num": event["seq_num"], "time": event["time"]}
         for key in keep:
-            row[_column(key)] = plain(event["data"][key])
+            row[_column(key)] = as_python(event["data"][key])
         for key in keep:
-            row[f"ts_{_column(key)}"] = plain(event["timestamps"][key])
+            row[f"ts_{_column(key)}"] = as_python(event["timestamps"][key])
         rows.append(row)
     return rows
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas
 
-from .acquisition import plain
+from .acquisition import as_python
 
 _SPLIT_TABLE = re.compile(r"internal_(\d+)")
 
@@ -89,7 +89,7 @@ def frame_rows(frame: Any) -> list[dict[str, Any]]:
     Comparable with `acquisition.expected_rows(...)` using `==`.
     """
     records: list[dict[str, Any]] = frame.to_dict("records")
-    return [{str(k): plain(v) for k, v in row.items()} for row in records]
+    return [{str(k): as_python(v) for k, v in row.items()} for row in records]
 
 
 def _plain_metadata(value: Any) -> Any:
@@ -97,7 +97,7 @@ def _plain_metadata(value: Any) -> Any:
         return {str(k): _plain_metadata(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain_metadata(v) for v in value]
-    return plain(value)
+    return as_python(value)
 
 
 def _spec_names(node: Any) -> list[str]:
