@@ -7,6 +7,8 @@
 # (python3 -m venv) with uv pip-installed into it. Nothing is installed with `pip install --user`
 # (Debian's Python refuses it, PEP 668) and nothing outside this checkout is written, except
 # uv's download cache (~/.cache/uv, or $UV_CACHE_DIR). `make clean` removes .venv and .bootstrap.
+# --compile-bytecode: the installed packages' .pyc are written once here, so a process does not
+# compile tiled, pandas and pyarrow from source at each start when PYTHONDONTWRITEBYTECODE is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BOOTSTRAP_DIR="$PWD/.bootstrap"
@@ -37,4 +39,4 @@ if [ -z "$uv" ]; then
     uv="$BOOTSTRAP_DIR/uv-venv/bin/uv"
 fi
 echo "bootstrap: using $uv ($("$uv" --version)); creating $PWD/.venv from uv.lock" >&2
-"$uv" sync --frozen --all-extras --group dev
+"$uv" sync --frozen --all-extras --group dev --compile-bytecode
