@@ -133,15 +133,11 @@ class RunSpooler:
 
     def _recount(self, received: Received, directory: Path | None = None) -> Iterator[bytes]:
         """The records of a run's log, counted anew into `received` as read."""
-        received.documents = received.bytes = 0
-        for payload in LogReader(directory or self.spool.run_dir(received.uid)).read():
-            received.documents += 1
-            received.bytes += HEADER_SIZE + len(payload)
-            yield payload
+        return received.recount(LogReader(directory or self.spool.run_dir(received.uid)).read(), HEADER_SIZE)
 
     def close_unopened(self, received: Received, reason: str) -> None:
         """Mark a run that was never (re)opened closed, with the reason and its records counted; never raises."""
-        received.closed, received.close_reason = True, reason
+        received.close(reason)
         try:
             for _ in self._recount(received):
                 pass
@@ -160,10 +156,7 @@ class RunSpooler:
         run.staged.append(payload)
         run.staged_names.append(name)
         run.staged_bytes += size
-        received = run.received
-        received.documents += 1
-        received.bytes += size
-        received.last_received = time.time()
+        run.received.note_spooled(size, time.time())
         run.dirty = True
         stats.documents[name] += 1
         stats.spool_bytes += size
@@ -208,13 +201,12 @@ class RunSpooler:
 
     def _uncount(self, run: SpooledRun, name: str, size: int) -> None:
         """Undo `stage`'s counting for a staged document that could not be written."""
-        run.received.documents -= 1
-        run.received.bytes -= size
+        run.received.note_unwritten(size)
         self.stats.documents[name] -= 1
         self.stats.spool_bytes -= size
 
     def drop(self, run: SpooledRun, why: str) -> None:
-        run.received.dropped += 1
+        run.received.note_dropped()
         run.dirty = True
         self.stats.dropped += 1
         self.trouble(f"dropping documents of run {run.received.uid}: {why}")

@@ -163,16 +163,16 @@ class TiledLink:
 
     def failed(self, err: Exception) -> None:
         """A step failed (any run it broke is abandoned already): note it, back off, then go on."""
-        self.status.retries += 1
+        self.status.note_retry()
         outcome = classify(err)
         if outcome in (Outcome.REWRITE, Outcome.REJECTED, Outcome.QUARANTINE):
-            self.status.last_error = one_line(err)
+            self.status.note_error(one_line(err))
         elif is_auth_error(err):
             self.client = None
             self.set_state("unauthorized", one_line(err))
         elif not isinstance(err, TiledDown) and self.reachable():
             log.warning("upload failed, Tiled is reachable: %s", one_line(err))
-            self.status.last_error = one_line(err)
+            self.status.note_error(one_line(err))
         else:
             self.client = None
             state = err.state if isinstance(err, Misconfigured) else "down"
@@ -183,13 +183,12 @@ class TiledLink:
 
     def wait_before_retry(self, err: Exception) -> None:
         """A run's append failed transiently: note it, back off (Stopping if asked to stop)."""
-        self.status.retries += 1
-        self.status.append_retries += 1
+        self.status.note_retry(append=True)
         backoff = self.backoff
         if self.reachable():
             if self._failing_since is None:
                 log.warning("append failed, Tiled is reachable; retrying it in place: %s", one_line(err))
-            self.status.last_error = one_line(err)
+            self.status.note_error(one_line(err))
             backoff = self.busy_backoff
         else:
             self.set_state("down", one_line(err))
@@ -209,12 +208,10 @@ class TiledLink:
 
     def set_state(self, state: str, error: str | None = None) -> None:
         """Record Tiled's state (and the error that says why); one log line when it changes."""
-        if error:
-            self.status.last_error = error
-        if state == self.status.tiled:
+        changed = self.status.note_tiled(state, error)
+        if changed is None:
             return
-        previous, since = self.status.tiled, self.status.since
-        self.status.tiled, self.status.since = state, time.time()
+        previous, since = changed
         uri = self.config.tiled.uri
         if state == "up":
             if previous in ("down", "unauthorized", "not_tiled"):

@@ -159,9 +159,7 @@ class RunTracker(DocumentRouter):
                 last = run.last_seq[descriptor]
                 if type(seq) is int and seq == last + 1:
                     run.last_seq[descriptor] = seq
-                    events = run.received.events
-                    stream = run.streams[descriptor]
-                    events[stream] = events.get(stream, 0) + 1
+                    run.received.note_events(run.streams[descriptor], 1)
                     return run
         method = self._routes.get(name)
         if method is None:
@@ -179,15 +177,7 @@ class RunTracker(DocumentRouter):
         again, and the counters the log determines (events, missing,
         expected_events, stop) start from zero.
         """
-        received.scan_id = as_int(received.scan_id)
-        received.plan_name = as_text(received.plan_name, MAX_NAME)
-        received.start_time = as_float(received.start_time)
-        received.first_received = as_float(received.first_received) or 0.0
-        received.last_received = as_float(received.last_received) or 0.0
-        received.dropped = as_int(received.dropped, 0, 2**63) or 0
-        received.events, received.missing, received.out_of_order = {}, {}, {}
-        received.datum_rows = {}
-        received.expected_events, received.stop_received, received.exit_status = None, False, None
+        received.resume()
         run = TrackedRun(received)
         self.runs[received.uid] = run
         return run
@@ -217,9 +207,7 @@ class RunTracker(DocumentRouter):
     ) -> TrackedRun:
         """Open an orphan known from the spool (crash recovery) and route its logged documents again."""
         kind = received.orphan if received.orphan in ("run_start", "descriptor") else "run_start"
-        received.events, received.missing, received.out_of_order = {}, {}, {}
-        received.datum_rows = {}
-        received.expected_events, received.stop_received = None, False
+        received.forget_routed()
         gate, self.may_orphan = self.may_orphan, lambda k, u: (k, u) == (kind, received.uid)
         try:
             run = self._orphan(kind, received.uid)
@@ -348,9 +336,7 @@ class RunTracker(DocumentRouter):
         seq_nums = doc.get("seq_nums")
         last = as_int(seq_nums.get("stop"), 1, MAX_SEQ_NUM + 1) if isinstance(seq_nums, Mapping) else None
         if last is not None:  # rows covered by external data: what stop.num_events counts for such a stream
-            stream = run.streams[doc["descriptor"]]
-            rows = run.received.datum_rows
-            rows[stream] = max(rows.get(stream, 0), last - 1)
+            run.received.note_datum_rows(run.streams[doc["descriptor"]], last - 1)
 
     def datum(self, doc: Any) -> Any:
         self._resourced_run(doc)
@@ -361,10 +347,9 @@ class RunTracker(DocumentRouter):
 
     def stop(self, doc: Any) -> None:
         run = self._declaring_run("stop", doc)
-        received = run.received
-        received.stop_received = True
-        received.exit_status = as_text(doc.get("exit_status"), MAX_NAME)
-        received.expected_events = as_counts(doc.get("num_events"), MAX_SEQ_NUM)
+        run.received.note_stop(
+            as_text(doc.get("exit_status"), MAX_NAME), as_counts(doc.get("num_events"), MAX_SEQ_NUM)
+        )
 
     # ---------------------------------------------------------------- rules
     def _declaring_run(self, name: str, doc: Any) -> TrackedRun:
@@ -459,8 +444,7 @@ class RunTracker(DocumentRouter):
         counted = 0
         for seq in seq_nums:
             if seq > last + 1:
-                missing = seq - last - 1
-                received.missing[stream] = received.missing.get(stream, 0) + missing
+                received.note_hole(stream, seq - last - 1)
                 holes.append((last + 1, seq - 1))
                 if len(holes) > MAX_HOLES:
                     del holes[0]
@@ -470,15 +454,12 @@ class RunTracker(DocumentRouter):
                 index = _hole_at(holes, seq)
                 if index is not None:  # late, but new: fills its hole
                     _fill(holes, index, seq)
-                    received.missing[stream] -= 1
-                    if not received.missing[stream]:
-                        del received.missing[stream]
-                    received.out_of_order[stream] = received.out_of_order.get(stream, 0) + 1
+                    received.note_late(stream)
                 elif self.on_repeat is not None:
                     self.on_repeat(run, stream, seq)
             counted += 1
             last = max(last, seq)
-        received.events[stream] = received.events.get(stream, 0) + counted
+        received.note_events(stream, counted)
         run.last_seq[descriptor] = last
 
 
