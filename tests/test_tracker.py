@@ -229,8 +229,8 @@ def test_documents_of_a_run_whose_start_is_missing_go_to_an_orphan_keyed_by_what
     by_descriptor = tracker.route("event", run.event(1))
     assert by_descriptor.orphan == "descriptor" and by_descriptor.uid == run.descriptor["uid"]
     assert by_descriptor.received.start_missing and by_descriptor.received.events == {ORPHAN_STREAM: 1}
-    tracker.release_orphan(by_descriptor)  # what the receiver does before the descriptor itself
-    orphan = tracker.route("descriptor", run.descriptor)
+    orphan = tracker.route("descriptor", run.descriptor)  # takes the claim over: that orphan is released
+    assert tracker.orphan("descriptor", run.descriptor["uid"]) is None
     assert orphan.orphan == "run_start" and orphan.uid == run.start["uid"] and orphan.key != orphan.uid
     assert tracker.route("event", run.event(2)) is orphan
     assert tracker.route("stop", run.stop(primary=2)) is orphan
