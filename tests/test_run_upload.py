@@ -16,7 +16,7 @@ from tests.support.fake_tiled import FakeClient, FakeRunWriter, FakeTiled, Spool
 from tiled_writer_sidecar import run_upload
 from tiled_writer_sidecar.errors import BadRunDocument, UnsafeName
 from tiled_writer_sidecar.outcomes import ForeignRun, VerificationFailed
-from tiled_writer_sidecar.run_upload import RunUpload, SeqNums, UploadContext
+from tiled_writer_sidecar.run_upload import Phase, RunUpload, SeqNums, UploadContext
 from tiled_writer_sidecar.spool.index import Received, Uploaded, UploaderStatus, UploadState
 from tiled_writer_sidecar.tiled_link import TiledLink
 
@@ -264,3 +264,24 @@ def test_seq_nums_keep_duplicates_and_gaps_as_fed() -> None:
     """What a publisher sent (holes, repeats) is what Tiled must hold: no endless rewrite for it."""
     values: list[Any] = [1, 2, 2, 5, 6, 3]
     assert SeqNums.of(values).values() == values
+
+
+def test_each_pass_sets_the_phase_from_what_it_read(
+    spool: Spool, tiled: FakeTiled, context: UploadContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that reads a full batch leaves the run READING (it holds a slot), one that reads fewer
+    CAUGHT_UP, one that reads nothing and holds no rows WAITING; read to the end and closed, DONE."""
+    monkeypatch.setattr(run_upload, "RECORDS_PER_PUMP", 3)
+    uid, docs, stop = scan(events=2)  # 4 records
+    open_run = spool.open(docs)
+    run = started(spool, context, uid)
+    assert run.phase is Phase.READING and run.busy
+    run.pump()
+    assert run.phase is Phase.READING and run.busy and run.fed == 3
+    run.pump()
+    assert run.phase is Phase.CAUGHT_UP and run.caught_up and not (run.busy or run.waiting)
+    run.pump()
+    assert run.phase is Phase.WAITING and run.waiting and run.idle
+    spool.close(open_run, stop)
+    pump_until_finished(run)
+    assert run.phase is Phase.DONE and run.finished and tiled.runs[uid] == {"primary": [1, 2]}
