@@ -5,7 +5,7 @@ flood leaves) is planted file by file; then, in this process, a `Receiver` is
 made on it (start-up), the health snapshot is timed (what ``/healthz``,
 ``/metrics`` and the daemon's STATUS line compute; the daemon does it on the
 receiver's main thread every 5 s), and a 20,000-document run is handed to
-`Receiver.handle` with `tick` every 1,000 messages and a health snapshot
+`Receiver.handle` with `upkeep` every 1,000 messages and a health snapshot
 every 5 s of wall time, as the daemon's loop does.
 
 Run: ``python -m benchmarks.receive_cost [N]`` (prints one JSON line). Run it
@@ -83,7 +83,7 @@ def measure(runs: int, documents: int = 20_000) -> dict[str, float]:
         stats = ReceiverStats()
         t0 = time.perf_counter()
         rx = Receiver(config, SpoolDir(root), stats)
-        rx.tick()
+        rx.upkeep()
         startup = time.perf_counter() - t0
         snapshots = []
         for _ in range(3):
@@ -96,11 +96,11 @@ def measure(runs: int, documents: int = 20_000) -> dict[str, float]:
         for n, message in enumerate(run, 1):
             rx.handle(message)
             if n % 1000 == 0:
-                rx.tick()
+                rx.upkeep()
                 if time.perf_counter() - last_status >= STATUS_INTERVAL_S:
                     last_status = time.perf_counter()
                     health_snapshot(stats, rx.spool, time.time())
-        rx.tick()
+        rx.upkeep()
         spool_seconds = time.perf_counter() - t0
         rx.close()
         return {

@@ -22,7 +22,7 @@
   segment sizes): upstream 0MQ queues never overflow, so this is the fastest
   rate the sidecar sustains without loss.
 - ``in_process``: the same frames handed to `Receiver.handle` in this process
-  (decode, validate, route, append; `tick` every 10,000 like the daemon's
+  (decode, validate, route, append; `upkeep` every 10,000 like the daemon's
   loop), with ``fsync = "batch"`` and ``"never"``: the receiver's own ceiling
   and what fsync costs. One such run is profiled (cProfile).
 """
@@ -129,7 +129,7 @@ def _in_process(bench: Bench, messages: list[bytes], fsync: str, tag: str, profi
     for i, frame in enumerate(frames, 1):
         receiver.handle(frame)
         if i % 10_000 == 0:
-            receiver.tick()
+            receiver.upkeep()
     receiver.close()
     if profiler:
         profiler.disable()

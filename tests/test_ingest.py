@@ -15,7 +15,7 @@ import pytest
 import tiled_writer_sidecar.ingest as ingest_module
 from tiled_writer_sidecar.config import SpoolConfig
 from tiled_writer_sidecar.errors import RejectedMessage
-from tiled_writer_sidecar.ingest import Ingest
+from tiled_writer_sidecar.ingest import Ingest, OpenRun
 from tiled_writer_sidecar.orphans import orphan_dir, orphan_report
 from tiled_writer_sidecar.spool.codec import unpack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
@@ -164,3 +164,53 @@ def test_every_loss_is_counted_once_the_run_closes(ingest: Ingest) -> None:
     ingest.close_all("shutdown")
     assert ingest.stats.gaps == 2 and ingest.stats.runs_stop_missing == 1
     assert saved(ingest, docs[0][1]["uid"]).gaps() == {"primary": 2}
+
+
+def test_each_open_run_is_one_object_holding_its_log(ingest: Ingest) -> None:
+    """An open run is one `OpenRun` in the tracker's table, its log in it; its stop closes both."""
+    docs = composed(1)
+    uid = docs[0][1]["uid"]
+    assert feed(ingest, docs[:3]) == []
+    run = ingest.tracker.runs[uid]
+    assert isinstance(run, OpenRun) and run.log is not None and run.log.directory == ingest.spool.run_dir(uid)
+    assert run.log.received is run.received and run.received.documents == 3
+    assert feed(ingest, docs[3:]) == []
+    assert ingest.tracker.runs == {} and run.log.writer is None and saved(ingest, uid).closed
+
+
+def test_a_start_whose_log_cannot_be_created_opens_no_run(
+    ingest: Ingest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk refuses the run's log: the start is dropped (counted), no run is open, nothing is
+    remembered of it; the same run sent again once the disk works is spooled whole."""
+    docs = composed(1)
+    uid = docs[0][1]["uid"]
+    real = ingest.spooler.open
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ingest.spooler, "open", full)
+    assert feed(ingest, docs[:1]) == []
+    assert ingest.tracker.runs == {} and ingest.stats.dropped == 1 and not ingest.stats.spool_writable
+    monkeypatch.setattr(ingest.spooler, "open", real)
+    assert feed(ingest, docs) == []
+    assert logged(ingest, uid) == docs and saved(ingest, uid).problems() == []
+
+
+def test_a_descriptor_rejected_leaves_the_orphan_its_events_opened(
+    ingest: Ingest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events wait for their descriptor; the descriptor is first rejected (its run unknown, no room for
+    an orphan): the events still wait, and follow it into its run when it comes again after the start."""
+    docs = composed(2)
+    uid = docs[0][1]["uid"]
+    start, descriptor, events, stop = docs[0], docs[1], docs[2:4], docs[4]
+    assert feed(ingest, events) == []
+    monkeypatch.setattr(ingest_module, "MAX_ORPHANS", 1)
+    assert feed(ingest, [descriptor]) == ["descriptor-for-unknown-run"]
+    waiting = ingest.tracker.orphan("descriptor", descriptor[1]["uid"])
+    assert waiting is not None and waiting.received.events == {"(descriptor unknown)": 2}
+    assert feed(ingest, [start, descriptor, stop]) == []
+    assert logged(ingest, uid) == [start, descriptor, *events, stop]
+    assert saved(ingest, uid).problems() == [] and ingest.stats.orphan_runs == 0

@@ -88,7 +88,7 @@ def test_values_json_cannot_write_never_stop_the_receiver_and_the_state_is_saved
     bad_event = {**docs[2][1], "uid": "x" * 8, "seq_num": 10**5000}
     for name, doc in [*docs[:3], ("event", bad_event), *docs[3:]]:
         rx.handle(frame(name, doc))
-    rx.tick()
+    rx.upkeep()
     rx.close()
     received = state(rx, start["uid"])
     assert received.closed and received.documents == len(docs)
@@ -130,19 +130,19 @@ def test_an_unexpected_exception_is_confined_to_its_message(
 def test_upkeep_never_raises_and_says_so_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """tick() with a failing upkeep: no exception, one error line for the episode, one line when it recovers."""
+    """upkeep() with a failing spooler: no exception, one error line for the episode, one when it recovers."""
     rx = receiver(tmp_path)
     real = rx.spooler.upkeep
 
-    def broken(save: bool) -> None:
+    def broken(runs: object, save: bool) -> None:
         raise OSError(5, "I/O error")
 
     monkeypatch.setattr(rx.spooler, "upkeep", broken)
     with caplog.at_level(logging.INFO, logger="tiled_writer_sidecar.receiver"):
         for _ in range(3):
-            rx.tick()
+            rx.upkeep()
         monkeypatch.setattr(rx.spooler, "upkeep", real)
-        rx.tick()
+        rx.upkeep()
     messages = [r.getMessage() for r in caplog.records]
     assert len([m for m in messages if "upkeep failed" in m]) == 1
     assert len([m for m in messages if "works again" in m]) == 1
@@ -160,7 +160,7 @@ def test_max_open_runs_caps_open_files_not_runs_a_paused_run_ends_complete(tmp_p
     for name, doc in others:
         rx.handle(frame(name, doc))
         assert len(rx.spooler.open_files) <= 3
-    rx.tick()
+    rx.upkeep()
     assert len(rx.tracker.runs) == 31 and rx.stats.runs_started == 31
     for name, doc in paused[4:]:
         rx.handle(frame(name, doc))
@@ -262,7 +262,7 @@ def test_start_up_closes_a_run_whose_stop_is_in_its_log(tmp_path: Path) -> None:
     docs = composed(2)
     uid = plant_open_run(root, docs)
     rx = receiver(tmp_path)
-    assert rx.tracker.runs == {} and rx.spooler.runs == {}
+    assert rx.tracker.runs == {} and rx.spooler.open_files == {}
     received = state(rx, uid)
     assert received.closed and received.close_reason == "stop"
     assert received.documents == len(docs) and received.problems() == []
@@ -290,7 +290,7 @@ def test_start_up_with_more_open_runs_than_max_open_runs_keeps_them_open_with_fe
     assert not any(state(rx, uid).closed for uid in uids)
     for name, doc in runs[0][3:]:
         rx.handle(frame(name, doc))
-    rx.tick()
+    rx.upkeep()
     assert len(rx.spooler.open_files) <= 2
     rx.close()
     received = state(rx, uids[0])

@@ -16,7 +16,7 @@ from tests.support.fake_tiled import FakeClient, FakeRunWriter, FakeTiled, Spool
 from tiled_writer_sidecar import run_upload
 from tiled_writer_sidecar.errors import BadRunDocument, UnsafeName
 from tiled_writer_sidecar.outcomes import ForeignRun, VerificationFailed
-from tiled_writer_sidecar.run_upload import RunUpload, SeqNums, Shared
+from tiled_writer_sidecar.run_upload import Phase, RunUpload, SeqNums, UploadContext
 from tiled_writer_sidecar.spool.index import Received, Uploaded, UploaderStatus, UploadState
 from tiled_writer_sidecar.tiled_link import TiledLink
 
@@ -32,15 +32,15 @@ def tiled(monkeypatch: pytest.MonkeyPatch) -> FakeTiled:
 
 
 @pytest.fixture
-def shared(spool: Spool, tiled: FakeTiled) -> Shared:
+def context(spool: Spool, tiled: FakeTiled) -> UploadContext:
     status = UploaderStatus()
     link = TiledLink(spool.config, status, stop=__import__("threading").Event(), report=lambda: None)
     link.client = FakeClient()
-    return Shared(spool.config, spool.dir, link, status)
+    return UploadContext(spool.config, spool.dir, link, status)
 
 
-def started(spool: Spool, shared: Shared, uid: str) -> RunUpload:
-    run = RunUpload.start(spool.view(uid), shared)
+def started(spool: Spool, context: UploadContext, uid: str) -> RunUpload:
+    run = RunUpload.start(spool.view(uid), context)
     assert run is not None
     return run
 
@@ -57,7 +57,7 @@ def pump_until_finished(run: RunUpload, passes: int = 10) -> None:
 
 
 def test_a_closed_run_is_fed_verified_and_recorded_uploaded(
-    spool: Spool, tiled: FakeTiled, shared: Shared, monkeypatch: pytest.MonkeyPatch
+    spool: Spool, tiled: FakeTiled, context: UploadContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """pending (+ creating, before the create) -> uploading (once Tiled created the run: one write) ->
     uploaded: every row in Tiled once, in order; counts and rows recorded; uploaded.json written three
@@ -66,7 +66,7 @@ def test_a_closed_run_is_fed_verified_and_recorded_uploaded(
     saves: list[str] = []
     real_save = Uploaded.save
     monkeypatch.setattr(Uploaded, "save", lambda self, d: saves.append(self.state) or real_save(self, d))
-    run = started(spool, shared, uid)
+    run = started(spool, context, uid)
     assert Uploaded.load(spool.dir.run_dir(uid)).state == UploadState.PENDING and uid not in tiled.runs
     pump_until_finished(run)
     assert saves == [UploadState.PENDING, UploadState.UPLOADING, UploadState.UPLOADED]
@@ -74,17 +74,17 @@ def test_a_closed_run_is_fed_verified_and_recorded_uploaded(
     assert uploaded.state == UploadState.UPLOADED
     assert uploaded.documents == 8 and uploaded.rows == {"primary": 5}
     assert tiled.runs[uid] == {"primary": [1, 2, 3, 4, 5]}
-    assert (shared.status.runs_uploaded, shared.status.documents, shared.status.rows) == (1, 8, 5)
+    assert (context.status.runs_uploaded, context.status.documents, context.status.rows) == (1, 8, 5)
     assert uploaded.created and not uploaded.creating and uploaded.attempts == 1
 
 
 def test_a_row_lost_in_tiled_fails_verification_and_leaves_the_run_uploading(
-    spool: Spool, tiled: FakeTiled, shared: Shared
+    spool: Spool, tiled: FakeTiled, context: UploadContext
 ) -> None:
     """The read-back differs from what was fed: VerificationFailed, never ``uploaded``."""
     uid, docs, stop = scan(events=4)
     open_run = spool.open(docs)
-    run = started(spool, shared, uid)
+    run = started(spool, context, uid)
     run.pump()
     run.flush()
     tiled.runs[uid]["primary"].remove(2)
@@ -95,7 +95,7 @@ def test_a_row_lost_in_tiled_fails_verification_and_leaves_the_run_uploading(
 
 
 def test_rows_tiled_acknowledged_as_fed_are_not_read_back_and_a_shortfall_is(
-    spool: Spool, tiled: FakeTiled, shared: Shared, monkeypatch: pytest.MonkeyPatch
+    spool: Spool, tiled: FakeTiled, context: UploadContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stream whose appends Tiled acknowledged at once, as many rows as fed, is verified by that count:
     no read-back request. Fewer acknowledged than fed: the stream is read back (and here, short, fails)."""
@@ -108,7 +108,7 @@ def test_rows_tiled_acknowledged_as_fed_are_not_read_back_and_a_shortfall_is(
     )
     good, short = spool.closed_run(events=4), spool.closed_run(events=4)
     acknowledged.update({good: 4, short: 3})
-    pump_until_finished(started(spool, shared, good))
+    pump_until_finished(started(spool, context, good))
     assert read_back == [] and Uploaded.load(spool.dir.run_dir(good)).rows == {"primary": 4}
 
     real_flush = FakeRunWriter.flush
@@ -120,12 +120,12 @@ def test_rows_tiled_acknowledged_as_fed_are_not_read_back_and_a_shortfall_is(
 
     monkeypatch.setattr(FakeRunWriter, "flush", losing_the_last_row)
     with pytest.raises(VerificationFailed, match="Tiled holds 3 rows"):
-        pump_until_finished(started(spool, shared, short))
+        pump_until_finished(started(spool, context, short))
     assert read_back == [short]
 
 
 def test_start_rewrites_a_partial_upload_it_created_and_never_touches_a_run_it_did_not(
-    spool: Spool, tiled: FakeTiled, shared: Shared
+    spool: Spool, tiled: FakeTiled, context: UploadContext
 ) -> None:
     """``uploading`` + created here + in Tiled: deleted, then written again. Not created here + in Tiled:
     the create answers 409 -> ForeignRun (quarantined by the scheduler); nothing deleted, not even
@@ -136,13 +136,13 @@ def test_start_rewrites_a_partial_upload_it_created_and_never_touches_a_run_it_d
     tiled.runs[ours] = {"primary": [1]}
     tiled.runs[foreign] = {"primary": [7]}
     tiled.runs[imported] = {"primary": [8]}
-    run = started(spool, shared, ours)
-    assert tiled.deleted == [ours] and shared.status.rewrites == 1
+    run = started(spool, context, ours)
+    assert tiled.deleted == [ours] and context.status.rewrites == 1
     pump_until_finished(run)
     assert tiled.runs[ours] == {"primary": [1, 2, 3]}
     for uid in (foreign, imported, foreign):  # the second try (a replay) finds the same: foreign
         with pytest.raises(ForeignRun, match="already in Tiled and this spool did not create it"):
-            started(spool, shared, uid).pump()
+            started(spool, context, uid).pump()
         assert not Uploaded.load(spool.dir.run_dir(uid)).creating
     assert tiled.runs[foreign] == {"primary": [7]} and tiled.runs[imported] == {"primary": [8]}
     assert tiled.deleted == [ours]
@@ -150,28 +150,28 @@ def test_start_rewrites_a_partial_upload_it_created_and_never_touches_a_run_it_d
 
 
 def test_overwrite_foreign_deletes_a_run_this_spool_did_not_create(
-    spool: Spool, tiled: FakeTiled, shared: Shared
+    spool: Spool, tiled: FakeTiled, context: UploadContext
 ) -> None:
     """Only with the explicit flag (`replay --overwrite-foreign`)."""
     foreign = spool.closed_run()
     tiled.runs[foreign] = {"primary": [7]}
-    shared.overwrite_foreign = True
-    pump_until_finished(started(spool, shared, foreign))
+    context.overwrite_foreign = True
+    pump_until_finished(started(spool, context, foreign))
     assert tiled.deleted == [foreign] and tiled.runs[foreign] == {"primary": [1, 2, 3]}
     assert Uploaded.load(spool.dir.run_dir(foreign)).created
 
 
 def test_an_upload_cut_between_create_and_record_is_rewritten_not_quarantined(
-    spool: Spool, tiled: FakeTiled, shared: Shared
+    spool: Spool, tiled: FakeTiled, context: UploadContext
 ) -> None:
     """``creating`` left set by a killed uploader + the run in Tiled holds this spool's start: it is this
     spool's own run, deleted and written again. The same uid created from another start stays foreign."""
     ours, other = spool.closed_run(), spool.closed_run()
-    first = started(spool, shared, ours)
+    first = started(spool, context, ours)
     first.pump()  # creates the run in Tiled...
     Uploaded(state=UploadState.PENDING, creating=True).save(spool.dir.run_dir(ours))  # ...then killed
     assert not Uploaded.load(spool.dir.run_dir(ours)).created
-    pump_until_finished(started(spool, shared, ours))
+    pump_until_finished(started(spool, context, ours))
     assert tiled.deleted == [ours] and tiled.runs[ours] == {"primary": [1, 2, 3]}
     assert Uploaded.load(spool.dir.run_dir(ours)).state == UploadState.UPLOADED
 
@@ -179,7 +179,7 @@ def test_an_upload_cut_between_create_and_record_is_rewritten_not_quarantined(
     tiled.runs[other] = {"primary": [7]}
     tiled.starts[other] = {"uid": other, "time": 0.0}
     with pytest.raises(ForeignRun):
-        started(spool, shared, other).pump()
+        started(spool, context, other).pump()
     assert tiled.runs[other] == {"primary": [7]} and tiled.deleted == [ours]
     assert not Uploaded.load(spool.dir.run_dir(other)).creating
 
@@ -195,13 +195,13 @@ def test_an_upload_cut_between_create_and_record_is_rewritten_not_quarantined(
     ids=["second-start", "descriptor-of-another-run", "event-of-unknown-descriptor", "unsafe-stream"],
 )
 def test_a_document_not_of_this_run_is_refused_before_tiled_sees_it(
-    spool: Spool, tiled: FakeTiled, shared: Shared, tamper: Any, error: type[Exception]
+    spool: Spool, tiled: FakeTiled, context: UploadContext, tamper: Any, error: type[Exception]
 ) -> None:
     """What is read back from the spool is untrusted: the run is refused (to be quarantined)."""
     uid, docs, _ = scan()
     tamper(docs)
     spool.open(docs)
-    run = started(spool, shared, uid)
+    run = started(spool, context, uid)
     with pytest.raises(error):
         run.pump()
     assert tiled.runs.get(uid, {}).get("primary", []) == []
@@ -211,13 +211,13 @@ def test_a_document_not_of_this_run_is_refused_before_tiled_sees_it(
 
 
 def test_an_idle_open_run_reads_received_json_only_when_it_changes(
-    spool: Spool, tiled: FakeTiled, shared: Shared, monkeypatch: pytest.MonkeyPatch
+    spool: Spool, tiled: FakeTiled, context: UploadContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Caught up and open, 50 passes read received.json at most once; new documents and the
     close (each rewrites the file) are seen on the next pass, and the run finishes."""
     uid, docs, stop = scan(events=2)
     open_run = spool.open(docs)
-    run = started(spool, shared, uid)
+    run = started(spool, context, uid)
     run.pump()
     run.flush()
     loads: list[Path] = []
@@ -264,3 +264,24 @@ def test_seq_nums_keep_duplicates_and_gaps_as_fed() -> None:
     """What a publisher sent (holes, repeats) is what Tiled must hold: no endless rewrite for it."""
     values: list[Any] = [1, 2, 2, 5, 6, 3]
     assert SeqNums.of(values).values() == values
+
+
+def test_each_pass_sets_the_phase_from_what_it_read(
+    spool: Spool, tiled: FakeTiled, context: UploadContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that reads a full batch leaves the run READING (it holds a slot), one that reads fewer
+    CAUGHT_UP, one that reads nothing and holds no rows WAITING; read to the end and closed, DONE."""
+    monkeypatch.setattr(run_upload, "RECORDS_PER_PUMP", 3)
+    uid, docs, stop = scan(events=2)  # 4 records
+    open_run = spool.open(docs)
+    run = started(spool, context, uid)
+    assert run.phase is Phase.READING and run.busy
+    run.pump()
+    assert run.phase is Phase.READING and run.busy and run.fed == 3
+    run.pump()
+    assert run.phase is Phase.CAUGHT_UP and run.caught_up and not (run.busy or run.waiting)
+    run.pump()
+    assert run.phase is Phase.WAITING and run.waiting and run.idle
+    spool.close(open_run, stop)
+    pump_until_finished(run)
+    assert run.phase is Phase.DONE and run.finished and tiled.runs[uid] == {"primary": [1, 2]}

@@ -117,9 +117,9 @@ def test_each_open_run_holds_one_file_descriptor_and_close_releases_it(tmp_path:
     assert open_fds() - before == 10
     for run in runs:
         spooler.stage(run, "event", payload(1))
-        run.received.closed = True
+        run.received.close("stop")
         spooler.close(run)
-    assert open_fds() == before and spooler.runs == {}
+    assert open_fds() == before and spooler.open_files == {}
     saved = Received.load(spooler.spool.run_dir("r3"))
     assert saved is not None and saved.closed and saved.documents == 1
 
@@ -129,7 +129,7 @@ def test_shutdown_writes_and_saves_open_runs_and_resume_appends_after_them(tmp_p
     spooler = make(tmp_path)
     run = spooler.open(Received(uid="r1"))
     spooler.stage(run, "event", payload(1))
-    spooler.shutdown()
+    spooler.shutdown([run])
     saved = Received.load(spooler.spool.run_dir("r1"))
     assert saved is not None and not saved.closed and saved.documents == 1
     again = make(tmp_path)
@@ -145,7 +145,7 @@ def test_closing_a_run_saved_a_moment_ago_still_saves_it_closed(tmp_path: Path) 
     run = spooler.open(Received(uid="r1"))
     spooler.stage(run, "start", payload(0))
     spooler.save(run)
-    run.received.closed, run.received.close_reason = True, "evicted"
+    run.received.close("evicted")
     spooler.close(run)
     saved = Received.load(spooler.spool.run_dir("r1"))
     assert saved is not None and saved.closed and saved.close_reason == "evicted"

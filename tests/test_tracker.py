@@ -7,7 +7,7 @@ would make them; the tracker is fed directly (no socket, no spool).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import event_model
@@ -229,8 +229,8 @@ def test_documents_of_a_run_whose_start_is_missing_go_to_an_orphan_keyed_by_what
     by_descriptor = tracker.route("event", run.event(1))
     assert by_descriptor.orphan == "descriptor" and by_descriptor.uid == run.descriptor["uid"]
     assert by_descriptor.received.start_missing and by_descriptor.received.events == {ORPHAN_STREAM: 1}
-    tracker.release_orphan(by_descriptor)  # what the receiver does before the descriptor itself
-    orphan = tracker.route("descriptor", run.descriptor)
+    orphan = tracker.route("descriptor", run.descriptor)  # takes the claim over: that orphan is released
+    assert tracker.orphan("descriptor", run.descriptor["uid"]) is None
     assert orphan.orphan == "run_start" and orphan.uid == run.start["uid"] and orphan.key != orphan.uid
     assert tracker.route("event", run.event(2)) is orphan
     assert tracker.route("stop", run.stop(primary=2)) is orphan
@@ -360,3 +360,33 @@ def test_rows_covered_by_stream_datums_count_against_stop_num_events() -> None:
     assert tracked.received.gaps() == {} and tracked.received.events == {}
     tracked.received.expected_events = {"primary": 5}
     assert tracked.received.gaps() == {"primary": 2}
+
+
+def test_a_start_is_checked_by_new_run_and_routes_nothing_until_opened() -> None:
+    """`new_run` raises what `start` raises and opens nothing; once `open`, the run gets its documents."""
+    tracker = RunTracker()
+    run = Run()
+    tracked = tracker.new_run(run.start)
+    assert (
+        tracker.runs == {} and rejected(tracker, "descriptor", run.descriptor) == "descriptor-for-unknown-run"
+    )
+    assert tracker.open(tracked) is tracked and tracker.route("descriptor", run.descriptor) is tracked
+    with pytest.raises(ValidationError, match="repeated-start"):
+        tracker.new_run(run.start)
+    with pytest.raises(ValidationError, match="unsafe-uid"):
+        tracker.new_run({**Run().start, "uid": "../x"})
+
+
+@dataclass(eq=False, slots=True)
+class KeptRun(TrackedRun):
+    kept: int = 0
+
+
+def test_runs_and_orphans_are_made_as_the_run_type_given() -> None:
+    """A caller that keeps more per run (the receiver's `OpenRun`) gets its own type for every run."""
+    tracker: RunTracker[KeptRun] = RunTracker(run_type=KeptRun, may_orphan=lambda kind, uid: True)
+    run = Run()
+    started = tracker.route("start", run.start)
+    orphan = tracker.route("event", Run().event(1))
+    assert type(started) is KeptRun and type(orphan) is KeptRun and orphan.orphan == "descriptor"
+    assert type(tracker.resume(received_from_start(Run().start))) is KeptRun

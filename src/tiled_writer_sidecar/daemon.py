@@ -204,8 +204,7 @@ def run_daemon(config: Config, shutdown: threading.Event | None = None) -> int:
                 metrics.loop_beat = time.time()
             # The receiver loop is alive (we are in it); the uploader is watched by
             # its supervisor, so a wedged uploader is restarted, never the receiver.
-            # A ping every quarter of WatchdogSec (the notifier's interval is half of it).
-            if notifier.watchdog_interval and now - last_ping >= notifier.watchdog_interval / 2:
+            if notifier.watchdog_interval and now - last_ping >= notifier.watchdog_interval:
                 last_ping = now
                 notifier.watchdog()
             if now - last_status >= STATUS_INTERVAL_S:

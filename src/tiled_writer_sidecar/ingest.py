@@ -3,7 +3,11 @@
 `Ingest` composes a `RunTracker` (routing, ownership, gaps, caps) and a
 `RunSpooler` (staging, writes, drops, ``received.json``); the receiver and
 `import-backup` feed documents through it, `replay` closes abandoned runs
-with it. Contract:
+with it. Each open run (and orphan) is one `OpenRun`: the tracker's
+`TrackedRun` with the spooler's `SpooledRun` in it, held in the tracker's
+tables only. A run is opened once its log exists (a start is checked, its
+log created, then the run opened: nothing to undo) and leaves memory in
+one place (`_forget`: closed or evicted). Contract:
 
 - `accept` validates, routes and stages one document (a stop closes its
   run), or raises `RejectedMessage` with nothing changed; any other
@@ -29,6 +33,9 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from .coerce import as_float
@@ -40,7 +47,7 @@ from .spool.codec import pack_document
 from .spool.directory import SpoolDir
 from .spool.index import Received
 from .spool.segment import list_segments
-from .spooler import RunSpooler
+from .spooler import RunSpooler, SpooledRun
 from .states import Rejection
 from .stats import ReceiverStats
 from .text import one_line
@@ -63,6 +70,14 @@ def internal_error(err: BaseException) -> RejectedMessage:
     return RejectedMessage(f"internal-error:{type(err).__name__}", f"at {where}")
 
 
+@dataclass(eq=False, slots=True)
+class OpenRun(TrackedRun):
+    """One open run (or orphan) in memory: what the tracker knows of it and its log (`log`: None only
+    for an orphan none of whose documents is spooled yet)."""
+
+    log: SpooledRun | None = None
+
+
 class Ingest:
     """Routes and spools decoded documents; see the module docstring."""
 
@@ -70,7 +85,9 @@ class Ingest:
         self.config = config
         self.spool = spool
         self.stats = stats
-        self.tracker = RunTracker(on_gap=self._gap, reject_duplicates=True, may_orphan=self._may_orphan)
+        self.tracker: RunTracker[OpenRun] = RunTracker(
+            on_gap=self._gap, reject_duplicates=True, may_orphan=self._may_orphan, run_type=OpenRun
+        )
         self.spooler = RunSpooler(config, spool, stats)
         self.max_runs_in_memory = MAX_RUNS_IN_MEMORY
         self.recent: OrderedDict[str, None] = OrderedDict()  # open runs by their last document, idlest first
@@ -90,20 +107,14 @@ class Ingest:
                 self._start(doc, payload)
                 return
             waiting = self.tracker.orphan("descriptor", doc["uid"]) if name == "descriptor" else None
-            if waiting is not None:
-                self.tracker.release_orphan(waiting)  # the descriptor's own run claims it now
-            try:
-                run = self._route(name, doc)
-            except BaseException:
-                if waiting is not None:
-                    self.tracker.restore_orphan(waiting)
-                raise
+            run = self._route(name, doc)  # a descriptor accepted releases the orphan its events opened
             if run.orphan is not None:
                 self._stage_orphan(run, name, payload)
             else:
-                self.spooler.stage(self.spooler.runs[run.key], name, payload)
+                assert run.log is not None  # an open run has its log
+                self.spooler.stage(run.log, name, payload)
                 self._touch(run.uid)
-            if waiting is not None:
+            if waiting is not None and waiting.key not in self.tracker.orphans:
                 self._adopt(waiting)
             if name == "stop" and run.orphan is None:
                 self.close_run(run, "stop")
@@ -119,15 +130,12 @@ class Ingest:
         for uid in list(self.evicted):
             self._close_evicted(uid, reason)
 
-    def close_run(self, run: TrackedRun, reason: str) -> None:
+    def close_run(self, run: OpenRun, reason: str) -> None:
         received = run.received
-        received.closed, received.close_reason = True, reason
-        self.tracker.close(run)
-        self.recent.pop(run.uid, None)
-        self.start_only.pop(run.uid, None)
-        spooled = self.spooler.runs.get(run.key)
-        if spooled is not None:
-            self.spooler.close(spooled)
+        received.close(reason)
+        self._forget(run)
+        if run.log is not None:
+            self.spooler.close(run.log)
         self.ledger.note(received)
         self._count_losses(received)
         problems = received.problems()
@@ -156,7 +164,7 @@ class Ingest:
                     self.close_run(self.tracker.runs[uid], reason)
                 for uid in [u for u, last in self.evicted.items() if last < limit]:
                     self._close_evicted(uid, reason)
-        self.spooler.upkeep(save)
+        self.spooler.upkeep(self._logs(), save)
         if now - self._last_size_check >= SPOOL_SIZE_INTERVAL_S and not self._busy_measuring():
             self._last_size_check = now
             if self._measuring is None:  # the first upkeep: measured here, before anything is staged
@@ -190,10 +198,22 @@ class Ingest:
 
     def shutdown(self) -> None:
         """Write and save everything; open runs stay open for the next receiver."""
-        self.spooler.shutdown()
+        self.spooler.shutdown(self._logs())
 
     # ------------------------------------------------------------------ runs
-    def _route(self, name: str, doc: dict[str, Any]) -> TrackedRun:
+    def _logs(self) -> Iterator[SpooledRun]:
+        """The logs of the open runs and orphans."""
+        for run in chain(self.tracker.runs.values(), self.tracker.orphans.values()):
+            if run.log is not None:
+                yield run.log
+
+    def _forget(self, run: OpenRun) -> None:
+        """The one place an open run leaves memory (closed or evicted); its log is the caller's to close."""
+        self.tracker.close(run)
+        self.recent.pop(run.uid, None)
+        self.start_only.pop(run.uid, None)
+
+    def _route(self, name: str, doc: dict[str, Any]) -> OpenRun:
         """`tracker.route`, reopening a run evicted from memory that the document names."""
         try:
             return self.tracker.route(name, doc)
@@ -205,7 +225,7 @@ class Ingest:
             elif err.reason == Rejection.DUPLICATE_SEQ_NUM:
                 owner = self.tracker.run_of_descriptor.get(doc.get("descriptor"))  # type: ignore[arg-type]
                 if owner is not None:
-                    owner.received.duplicates += 1
+                    owner.received.note_duplicate()
             raise
 
     def _touch(self, uid: str) -> None:
@@ -219,19 +239,19 @@ class Ingest:
             del self.start_only[uid]
 
     def _start(self, doc: dict[str, Any], payload: bytes) -> None:
-        run = self.tracker.route("start", doc)
+        """Check a start, create its run's log, then open the run (in that order: nothing to undo)."""
+        run = self.tracker.new_run(doc)
         uid = run.uid
-        if self.spooler.has_run(uid):
-            self.tracker.discard(run)
+        if self.spool.run_dir(uid).exists():
             self._closed_in_spool(uid)
             raise ValidationError("repeated-start", uid)
         try:
-            spooled = self.spooler.open(run.received)
+            run.log = spooled = self.spooler.open(run.received)
         except OSError as err:
-            self.tracker.discard(run)
             self.spooler.trouble(f"cannot create run {uid} in the spool: {err.strerror}")
             self.stats.dropped += 1
             return
+        self.tracker.open(run)
         self.stats.runs_started += 1
         self.ledger.note(run.received)
         received = run.received
@@ -245,7 +265,7 @@ class Ingest:
             self.tracker.release_orphan(orphan)
             self._adopt(orphan)
 
-    def _make_room(self, new: TrackedRun) -> None:
+    def _make_room(self, new: OpenRun) -> None:
         """Hold at most `max_runs_in_memory` runs: evict those that sent only a start first, then the idlest."""
         while len(self.tracker.runs) > self.max_runs_in_memory:
             victims = (uid for queue in (self.start_only, self.recent) for uid in queue if uid != new.uid)
@@ -254,14 +274,11 @@ class Ingest:
                 return
             self._evict(self.tracker.runs[uid])
 
-    def _evict(self, run: TrackedRun) -> None:
+    def _evict(self, run: OpenRun) -> None:
         """Drop an open run from memory; it stays open on disk and its next document reopens it."""
-        self.tracker.close(run)
-        self.recent.pop(run.uid, None)
-        self.start_only.pop(run.uid, None)
-        spooled = self.spooler.runs.get(run.key)
-        if spooled is not None:
-            self.spooler.forget(spooled)
+        self._forget(run)
+        if run.log is not None:
+            self.spooler.park(run.log)
         self.evicted[run.uid] = run.received.last_received
         log.info(
             "run evicted from memory uid=%s (more than %d open); it stays open",
@@ -306,7 +323,7 @@ class Ingest:
     def _may_orphan(self, kind: str, uid: str) -> bool:
         """May a new orphan open (within the bounds, and not for a run the spool holds: that one is
         remembered closed, so the document is after-stop, or reopens it if it was evicted)?"""
-        if kind == "run_start" and self.spooler.has_run(uid):
+        if kind == "run_start" and self.spool.run_dir(uid).exists():
             self._closed_in_spool(uid)
             return False
         return len(self.tracker.orphans) < MAX_ORPHANS and self.stats.orphan_bytes < ORPHAN_MAX_BYTES
@@ -316,17 +333,17 @@ class Ingest:
         if uid not in self.tracker.runs:
             self.tracker.closed_runs[uid] = None
 
-    def _stage_orphan(self, run: TrackedRun, name: str, payload: bytes) -> None:
-        spooled = self.spooler.runs.get(run.key)
+    def _stage_orphan(self, run: OpenRun, name: str, payload: bytes) -> None:
         if self.stats.orphan_bytes + len(payload) > ORPHAN_MAX_BYTES:
             raise ValidationError("orphans-full", f"orphans hold {ORPHAN_MAX_BYTES} bytes")
+        spooled = run.log
         if spooled is None:
             assert run.orphan is not None
             directory = orphan_dir(self.spool, run.orphan, run.uid, create=True)
             try:
-                spooled = self.spooler.open(run.received, directory, run.key)
+                run.log = spooled = self.spooler.open(run.received, directory, run.key)
             except OSError as err:
-                self.tracker.release_orphan(run)
+                self.tracker.release_orphan(run)  # given up: its next document opens a new one
                 self.spooler.trouble(f"cannot create orphan {run.key} in the spool: {err.strerror}")
                 self.stats.dropped += 1
                 return
@@ -345,12 +362,12 @@ class Ingest:
         if name == "stop":
             self.spooler.park(spooled)
 
-    def _adopt(self, orphan: TrackedRun) -> None:
-        """Feed an orphan's documents, in order, to the run that now claims them; delete the orphan."""
-        spooled = self.spooler.runs.get(orphan.key)
+    def _adopt(self, orphan: OpenRun) -> None:
+        """Feed a released orphan's documents, in order, to the run that now claims them; delete it."""
+        spooled = orphan.log
         if spooled is None:
             return
-        self.spooler.forget(spooled)
+        self.spooler.park(spooled)
         fed = rejected = 0
         try:
             for name, doc in self.spooler.read_back(Received(uid=orphan.uid), spooled.directory):
@@ -404,13 +421,13 @@ class Ingest:
         """Replay one run's log and reopen it; the reason it was closed instead, or None."""
         try:
             run = self.tracker.replay(received, self.spooler.read_back(received))
-            spooled = self.spooler.resume(run.received)
+            run.log = spooled = self.spooler.resume(run.received)
         except Exception as err:  # noqa: BLE001  # this run only
             reason = f"its log could not be replayed ({one_line(err)})"
             log.warning("run %s closed: %s", received.uid, reason)
             failed = self.tracker.runs.get(received.uid)
             if failed is not None:
-                self.tracker.close(failed)
+                self._forget(failed)
             self.spooler.close_unopened(received, reason)
             self.ledger.note(received)
             self._count_losses(received)
@@ -438,6 +455,6 @@ class Ingest:
             except Exception as err:  # noqa: BLE001  # this orphan only: kept on disk, as it is
                 log.warning("orphan %s:%s not reopened (%s)", orphan.kind, received.uid, one_line(err))
                 continue
-            self.spooler.resume(run.received, orphan.directory, run.key)
+            run.log = self.spooler.resume(run.received, orphan.directory, run.key)
             self.stats.orphan_runs += 1
             self.stats.orphan_bytes += received.bytes

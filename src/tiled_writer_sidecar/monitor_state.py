@@ -320,7 +320,7 @@ class MonitorState:
         self.errors = 0
         self.last_error: str | None = None
         self.runs: OrderedDict[str, RunState] = OrderedDict()
-        self.tracker = RunTracker(on_repeat=self._repeated, safe_uids=False)
+        self.tracker: RunTracker[TrackedRun] = RunTracker(on_repeat=self._repeated, safe_uids=False)
         # sidecar side
         self.sidecar_url = sidecar_url
         self.sidecar_state = "unknown"

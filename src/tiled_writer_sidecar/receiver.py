@@ -1,8 +1,8 @@
 """The receiver: 0MQ frames in, durable per-run logs out. Never waits on Tiled, never stops.
 
 A `Subscription` feeds `handle`, which decodes (`wire`) and hands the
-document to `Ingest` (validation, `RunTracker`, `RunSpooler`); `tick` does
-the upkeep between wakes. At start-up the runs left open by the last
+document to `Ingest` (validation, `RunTracker`, `RunSpooler`); `upkeep`
+runs between wakes. At start-up the runs left open by the last
 receiver are taken over (`Ingest.recover`).
 
 What it has not handled yet is bounded in bytes (`Subscription`): a message
@@ -10,7 +10,7 @@ that would take that queue past its bound is rejected as ``queue-full``.
 Nothing on the wire, in the spool or in the traffic pattern makes it exit or
 refuse to start: a message that cannot be spooled is rejected with a reason,
 counted and quarantined (an unexpected exception too, as
-``internal-error:<Type>``), and `tick` never raises (logged once per episode).
+``internal-error:<Type>``), and `upkeep` never raises (logged once per episode).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 from .config import Config
 from .errors import RejectedMessage
-from .ingest import Ingest, internal_error
+from .ingest import Ingest, OpenRun, internal_error
 from .spool.directory import SpoolDir
 from .spooler import RunSpooler
 from .states import counted
@@ -52,7 +52,7 @@ class Receiver:
         self.ingest.recover()
 
     @property
-    def tracker(self) -> RunTracker:
+    def tracker(self) -> RunTracker[OpenRun]:
         return self.ingest.tracker
 
     @property
@@ -67,7 +67,7 @@ class Receiver:
         """Wait up to `timeout_ms` for messages, handle those waiting, do the upkeep; return how many."""
         subscription = self.subscription
         count = subscription.drain(self.handle) if subscription.wait(timeout_ms) else 0
-        self.tick()
+        self.upkeep()
         return count
 
     def _count(self, frames: list[bytes], size: int | None = None) -> None:
@@ -118,10 +118,10 @@ class Receiver:
             if count == 1:
                 log.error("cannot quarantine a rejected message (%s)", one_line(err))
 
-    def tick(self) -> None:
-        """Upkeep between wakes; never raises (a failure is logged once per episode)."""
+    def upkeep(self) -> None:
+        """Watch the connection, then `Ingest.upkeep`; never raises (a failure is logged once per episode)."""
         try:
-            self._upkeep()
+            self._upkeep_once()
         except Exception as err:  # noqa: BLE001  # the loop must go on
             if not self._upkeep_failing:
                 log.error(
@@ -135,7 +135,7 @@ class Receiver:
                 log.warning("receiver upkeep works again")
             self._upkeep_failing = False
 
-    def _upkeep(self) -> None:
+    def _upkeep_once(self) -> None:
         now = time.monotonic()
         if now - self._last_watch >= WATCH_INTERVAL_S:
             self._last_watch = now

@@ -419,7 +419,7 @@ def import_file(
                 result.skip(where, rejected)
                 continue
             result.documents += 1
-            if name == "start" and doc["uid"] in ingest.spooler.runs:
+            if name == "start" and doc["uid"] in ingest.tracker.runs:
                 result.runs.append(doc["uid"])
             if result.documents % 1000 == 0:
                 ingest.upkeep()

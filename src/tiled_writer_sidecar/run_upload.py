@@ -1,7 +1,7 @@
 """One run's upload: its log read back, fed to TiledWriter, flushed, verified, finished.
 
 - `RunUpload.start` deletes a partial upload of the run in Tiled first, only
-  if this spool created it (``uploaded.created``) or `Shared.overwrite_foreign`
+  if this spool created it (``uploaded.created``) or `UploadContext.overwrite_foreign`
   says so; it makes no request otherwise. Feeding the start creates the run
   in Tiled: ``uploaded.json`` records ``creating`` first; Tiled answers 409
   if another writer has the run (`ForeignRun`: the run is quarantined, nothing
@@ -21,14 +21,22 @@
   append retried, a table widened or split) has its ``seq_num`` column read
   back: the values fed, in the order fed or in ``seq_num`` order (how Tiled
   reads the table back), or `VerificationFailed`.
-- Runs are uploaded from several worker threads at once: the shared
-  counters are changed under `Shared.lock`; closed runs send their appends
-  one at a time (`Shared.tables_lock`), an open run's never wait;
+- Runs are uploaded from several worker threads at once: the counters in
+  `UploadContext.status` are changed under `UploadContext.lock`; closed runs send their appends
+  one at a time (`UploadContext.tables_lock`), an open run's never wait;
   ``uploaded.json`` is written at the start, at most every
   `PROGRESS_INTERVAL_S` while rows flow, and at the end.
 - A failure leaves ``uploaded.json`` at ``uploading``: the scheduler forgets
   the run (`abandon`) and the next `start` rewrites it whole.
 - ``received.json`` is read again only when it changed on disk.
+
+Its `Phase`, set by each `pump` pass from what it read (a failure raises
+instead: the scheduler drops the object)::
+
+    READING --pass reads RECORDS_PER_PUMP--> READING     (a backlog: holds an upload slot)
+            --pass reads fewer, or rows stay buffered--> CAUGHT_UP (no slot; rows flush on time)
+            --pass reads nothing, nothing buffered--> WAITING   (no pass until received.json changes)
+    any     --pass reads nothing, received.json closed--> DONE  (verified, ``uploaded``: forgotten)
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import httpx
@@ -99,9 +108,19 @@ class SeqNums:
         return SeqNums.of(tiled) == self or (len(tiled) == self.count and tiled == sorted(self.values()))
 
 
+class Phase(Enum):
+    """Where a run's upload stands after its last `RunUpload.pump` pass (the module docstring's diagram)."""
+
+    READING = "reading"  # a backlog to read (or no pass yet): it holds an upload slot
+    CAUGHT_UP = "caught_up"  # its last pass read less than RECORDS_PER_PUMP: no backlog, no slot
+    WAITING = "waiting"  # open, its log read to the end, nothing buffered: no work until more documents come
+    DONE = "done"  # closed, read to its end, verified and recorded ``uploaded``: the scheduler forgets it
+
+
 @dataclass
-class Shared:
-    """What every run's upload shares: settings, the spool, the Tiled link and the counters."""
+class UploadContext:
+    """The uploader as every run's upload sees it: settings, the spool, the Tiled link, the status
+    counters and the locks that guard them and Tiled's tables."""
 
     config: Config
     spool: SpoolDir
@@ -118,12 +137,12 @@ class RunUpload:
     """One run in flight; see the module docstring."""
 
     def __init__(
-        self, view: RunView, tiled: TiledRun, shared: Shared, retry: InPlaceRetry | None = None
+        self, view: RunView, tiled: TiledRun, context: UploadContext, retry: InPlaceRetry | None = None
     ) -> None:
         self.view = view
         self.tiled = tiled
-        self.retry = retry or InPlaceRetry(shared.link)  # this run's bounded in-place retries
-        self.shared = shared
+        self.retry = retry or InPlaceRetry(context.link)  # this run's bounded in-place retries
+        self.context = context
         self.reader = LogReader(view.directory)
         self.received = view.received
         self._received_key: tuple[int, int, int] | None = _UNSEEN
@@ -132,11 +151,8 @@ class RunUpload:
         self.first_buffered: float | None = None
         self.last_progress_save = 0.0
         self.started = time.monotonic()
-        self.waiting = False  # open, its log drained, nothing buffered: no work until more documents come
-        self.caught_up = False  # its last pass read less than RECORDS_PER_PUMP: no backlog, no upload slot
+        self.phase = Phase.READING
         self.last_read = time.monotonic()  # when its last pass read a document
-        self.finished = False  # uploaded: the scheduler forgets it
-        self.start_seen = False
         # An upload before this one was cut between creating the run and recording it.
         self.cut_while_creating = view.uploaded.creating and not view.uploaded.created
         self.streams: dict[str, str] = {}  # descriptor uid -> stream name, as fed
@@ -149,7 +165,20 @@ class RunUpload:
     @property
     def busy(self) -> bool:
         """It has a backlog: it holds an upload slot."""
-        return not (self.caught_up or self.waiting)
+        return self.phase is Phase.READING
+
+    @property
+    def caught_up(self) -> bool:
+        """Its last pass read less than RECORDS_PER_PUMP (it may hold rows)."""
+        return self.phase in (Phase.CAUGHT_UP, Phase.WAITING)
+
+    @property
+    def waiting(self) -> bool:
+        return self.phase is Phase.WAITING
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.DONE
 
     @property
     def idle(self) -> bool:
@@ -158,31 +187,31 @@ class RunUpload:
 
     # ------------------------------------------------------------- start
     @classmethod
-    def start(cls, view: RunView, shared: Shared) -> RunUpload:
+    def start(cls, view: RunView, context: UploadContext) -> RunUpload:
         """Make the run ready to feed: a partial upload this spool created is deleted (module docstring)."""
-        client = shared.link.client
+        client = context.link.client
         uid = check_uid(view.directory.name)
         if view.received.uid != uid:
             raise BadRunDocument(f"received.json names run {clean(view.received.uid, 80)!r}, not {uid}")
         uploaded = view.uploaded
-        if (uploaded.created or shared.overwrite_foreign) and run_exists(client, uid):
+        if (uploaded.created or context.overwrite_foreign) and run_exists(client, uid):
             if uploaded.created:
                 log.info("run %s: deleting the partial upload before rewriting it", uid)
             else:
                 log.warning("run %s: deleting a run this spool did not create (--overwrite-foreign)", uid)
             _close_for_subscribers(client, uid)
             delete_run(client, uid)
-            with shared.lock:
-                shared.status.rewrites += 1
-        retry = InPlaceRetry(shared.link)
-        serial = shared.tables_lock if view.received.closed else None  # the live lane never waits
-        tiled = TiledRun(client, shared.config.tiled.batch_rows, retry, serial=serial)
-        return cls(view, tiled, shared, retry)
+            with context.lock:
+                context.status.note_rewrite()
+        retry = InPlaceRetry(context.link)
+        serial = context.tables_lock if view.received.closed else None  # the live lane never waits
+        tiled = TiledRun(client, context.config.tiled.batch_rows, retry, serial=serial)
+        return cls(view, tiled, context, retry)
 
     def _create(self, doc: dict[str, Any]) -> None:
         """Feed the start, which creates the run in Tiled, recording ``creating`` first (module docstring)."""
         uploaded = self.view.uploaded
-        client = self.shared.link.client
+        client = self.context.link.client
         if not uploaded.created:
             uploaded.creating = True
             uploaded.save(self.view.directory)
@@ -205,8 +234,8 @@ class RunUpload:
             )
             _close_for_subscribers(client, self.uid)
             delete_run(client, self.uid)
-            with self.shared.lock:
-                self.shared.status.rewrites += 1
+            with self.context.lock:
+                self.context.status.note_rewrite()
             self.tiled.feed("start", doc)
         except httpx.ConnectError:
             self._not_created(foreign=False)
@@ -243,7 +272,7 @@ class RunUpload:
         damage_before = len(self.reader.damage)
         for payload in self.reader.read(max_records=RECORDS_PER_PUMP):
             name, doc = unpack_document(payload)
-            self.feed(name, doc)
+            self.feed(name, doc, first=self.fed + count == 0)
             count += 1
         self.fed += count
         for damage in self.reader.damage[damage_before:]:
@@ -261,8 +290,12 @@ class RunUpload:
         if count == 0 and received.closed:
             self.finish(received)
             return True
-        self.waiting = count == 0 and not self.tiled.buffered_rows()
-        self.caught_up = count < RECORDS_PER_PUMP
+        if count == RECORDS_PER_PUMP:
+            self.phase = Phase.READING
+        elif count or self.tiled.buffered_rows():
+            self.phase = Phase.CAUGHT_UP
+        else:
+            self.phase = Phase.WAITING
         if count:
             self.last_read = now
             if now - self.last_progress_save >= PROGRESS_INTERVAL_S and not self.tiled.buffered_rows():
@@ -297,7 +330,7 @@ class RunUpload:
         be full): rows then reach Tiled within `batch_seconds` of being
         acquired, however late they reached the uploader.
         """
-        seconds = self.shared.config.tiled.batch_seconds
+        seconds = self.context.config.tiled.batch_seconds
         held = self.first_buffered
         if held is not None and now - held >= seconds:
             return True
@@ -306,20 +339,17 @@ class RunUpload:
 
     def flush(self) -> None:
         """Write the buffered rows to Tiled, count them and their lag, record the progress."""
-        status = self.shared.status
+        context = self.context
         rows = self.tiled.buffered_rows()
         lag = self.tiled.flush()
         self.first_buffered = None
         self.rows_counted += rows
-        with self.shared.lock:
-            status.flushes += 1
-            status.rows += rows
+        with context.lock:
+            histogram = None
             if lag is not None:
-                status.last_lag_seconds = lag
-                status.lag_seconds.append(lag)
-                del status.lag_seconds[:-1000]
-                self.shared.lag.observe(lag)
-                status.lag_histogram = self.shared.lag.as_status()
+                context.lag.observe(lag)
+                histogram = context.lag.as_status()
+            context.status.note_flush(rows, lag, histogram)
         if time.monotonic() - self.last_progress_save >= PROGRESS_INTERVAL_S:
             self._save_progress()
 
@@ -330,14 +360,14 @@ class RunUpload:
         self.last_progress_save = time.monotonic()
 
     # ------------------------------------------------------------- untrusted documents
-    def feed(self, name: str, doc: dict[str, Any]) -> None:
-        """Check that a document read back from the spool belongs to this run, note its seq_nums, feed it."""
+    def feed(self, name: str, doc: dict[str, Any], *, first: bool) -> None:
+        """Check that a document read back from the spool belongs to this run (`first`: the first fed,
+        which must be its start), note its seq_nums, feed it."""
         if not isinstance(doc, dict):
             raise BadRunDocument(f"a {clean(name, 40)!r} record that is not a document")
-        if not self.start_seen:
+        if first:
             if name != "start" or doc.get("uid") != self.uid:
                 raise BadRunDocument(f"the log starts with {_describe(name, doc)}, not this run's start")
-            self.start_seen = True
         elif name == "start":
             raise BadRunDocument(f"a second start in the log: {_describe(name, doc)}")
         elif name in ("descriptor", "stop") and doc.get("run_start") != self.uid:
@@ -365,7 +395,7 @@ class RunUpload:
     def finish(self, received: Received) -> None:
         """The log is read to its end and closed: stop, verify, record ``uploaded``, release segments."""
         uid = self.uid
-        shared = self.shared
+        context = self.context
         if (tail := self.reader.unread_tail()) is not None:
             log.error("run %s: %s at the end of the log; skipped", uid, tail)
             self.view.uploaded.damage.append(str(tail))
@@ -377,11 +407,9 @@ class RunUpload:
         uploaded.documents = self.fed
         uploaded.rows = rows
         uploaded.save(self.view.directory)
-        self.finished = True
-        with shared.lock:
-            shared.status.rows += sum(rows.values()) - self.rows_counted
-            shared.status.runs_uploaded += 1
-            shared.status.documents += self.fed
+        self.phase = Phase.DONE
+        with context.lock:
+            context.status.note_uploaded(self.fed, sum(rows.values()) - self.rows_counted)
         problems = received.problems() + uploaded.damage
         log.info(
             "run uploaded uid=%s scan_id=%s documents=%d rows=%s seconds=%.1f %s",
@@ -392,8 +420,8 @@ class RunUpload:
             time.monotonic() - self.started,
             "incomplete: " + "; ".join(problems) if problems else "complete",
         )
-        shared.spool.release_run(
-            RunView(self.view.directory, received, uploaded), shared.config.spool.retention_hours
+        context.spool.release_run(
+            RunView(self.view.directory, received, uploaded), context.config.spool.retention_hours
         )
 
     def verify(self) -> dict[str, int]:
@@ -420,7 +448,7 @@ class RunUpload:
         failed = False
         while True:
             try:
-                seq = read_seq_nums(self.shared.link.client, self.uid, stream)
+                seq = read_seq_nums(self.context.link.client, self.uid, stream)
             except httpx.HTTPStatusError as err:
                 if not retryable(err):
                     raise
@@ -443,13 +471,12 @@ class RunUpload:
 def quarantine(view: RunView, reason: str, status: UploaderStatus) -> None:
     """Record that the run can never be uploaded (``uploaded.json``, the status, one log line).
 
-    The caller holds `Shared.lock` if workers may be running."""
+    The caller holds `UploadContext.lock` if workers may be running."""
     uid = view.directory.name
     uploaded = view.uploaded
     uploaded.state = UploadState.QUARANTINED
     uploaded.reason = reason
-    status.runs_quarantined += 1
-    status.last_error = f"run {clean(uid, 80)} quarantined: {reason}"
+    status.note_quarantined(f"run {clean(uid, 80)} quarantined: {reason}")
     log.error("run %s quarantined: %s", clean(uid, 80), reason)
     try:
         uploaded.save(view.directory)

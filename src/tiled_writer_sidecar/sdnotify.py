@@ -19,7 +19,7 @@ class Notifier:
         if self._address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         usec = os.environ.get("WATCHDOG_USEC", "")
-        # systemd advises pinging at half the watchdog timeout.
+        #: Seconds between WATCHDOG pings: half the watchdog timeout, as systemd advises (None: no watchdog).
         self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() else None
 
     @property

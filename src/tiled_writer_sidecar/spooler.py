@@ -1,8 +1,10 @@
 """RunSpooler: the writes of open runs, one append-only log each (see docs/design.md, "The spool").
 
-- `open` creates a run (OSError if it cannot: nothing of it is kept);
+- `open` creates a run's log (OSError if it cannot: nothing of it is kept);
   `resume` reopens one left open (a torn tail is truncated). A run's
-  directory is its run directory, or an orphan's (`orphans.py`).
+  directory is its run directory, or an orphan's (`orphans.py`). The
+  caller holds each `SpooledRun` (`Ingest`: one per open run, in its
+  `OpenRun`) and hands them to `upkeep` and `shutdown`.
 - At most ``max_open_runs`` logs are open (a cap on files, not on runs): the
   least recently written is closed (`park`) and reopened by its next write.
 - `stage` counts a document as spooled at once and keeps its record until
@@ -21,7 +23,7 @@ import errno
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,16 +66,11 @@ class RunSpooler:
         self.spool = spool
         self.stats = stats
         self.fsync = FsyncPolicy(config.fsync, config.fsync_interval_ms / 1000, config.fsync_records)
-        self.runs: dict[str, SpooledRun] = {}  # by key
         self.open_files: OrderedDict[str, SpooledRun] = OrderedDict()  # runs with an open log, LRU first
         self.reopened = 0  # logs reopened after `park` (for tests and benchmarks)
         self.unsaved_closed: list[SpooledRun] = []  # closed, but received.json not yet saved
         self._stage_now = config.fsync == "always"
         self._max_bytes = config.max_bytes
-
-    def has_run(self, uid: str) -> bool:
-        """True if the spool holds a run `uid` (open, closed or left by an earlier receiver)."""
-        return uid in self.runs or self.spool.run_dir(uid).exists()
 
     def open(self, received: Received, directory: Path | None = None, key: str | None = None) -> SpooledRun:
         """Create a new run's log and ``received.json``; OSError if the spool cannot."""
@@ -85,14 +82,11 @@ class RunSpooler:
         except OSError:
             self._close_log(run)
             raise
-        self.runs[run.key] = run
         return run
 
     def resume(self, received: Received, directory: Path | None = None, key: str | None = None) -> SpooledRun:
         """Go on appending to a run left open (its counters already replayed); its log opens on its next write."""
-        run = SpooledRun(received, None, directory or self.spool.run_dir(received.uid), key or received.uid)
-        self.runs[run.key] = run
-        return run
+        return SpooledRun(received, None, directory or self.spool.run_dir(received.uid), key or received.uid)
 
     def _open_log(self, run: SpooledRun) -> None:
         """Open a run's log for appending, closing the least recently written ones beyond the cap."""
@@ -118,12 +112,6 @@ class RunSpooler:
         self._close_log(run)
         self.save(run)
 
-    def forget(self, run: SpooledRun) -> None:
-        """Park a run and drop it from memory (it stays as it is on disk)."""
-        self.park(run)
-        if self.runs.get(run.key) is run:
-            del self.runs[run.key]
-
     def read_back(
         self, received: Received, directory: Path | None = None
     ) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -133,15 +121,11 @@ class RunSpooler:
 
     def _recount(self, received: Received, directory: Path | None = None) -> Iterator[bytes]:
         """The records of a run's log, counted anew into `received` as read."""
-        received.documents = received.bytes = 0
-        for payload in LogReader(directory or self.spool.run_dir(received.uid)).read():
-            received.documents += 1
-            received.bytes += HEADER_SIZE + len(payload)
-            yield payload
+        return received.recount(LogReader(directory or self.spool.run_dir(received.uid)).read(), HEADER_SIZE)
 
     def close_unopened(self, received: Received, reason: str) -> None:
         """Mark a run that was never (re)opened closed, with the reason and its records counted; never raises."""
-        received.closed, received.close_reason = True, reason
+        received.close(reason)
         try:
             for _ in self._recount(received):
                 pass
@@ -160,10 +144,7 @@ class RunSpooler:
         run.staged.append(payload)
         run.staged_names.append(name)
         run.staged_bytes += size
-        received = run.received
-        received.documents += 1
-        received.bytes += size
-        received.last_received = time.time()
+        run.received.note_spooled(size, time.time())
         run.dirty = True
         stats.documents[name] += 1
         stats.spool_bytes += size
@@ -208,13 +189,12 @@ class RunSpooler:
 
     def _uncount(self, run: SpooledRun, name: str, size: int) -> None:
         """Undo `stage`'s counting for a staged document that could not be written."""
-        run.received.documents -= 1
-        run.received.bytes -= size
+        run.received.note_unwritten(size)
         self.stats.documents[name] -= 1
         self.stats.spool_bytes -= size
 
     def drop(self, run: SpooledRun, why: str) -> None:
-        run.received.dropped += 1
+        run.received.note_dropped()
         run.dirty = True
         self.stats.dropped += 1
         self.trouble(f"dropping documents of run {run.received.uid}: {why}")
@@ -244,8 +224,6 @@ class RunSpooler:
         self.save(run)
         if run.dirty:
             self.unsaved_closed.append(run)  # retried by upkeep() until the disk has room
-        if self.runs.get(run.key) is run:
-            del self.runs[run.key]
 
     def _close_log(self, run: SpooledRun) -> None:
         """fsync and close a run's log, releasing its descriptor; a failed fsync is said, not raised."""
@@ -258,9 +236,11 @@ class RunSpooler:
         if self.open_files.get(run.key) is run:
             del self.open_files[run.key]
 
-    def upkeep(self, save: bool) -> None:
-        """Write what is staged, fsync when the policy says so; with `save`, save changed runs."""
-        for run in list(self.runs.values()):
+    def upkeep(self, runs: Iterable[SpooledRun], save: bool) -> None:
+        """Write what `runs` (the open ones) staged, fsync when the policy says so; with `save`, save
+        those changed."""
+        runs = list(runs)
+        for run in runs:
             if run.staged:
                 self.flush(run)
         for run in list(self.open_files.values()):
@@ -270,7 +250,7 @@ class RunSpooler:
                 except OSError as err:
                     self.trouble(f"fsync failed: {err.strerror}")
         if save:
-            for run in self.runs.values():
+            for run in runs:
                 if run.dirty or run.staged:
                     self.save(run)
             for run in list(self.unsaved_closed):
@@ -278,8 +258,9 @@ class RunSpooler:
                 if not run.dirty:
                     self.unsaved_closed.remove(run)
 
-    def shutdown(self) -> None:
-        """Write and save everything, close every log (the runs stay open for the next receiver)."""
-        for run in [*self.runs.values(), *self.unsaved_closed]:
+    def shutdown(self, runs: Iterable[SpooledRun]) -> None:
+        """Write and save `runs` (the open ones) and every closed one, close every log (the runs stay
+        open for the next receiver)."""
+        for run in [*runs, *self.unsaved_closed]:
             self.save(run)
             self._close_log(run)

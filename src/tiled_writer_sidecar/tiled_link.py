@@ -174,20 +174,20 @@ class TiledLink:
         (unless `err` is the probe's own `TiledDown`); not answering, the client is dropped and the
         state is ``down`` (or what `Misconfigured` found). Any other outcome: the error is shown.
         """
-        self.status.retries += 1
+        self.status.note_retry()
         match rule.outcome:
             case Outcome.UNAUTHORIZED:
                 self.client = None
                 self.set_state(TiledState.UNAUTHORIZED, one_line(err))
             case Outcome.TILED_DOWN | Outcome.RETRY if not isinstance(err, TiledDown) and self.reachable():
                 log.warning("upload failed, Tiled is reachable: %s", one_line(err))
-                self.status.last_error = one_line(err)
+                self.status.note_error(one_line(err))
             case Outcome.TILED_DOWN | Outcome.RETRY:
                 self.client = None
                 state = err.state if isinstance(err, Misconfigured) else TiledState.DOWN
                 self.set_state(state, str(err) if isinstance(err, TiledDown) else one_line(err))
             case Outcome.REWRITE | Outcome.REJECTED | Outcome.QUARANTINE | Outcome.STOP:  # (STOP: never here)
-                self.status.last_error = one_line(err)
+                self.status.note_error(one_line(err))
             case unknown:
                 assert_never(unknown)
         self.report()
@@ -196,13 +196,12 @@ class TiledLink:
 
     def wait_before_retry(self, err: Exception) -> None:
         """A run's append failed transiently: note it, back off (Stopping if asked to stop)."""
-        self.status.retries += 1
-        self.status.append_retries += 1
+        self.status.note_retry(append=True)
         backoff = self.backoff
         if self.reachable():
             if self._failing_since is None:
                 log.warning("append failed, Tiled is reachable; retrying it in place: %s", one_line(err))
-            self.status.last_error = one_line(err)
+            self.status.note_error(one_line(err))
             backoff = self.busy_backoff
         else:
             self.set_state(TiledState.DOWN, one_line(err))
@@ -222,12 +221,10 @@ class TiledLink:
 
     def set_state(self, state: TiledState, error: str | None = None) -> None:
         """Record Tiled's state (and the error that says why); one log line when it changes."""
-        if error:
-            self.status.last_error = error
-        if state == self.status.tiled:
+        changed = self.status.note_tiled(state, error)
+        if changed is None:
             return
-        previous, since = self.status.tiled, self.status.since
-        self.status.tiled, self.status.since = state, time.time()
+        previous, since = changed
         uri = self.config.tiled.uri
         if state is TiledState.UP:
             if previous in (TiledState.DOWN, TiledState.UNAUTHORIZED, TiledState.NOT_TILED):

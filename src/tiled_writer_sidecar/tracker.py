@@ -20,6 +20,10 @@ document kind; the receiver, its crash recovery and `monitor` share it
   ``run_start`` never seen goes to an orphan run keyed by that uid; an event,
   event_page or stream_datum naming an unknown descriptor to one keyed by the
   descriptor uid (``TrackedRun.orphan`` says which); `may_orphan` bounds them.
+  That descriptor, once accepted, takes its orphan's claim over and releases
+  it (the caller adopts what it holds); a start releases nothing.
+- A caller that keeps more per run subclasses `TrackedRun` (``run_type``);
+  it may check a start (`new_run`) before it opens the run (`open`).
 - Gaps and late copies, per descriptor (one rule, docs/design.md "Gaps"):
   a seq_num above the highest seen + 1 adds the hole to ``missing[stream]``;
   one that falls in a counted hole is a late event: kept, it fills the hole
@@ -40,7 +44,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from event_model import DocumentRouter
 
@@ -115,7 +119,10 @@ class TrackedRun:
         self.key = self.uid if self.orphan is None else f"{self.orphan}:{self.uid}"
 
 
-class RunTracker(DocumentRouter):
+R = TypeVar("R", bound=TrackedRun)
+
+
+class RunTracker(DocumentRouter, Generic[R]):
     """Routes documents to open runs and counts their gaps; see the module docstring."""
 
     def __init__(
@@ -126,31 +133,34 @@ class RunTracker(DocumentRouter):
         safe_uids: bool = True,
         reject_duplicates: bool = False,
         may_orphan: OrphanGate | None = None,
+        run_type: type[R] = TrackedRun,  # type: ignore[assignment]  # R is TrackedRun unless given
     ) -> None:
         """`on_gap` / `on_repeat` hear of each hole / duplicate seq_num as it is counted.
 
         `safe_uids=False` (the monitor: it shows runs, never stores them)
         accepts any string as a run uid, not only a safe directory name.
         `reject_duplicates` rejects a copy of a received seq_num or descriptor; `may_orphan`
-        (None: no orphans) says whether a new orphan run may be opened.
+        (None: no orphans) says whether a new orphan run may be opened; `run_type` is
+        what each run (and orphan) is made as.
         """
         super().__init__()
-        self.runs: dict[str, TrackedRun] = {}  # open runs, oldest first
-        self.run_of_descriptor: dict[str, TrackedRun] = {}
-        self.run_of_resource: dict[str, TrackedRun] = {}
+        self.runs: dict[str, R] = {}  # open runs, oldest first
+        self.run_of_descriptor: dict[str, R] = {}
+        self.run_of_resource: dict[str, R] = {}
         self.closed_runs: dict[str, None] = {}
         self.closed_owner: dict[str, str] = {}  # descriptor / resource uid -> its closed run
-        self.orphans: dict[str, TrackedRun] = {}  # by TrackedRun.key: runs whose start is missing
+        self.orphans: dict[str, R] = {}  # by TrackedRun.key: runs whose start is missing
         self.on_gap = on_gap
         self.on_repeat = on_repeat
         self.safe_uids = safe_uids
         self.reject_duplicates = reject_duplicates
         self.may_orphan = may_orphan
-        self._run: TrackedRun | None = None
+        self.run_type = run_type
+        self._run: R | None = None
         self._routes: dict[str, Callable[[Any], object]] = {name: getattr(self, name) for name in ROUTED}
 
     # ---------------------------------------------------------------- public
-    def route(self, name: str, doc: dict[str, Any]) -> TrackedRun:
+    def route(self, name: str, doc: dict[str, Any]) -> R:
         """The open run `doc` belongs to (counted), or ValidationError with nothing changed."""
         if name == "event":  # most of the traffic: the next seq_num of a known descriptor
             descriptor = doc["descriptor"]
@@ -160,9 +170,7 @@ class RunTracker(DocumentRouter):
                 last = run.last_seq[descriptor]
                 if type(seq) is int and seq == last + 1:
                     run.last_seq[descriptor] = seq
-                    events = run.received.events
-                    stream = run.streams[descriptor]
-                    events[stream] = events.get(stream, 0) + 1
+                    run.received.note_events(run.streams[descriptor], 1)
                     return run
         method = self._routes.get(name)
         if method is None:
@@ -173,27 +181,33 @@ class RunTracker(DocumentRouter):
         assert run is not None
         return run
 
-    def resume(self, received: Received) -> TrackedRun:
+    def new_run(self, doc: Mapping[str, Any]) -> R:
+        """The run a start opens, not open yet (`open` it), or ValidationError: the checks of `start`."""
+        uid = doc["uid"]
+        if not (is_safe_uid(uid) if self.safe_uids else isinstance(uid, str)):
+            raise ValidationError(
+                "unsafe-uid", repr(uid)[:80] if isinstance(uid, str) else type(uid).__name__
+            )
+        if uid in self.runs or uid in self.closed_runs:
+            raise ValidationError("repeated-start", uid)  # an orphan keyed by it stays: the caller adopts it
+        return self.run_type(received_from_start(doc))
+
+    def open(self, run: R) -> R:
+        """Open a run from `new_run`: documents are routed to it from now on."""
+        self.runs[run.uid] = run
+        return run
+
+    def resume(self, received: Received) -> R:
         """Open a run known from the spool (crash recovery); its log is then replayed through `route`.
 
         What ``received.json`` says is untrusted: its identity is made plain
         again, and the counters the log determines (events, missing,
         expected_events, stop) start from zero.
         """
-        received.scan_id = as_int(received.scan_id)
-        received.plan_name = as_text(received.plan_name, MAX_NAME)
-        received.start_time = as_float(received.start_time)
-        received.first_received = as_float(received.first_received) or 0.0
-        received.last_received = as_float(received.last_received) or 0.0
-        received.dropped = as_int(received.dropped, 0, 2**63) or 0
-        received.events, received.missing, received.out_of_order = {}, {}, {}
-        received.datum_rows = {}
-        received.expected_events, received.stop_received, received.exit_status = None, False, None
-        run = TrackedRun(received)
-        self.runs[received.uid] = run
-        return run
+        received.resume()
+        return self.open(self.run_type(received))
 
-    def replay(self, received: Received, documents: Iterable[tuple[str, dict[str, Any]]]) -> TrackedRun:
+    def replay(self, received: Received, documents: Iterable[tuple[str, dict[str, Any]]]) -> R:
         """`resume` a run and route its logged `documents` again (the first, its own start, is known).
 
         Raises what `route` raises for a document the rules reject (the run
@@ -213,14 +227,10 @@ class RunTracker(DocumentRouter):
             self.may_orphan = gate
         return run
 
-    def replay_orphan(
-        self, received: Received, documents: Iterable[tuple[str, dict[str, Any]]]
-    ) -> TrackedRun:
+    def replay_orphan(self, received: Received, documents: Iterable[tuple[str, dict[str, Any]]]) -> R:
         """Open an orphan known from the spool (crash recovery) and route its logged documents again."""
         kind = received.orphan if received.orphan in ("run_start", "descriptor") else "run_start"
-        received.events, received.missing, received.out_of_order = {}, {}, {}
-        received.datum_rows = {}
-        received.expected_events, received.stop_received = None, False
+        received.forget_routed()
         gate, self.may_orphan = self.may_orphan, lambda k, u: (k, u) == (kind, received.uid)
         try:
             run = self._orphan(kind, received.uid)
@@ -235,7 +245,7 @@ class RunTracker(DocumentRouter):
             self.may_orphan = gate
         return run
 
-    def close(self, run: TrackedRun) -> None:
+    def close(self, run: R) -> None:
         """Forget an open run; its late documents are then rejected as ``after-stop``."""
         uid = run.uid
         if self.runs.get(uid) is not run:
@@ -250,8 +260,9 @@ class RunTracker(DocumentRouter):
                     self.closed_owner[key] = uid  # only to say after-stop: the uid is free to claim
         _trim(self.closed_owner, CLOSED_UID_MEMORY)
 
-    def release_orphan(self, run: TrackedRun) -> None:
-        """Forget an orphan run and free its claims (its start came: it is adopted, or given up)."""
+    def release_orphan(self, run: R) -> None:
+        """Forget an orphan run and free its claims (its start or descriptor came: it is adopted, or
+        given up)."""
         if self.orphans.get(run.key) is not run:
             return
         del self.orphans[run.key]
@@ -260,15 +271,7 @@ class RunTracker(DocumentRouter):
                 if owners.get(key) is run:
                     del owners[key]
 
-    def restore_orphan(self, run: TrackedRun) -> None:
-        """Undo `release_orphan` (the document that was to adopt it was rejected)."""
-        self.orphans[run.key] = run
-        for descriptor in run.streams:
-            self.run_of_descriptor.setdefault(descriptor, run)
-        for resource in run.resources:
-            self.run_of_resource.setdefault(resource, run)
-
-    def orphan(self, kind: str, uid: str) -> TrackedRun | None:
+    def orphan(self, kind: str, uid: str) -> R | None:
         """The orphan run keyed by `kind` (run_start / descriptor) and `uid`, if there is one."""
         return self.orphans.get(f"{kind}:{uid}")
 
@@ -281,12 +284,7 @@ class RunTracker(DocumentRouter):
         uid = doc.get("run_start")
         return uid if isinstance(uid, str) and uid in self.closed_runs else None
 
-    def discard(self, run: TrackedRun) -> None:
-        """Undo the opening of a run that could not be created (no trace of it kept)."""
-        if self.runs.get(run.uid) is run and not run.streams and not run.resources:
-            del self.runs[run.uid]
-
-    def idlest(self, but: str = "", *, start_only: bool = False) -> TrackedRun | None:
+    def idlest(self, but: str = "", *, start_only: bool = False) -> R | None:
         """The open run (other than `but`; with `start_only` one that declared nothing) idle longest."""
         runs = (
             run
@@ -297,29 +295,25 @@ class RunTracker(DocumentRouter):
 
     # ---------------------------------------------- one method per document
     def start(self, doc: Any) -> None:
-        uid = doc["uid"]
-        if not (is_safe_uid(uid) if self.safe_uids else isinstance(uid, str)):
-            raise ValidationError(
-                "unsafe-uid", repr(uid)[:80] if isinstance(uid, str) else type(uid).__name__
-            )
-        if uid in self.runs or uid in self.closed_runs:
-            raise ValidationError("repeated-start", uid)  # an orphan keyed by it stays: the caller adopts it
-        run = TrackedRun(received_from_start(doc))
-        self.runs[run.uid] = run
-        self._run = run
+        self._run = self.open(self.new_run(doc))
 
     def descriptor(self, doc: Any) -> None:
         run = self._declaring_run("descriptor", doc)
         uid = doc["uid"]
-        self._check_claim("descriptor", uid, run, self.run_of_descriptor)
+        # Its events came first, into an orphan keyed by it (none while replaying: the gate is off then).
+        waiting = self.orphans.get(f"descriptor:{uid}") if self.may_orphan is not None else None
+        self._check_claim("descriptor", uid, run, self.run_of_descriptor, but=waiting)
         if self.reject_duplicates and uid in run.streams:  # a copy (e.g. a proxy's replay): spooled once
             raise ValidationError(
                 "duplicate-descriptor", f"descriptor {str(uid)[:80]} of run {run.uid} again"
             )
         if uid not in run.streams and len(run.streams) >= MAX_DESCRIPTORS_PER_RUN:
             raise ValidationError("too-many-descriptors", f"run {run.uid} has {MAX_DESCRIPTORS_PER_RUN}")
-        if uid not in run.streams and len(self.run_of_descriptor) >= MAX_DESCRIPTORS_OPEN:
+        held = len(self.run_of_descriptor) - (waiting is not None)  # the orphan's claim is this one's
+        if uid not in run.streams and held >= MAX_DESCRIPTORS_OPEN:
             raise ValidationError("too-many-descriptors", f"open runs hold {MAX_DESCRIPTORS_OPEN}")
+        if waiting is not None:
+            self.release_orphan(waiting)  # accepted: the caller adopts what it holds
         run.streams[uid] = as_text(doc.get("name", "primary"), MAX_NAME) or "primary"
         run.last_seq.setdefault(uid, 0)
         self.run_of_descriptor[uid] = run
@@ -349,9 +343,7 @@ class RunTracker(DocumentRouter):
         seq_nums = doc.get("seq_nums")
         last = as_int(seq_nums.get("stop"), 1, MAX_SEQ_NUM + 1) if isinstance(seq_nums, Mapping) else None
         if last is not None:  # rows covered by external data: what stop.num_events counts for such a stream
-            stream = run.streams[doc["descriptor"]]
-            rows = run.received.datum_rows
-            rows[stream] = max(rows.get(stream, 0), last - 1)
+            run.received.note_datum_rows(run.streams[doc["descriptor"]], last - 1)
 
     def datum(self, doc: Any) -> Any:
         self._resourced_run(doc)
@@ -362,13 +354,12 @@ class RunTracker(DocumentRouter):
 
     def stop(self, doc: Any) -> None:
         run = self._declaring_run("stop", doc)
-        received = run.received
-        received.stop_received = True
-        received.exit_status = as_text(doc.get("exit_status"), MAX_NAME)
-        received.expected_events = as_counts(doc.get("num_events"), MAX_SEQ_NUM)
+        run.received.note_stop(
+            as_text(doc.get("exit_status"), MAX_NAME), as_counts(doc.get("num_events"), MAX_SEQ_NUM)
+        )
 
     # ---------------------------------------------------------------- rules
-    def _declaring_run(self, name: str, doc: Any) -> TrackedRun:
+    def _declaring_run(self, name: str, doc: Any) -> R:
         """The open run named by ``run_start`` (a legacy resource without it: the newest one), or its orphan."""
         uid = doc.get("run_start")
         if uid is None and self.runs:
@@ -388,7 +379,7 @@ class RunTracker(DocumentRouter):
         self._run = run
         return run
 
-    def _described_run(self, name: str, doc: Any) -> TrackedRun:
+    def _described_run(self, name: str, doc: Any) -> R:
         descriptor = doc["descriptor"]
         run = self.run_of_descriptor.get(descriptor)
         if run is None:
@@ -400,14 +391,14 @@ class RunTracker(DocumentRouter):
         self._run = run
         return run
 
-    def _orphan(self, kind: str, uid: Any) -> TrackedRun | None:
+    def _orphan(self, kind: str, uid: Any) -> R | None:
         """The orphan run keyed by `kind` and `uid`, opened if `may_orphan` allows; None if not."""
         if not is_safe_uid(uid):
             return None
         run = self.orphans.get(f"{kind}:{uid}")
         if run is not None or self.may_orphan is None or not self.may_orphan(kind, uid):
             return run
-        run = TrackedRun(Received(uid=uid, start_missing=True, orphan=kind), orphan=kind)
+        run = self.run_type(Received(uid=uid, start_missing=True, orphan=kind), orphan=kind)
         if kind == "descriptor":
             run.streams[uid] = ORPHAN_STREAM
             run.last_seq[uid] = 0
@@ -415,7 +406,7 @@ class RunTracker(DocumentRouter):
         self.orphans[run.key] = run
         return run
 
-    def _resourced_run(self, doc: Any) -> TrackedRun:
+    def _resourced_run(self, doc: Any) -> R:
         resource = doc["resource"]
         run = self.run_of_resource.get(resource)
         if run is None:
@@ -425,13 +416,14 @@ class RunTracker(DocumentRouter):
         self._run = run
         return run
 
-    def _check_claim(self, kind: str, uid: Any, run: TrackedRun, owners: dict[str, TrackedRun]) -> None:
-        """First claim wins: `uid` may be declared again only by the run that declared it first."""
+    def _check_claim(self, kind: str, uid: Any, run: R, owners: dict[str, R], but: R | None = None) -> None:
+        """First claim wins: `uid` may be declared again only by the run that declared it first (or
+        taken from `but`)."""
         owner = owners.get(uid)
-        if owner is not None and owner is not run:
+        if owner is not None and owner is not run and owner is not but:
             raise ValidationError(f"{kind}-claimed", f"{kind} {str(uid)[:80]} belongs to run {owner.uid}")
 
-    def _declare_resource(self, run: TrackedRun, uid: Any) -> None:
+    def _declare_resource(self, run: R, uid: Any) -> None:
         self._check_claim("resource", uid, run, self.run_of_resource)
         if self.run_of_resource.get(uid) is run:
             return
@@ -443,7 +435,7 @@ class RunTracker(DocumentRouter):
         self.run_of_resource[uid] = run
         self.closed_owner.pop(uid, None)  # claimed anew: no longer a closed run's
 
-    def _count(self, run: TrackedRun, descriptor: str, seq_nums: list[int]) -> None:
+    def _count(self, run: R, descriptor: str, seq_nums: list[int]) -> None:
         """Count events, seq_num holes and late events (the rule of the module docstring)."""
         stream = run.streams[descriptor]
         last = run.last_seq[descriptor]
@@ -460,8 +452,7 @@ class RunTracker(DocumentRouter):
         counted = 0
         for seq in seq_nums:
             if seq > last + 1:
-                missing = seq - last - 1
-                received.missing[stream] = received.missing.get(stream, 0) + missing
+                received.note_hole(stream, seq - last - 1)
                 holes.append((last + 1, seq - 1))
                 if len(holes) > MAX_HOLES:
                     del holes[0]
@@ -471,15 +462,12 @@ class RunTracker(DocumentRouter):
                 index = _hole_at(holes, seq)
                 if index is not None:  # late, but new: fills its hole
                     _fill(holes, index, seq)
-                    received.missing[stream] -= 1
-                    if not received.missing[stream]:
-                        del received.missing[stream]
-                    received.out_of_order[stream] = received.out_of_order.get(stream, 0) + 1
+                    received.note_late(stream)
                 elif self.on_repeat is not None:
                     self.on_repeat(run, stream, seq)
             counted += 1
             last = max(last, seq)
-        received.events[stream] = received.events.get(stream, 0) + counted
+        received.note_events(stream, counted)
         run.last_seq[descriptor] = last
 
 

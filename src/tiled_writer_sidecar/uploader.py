@@ -15,8 +15,8 @@ A run's state machine is in ``uploaded.json`` (`spool.index.UploadState`)::
   runs_in_flight``; beyond it the longest idle open run is parked.
 - Each active run's start and pump run in a pool of worker threads (one run
   in one worker at a time, a pass of at most `PASS_S`); this thread only
-  schedules, collects results and writes ``uploader.json``. Shared counters
-  are updated under `Shared.lock`.
+  schedules, collects results and writes ``uploader.json``. The counters every run
+  adds to (`UploadContext.status`) are updated under `UploadContext.lock`.
 - Every failure is decided once, by `outcomes.decide`, and branched on by its
   outcome. One run's (`_run_failed`): STOP stops the uploader; QUARANTINE
   quarantines the run; UNAUTHORIZED, or any other while Tiled does not answer
@@ -48,7 +48,7 @@ from .config import Config, TiledConfig
 from .metrics import LagHistogram
 from .outcomes import MAX_RUN_FAILURES, Decided, Outcome, Stopping, decide, failure_key, one_line
 from .run_index import RunIndex, age_of
-from .run_upload import RunUpload, Shared, quarantine
+from .run_upload import RunUpload, UploadContext, quarantine
 from .spool.directory import SpoolDir
 from .spool.index import Received, RunView, Uploaded, UploaderStatus
 from .tiled_link import TiledLink
@@ -116,13 +116,8 @@ class DrainRate:
             self.samples.popleft()
         first, last = self.samples[0], self.samples[-1]
         seconds = last[0] - first[0]
-        status.backlog_runs = backlog
-        if seconds < 1.0:
-            return
-        status.runs_per_second = (last[1] - first[1]) / seconds
-        status.rows_per_second = (last[2] - first[2]) / seconds
-        rate = status.runs_per_second
-        status.backlog_eta_seconds = backlog / rate if rate > 0 else None
+        rates = ((last[1] - first[1]) / seconds, (last[2] - first[2]) / seconds) if seconds >= 1.0 else None
+        status.note_backlog(backlog, rates)
 
 
 class Uploader:
@@ -154,7 +149,7 @@ class Uploader:
             report=lambda: self._write_status(force=True),
             give_up_after=give_up_after,
         )
-        self.shared = Shared(
+        self.context = UploadContext(
             config, spool, self.link, self.status, LagHistogram(), self.lock, overwrite_foreign
         )
         self.index = RunIndex(spool, only)
@@ -235,7 +230,7 @@ class Uploader:
         """One pass of one run, in a worker: start it if needed, then pump for at most PASS_S."""
         try:
             if slot.run is None:
-                slot.run = RunUpload.start(slot.view, self.shared)
+                slot.run = RunUpload.start(slot.view, self.context)
             run = slot.run
             deadline = time.monotonic() + PASS_S
             progressed = False
@@ -370,8 +365,7 @@ class Uploader:
         except OSError:
             pass
         with self.lock:
-            self.status.retries += 1
-            self.status.last_error = f"run {uid}: {one_line(err)}"
+            self.status.note_retry(f"run {uid}: {one_line(err)}")
         log.warning(
             "run %s: %s (%s); it backs off %.1f s (failure %d of at most %d)",
             uid,
@@ -402,7 +396,6 @@ class Uploader:
         with self.lock:
             if not force:
                 self._rate.sample(self.status, self.index.waiting() + len(self.active))
-            self.status.updated = now
             try:
                 self.status.save(self.spool.root)
             except OSError:

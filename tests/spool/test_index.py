@@ -20,6 +20,7 @@ from tiled_writer_sidecar.spool import index
 from tiled_writer_sidecar.spool.index import (
     Received,
     Uploaded,
+    UploaderStatus,
     atomic_write_json,
     read_json,
 )
@@ -146,3 +147,67 @@ def test_read_json_never_follows_a_symlink(tmp_path: Path) -> None:
     (tmp_path / index.RECEIVED).symlink_to(tmp_path / "real.json")
     assert read_json(tmp_path / index.RECEIVED) is None
     assert Received.load(tmp_path) is None
+
+
+def test_received_changes_through_its_methods_and_saves_the_same_fields(tmp_path: Path) -> None:
+    """Each change the receiver makes is one method; the file holds exactly the fields it always held."""
+    received = Received(uid="run-1")
+    received.note_spooled(100, 5.0)
+    received.note_spooled(50, 6.0)
+    received.note_events("primary", 3)
+    received.note_hole("primary", 2)
+    received.note_late("primary")
+    received.note_datum_rows("primary", 4)
+    received.note_datum_rows("primary", 2)
+    received.note_duplicate()
+    received.note_unwritten(50)
+    received.note_dropped()
+    received.note_stop("success", {"primary": 5})
+    received.close("stop")
+    assert (received.documents, received.bytes, received.last_received) == (1, 100, 6.0)
+    assert received.missing == {"primary": 1} and received.out_of_order == {"primary": 1}
+    assert received.datum_rows == {"primary": 4} and received.duplicates == 1 and received.dropped == 1
+    assert received.gaps() == {"primary": 1}
+    received.save(tmp_path)
+    raw = json.loads((tmp_path / index.RECEIVED).read_text())
+    assert sorted(raw) == sorted(f.name for f in fields(Received))
+    assert Received.load(tmp_path) == received
+    received.note_late("primary")
+    assert received.missing == {} and received.out_of_order == {"primary": 2}
+    assert list(received.recount([b"ab", b"c"], header=10)) == [b"ab", b"c"]
+    assert (received.documents, received.bytes) == (2, 23)
+    received.resume()
+    assert received.events == received.missing == {} and not received.stop_received
+    assert received.exit_status is None and received.expected_events is None
+
+
+def test_uploader_status_changes_through_its_methods(tmp_path: Path) -> None:
+    """Tiled's state changes once per change, retries and errors are counted, the lag list keeps the
+    last 1,000, the backlog's ETA follows the measured rate; the file holds the fields it always held."""
+    status = UploaderStatus()
+    assert status.note_tiled("connecting") is None
+    previous = status.note_tiled("down", "ConnectError: refused")
+    assert (
+        previous is not None and previous[0] == "connecting" and status.last_error == "ConnectError: refused"
+    )
+    status.note_retry()
+    status.note_retry("append failed", append=True)
+    assert (status.retries, status.append_retries, status.last_error) == (2, 1, "append failed")
+    for n in range(1005):
+        status.note_flush(2, float(n), {"count": n + 1})
+    status.note_flush(3, None, None)
+    assert status.flushes == 1006 and status.rows == 2013 and len(status.lag_seconds) == 1000
+    assert status.last_lag_seconds == 1004.0 and status.lag_histogram == {"count": 1005}
+    status.note_uploaded(8, 7)
+    status.note_quarantined("run x quarantined: bad")
+    status.note_rewrite()
+    assert (status.runs_uploaded, status.documents, status.rows, status.runs_quarantined) == (1, 8, 2020, 1)
+    status.note_backlog(10)
+    assert status.backlog_runs == 10 and status.backlog_eta_seconds is None
+    status.note_backlog(10, (2.0, 50.0))
+    assert (status.runs_per_second, status.rows_per_second, status.backlog_eta_seconds) == (2.0, 50.0, 5.0)
+    status.save(tmp_path)
+    raw = json.loads((tmp_path / index.UPLOADER).read_text())
+    assert sorted(raw) == sorted(f.name for f in fields(UploaderStatus))
+    loaded = UploaderStatus.load(tmp_path)
+    assert loaded is not None and loaded.rewrites == 1 and loaded.tiled == "down"

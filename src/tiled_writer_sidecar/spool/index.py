@@ -33,7 +33,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -55,6 +55,7 @@ from ..states import TiledState
 RECEIVED = "received.json"
 UPLOADED = "uploaded.json"
 UPLOADER = "uploader.json"  # in the spool's root, not in a run directory
+Payload = bytes  # a log record's payload (`Received` has a field named ``bytes``)
 
 
 class UploadState(StrEnum):
@@ -328,6 +329,79 @@ class Received(_IndexFile):
         kwargs = cls._fields_in(run_dir)
         return cls(**kwargs) if kwargs and kwargs.get("uid") else None
 
+    # ------------------------------------- changes, each one method (tracker, spooler and ingest call them)
+    def resume(self) -> None:
+        """Left open by an earlier receiver: its identity made plain again, what its log determines zeroed."""
+        self.scan_id = as_int(self.scan_id)
+        self.plan_name = as_text(self.plan_name, MAX_NAME)
+        self.start_time = as_float(self.start_time)
+        self.first_received = as_float(self.first_received) or 0.0
+        self.last_received = as_float(self.last_received) or 0.0
+        self.dropped = as_int(self.dropped, 0, 2**63) or 0
+        self.exit_status = None
+        self.forget_routed()
+
+    def forget_routed(self) -> None:
+        """Zero what routing its log counts (events, holes, late events, rows, the stop): it is replayed."""
+        self.events, self.missing, self.out_of_order, self.datum_rows = {}, {}, {}, {}
+        self.expected_events, self.stop_received = None, False
+
+    def note_events(self, stream: str, count: int) -> None:
+        """`count` events of `stream` received."""
+        self.events[stream] = self.events.get(stream, 0) + count
+
+    def note_hole(self, stream: str, count: int) -> None:
+        """A seq_num hole: `count` events of `stream` missing."""
+        self.missing[stream] = self.missing.get(stream, 0) + count
+
+    def note_late(self, stream: str) -> None:
+        """A late event of `stream` filled one missing seq_num."""
+        left = self.missing[stream] - 1
+        if left:
+            self.missing[stream] = left
+        else:
+            del self.missing[stream]
+        self.out_of_order[stream] = self.out_of_order.get(stream, 0) + 1
+
+    def note_datum_rows(self, stream: str, rows: int) -> None:
+        """stream_datums of `stream` cover its rows up to `rows`."""
+        self.datum_rows[stream] = max(self.datum_rows.get(stream, 0), rows)
+
+    def note_stop(self, exit_status: str | None, expected_events: dict[str, int] | None) -> None:
+        """Its stop came (plain values)."""
+        self.stop_received, self.exit_status, self.expected_events = True, exit_status, expected_events
+
+    def note_duplicate(self) -> None:
+        """A copy of a received seq_num was rejected."""
+        self.duplicates += 1
+
+    def note_spooled(self, size: int, now: float) -> None:
+        """One record of `size` bytes (header included) staged for its log at `now` (wall clock)."""
+        self.documents += 1
+        self.bytes += size
+        self.last_received = now
+
+    def note_unwritten(self, size: int) -> None:
+        """A staged record of `size` bytes the disk refused: no longer counted (`note_dropped` counts it)."""
+        self.documents -= 1
+        self.bytes -= size
+
+    def note_dropped(self) -> None:
+        """One document lost (spool full or unwritable)."""
+        self.dropped += 1
+
+    def recount(self, payloads: Iterable[Payload], header: int) -> Iterator[Payload]:
+        """Count its log's records anew (`header` bytes each besides the payload) as they pass through."""
+        self.documents = self.bytes = 0
+        for payload in payloads:
+            self.documents += 1
+            self.bytes += header + len(payload)
+            yield payload
+
+    def close(self, reason: str) -> None:
+        """No more documents will be appended (`reason`: ``stop``, or why it closed without one)."""
+        self.closed, self.close_reason = True, reason
+
     def gaps(self) -> dict[str, int]:
         """Events missing per stream: seq_num holes and stop.num_events shortfalls."""
         gaps = {k: v for k, v in self.missing.items() if v}
@@ -422,6 +496,68 @@ class UploaderStatus(_IndexFile):
         """The spool's uploader.json, coerced field by field; None if it is missing or unreadable."""
         kwargs = cls._fields_in(spool_root)
         return None if kwargs is None else cls(**kwargs)
+
+    def save(self, spool_root: Path) -> None:
+        self.updated = time.time()
+        super().save(spool_root)
+
+    # --------------------------- changes, each one method (uploader, run_upload, tiled_link call them)
+    def note_tiled(self, state: TiledState, error: str | None = None) -> tuple[TiledState, float] | None:
+        """Tiled is in `state`, `error` says why; the previous (state, since) if it changed, else None."""
+        if error:
+            self.last_error = error
+        if state == self.tiled:
+            return None
+        previous = (self.tiled, self.since)
+        self.tiled, self.since = state, time.time()
+        return previous
+
+    def note_error(self, error: str) -> None:
+        """The last failure, one line."""
+        self.last_error = error
+
+    def note_retry(self, error: str | None = None, *, append: bool = False) -> None:
+        """A step (`append`: a run's append, retried in place) failed and is retried; `error` says why."""
+        self.retries += 1
+        if append:
+            self.append_retries += 1
+        if error is not None:
+            self.last_error = error
+
+    def note_rewrite(self) -> None:
+        """A partial run in Tiled was deleted to be written again."""
+        self.rewrites += 1
+
+    def note_flush(self, rows: int, lag: float | None, lag_histogram: dict[str, Any] | None) -> None:
+        """`rows` written to Tiled in one flush, `lag` seconds after acquisition (None: unknown), and the
+        lag histogram with it."""
+        self.flushes += 1
+        self.rows += rows
+        if lag is not None:
+            self.last_lag_seconds = lag
+            self.lag_seconds.append(lag)
+            del self.lag_seconds[:-1000]
+        if lag_histogram is not None:
+            self.lag_histogram = lag_histogram
+
+    def note_uploaded(self, documents: int, unflushed_rows: int) -> None:
+        """A run uploaded and verified: its `documents`, and rows Tiled holds that no flush counted."""
+        self.runs_uploaded += 1
+        self.documents += documents
+        self.rows += unflushed_rows
+
+    def note_quarantined(self, error: str) -> None:
+        """A run quarantined; `error` says which and why."""
+        self.runs_quarantined += 1
+        self.last_error = error
+
+    def note_backlog(self, runs: int, rates: tuple[float, float] | None = None) -> None:
+        """`runs` not uploaded yet; `rates`: (runs, rows) uploaded per second lately, if measured."""
+        self.backlog_runs = runs
+        if rates is None:
+            return
+        self.runs_per_second, self.rows_per_second = rates
+        self.backlog_eta_seconds = runs / self.runs_per_second if self.runs_per_second > 0 else None
 
 
 @dataclass
