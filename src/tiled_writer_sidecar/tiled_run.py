@@ -26,6 +26,12 @@ so what lands in Tiled is what an in-process `TiledWriter` writes, except:
   does not wait). Creating a table is not serialized (held there, the lock
   capped a drain of small runs at one create + append round trip per run). `acknowledged_rows` tells the uploader when a read-back
   cannot tell more than Tiled's answers did.
+- A table create Tiled answered 500/503/429 (SQLite's "database is locked":
+  Tiled rolls the node back when its storage fails) or that never reached
+  it is sent again in place (`RetryPolicy`), not failing the whole run.
+- ``close_stream`` requests (TiledWriter's end of a run: one per table,
+  stream and run) are sent only when they can matter: a Tiled with a
+  streaming cache or webhooks (`tiled_client.close_stream_matters`).
 - Each stream table is created with the data-source parameter
   ``order_by_args = [{"column": "seq_num", "direction": "asc"}]``
   (`SeqNumOrderedNode`), so Tiled reads it back in seq_num order; a table
@@ -60,7 +66,7 @@ from tiled.structures.table import TableStructure
 
 from .column_types import TypeChangeNotWidening, conform, promote_schema, stored_schema
 from .errors import IncompatibleDependency
-from .tiled_client import INTERNAL_TABLE, read_table, read_table_column
+from .tiled_client import INTERNAL_TABLE, close_stream_matters, read_table, read_table_column
 from .validation import validate_document
 
 log = logging.getLogger(__name__)
@@ -198,9 +204,12 @@ class SeqNumOrderedNode:
     create the table again if its column types widen.
     """
 
-    def __init__(self, node: Any, created: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, node: Any, created: dict[str, dict[str, Any]] | None = None, retry: RetryPolicy | None = None
+    ) -> None:
         self._node = node
         self._created = created if created is not None else {}
+        self._retry = retry
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._node, name)
@@ -225,14 +234,30 @@ class SeqNumOrderedNode:
             mimetype=SQL_TABLE_MIMETYPE,
             parameters=parameters,
         )
-        table = self._node.new(
-            StructureFamily.table,
-            [source],
-            key=key,
-            metadata=metadata or {},
-            specs=specs or [],
-            access_tags=access_tags,
-        )
+        failed = False
+        while True:
+            try:
+                table = self._node.new(
+                    StructureFamily.table,
+                    [source],
+                    key=key,
+                    metadata=metadata or {},
+                    specs=specs or [],
+                    access_tags=access_tags,
+                )
+                break
+            except (httpx.TransportError, httpx.HTTPStatusError) as err:
+                conflict = isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 409
+                if failed and conflict:  # an earlier attempt landed after all: Tiled's table is unknown
+                    raise AppendAmbiguous(
+                        f"creating table {key!r} failed, then found it created: {err}"
+                    ) from err
+                if self._retry is None or not finished_unapplied(err):
+                    raise
+                failed = True
+                self._retry.wait(err)
+        if failed and self._retry is not None:
+            self._retry.recovered()
         self._created[f"{self._node.item['id']}/{table.item['id']}"] = metadata or {}
         return table
 
@@ -293,8 +318,14 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         """
         return None if stream in self.unsure else self.acknowledged.get(stream, 0)
 
+    def _close_stream_tree(self) -> None:
+        """TiledWriter's ``close_stream`` of every node of the run, unless Tiled does nothing with it."""
+        if self.root_node is not None and not close_stream_matters(self.client):
+            return
+        super()._close_stream_tree()
+
     def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
-        node = SeqNumOrderedNode(desc_node, self.table_metadata)
+        node = SeqNumOrderedNode(desc_node, self.table_metadata, self.retry)
         desc_name = desc_node.item["id"]
         self.data_keys.part_columns = lambda: self._next_part_columns(data_cache, desc_name)
         try:
@@ -360,7 +391,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         try:
             df_client.close_stream()
             desc_node.delete_contents(key, external_only=False)
-            new = SeqNumOrderedNode(desc_node, self.table_metadata).create_appendable_table(
+            new = SeqNumOrderedNode(desc_node, self.table_metadata, self.retry).create_appendable_table(
                 schema=stored,
                 key=key,
                 metadata=self.table_metadata.get(name, {}),
