@@ -4,6 +4,8 @@ append tells (rows acknowledged, the shared table lock)."""
 from __future__ import annotations
 
 import threading
+import time
+from typing import Any
 
 import httpx
 import pyarrow
@@ -97,14 +99,45 @@ def test_a_retried_append_or_a_split_table_leaves_only_a_read_back_to_tell(
     assert writer.acknowledged_rows("wide") is None
 
 
-def test_closed_runs_append_one_at_a_time_under_the_shared_lock() -> None:
-    """With `serial` (closed runs), every append is sent holding it; without (the live lane), never."""
-    lock = threading.Lock()
-    locked, free = _Table(), _Table()
-    locked.serial = free.serial = lock
-    SidecarRunWriter(None, 100, _NoWait(), lock)._append(locked, _rows(1), "primary")
+def test_runs_append_one_at_a_time_under_the_shared_lock() -> None:
+    """With `serial` (a lane of the shared lock, live or backlog), every append is sent holding it;
+    without, never."""
+    lock = tiled_run.TablesLock()
+    for lane in (lock.lane(live=False), lock.lane(live=True)):
+        locked = _Table()
+        locked.serial = lane  # type: ignore[assignment]
+        SidecarRunWriter(None, 100, _NoWait(), lane)._append(locked, _rows(1), "primary")
+        assert locked.lock_held == [True] and not lock.locked()
+    free = _Table()
     SidecarRunWriter(None, 100, _NoWait())._append(free, _rows(1), "primary")
-    assert locked.lock_held == [True] and free.lock_held == [False] and not lock.locked()
+    assert free.lock_held == [False]
+
+
+def test_the_live_lane_takes_the_table_lock_before_waiting_backlog_runs() -> None:
+    """A backlog run holds the lock; another backlog run and then a live run wait: the live one goes next."""
+    lock = tiled_run.TablesLock()
+    order: list[str] = []
+
+    def request(lane: str) -> None:
+        with lock.lane(live=lane == "live"):
+            order.append(lane)
+
+    def until(condition: Any) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    with lock.lane(live=False):
+        backlog = threading.Thread(target=request, args=("backlog",))
+        backlog.start()
+        until(lambda: backlog.is_alive())
+        live = threading.Thread(target=request, args=("live",))
+        live.start()
+        until(lambda: lock._live_waiting == 1)
+    live.join(30)
+    backlog.join(30)
+    assert order == ["live", "backlog"] and not lock.locked()
 
 
 # ----------------------------------------------------------------- close_stream, table creates

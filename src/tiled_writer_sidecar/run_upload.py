@@ -22,8 +22,8 @@
   back: the values fed, in the order fed or in ``seq_num`` order (how Tiled
   reads the table back), or `VerificationFailed`.
 - Runs are uploaded from several worker threads at once: the shared
-  counters are changed under `Shared.lock`; closed runs send their appends
-  one at a time (`Shared.tables_lock`), an open run's never wait;
+  counters are changed under `Shared.lock`; runs send their appends one at
+  a time (`Shared.tables_lock`), an open run's first (`TablesLock`);
   ``uploaded.json`` is written at the start, at most every
   `PROGRESS_INTERVAL_S` while rows flow, and at the end.
 - A failure leaves ``uploaded.json`` at ``uploading``: the scheduler forgets
@@ -53,7 +53,7 @@ from .spool.segment import LogReader
 from .text import clean
 from .tiled_client import check_key, check_uid, delete_run, read_seq_nums, run_exists
 from .tiled_link import InPlaceRetry, TiledLink
-from .tiled_run import TiledRun, retryable
+from .tiled_run import TablesLock, TiledRun, retryable
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ class Shared:
     lag: LagHistogram = field(default_factory=LagHistogram)
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards `status` and `lag`
     overwrite_foreign: bool = False  # replay --overwrite-foreign: delete a run this spool did not create
-    #: Held by closed runs around each append to or read of a table (`TiledRun`'s `serial`).
-    tables_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Held around each append to or read of a table (`TiledRun`'s `serial`), open runs first.
+    tables_lock: TablesLock = field(default_factory=TablesLock)
 
 
 class RunUpload:
@@ -175,7 +175,7 @@ class RunUpload:
             with shared.lock:
                 shared.status.rewrites += 1
         retry = InPlaceRetry(shared.link)
-        serial = shared.tables_lock if view.received.closed else None  # the live lane never waits
+        serial = shared.tables_lock.lane(live=not view.received.closed)  # the live lane goes first
         tiled = TiledRun(client, shared.config.tiled.batch_rows, retry, serial=serial)
         return cls(view, tiled, shared, retry)
 

@@ -20,10 +20,12 @@ so what lands in Tiled is what an in-process `TiledWriter` writes, except:
   run. Waiting between attempts is the uploader's (`RetryPolicy`).
 - `FastRunNormalizer` validates with the sidecar's compiled validators and
   does not deep-copy events.
-- Runs uploaded together may share a lock (`serial`) held around every
-  request that appends to or reads a table's rows: Tiled on SQLite answers
-  two such requests at once with 500 "database is locked" (its tables store
-  does not wait). Creating a table is not serialized (held there, the lock
+- Runs uploaded together share a `TablesLock` (`serial`, one lane of it)
+  held around every request that appends to or reads a table's rows: Tiled
+  on SQLite answers two such requests at once with 500 "database is locked"
+  (its tables store does not wait). The live lane (a run being acquired)
+  goes first: backlog runs wait while a live run waits for the lock, so a
+  live append waits for at most one backlog request, never collides. Creating a table is not serialized (held there, the lock
   capped a drain of small runs at one create + append round trip per run). `acknowledged_rows` tells the uploader when a read-back
   cannot tell more than Tiled's answers did.
 - A table create Tiled answered 500/503/429 (SQLite's "database is locked":
@@ -74,6 +76,60 @@ log = logging.getLogger(__name__)
 
 class AppendAmbiguous(Exception):
     """An append failed and Tiled's table does not tell whether it landed: rewrite the run."""
+
+
+class TablesLock:
+    """One table request at a time across runs, the live lane first (module docstring).
+
+    `lane` gives a run its side: a context manager held around each request.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._held = False
+        self._live_waiting = 0
+
+    def lane(self, *, live: bool) -> TablesLane:
+        return TablesLane(self, live)
+
+    def locked(self) -> bool:
+        return self._held
+
+    def acquire(self, live: bool) -> None:
+        with self._changed:
+            self._live_waiting += live
+            try:
+                while self._held or (not live and self._live_waiting):
+                    self._changed.wait()
+            finally:
+                self._live_waiting -= live
+            self._held = True
+
+    def release(self) -> None:
+        with self._changed:
+            self._held = False
+            self._changed.notify_all()
+
+
+class TablesLane:
+    """One lane of a `TablesLock`: ``with lane:`` holds the lock, live or backlog."""
+
+    def __init__(self, lock: TablesLock, live: bool) -> None:
+        self.lock = lock
+        self.live = live
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+    def __enter__(self) -> None:
+        self.lock.acquire(self.live)
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+#: What a writer holds around a table request: a lane of the shared `TablesLock`, a plain lock, or None.
+Serial = contextlib.AbstractContextManager[Any] | None
 
 
 class RetryPolicy(Protocol):
@@ -293,7 +349,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
     Tiled reads back in ``seq_num`` order, and whose column types widen (see the module docstring)."""
 
     def __init__(
-        self, client: BaseClient, batch_size: int, retry: RetryPolicy, serial: threading.Lock | None = None
+        self, client: BaseClient, batch_size: int, retry: RetryPolicy, serial: Serial = None
     ) -> None:
         super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
         self.retry = retry
@@ -504,7 +560,7 @@ class TiledRun:
     """Feeds one run's documents into Tiled through TiledWriter's machinery."""
 
     def __init__(
-        self, client: BaseClient, batch_rows: int, retry: RetryPolicy, serial: threading.Lock | None = None
+        self, client: BaseClient, batch_rows: int, retry: RetryPolicy, serial: Serial = None
     ) -> None:
         self.writer = SidecarRunWriter(client, batch_rows, retry, serial)
         self.normalizer = FastRunNormalizer()
