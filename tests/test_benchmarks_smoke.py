@@ -236,3 +236,21 @@ def test_counters_count_state_file_writes_and_their_fsyncs(tmp_path: Path) -> No
     assert counters.counts["atomic state-file writes"] == 1
     assert counters.counts["fsync"] >= 1
     assert index.atomic_write_json.__name__ == "atomic_write_json"  # unwrapped again
+
+
+def test_small_runs_keys_shapes_by_backend_and_runs_in_flight_and_judges_only_the_default() -> None:
+    """A PostgreSQL shape or another runs_in_flight is kept beside the default one (``--add``), shown with
+    its setting, and not counted for the target (measured on the default Tiled and setting)."""
+    from benchmarks import small_runs
+
+    def shape(ratio: float, **extra: object) -> dict[str, object]:
+        return {"runs": 200, "events": 50, "ratio": {"median": ratio}, **extra}
+
+    default = shape(2.5, tiled="sqlite", runs_in_flight=small_runs.RUNS_IN_FLIGHT)
+    postgres = shape(1.2, tiled="postgresql", runs_in_flight=1)
+    assert small_runs.key_of(default) == small_runs.key_of(shape(1.0)) == "200x50"
+    assert small_runs.key_of(postgres) == "200x50@postgresql~1"
+    assert small_runs._label(postgres) == "200 x 50 (PostgreSQL Tiled, 1 in flight)"
+    figures = small_runs.headline_figures([default, postgres], None)  # type: ignore[list-item]
+    assert figures["ratio_by_shape"] == {"200x50": 2.5, "200x50@postgresql~1": 1.2}
+    assert figures["target_met"] is True

@@ -156,3 +156,136 @@ def test_a_stream_without_any_table_reads_back_as_none() -> None:
         return httpx.Response(404)
 
     assert read_seq_nums(_tiled_stand_in(tiled), "run-1", "primary") is None
+
+
+# ----------------------------------------------------------------- close_stream: sent only when it can matter
+
+
+class _Refused(Exception):
+    pass
+
+
+def _probe_stand_in(
+    handler: Any, *, version: str = "0.2.20", self_link: str = "http://tiled/api/v1/metadata/a/b"
+) -> SimpleNamespace:
+    """A client node as `close_stream_matters` reads it: its link, server version, key and HTTP client."""
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    return SimpleNamespace(
+        item={"links": {"self": self_link}},
+        context=SimpleNamespace(
+            http_client=http, api_key="secret", server_info=SimpleNamespace(library_version=version)
+        ),
+    )
+
+
+@pytest.fixture
+def subscription(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What a WebSocket subscription gets: ``{"status": N}`` refused with HTTP N, ``None``: it opens."""
+    import contextlib
+
+    import websockets.sync.client
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+
+    from tiled_writer_sidecar import tiled_client
+
+    answer: dict[str, Any] = {"status": 500, "urls": []}
+
+    @contextlib.contextmanager
+    def connect(url: str, **kwargs: Any) -> Any:
+        answer["urls"].append((url, kwargs["additional_headers"]))
+        if answer["status"] is not None:
+            raise InvalidStatus(Response(answer["status"], "refused", websockets.http11.Headers()))
+        yield None
+
+    monkeypatch.setattr(websockets.sync.client, "connect", connect)
+    monkeypatch.setattr(tiled_client, "_close_stream_findings", {})
+    return answer
+
+
+def _no_webhooks_api(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(404, json={"detail": "Not Found"})
+
+
+def test_close_stream_is_skipped_only_without_streaming_cache_and_webhooks(
+    subscription: dict[str, Any],
+) -> None:
+    """Subscription refused 500 (no streaming cache) and no webhooks API: close_stream does nothing; the
+    subscription is tried on the node written into, with the API key."""
+    from tiled_writer_sidecar.tiled_client import close_stream_matters
+
+    assert close_stream_matters(_probe_stand_in(_no_webhooks_api)) is False
+    assert subscription["urls"] == [
+        ("ws://tiled/api/v1/stream/single/a/b", {"Authorization": "Apikey secret"})
+    ]
+
+
+@pytest.mark.parametrize("status", [None, 401, 403, 404, 502])
+def test_close_stream_is_sent_when_a_subscription_opens_or_is_refused_otherwise(
+    subscription: dict[str, Any], status: int | None
+) -> None:
+    """A streaming cache (the subscription opens), or any refusal that does not prove there is none."""
+    from tiled_writer_sidecar.tiled_client import close_stream_matters
+
+    subscription["status"] = status
+    assert close_stream_matters(_probe_stand_in(_no_webhooks_api)) is True
+
+
+@pytest.mark.parametrize("version", ["0.2.19", "0.3.0", "garbage", ""])
+def test_close_stream_is_sent_to_a_tiled_whose_close_stream_was_not_read(
+    subscription: dict[str, Any], version: str
+) -> None:
+    from tiled_writer_sidecar.tiled_client import close_stream_matters
+
+    assert close_stream_matters(_probe_stand_in(_no_webhooks_api, version=version)) is True
+    assert subscription["urls"] == []  # nothing asked
+
+
+def test_close_stream_is_sent_when_a_webhook_is_registered_on_the_node_or_an_ancestor(
+    subscription: dict[str, Any],
+) -> None:
+    """With the webhooks API mounted, every node from the one written into up to the root is listed."""
+    from tiled_writer_sidecar import tiled_client
+
+    hooks: dict[str, list[Any]] = {"a/b": [], "a": [], "": []}
+    asked: list[str] = []
+
+    def tiled(request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/api/v1/webhooks/target/")
+        asked.append(path)
+        return httpx.Response(200, json=hooks[path])
+
+    assert tiled_client.close_stream_matters(_probe_stand_in(tiled)) is False
+    assert asked == ["a/b", "a", ""]
+    hooks[""] = [{"id": 1}]
+    tiled_client._close_stream_findings.clear()
+    assert tiled_client.close_stream_matters(_probe_stand_in(tiled)) is True
+
+
+def test_a_finding_is_kept_for_a_while_then_checked_again(
+    subscription: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tiled_writer_sidecar import tiled_client
+
+    now = [1000.0]
+    monkeypatch.setattr(tiled_client.time, "monotonic", lambda: now[0])
+    node = _probe_stand_in(_no_webhooks_api)
+    assert tiled_client.close_stream_matters(node) is False
+    subscription["status"] = None  # Tiled restarted with a streaming cache
+    assert tiled_client.close_stream_matters(node) is False and len(subscription["urls"]) == 1
+    now[0] += tiled_client.CLOSE_STREAM_RECHECK_S
+    assert tiled_client.close_stream_matters(node) is True and len(subscription["urls"]) == 2
+
+
+def test_a_real_tiled_without_streaming_cache_needs_no_close_stream(tiled_container: Any) -> None:
+    """`tiled serve catalog` (no streaming cache, no webhooks): the probe finds close_stream does nothing."""
+    from tiled.client import from_uri
+
+    from tiled_writer_sidecar import tiled_client
+
+    tiled_client._close_stream_findings.pop(tiled_container.uri, None)
+    client = from_uri(tiled_container.uri, api_key=tiled_container.api_key)
+    try:
+        assert tiled_client.close_stream_matters(client) is False
+    finally:
+        client.context.close()

@@ -4,7 +4,10 @@ append tells (rows acknowledged, the shared table lock)."""
 from __future__ import annotations
 
 import threading
+import time
+from typing import Any
 
+import httpx
 import pyarrow
 import pytest
 from bluesky_tiled_plugins.writing import tiled_writer
@@ -96,11 +99,113 @@ def test_a_retried_append_or_a_split_table_leaves_only_a_read_back_to_tell(
     assert writer.acknowledged_rows("wide") is None
 
 
-def test_closed_runs_append_one_at_a_time_under_the_shared_lock() -> None:
-    """With `serial` (closed runs), every append is sent holding it; without (the live lane), never."""
-    lock = threading.Lock()
-    locked, free = _Table(), _Table()
-    locked.serial = free.serial = lock
-    SidecarRunWriter(None, 100, _NoWait(), lock)._append(locked, _rows(1), "primary")
+def test_runs_append_one_at_a_time_under_the_shared_lock() -> None:
+    """With `serial` (a lane of the shared lock, live or backlog), every append is sent holding it;
+    without, never."""
+    lock = tiled_run.TablesLock()
+    for lane in (lock.lane(live=False), lock.lane(live=True)):
+        locked = _Table()
+        locked.serial = lane  # type: ignore[assignment]
+        SidecarRunWriter(None, 100, _NoWait(), lane)._append(locked, _rows(1), "primary")
+        assert locked.lock_held == [True] and not lock.locked()
+    free = _Table()
     SidecarRunWriter(None, 100, _NoWait())._append(free, _rows(1), "primary")
-    assert locked.lock_held == [True] and free.lock_held == [False] and not lock.locked()
+    assert free.lock_held == [False]
+
+
+def test_the_live_lane_takes_the_table_lock_before_waiting_backlog_runs() -> None:
+    """A backlog run holds the lock; another backlog run and then a live run wait: the live one goes next."""
+    lock = tiled_run.TablesLock()
+    order: list[str] = []
+
+    def request(lane: str) -> None:
+        with lock.lane(live=lane == "live"):
+            order.append(lane)
+
+    def until(condition: Any) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    with lock.lane(live=False):
+        backlog = threading.Thread(target=request, args=("backlog",))
+        backlog.start()
+        until(lambda: backlog.is_alive())
+        live = threading.Thread(target=request, args=("live",))
+        live.start()
+        until(lambda: lock._live_waiting == 1)
+    live.join(30)
+    backlog.join(30)
+    assert order == ["live", "backlog"] and not lock.locked()
+
+
+# ----------------------------------------------------------------- close_stream, table creates
+
+
+class _Node:
+    """A node as `_close_stream_tree` and `SeqNumOrderedNode` use it: closes and creates are recorded."""
+
+    def __init__(self, uri: str, failures: list[Exception] | None = None) -> None:
+        self.uri = uri
+        self.item = {"id": uri.rsplit("/", 1)[-1]}
+        self.closed: list[str] = []
+        self.created: list[str] = []
+        self.failures = failures or []
+
+    def close_stream(self) -> None:
+        self.closed.append(self.uri)
+
+    def new(self, family: object, sources: object, *, key: str, **kwargs: object) -> _Node:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.created.append(key)
+        return _Node(f"{self.uri}/{key}")
+
+
+@pytest.mark.parametrize("matters", [True, False])
+def test_close_stream_requests_are_sent_only_when_tiled_does_something_with_them(
+    monkeypatch: pytest.MonkeyPatch, matters: bool
+) -> None:
+    """TiledWriter's end of a run closes every node (leaves first) unless Tiled has neither streaming nor
+    webhooks (`close_stream_matters`, asked about the node runs are written into)."""
+    asked: list[object] = []
+    monkeypatch.setattr(tiled_run, "close_stream_matters", lambda node: asked.append(node) or matters)
+    base = _Node("http://tiled/api/v1/metadata/beamline")
+    writer = SidecarRunWriter(base, 100, _NoWait())
+    run, stream, table = (_Node(f"{base.uri}/run"), _Node(f"{base.uri}/run/primary"), _Node("t"))
+    writer.root_node, writer._desc_nodes["primary"], writer._internal_tables["primary"] = run, stream, table
+    writer._close_stream_tree()
+    assert asked == [base]
+    assert (table.closed + stream.closed + run.closed) == (
+        [table.uri, stream.uri, run.uri] if matters else []
+    )
+
+
+def test_a_table_create_tiled_refused_unapplied_is_sent_again_in_place() -> None:
+    """A 500 ("database is locked": Tiled rolled the node back) or a refused connection: created once."""
+    node = _Node(
+        "http://tiled/api/v1/metadata/run/primary", [http_error(500, "POST"), http_error(503, "POST")]
+    )
+    schema = pyarrow.schema([("seq_num", pyarrow.int64())])
+    table = tiled_run.SeqNumOrderedNode(node, {}, _NoWait()).create_appendable_table(schema, key="internal")
+    assert node.created == ["internal"] and table.uri.endswith("/internal")
+
+
+@pytest.mark.parametrize("code", [400, 409, 502])
+def test_a_table_create_refused_for_good_or_maybe_applied_is_not_retried(code: int) -> None:
+    node = _Node("http://tiled/api/v1/metadata/run/primary", [http_error(code, "POST")])
+    schema = pyarrow.schema([("seq_num", pyarrow.int64())])
+    with pytest.raises(httpx.HTTPStatusError):
+        tiled_run.SeqNumOrderedNode(node, {}, _NoWait()).create_appendable_table(schema, key="internal")
+    assert node.created == []
+
+
+def test_a_conflict_after_a_failed_create_makes_the_table_unknown() -> None:
+    """409 on the second attempt: the first landed after all, so the run is rewritten (`AppendAmbiguous`)."""
+    node = _Node(
+        "http://tiled/api/v1/metadata/run/primary", [http_error(500, "POST"), http_error(409, "POST")]
+    )
+    schema = pyarrow.schema([("seq_num", pyarrow.int64())])
+    with pytest.raises(tiled_run.AppendAmbiguous):
+        tiled_run.SeqNumOrderedNode(node, {}, _NoWait()).create_appendable_table(schema, key="internal")

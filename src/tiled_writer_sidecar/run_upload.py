@@ -22,8 +22,8 @@
   back: the values fed, in the order fed or in ``seq_num`` order (how Tiled
   reads the table back), or `VerificationFailed`.
 - Runs are uploaded from several worker threads at once: the counters in
-  `UploadContext.status` are changed under `UploadContext.lock`; closed runs send their appends
-  one at a time (`UploadContext.tables_lock`), an open run's never wait;
+  `UploadContext.status` are changed under `UploadContext.lock`; runs send their
+  appends one at a time (`UploadContext.tables_lock`), an open run's first (`TablesLock`);
   ``uploaded.json`` is written at the start, at most every
   `PROGRESS_INTERVAL_S` while rows flow, and at the end.
 - A failure leaves ``uploaded.json`` at ``uploading``: the scheduler forgets
@@ -62,7 +62,7 @@ from .spool.segment import LogReader
 from .text import clean
 from .tiled_client import check_key, check_uid, delete_run, read_seq_nums, run_exists
 from .tiled_link import InPlaceRetry, TiledLink
-from .tiled_run import TiledRun
+from .tiled_run import TablesLock, TiledRun
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ class UploadContext:
     lag: LagHistogram = field(default_factory=LagHistogram)
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards `status` and `lag`
     overwrite_foreign: bool = False  # replay --overwrite-foreign: delete a run this spool did not create
-    #: Held by closed runs around each append to or read of a table (`TiledRun`'s `serial`).
-    tables_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Held around each append to or read of a table (`TiledRun`'s `serial`), open runs first.
+    tables_lock: TablesLock = field(default_factory=TablesLock)
 
 
 class RunUpload:
@@ -204,7 +204,7 @@ class RunUpload:
             with context.lock:
                 context.status.note_rewrite()
         retry = InPlaceRetry(context.link)
-        serial = context.tables_lock if view.received.closed else None  # the live lane never waits
+        serial = context.tables_lock.lane(live=not view.received.closed)  # the live lane goes first
         tiled = TiledRun(client, context.config.tiled.batch_rows, retry, serial=serial)
         return cls(view, tiled, context, retry)
 

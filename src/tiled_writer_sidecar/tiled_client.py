@@ -11,6 +11,23 @@ only (the columns are split in sorted order): one listing of the stream
 finds that part. `read_table` reads a whole table back (Arrow), for a table
 rewritten with wider column types.
 
+`close_stream_matters` says whether a ``close_stream`` request (TiledWriter
+sends one per table, stream and run when a run ends, a third of a small
+run's requests) can do anything on this Tiled. In tiled 0.2 the server's
+``close_stream`` tells only a streaming cache (live subscribers) and the
+webhook dispatcher; neither is announced, so both are probed, on the node
+the sidecar writes into, at most every `CLOSE_STREAM_RECHECK_S`:
+
+- streaming: a WebSocket subscription to that node opens with a streaming
+  cache; without one Tiled refuses it with a 500 (it has no handler to make);
+- webhooks: ``GET /api/v1/webhooks/target/{path}`` is 404 "Not Found" when
+  the webhooks API is not mounted (no dispatcher), or lists no webhook on
+  the node nor on any ancestor (a webhook is delivered for their descendants).
+
+Only a server of a version whose ``close_stream`` was read
+(`CLOSE_STREAM_READ`), a 500 to the subscription and no webhook make it
+"does nothing"; any other answer, or an error, keeps the requests.
+
 Names are untrusted (they come from documents read back from the spool):
 `check_uid` and `check_key` refuse, before any request, a uid, stream name
 or data key that could address another node (a separator, a dot segment,
@@ -21,7 +38,10 @@ module puts into a URL is percent-quoted.
 from __future__ import annotations
 
 import io
+import logging
 import re
+import threading
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -35,6 +55,8 @@ from .config import Config
 from .errors import UnsafeName
 from .spool.directory import check_uid as check_uid  # the one rule, re-exported for its callers here
 from .text import ascii_text
+
+log = logging.getLogger(__name__)
 
 ARROW = "application/vnd.apache.arrow.file"
 
@@ -162,3 +184,94 @@ def read_table(table: Any) -> pyarrow.Table:
     if data is None:
         raise KeyError(f"table {table.uri} is not in Tiled")
     return data
+
+
+#: How long a finding about ``close_stream`` holds (a Tiled restarted with a streaming cache or a webhook
+#: registered meanwhile is seen within this time).
+CLOSE_STREAM_RECHECK_S = 10.0
+#: Tiled server versions (``[low, high)``) whose ``close_stream`` informs only a streaming cache and webhooks.
+CLOSE_STREAM_READ = ("0.2.20", "0.3")
+
+_close_stream_findings: dict[str, tuple[float, bool]] = {}  # node URL -> (until, matters)
+_close_stream_lock = threading.Lock()
+
+
+def close_stream_matters(node: Any) -> bool:
+    """Whether ``close_stream`` requests under `node` (the container runs are written into) can do anything.
+
+    False only when certain they do nothing (module docstring); the finding is kept
+    `CLOSE_STREAM_RECHECK_S` per node and logged when it changes.
+    """
+    url = str(node.item["links"]["self"])
+    now = time.monotonic()
+    with _close_stream_lock:
+        until, matters = _close_stream_findings.get(url, (0.0, True))
+        if now < until:
+            return matters
+        try:
+            reason = _close_stream_reason(node, url)
+        except Exception as err:  # noqa: BLE001 - any doubt keeps the requests
+            reason = f"probe failed: {ascii_text(str(err), 120)}"
+        was = _close_stream_findings.get(url)
+        _close_stream_findings[url] = (now + CLOSE_STREAM_RECHECK_S, reason is not None)
+    if was is None or was[1] != (reason is not None):
+        if reason is None:
+            log.info("tiled has no streaming cache and no webhook for %s: close_stream requests skipped", url)
+        else:
+            log.info("close_stream requests sent (%s)", reason)
+    return reason is not None
+
+
+def _close_stream_reason(node: Any, url: str) -> str | None:
+    """Why ``close_stream`` may matter under `node`, or None if it certainly does nothing."""
+    from packaging.version import Version
+
+    version = str(getattr(node.context.server_info, "library_version", ""))
+    low, high = CLOSE_STREAM_READ
+    try:
+        known = Version(low) <= Version(version) < Version(high)
+    except ValueError:
+        known = False
+    if not known:
+        return f"tiled server {ascii_text(version, 40)!r}, outside {low}..{high}"
+    if _subscription_opens(node, url):
+        return "tiled streams to subscribers"
+    return _webhook_reason(node, url)
+
+
+def _subscription_opens(node: Any, url: str) -> bool:
+    """Whether Tiled accepts a WebSocket subscription to `node` (True unless refused with a 500)."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    ws = url.replace("/api/v1/metadata/", "/api/v1/stream/single/", 1)
+    ws = "wss" + ws[len("https") :] if ws.startswith("https:") else "ws" + ws[len("http") :]
+    api_key = getattr(node.context, "api_key", None)
+    headers = {"Authorization": f"Apikey {api_key}"} if api_key else {}
+    timeout = node.context.http_client.timeout.connect or 10.0
+    try:
+        with connect(ws, additional_headers=headers, open_timeout=timeout):
+            return True
+    except InvalidStatus as refused:
+        return bool(refused.response.status_code != 500)
+
+
+def _webhook_reason(node: Any, url: str) -> str | None:
+    """Why a webhook may be delivered for a node under `node`, or None if none can be."""
+    base, _, path = url.partition("/api/v1/metadata/")
+    segments = [s for s in path.split("/") if s]
+    for depth in range(len(segments), -1, -1):  # the node first: a 404 there means no webhooks API
+        response = node.context.http_client.get(f"{base}/api/v1/webhooks/target/{'/'.join(segments[:depth])}")
+        if response.status_code == 404 and depth == len(segments):
+            detail = (
+                response.json().get("detail")
+                if response.headers.get("content-type", "").startswith("application/json")
+                else None
+            )
+            if detail == "Not Found":
+                return None  # the webhooks API is not mounted: Tiled has no dispatcher
+        if response.status_code != 200:
+            return f"webhooks {response.status_code}"
+        if response.json():
+            return f"webhooks on /{'/'.join(segments[:depth])}"
+    return None

@@ -20,12 +20,20 @@ so what lands in Tiled is what an in-process `TiledWriter` writes, except:
   run. Waiting between attempts is the uploader's (`RetryPolicy`).
 - `FastRunNormalizer` validates with the sidecar's compiled validators and
   does not deep-copy events.
-- Runs uploaded together may share a lock (`serial`) held around every
-  request that appends to or reads a table's rows: Tiled on SQLite answers
-  two such requests at once with 500 "database is locked" (its tables store
-  does not wait). Creating a table is not serialized (held there, the lock
+- Runs uploaded together share a `TablesLock` (`serial`, one lane of it)
+  held around every request that appends to or reads a table's rows: Tiled
+  on SQLite answers two such requests at once with 500 "database is locked"
+  (its tables store does not wait). The live lane (a run being acquired)
+  goes first: backlog runs wait while a live run waits for the lock, so a
+  live append waits for at most one backlog request, never collides. Creating a table is not serialized (held there, the lock
   capped a drain of small runs at one create + append round trip per run). `acknowledged_rows` tells the uploader when a read-back
   cannot tell more than Tiled's answers did.
+- A table create Tiled answered 500/503/429 (SQLite's "database is locked":
+  Tiled rolls the node back when its storage fails) or that never reached
+  it is sent again in place (`RetryPolicy`), not failing the whole run.
+- ``close_stream`` requests (TiledWriter's end of a run: one per table,
+  stream and run) are sent only when they can matter: a Tiled with a
+  streaming cache or webhooks (`tiled_client.close_stream_matters`).
 - Each stream table is created with the data-source parameter
   ``order_by_args = [{"column": "seq_num", "direction": "asc"}]``
   (`SeqNumOrderedNode`), so Tiled reads it back in seq_num order; a table
@@ -61,10 +69,64 @@ from tiled.structures.table import TableStructure
 from .column_types import TypeChangeNotWidening, conform, promote_schema, stored_schema
 from .errors import IncompatibleDependency
 from .outcomes import AppendAmbiguous, retryable
-from .tiled_client import INTERNAL_TABLE, read_table, read_table_column
+from .tiled_client import INTERNAL_TABLE, close_stream_matters, read_table, read_table_column
 from .validation import validate_document
 
 log = logging.getLogger(__name__)
+
+
+class TablesLock:
+    """One table request at a time across runs, the live lane first (module docstring).
+
+    `lane` gives a run its side: a context manager held around each request.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._held = False
+        self._live_waiting = 0
+
+    def lane(self, *, live: bool) -> TablesLane:
+        return TablesLane(self, live)
+
+    def locked(self) -> bool:
+        return self._held
+
+    def acquire(self, live: bool) -> None:
+        with self._changed:
+            self._live_waiting += live
+            try:
+                while self._held or (not live and self._live_waiting):
+                    self._changed.wait()
+            finally:
+                self._live_waiting -= live
+            self._held = True
+
+    def release(self) -> None:
+        with self._changed:
+            self._held = False
+            self._changed.notify_all()
+
+
+class TablesLane:
+    """One lane of a `TablesLock`: ``with lane:`` holds the lock, live or backlog."""
+
+    def __init__(self, lock: TablesLock, live: bool) -> None:
+        self.lock = lock
+        self.live = live
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+    def __enter__(self) -> None:
+        self.lock.acquire(self.live)
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+#: What a writer holds around a table request: a lane of the shared `TablesLock`, a plain lock, or None.
+Serial = contextlib.AbstractContextManager[Any] | None
 
 
 class RetryPolicy(Protocol):
@@ -187,9 +249,12 @@ class SeqNumOrderedNode:
     create the table again if its column types widen.
     """
 
-    def __init__(self, node: Any, created: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, node: Any, created: dict[str, dict[str, Any]] | None = None, retry: RetryPolicy | None = None
+    ) -> None:
         self._node = node
         self._created = created if created is not None else {}
+        self._retry = retry
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._node, name)
@@ -214,14 +279,30 @@ class SeqNumOrderedNode:
             mimetype=SQL_TABLE_MIMETYPE,
             parameters=parameters,
         )
-        table = self._node.new(
-            StructureFamily.table,
-            [source],
-            key=key,
-            metadata=metadata or {},
-            specs=specs or [],
-            access_tags=access_tags,
-        )
+        failed = False
+        while True:
+            try:
+                table = self._node.new(
+                    StructureFamily.table,
+                    [source],
+                    key=key,
+                    metadata=metadata or {},
+                    specs=specs or [],
+                    access_tags=access_tags,
+                )
+                break
+            except (httpx.TransportError, httpx.HTTPStatusError) as err:
+                conflict = isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 409
+                if failed and conflict:  # an earlier attempt landed after all: Tiled's table is unknown
+                    raise AppendAmbiguous(
+                        f"creating table {key!r} failed, then found it created: {err}"
+                    ) from err
+                if self._retry is None or not finished_unapplied(err):
+                    raise
+                failed = True
+                self._retry.wait(err)
+        if failed and self._retry is not None:
+            self._retry.recovered()
         self._created[f"{self._node.item['id']}/{table.item['id']}"] = metadata or {}
         return table
 
@@ -257,7 +338,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
     Tiled reads back in ``seq_num`` order, and whose column types widen (see the module docstring)."""
 
     def __init__(
-        self, client: BaseClient, batch_size: int, retry: RetryPolicy, serial: threading.Lock | None = None
+        self, client: BaseClient, batch_size: int, retry: RetryPolicy, serial: Serial = None
     ) -> None:
         super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
         self.retry = retry
@@ -282,8 +363,14 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         """
         return None if stream in self.unsure else self.acknowledged.get(stream, 0)
 
+    def _close_stream_tree(self) -> None:
+        """TiledWriter's ``close_stream`` of every node of the run, unless Tiled does nothing with it."""
+        if self.root_node is not None and not close_stream_matters(self.client):
+            return
+        super()._close_stream_tree()
+
     def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
-        node = SeqNumOrderedNode(desc_node, self.table_metadata)
+        node = SeqNumOrderedNode(desc_node, self.table_metadata, self.retry)
         desc_name = desc_node.item["id"]
         self.data_keys.part_columns = lambda: self._next_part_columns(data_cache, desc_name)
         try:
@@ -349,7 +436,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         try:
             df_client.close_stream()
             desc_node.delete_contents(key, external_only=False)
-            new = SeqNumOrderedNode(desc_node, self.table_metadata).create_appendable_table(
+            new = SeqNumOrderedNode(desc_node, self.table_metadata, self.retry).create_appendable_table(
                 schema=stored,
                 key=key,
                 metadata=self.table_metadata.get(name, {}),
@@ -462,7 +549,7 @@ class TiledRun:
     """Feeds one run's documents into Tiled through TiledWriter's machinery."""
 
     def __init__(
-        self, client: BaseClient, batch_rows: int, retry: RetryPolicy, serial: threading.Lock | None = None
+        self, client: BaseClient, batch_rows: int, retry: RetryPolicy, serial: Serial = None
     ) -> None:
         self.writer = SidecarRunWriter(client, batch_rows, retry, serial)
         self.normalizer = FastRunNormalizer()
