@@ -51,49 +51,53 @@ _TW = "bluesky_tiled_plugins/writing/tiled_writer.py"
 SIDECAR_PHASES = (
     Phase(
         "scheduling: listing runs, loading their state",
-        ((_SC + "uploader.py", "_schedule"), (_SC + "uploader.py", "_candidates")),
+        ((_SC + "upload/scheduler.py", "_schedule"), (_SC + "upload/scheduler.py", "_candidates")),
     ),
     Phase(IDLE, (("threading.py", "wait"), ("threading.py", "join"))),
     Phase(
         "run start: exists check, delete partial",
-        ((_SC + "run_upload.py", "start"), (_SC + "tiled_client.py", "run_exists")),
+        ((_SC + "upload/run_upload.py", "start"), (_SC + "upload/tiled_calls.py", "run_exists")),
     ),
     Phase(
         "TiledWriter objects: construction",
         (
-            (_SC + "tiled_run.py", "__init__"),
+            (_SC + "upload/run_writer.py", "__init__"),
             (_TW, "__init__"),
         ),
     ),
     Phase(
-        "connecting (from_uri)", ((_SC + "tiled_client.py", "connect"), (_SC + "tiled_link.py", "connected"))
+        "connecting (from_uri)",
+        ((_SC + "upload/tiled_calls.py", "connect"), (_SC + "upload/connection.py", "connected")),
     ),
     Phase(
         "reading the spool (segments, decode)",
         ((_SC + "spool/segment.py", "read"), (_SC + "spool/codec.py", "unpack_document")),
     ),
-    Phase("documents: checks and normalizing", ((_SC + "run_upload.py", "feed"), (_TW, "event"))),
+    Phase("documents: checks and normalizing", ((_SC + "upload/run_upload.py", "feed"), (_TW, "event"))),
     Phase("start: create the run node", ((_TW, "start"),)),
     Phase("descriptor: create the stream nodes", ((_TW, "descriptor"),)),
     Phase(
         "rows: create table, append",
-        ((_TW, "_write_internal_data"), (_SC + "tiled_run.py", "flush")),
+        ((_TW, "_write_internal_data"), (_SC + "upload/run_writer.py", "flush")),
     ),
     Phase("stop: close nodes, update metadata", ((_TW, "stop"), (_TW, "_close_stream_tree"))),
     Phase(
         "verification read-back",
-        ((_SC + "run_upload.py", "verify"), (_SC + "tiled_client.py", "read_seq_nums")),
+        ((_SC + "upload/run_upload.py", "verify"), (_SC + "upload/tiled_calls.py", "read_seq_nums")),
     ),
     Phase(
         "state files (uploaded.json, uploader.json)",
         (
-            (_SC + "spool/index.py", "atomic_write_json"),
-            (_SC + "spool/index.py", "save"),
-            (_SC + "spool/index.py", "load"),
+            (_SC + "spool/state_files.py", "atomic_write_json"),
+            (_SC + "spool/state_files.py", "save"),
+            (_SC + "spool/state_files.py", "load"),
         ),
     ),
     Phase("releasing the run's segments", ((_SC + "spool/directory.py", "release_run"),)),
-    Phase("uploader loop (other)", ((_SC + "uploader.py", "run"), (_SC + "run_upload.py", "pump"))),
+    Phase(
+        "uploader loop (other)",
+        ((_SC + "upload/scheduler.py", "run"), (_SC + "upload/run_upload.py", "pump")),
+    ),
 )
 
 #: In-process ``TiledWriter(client)``'s phases.
@@ -259,11 +263,11 @@ class Counters:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Counters]:
-        from tiled_writer_sidecar.spool import index
+        from tiled_writer_sidecar.spool import state_files
 
         targets: list[tuple[Any, str, str]] = [
             (os, "fsync", "fsync"),
-            (index, "atomic_write_json", "atomic state-file writes"),
+            (state_files, "atomic_write_json", "atomic state-file writes"),
         ]
         if self.tiledwriter:
             from bluesky_tiled_plugins.writing import tiled_writer

@@ -128,7 +128,7 @@ def sidecar_upload(
         os.environ["TILED_API_KEY"] = api_key
     from tiled_writer_sidecar.config import Config, SpoolConfig, TiledConfig
     from tiled_writer_sidecar.spool.directory import SpoolDir
-    from tiled_writer_sidecar.uploader import Uploader
+    from tiled_writer_sidecar.upload.scheduler import Uploader
 
     if threads > 1:
         parts = [spool_dir.with_name(f"{spool_dir.name}.part{i}") for i in range(threads)]

@@ -62,9 +62,9 @@ class _RetryCounter(logging.Handler):
 def make_backlog(root: Path, runs: int, events: int) -> dict[str, Any]:
     """Spool `runs` runs of `events` events through the receiver's `Ingest`; return counts and speed."""
     from tiled_writer_sidecar.config import SpoolConfig
-    from tiled_writer_sidecar.ingest import Ingest
+    from tiled_writer_sidecar.receive.counters import ReceiverStats
+    from tiled_writer_sidecar.receive.ingest import Ingest
     from tiled_writer_sidecar.spool.directory import SpoolDir
-    from tiled_writer_sidecar.stats import ReceiverStats
 
     ingest = Ingest(SpoolConfig(dir=str(root)), SpoolDir(root), ReceiverStats())
     documents = 0

@@ -69,9 +69,9 @@ BACKLOG_STREAM = "backlog"
 def make_backlog(root: Path, runs: int, events: int) -> dict[str, Any]:
     """Spool `runs` runs of `events` events (stream `BACKLOG_STREAM`) through the receiver's `Ingest`."""
     from tiled_writer_sidecar.config import SpoolConfig
-    from tiled_writer_sidecar.ingest import Ingest
+    from tiled_writer_sidecar.receive.counters import ReceiverStats
+    from tiled_writer_sidecar.receive.ingest import Ingest
     from tiled_writer_sidecar.spool.directory import SpoolDir
-    from tiled_writer_sidecar.stats import ReceiverStats
 
     ingest = Ingest(SpoolConfig(dir=str(root)), SpoolDir(root), ReceiverStats())
     started = time.perf_counter()
@@ -119,7 +119,7 @@ class DrainSampler:
         self._thread.join(10)
 
     def _loop(self) -> None:
-        from tiled_writer_sidecar.spool.index import UploaderStatus
+        from tiled_writer_sidecar.spool.state_files import UploaderStatus
 
         while not self._stop.wait(0.25):
             status = UploaderStatus.load(self.spool_dir)

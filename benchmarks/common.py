@@ -357,7 +357,7 @@ class Pipeline:
 
     def run_state(self, uid: str) -> tuple[Any, Any]:
         """(received.json, uploaded.json) of a run, read from the spool (no subprocess)."""
-        from tiled_writer_sidecar.spool.index import Received, Uploaded
+        from tiled_writer_sidecar.spool.state_files import Received, Uploaded
 
         run_dir = self.spool_dir / "runs" / uid
         return Received.load(run_dir), Uploaded.load(run_dir)

@@ -26,13 +26,13 @@ from typing import Any
 import event_model
 
 from tiled_writer_sidecar.config import Config, SpoolConfig, ZmqConfig
-from tiled_writer_sidecar.health import health_snapshot
-from tiled_writer_sidecar.receiver import Receiver
+from tiled_writer_sidecar.daemon.health import health_snapshot
+from tiled_writer_sidecar.receive.counters import ReceiverStats
+from tiled_writer_sidecar.receive.receiver import Receiver
 from tiled_writer_sidecar.spool.codec import pack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Received
 from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
-from tiled_writer_sidecar.stats import ReceiverStats
+from tiled_writer_sidecar.spool.state_files import Received
 from tiled_writer_sidecar.testing import free_port
 
 DATA_KEYS: dict[str, Any] = {"det": {"dtype": "number", "shape": [], "source": "SIM:det"}}

@@ -110,9 +110,9 @@ def _burst(
 
 def _in_process(bench: Bench, messages: list[bytes], fsync: str, tag: str, profile: bool = False) -> Any:
     from tiled_writer_sidecar.config import Config, SpoolConfig, ZmqConfig
-    from tiled_writer_sidecar.receiver import Receiver
+    from tiled_writer_sidecar.receive.counters import ReceiverStats
+    from tiled_writer_sidecar.receive.receiver import Receiver
     from tiled_writer_sidecar.spool.directory import SpoolDir
-    from tiled_writer_sidecar.stats import ReceiverStats
     from tiled_writer_sidecar.testing import free_port
 
     root = bench.workdir / f"receive-inprocess-{tag}"

@@ -241,7 +241,7 @@ def rows_in_postgres(postgres: Any) -> dict[str, int]:
 
 def check_runs(client: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Each run's ``seq_num`` column as Tiled reads it back vs 1..N: complete, in order, no duplicate."""
-    from tiled_writer_sidecar.tiled_client import read_seq_nums
+    from tiled_writer_sidecar.upload.tiled_calls import read_seq_nums
 
     out = {"runs": len(runs), "rows": 0, "complete": 0, "in_order": 0, "duplicates": 0, "missing": 0}
     for run in runs:
@@ -268,7 +268,7 @@ class Beamline:
     forwarder: Any
 
     def uploaded(self, uids: list[str]) -> bool:
-        from tiled_writer_sidecar.spool.index import Uploaded
+        from tiled_writer_sidecar.spool.state_files import Uploaded
 
         self.sidecar._alive()
         runs = self.sidecar.spool_dir / "runs"
@@ -283,7 +283,7 @@ class Beamline:
             return False
 
     def spooled(self, uids: list[str]) -> bool:
-        from tiled_writer_sidecar.spool.index import Received
+        from tiled_writer_sidecar.spool.state_files import Received
 
         self.sidecar._alive()
         runs = self.sidecar.spool_dir / "runs"

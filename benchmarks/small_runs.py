@@ -184,7 +184,7 @@ def _ticking(
 
 def _uploaded_count(spool: Path) -> Callable[[], str]:
     def count() -> str:
-        from tiled_writer_sidecar.spool.index import Uploaded
+        from tiled_writer_sidecar.spool.state_files import Uploaded
 
         runs = [p for p in (spool / "runs").iterdir() if p.is_dir()]
         done = 0

@@ -26,7 +26,12 @@ from hypothesis import settings
 
 import tests.support.strength  # noqa: F401 - registers the `ci` and `unit` profiles
 from tests.support.daemon import make_sidecar
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    TiledServer,
+    ZmqProxy,
+)
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 
 settings.load_profile("unit")  # `--hypothesis-profile=ci` (`make test`) replaces it

@@ -22,10 +22,10 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from tiled_writer_sidecar.metrics import SidecarCollector
-from tiled_writer_sidecar.proxy import ProxyCollector, ProxyStats
+from tiled_writer_sidecar.daemon.metrics import SidecarCollector
+from tiled_writer_sidecar.receive.counters import ReceiverStats
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.stats import ReceiverStats
+from tiled_writer_sidecar.tools.proxy.main import ProxyCollector, ProxyStats
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "conf/prometheus/tiled-writer-sidecar.rules.yml"

@@ -228,14 +228,14 @@ def test_sampler_attributes_a_busy_threads_time_to_its_phase() -> None:
 
 def test_counters_count_state_file_writes_and_their_fsyncs(tmp_path: Path) -> None:
     """The spool's atomic_write_json is counted, with the fsyncs it makes (file and directory)."""
-    from tiled_writer_sidecar.spool import index
+    from tiled_writer_sidecar.spool import state_files
 
     counters = Counters(tiledwriter=False)
     with counters.installed():
-        index.atomic_write_json(tmp_path / "state.json", {"state": "uploaded"})
+        state_files.atomic_write_json(tmp_path / "state.json", {"state": "uploaded"})
     assert counters.counts["atomic state-file writes"] == 1
     assert counters.counts["fsync"] >= 1
-    assert index.atomic_write_json.__name__ == "atomic_write_json"  # unwrapped again
+    assert state_files.atomic_write_json.__name__ == "atomic_write_json"  # unwrapped again
 
 
 def test_small_runs_keys_shapes_by_backend_and_runs_in_flight_and_judges_only_the_default() -> None:

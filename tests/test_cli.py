@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from tiled_writer_sidecar.cli import COMMANDS, build_parser, main
-from tiled_writer_sidecar.resources import CONFIGS, UNITS
+from tiled_writer_sidecar.commands.resources import CONFIGS, UNITS
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Received
+from tiled_writer_sidecar.spool.state_files import Received
 from tiled_writer_sidecar.testing.sidecar import sidecar_command
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import tiled_writer_sidecar
-from tiled_writer_sidecar.resources import CONFIGS, UNITS
+from tiled_writer_sidecar.commands.resources import CONFIGS, UNITS
 
 REPO = Path(__file__).resolve().parents[1]
 #: The sidecar's own dependencies, none of which a RunEngine's environment needs for deep_publisher.

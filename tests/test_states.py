@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 import tiled_writer_sidecar
+from tiled_writer_sidecar.daemon.health import Health, HealthStatus
+from tiled_writer_sidecar.documents.tracker import RunTracker
+from tiled_writer_sidecar.documents.wire import REASONS
 from tiled_writer_sidecar.errors import ValidationError
-from tiled_writer_sidecar.health import Health, HealthStatus
-from tiled_writer_sidecar.monitor_state import sidecar_state
-from tiled_writer_sidecar.spool.index import UPLOADER, UploaderStatus
+from tiled_writer_sidecar.spool.state_files import UPLOADER, UploaderStatus
 from tiled_writer_sidecar.states import (
     TILED_STATES,
     Rejection,
@@ -26,8 +27,7 @@ from tiled_writer_sidecar.states import (
     counted,
     rejection_category,
 )
-from tiled_writer_sidecar.tracker import RunTracker
-from tiled_writer_sidecar.wire import REASONS
+from tiled_writer_sidecar.tools.monitor.state import sidecar_state
 
 SRC = Path(tiled_writer_sidecar.__file__).parent
 #: What an existing spool, a metric label, /healthz and the alert rules hold (conf/prometheus).
@@ -72,7 +72,14 @@ def test_health_status_serializes_as_before_and_maps_to_the_monitors_states() ->
 
 
 #: The modules a message goes through from the wire to the spool (the receiver counts what they reject).
-RECEIVING = ("wire.py", "validation.py", "tracker.py", "ingest.py", "orphans.py", "receiver.py")
+RECEIVING = (
+    "documents/wire.py",
+    "documents/validation.py",
+    "documents/tracker.py",
+    "receive/ingest.py",
+    "spool/orphans.py",
+    "receive/receiver.py",
+)
 #: Raised while reading the spool back (crash recovery), never for a message: logged, not counted.
 NOT_OF_A_MESSAGE = {"orphan-log"}
 

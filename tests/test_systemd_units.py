@@ -161,7 +161,7 @@ def test_sidecar_is_a_notify_service_with_a_watchdog(sidecar: dict[str, list[str
 
 def test_sidecar_stops_in_the_order_the_daemon_expects(sidecar: dict[str, list[str]]) -> None:
     """SIGTERM to the main process only; it drains, then stops the uploader itself in time."""
-    from tiled_writer_sidecar import daemon
+    from tiled_writer_sidecar.daemon import main as daemon
 
     assert one(sidecar, "Service.KillMode") == "mixed"
     assert int(one(sidecar, "Service.TimeoutStopSec")) > daemon.UPLOADER_STOP_SECONDS
@@ -322,7 +322,7 @@ def test_sidecar_memory_limits_leave_room_above_the_measured_peak(sidecar: dict[
 
 def test_an_oom_kill_of_the_uploader_does_not_stop_the_receiver(sidecar: dict[str, list[str]]) -> None:
     """systemd's default OOMPolicy=stop would stop the whole service; the uploader is the OOM victim."""
-    from tiled_writer_sidecar import upload_process
+    from tiled_writer_sidecar.upload import main as upload_process
 
     assert one(sidecar, "Service.OOMPolicy") == "continue"
     assert upload_process.OOM_SCORE_ADJ > 0
@@ -330,7 +330,7 @@ def test_an_oom_kill_of_the_uploader_does_not_stop_the_receiver(sidecar: dict[st
 
 def test_sidecar_file_limit_fits_every_open_run(sidecar: dict[str, list[str]]) -> None:
     """LimitNOFILE= holds one descriptor per open run at the default max_open_runs, plus the rest, twice."""
-    from tiled_writer_sidecar import daemon
+    from tiled_writer_sidecar.daemon import main as daemon
 
     needed = Config().spool.max_open_runs + daemon.FDS_BESIDES_RUNS
     assert int(one(sidecar, "Service.LimitNOFILE")) >= 2 * needed
@@ -346,7 +346,7 @@ def test_the_daemon_raises_its_soft_file_limit_or_refuses_with_one_line() -> Non
     """In a child (limits are per process): soft limit raised to what max_open_runs needs; too low a hard limit is exit 2."""
     code = (
         "import resource, sys\n"
-        "from tiled_writer_sidecar.daemon import ensure_file_limit\n"
+        "from tiled_writer_sidecar.daemon.main import ensure_file_limit\n"
         "from tiled_writer_sidecar.errors import ConfigError\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 600))\n"

@@ -20,7 +20,14 @@ from rich.console import Console
 from rich.text import Text
 
 from tests.support.strength import examples
-from tiled_writer_sidecar.text import ELLIPSIS, LIMIT, clean, escape_char, is_safe, rich_text
+from tiled_writer_sidecar.text import (
+    ELLIPSIS,
+    LIMIT,
+    clean,
+    escape_char,
+    is_safe,
+    rich_text,
+)
 
 #: Characters a hostile document uses: terminal controls, bidi overrides, line separators,
 #: markup, surrogates; mixed with ordinary text.
@@ -200,8 +207,8 @@ def test_monitor_rendering_of_arbitrary_text_is_safe(
     """Any text in any document field or /healthz field: the monitor's screen renders without an
     exception, writes no control character but rich's colours, and shows each name literally
     (markup is text, not style)."""
-    from tiled_writer_sidecar.monitor import render
-    from tiled_writer_sidecar.monitor_state import MonitorState
+    from tiled_writer_sidecar.tools.monitor.main import render
+    from tiled_writer_sidecar.tools.monitor.state import MonitorState
 
     state = MonitorState(address="tcp://127.0.0.1:5578", sidecar_url="http://127.0.0.1:9478/healthz")
     for name, doc in docs:
@@ -242,7 +249,7 @@ def test_status_rendering_of_arbitrary_text_is_safe(runs: list[dict[str, object]
     """Any text in the spool's per-run fields (uid, scan_id, plan, state, problems, reason) and in
     uploader.json's Tiled state: the status table renders without an exception, writes no control
     character but rich's colours, and shows each plan name literally."""
-    from tiled_writer_sidecar.status import print_status
+    from tiled_writer_sidecar.commands.status import print_status
 
     report = {
         "spool": "/var/lib/spool\x1b[2J",

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__, process_defaults
-from .config import LOG_LEVELS, Config, load_config
-from .errors import ConfigError, SidecarError
-from .logs import StreamToLog, setup_logging
-from .resources import CONFIGS, UNITS
-from .status import CHECK_CRIT_AGE_S, CHECK_WARN_AGE_S
+from tiled_writer_sidecar import __version__
+from tiled_writer_sidecar.commands.resources import CONFIGS, UNITS
+from tiled_writer_sidecar.commands.status import CHECK_CRIT_AGE_S, CHECK_WARN_AGE_S
+from tiled_writer_sidecar.config import LOG_LEVELS, Config, load_config
+from tiled_writer_sidecar.errors import ConfigError, SidecarError
+from tiled_writer_sidecar.logs import StreamToLog, setup_logging
+from tiled_writer_sidecar.upload import process_defaults
 
 PROG = "tiled-writer-sidecar"
 log = logging.getLogger(__name__)
@@ -313,16 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command in ("print-unit", "print-config"):
-            from .resources import config_text, unit_text
+            from tiled_writer_sidecar.commands.resources import config_text, unit_text
 
             sys.stdout.write(unit_text(args.unit) if args.command == "print-unit" else config_text(args.file))
             return 0
         if args.command == "demo":
-            from .demo import run_demo
+            from tiled_writer_sidecar.commands.demo import run_demo
 
             return run_demo(keep=args.keep)
         if args.command == "proxy":  # no config file: the proxy is configured by its flags only
-            from .proxy import options_from_args, run_proxy, setup_proxy_logging
+            from tiled_writer_sidecar.tools.proxy.main import (
+                options_from_args,
+                run_proxy,
+                setup_proxy_logging,
+            )
 
             setup_proxy_logging(args)
             return run_proxy(options_from_args(args))
@@ -358,11 +363,11 @@ def _dispatch(args: argparse.Namespace, config: Config, console: Console) -> int
             print(config.to_toml())
             print(f"# API key: {'set (masked)' if key else 'not set'}")
             return 0
-        from .daemon import run_daemon
+        from tiled_writer_sidecar.daemon.main import run_daemon
 
         return run_daemon(config)
     if command == "replay":
-        from .replay import replay
+        from tiled_writer_sidecar.commands.replay import replay
 
         return replay(
             config,
@@ -374,20 +379,22 @@ def _dispatch(args: argparse.Namespace, config: Config, console: Console) -> int
             overwrite_foreign=args.overwrite_foreign,
         )
     if command == "import-backup":
-        from .replay import import_backup
+        from tiled_writer_sidecar.commands.replay import import_backup
 
         return import_backup(config, args.files, console=console, overwrite_foreign=args.overwrite_foreign)
     if command == "status":
-        from .spool.directory import SpoolDir
-        from .status import print_status, status_report
+        from tiled_writer_sidecar.commands.status import print_status, status_report
+        from tiled_writer_sidecar.spool.directory import SpoolDir
 
         report = status_report(SpoolDir(config.spool_dir, create=False))
         print_status(report, args.json, status_console())
         return 0
     if command == "verify":
-        return _verify(config, args.repair, console)
+        from tiled_writer_sidecar.commands.verify import verify
+
+        return verify(config.spool_dir, repair=args.repair)
     if command == "monitor":
-        from .monitor import run_monitor
+        from tiled_writer_sidecar.tools.monitor.main import run_monitor
 
         return run_monitor(config, args)
     raise ConfigError(f"unknown command {command}")
@@ -432,8 +439,8 @@ def status_console() -> Console:
 
 def _check(args: argparse.Namespace) -> int:
     """`status --check`: one line on stdout, Nagios exit code; 3 UNKNOWN if the spool cannot be read."""
-    from .spool.directory import SpoolDir
-    from .status import UNKNOWN, check_report, status_report
+    from tiled_writer_sidecar.commands.status import UNKNOWN, check_report, status_report
+    from tiled_writer_sidecar.spool.directory import SpoolDir
 
     try:
         config = effective_config(args)
@@ -444,29 +451,6 @@ def _check(args: argparse.Namespace) -> int:
     code, line = check_report(report, warn_age=args.warn_age, crit_age=args.crit_age)
     print(line)
     return code
-
-
-def _verify(config: Config, repair: bool, console: Console) -> int:
-    from .spool.check import verify_spool
-    from .spool.directory import SpoolDir
-    from .text import clean
-
-    reports = verify_spool(SpoolDir(config.spool_dir, create=False), repair=repair)
-    bad = 0
-    for r in reports:
-        problems = [r.problem] if r.problem else [f"{n} corrupt bytes at offset {o}" for o, n in r.corrupt]
-        if r.torn_tail:
-            problems.append(f"torn tail of {r.torn_tail} bytes" + (" (truncated)" if r.repaired else ""))
-        if problems:
-            bad += 1
-        summary = "; ".join(problems) if problems else None
-        print(
-            clean(f"{r.run}/{r.segment}: {r.records} records" + (f": {summary}" if summary else ", ok"), 1000)
-        )
-    records = sum(r.records for r in reports)
-    print(f"{len(reports)} segment(s), {records} records, {bad} with problems")
-    unrepaired = any(r.corrupt or (r.torn_tail and not r.repaired) for r in reports)
-    return 1 if unrepaired else 0
 
 
 if __name__ == "__main__":

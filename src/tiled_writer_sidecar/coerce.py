@@ -1,6 +1,6 @@
 """Plain, bounded values from untrusted ones: the one coercion rule of documents and state files.
 
-A document (the tracker) and a state file read back (``spool/index.py``) may hold anything: numpy
+A document (the tracker) and a state file read back (``spool/state_files.py``) may hold anything: numpy
 scalars, a 5,000-digit int, NaN, a str subclass, megabytes of text. Each ``as_*`` returns a plain
 Python value within its bound, or None (``as_bool``: False) when the value is not one; none raises.
 

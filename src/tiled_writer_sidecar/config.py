@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from .address import host_port
-from .errors import ConfigError
-from .logs import register_secret
+from tiled_writer_sidecar.address import host_port
+from tiled_writer_sidecar.errors import ConfigError
+from tiled_writer_sidecar.logs import register_secret
 
 DEFAULT_CONFIG_PATHS = (Path("/etc/tiled-writer-sidecar/tiled-writer-sidecar.toml"),)
 API_KEY_ENV = "TILED_API_KEY"

@@ -31,7 +31,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .text import one_line
+from tiled_writer_sidecar.text import one_line
 
 log = logging.getLogger(__name__)
 

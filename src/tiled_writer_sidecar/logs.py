@@ -42,7 +42,7 @@ import warnings
 from types import TracebackType
 from typing import TextIO
 
-from .text import ELLIPSIS, clean
+from tiled_writer_sidecar.text import ELLIPSIS, clean
 
 #: Longest message kept, in characters (after escaping).
 MESSAGE_LIMIT = 4000

@@ -43,7 +43,13 @@ from tests.support.framing import frame, new_uid
 from tiled_writer_sidecar import __version__
 from tiled_writer_sidecar.cli import PROG
 from tiled_writer_sidecar.spool.directory import quarantine_entry
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, is_probe, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    is_probe,
+    wait_until,
+)
 from tiled_writer_sidecar.testing._process import ManagedProcess
 from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command

@@ -28,7 +28,12 @@ import zmq
 import zmq.auth
 from ophyd.sim import det, motor
 
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, probe_message, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    probe_message,
+    wait_until,
+)
 from tiled_writer_sidecar.testing._process import ManagedProcess, Service
 from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port

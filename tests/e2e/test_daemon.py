@@ -13,7 +13,12 @@ import httpx
 import pytest
 from ophyd.sim import det
 
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 

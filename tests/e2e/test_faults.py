@@ -62,12 +62,18 @@ import pytest
 from ophyd.sim import det
 
 from tests.support.daemon import make_sidecar
+from tiled_writer_sidecar.commands.status import status_report
 from tiled_writer_sidecar.spool import record
 from tiled_writer_sidecar.spool.codec import unpack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import read_json
-from tiled_writer_sidecar.status import status_report
-from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy, free_port, wait_until
+from tiled_writer_sidecar.spool.state_files import read_json
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledServer,
+    ZmqProxy,
+    free_port,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.acquisition import Document, expected_rows
 from tiled_writer_sidecar.testing.ports import LOCALHOST
 from tiled_writer_sidecar.testing.proxy import SidecarProxy

@@ -31,7 +31,12 @@ from ophyd.sim import det, hw, motor
 
 from tests.support.daemon import make_sidecar
 from tests.support.framing import SERIALIZERS, raw_frame
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 

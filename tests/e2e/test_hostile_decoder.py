@@ -37,7 +37,12 @@ from tests.support.hostile_pickles import (
     outside_field_dtype,
     void_scalar_without_data,
 )
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.acquisition import expected_rows
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 

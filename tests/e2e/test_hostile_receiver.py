@@ -36,7 +36,12 @@ from ophyd.sim import det, motor
 from tests.support.daemon import assert_runs_uploaded, make_sidecar, rejected_counts
 from tests.support.framing import frame, new_uid
 from tests.support.spool import plant_open_run
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 
 HUGE = 10**5000  # beyond the 4,300 digits int -> str allows by default: json cannot write it

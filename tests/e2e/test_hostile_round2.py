@@ -32,7 +32,12 @@ from ophyd.sim import det, motor
 from tests.support.daemon import assert_runs_uploaded, make_sidecar, rejected_counts
 from tests.support.spool import plant_open_run
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.acquisition import Document
 
 #: Decodes the frames the parent writes (length-prefixed) and prints each rejection's reason.
@@ -40,7 +45,7 @@ _DECODE_EACH = textwrap.dedent(
     """
     import sys
     from tiled_writer_sidecar.errors import DecodeError
-    from tiled_writer_sidecar.wire import decode_message
+    from tiled_writer_sidecar.documents.wire import decode_message
     data = sys.stdin.buffer.read()
     while data:
         size = int.from_bytes(data[:4], "little")
@@ -173,10 +178,10 @@ _IMPORT_ONE = textwrap.dedent(
     import json, resource, sys
     from pathlib import Path
     from tiled_writer_sidecar.config import SpoolConfig
-    from tiled_writer_sidecar.ingest import Ingest
-    from tiled_writer_sidecar.replay import import_file
+    from tiled_writer_sidecar.receive.ingest import Ingest
+    from tiled_writer_sidecar.commands.replay import import_file
     from tiled_writer_sidecar.spool.directory import SpoolDir
-    from tiled_writer_sidecar.stats import ReceiverStats
+    from tiled_writer_sidecar.receive.counters import ReceiverStats
     ingest = Ingest(SpoolConfig(), SpoolDir(Path(sys.argv[1])), ReceiverStats())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # tiled, pandas, ... imported
     result = import_file(ingest, Path(sys.argv[2]), 64 * 2**20)
@@ -217,11 +222,11 @@ _RECOVER_AND_VERIFY = textwrap.dedent(
     import json, resource, sys
     from pathlib import Path
     from tiled_writer_sidecar.config import SpoolConfig
-    from tiled_writer_sidecar.ingest import Ingest
+    from tiled_writer_sidecar.receive.ingest import Ingest
     from tiled_writer_sidecar.spool.check import verify_spool
     from tiled_writer_sidecar.spool.directory import SpoolDir
     from tiled_writer_sidecar.spool.segment import LogReader
-    from tiled_writer_sidecar.stats import ReceiverStats
+    from tiled_writer_sidecar.receive.counters import ReceiverStats
     spool = SpoolDir(Path(sys.argv[1]))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ingest = Ingest(SpoolConfig(), spool, ReceiverStats())
@@ -278,7 +283,7 @@ def test_a_multipart_message_is_refused_frame_by_frame_and_the_next_one_arrives(
     import zmq
 
     from tiled_writer_sidecar.config import ZmqConfig
-    from tiled_writer_sidecar.subscription import Subscription
+    from tiled_writer_sidecar.receive.subscription import Subscription
 
     context = zmq.Context()
     publisher = context.socket(zmq.XPUB)

@@ -35,9 +35,14 @@ import pytest
 from tiled_writer_sidecar.spool import record
 from tiled_writer_sidecar.spool.codec import pack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Received
 from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogReader, LogWriter
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.spool.state_files import Received
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing._process import ManagedProcess
 from tiled_writer_sidecar.testing.acquisition import Document, expected_rows
 from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port

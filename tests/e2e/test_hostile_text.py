@@ -27,12 +27,19 @@ from ophyd.sim import det, det1
 
 from tests.support.daemon import run_documents
 from tests.support.monitor_pane import MonitorPane
-from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, free_port, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    ZmqProxy,
+    free_port,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command
 
 PLAN = "[/bold]\x1b[2J"
 STREAM = "[/y]\n"
-FORGING_PLAN = "count\n2026-01-01 00:00:00,000 ERROR tiled_writer_sidecar.receiver: SPOOL NOT WRITABLE"
+FORGING_PLAN = (
+    "count\n2026-01-01 00:00:00,000 ERROR tiled_writer_sidecar.receive.receiver: SPOOL NOT WRITABLE"
+)
 #: What `text.clean` makes of them.
 PLAN_SHOWN = "[/bold]\\x1b[2J"
 STREAM_SHOWN = "[/y]\\n"

@@ -39,7 +39,12 @@ from tests.support.daemon import assert_rows_in_tiled, make_sidecar
 from tests.support.framing import frame, new_uid
 from tests.support.spool import plant_closed_run
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 
@@ -208,7 +213,7 @@ def test_runs_that_cannot_be_uploaded_are_quarantined_and_later_runs_flow(
         )
         assert "not a safe Tiled key" in runs[newline_uid]["reason"]
         assert "not this run's start" in runs[foreign_dir]["reason"]
-        assert "failed 2 times the same way while Tiled answered" in runs[invalid]["reason"]  # `outcomes`
+        assert "failed 2 times the same way while Tiled answered" in runs[invalid]["reason"]  # `policy`
         in_tiled = set(tiled_container.client())
         assert newline_uid.strip() not in in_tiled and other_start not in in_tiled
         assert_uploader_never_restarted_and_no_traceback(sidecar)
@@ -263,7 +268,7 @@ def test_the_uploaders_argv_holds_no_configuration(
         (child,) = uploader_children(sidecar)
         argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         shown = b" ".join(argv).decode()
-        assert "tiled_writer_sidecar.upload_process" in shown
+        assert "tiled_writer_sidecar.upload.main" in shown
         for leaked in (str(sidecar.spool_dir), tiled_container.uri, "{", "config"):
             assert leaked not in shown, shown
         assert int(Path(f"/proc/{child}/oom_score_adj").read_text()) > 0

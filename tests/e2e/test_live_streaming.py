@@ -25,7 +25,12 @@ import pytest
 from ophyd.sim import det
 
 from tiled_writer_sidecar.config import TiledConfig
-from tiled_writer_sidecar.testing import Acquisition, TiledServer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledServer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command, spool_documents
 from tiled_writer_sidecar.testing.tiled_server import LiveSubscriber, RedisServer, redis_server_command
 

@@ -272,7 +272,7 @@ class Stopwatch:
 
 def uploaded(sidecar: SidecarProcess, runs: list[dict[str, Any]]) -> bool:
     """`runs` is not empty and every run of it is uploaded, read from the spool's files (no `status` subprocess per poll)."""
-    from tiled_writer_sidecar.spool.index import Uploaded
+    from tiled_writer_sidecar.spool.state_files import Uploaded
 
     sidecar._alive()
     return bool(runs) and all(

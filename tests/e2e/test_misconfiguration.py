@@ -24,7 +24,12 @@ import httpx
 import pytest
 
 import tiled_writer_sidecar
-from tiled_writer_sidecar.testing import TiledServer, ZmqProxy, free_port, wait_until
+from tiled_writer_sidecar.testing import (
+    TiledServer,
+    ZmqProxy,
+    free_port,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.ports import LOCALHOST
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess, sidecar_command
 

@@ -16,7 +16,12 @@ import httpx
 
 from tests.support.daemon import make_sidecar, rejected_counts
 from tests.support.framing import frame
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
 

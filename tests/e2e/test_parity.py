@@ -33,7 +33,12 @@ from ophyd.sim import det, motor
 from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
 from ophyd_async.sim import PatternGenerator, SimBlobDetector
 
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    TiledServer,
+    ZmqProxy,
+)
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import (
     differences,
@@ -42,8 +47,8 @@ from tiled_writer_sidecar.testing.tiled_readback import (
     tree_summary,
     without_volatile,
 )
-from tiled_writer_sidecar.tiled_client import read_seq_nums
-from tiled_writer_sidecar.tiled_run import TiledRun
+from tiled_writer_sidecar.upload.run_writer import TiledRun
+from tiled_writer_sidecar.upload.tiled_calls import read_seq_nums
 
 
 @pytest.fixture

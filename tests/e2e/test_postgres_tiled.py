@@ -33,7 +33,7 @@ from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing.acquisition import expected_rows, run_uids
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream
-from tiled_writer_sidecar.tiled_client import read_seq_nums
+from tiled_writer_sidecar.upload.tiled_calls import read_seq_nums
 
 #: A bluesky plan.
 Plan = Generator[Any, Any, Any]

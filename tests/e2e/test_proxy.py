@@ -27,7 +27,12 @@ import zmq
 from bluesky.callbacks.zmq import Publisher
 from ophyd.sim import det, motor
 
-from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, free_port, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    ZmqProxy,
+    free_port,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.acquisition import Document
 from tiled_writer_sidecar.testing.proxy import PROBE_PREFIX, SidecarProxy
 from tiled_writer_sidecar.testing.sidecar import sidecar_command

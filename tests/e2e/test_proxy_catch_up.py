@@ -3,7 +3,7 @@
 - The sidecar SIGKILLed, or stopped with SIGTERM as ``systemctl restart``
   does, in the middle of a 200 Hz scan and started again a second later:
   the proxy replays what it sent since shortly before the sidecar left
-  (`proxy_replay`), the sidecar drops what it already had, and every row
+  (`proxy.replay`), the sidecar drops what it already had, and every row
   reaches Tiled with no gap.
 - A subscriber stopped with SIGSTOP (a monitor on a laptop that sleeps)
   during a scan: the sidecar gets every row, the proxy switches the stalled
@@ -29,7 +29,12 @@ from ophyd.sim import SynSignal, det
 
 from tests.support.daemon import assert_rows_in_tiled, make_sidecar
 from tests.support.monitor import MonitorProcess
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, probe_message, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    probe_message,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.proxy import SidecarProxy, ZmqProxy
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 
@@ -222,7 +227,7 @@ def _stalled_scan(proxy: SidecarProxy, tiled: TiledContainer, tmp_path: Path) ->
         f"\nsidecar: {rows} rows; sleeper got {got} of {sent:.0f}; counted missed {missed}; hwm {hwm:.0f}; proxy {proxy_rss(proxy)}"
     )
     assert got < sent and counted > 0
-    # Misses are read off the kernel's TCP send queue (`proxy_peers`): never more than the truth plus one
+    # Misses are read off the kernel's TCP send queue (`proxy.peers`): never more than the truth plus one
     # pipe; on a loaded host the socket buffers hold more than a pipe, so the count may fall short.
     assert counted <= (sent - got) + hwm, (sent, got, missed)
 

@@ -25,7 +25,13 @@ from bluesky_tiled_plugins import TiledWriter
 
 from tests.support.daemon import make_sidecar
 from tests.support.framing import frame
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    TiledServer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.tiled_readback import differences, tree_summary, without_volatile
 
 EXAMPLES = Path(__file__).parent / "data" / "bluesky_tiled_plugins_examples"

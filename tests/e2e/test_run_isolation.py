@@ -31,12 +31,12 @@ from tests.support.faulty_tiled import Fault, FaultyTiled
 from tests.support.spool import plant_closed_run
 from tiled_writer_sidecar.config import Config, SpoolConfig, TiledConfig
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Uploaded, UploadState
+from tiled_writer_sidecar.spool.state_files import Uploaded, UploadState
 from tiled_writer_sidecar.testing import TiledServer
 from tiled_writer_sidecar.testing.ports import wait_until
 from tiled_writer_sidecar.testing.sidecar import spool_documents
-from tiled_writer_sidecar.tiled_client import read_seq_nums
-from tiled_writer_sidecar.uploader import Uploader
+from tiled_writer_sidecar.upload.scheduler import Uploader
+from tiled_writer_sidecar.upload.tiled_calls import read_seq_nums
 
 Document = tuple[str, dict[str, Any]]
 

@@ -28,7 +28,12 @@ import pytest
 from bluesky_tiled_plugins import TiledWriter
 
 from tests.support.daemon import make_sidecar
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, ZmqProxy, wait_until
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    ZmqProxy,
+    wait_until,
+)
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import differences, tree_summary, without_volatile
 

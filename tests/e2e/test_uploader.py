@@ -36,13 +36,13 @@ from bluesky_tiled_plugins import TiledWriter
 from tests.support.faulty_tiled import Fault, FaultyTiled
 from tiled_writer_sidecar.config import Config, SpoolConfig, TiledConfig
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Uploaded
+from tiled_writer_sidecar.spool.state_files import Uploaded
 from tiled_writer_sidecar.testing import TiledServer
 from tiled_writer_sidecar.testing.ports import wait_until
 from tiled_writer_sidecar.testing.sidecar import spool_documents
 from tiled_writer_sidecar.testing.tiled_readback import differences, tree_summary, without_volatile
-from tiled_writer_sidecar.tiled_client import read_seq_nums
-from tiled_writer_sidecar.uploader import MAX_ACTIVE_RUNS, Uploader
+from tiled_writer_sidecar.upload.scheduler import MAX_ACTIVE_RUNS, Uploader
+from tiled_writer_sidecar.upload.tiled_calls import read_seq_nums
 
 Document = tuple[str, dict[str, Any]]
 

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from tiled_writer_sidecar.commands.status import status_report
 from tiled_writer_sidecar.config import SpoolConfig
+from tiled_writer_sidecar.daemon.health import health_snapshot
 from tiled_writer_sidecar.errors import SpoolError
-from tiled_writer_sidecar.health import health_snapshot
-from tiled_writer_sidecar.ingest import Ingest
-from tiled_writer_sidecar.run_index import RunIndex
+from tiled_writer_sidecar.receive.counters import ReceiverStats
+from tiled_writer_sidecar.receive.ingest import Ingest
 from tiled_writer_sidecar.spool import directory
 from tiled_writer_sidecar.spool.check import verify_spool
 from tiled_writer_sidecar.spool.directory import QUARANTINE_PREFIX, SpoolDir, is_safe_uid
-from tiled_writer_sidecar.spool.index import Received
 from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
-from tiled_writer_sidecar.stats import ReceiverStats
-from tiled_writer_sidecar.status import status_report
+from tiled_writer_sidecar.spool.state_files import Received
+from tiled_writer_sidecar.upload.run_index import RunIndex
 
 
 @pytest.mark.parametrize("uid", ["run\n", "run\r", "a/b", "..", "a..b", "", ".hidden", "x" * 129, "ü"])

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from tiled_writer_sidecar.spool import record, segment
-from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogReader, LogWriter, list_segments
+from tiled_writer_sidecar.spool.segment import (
+    FsyncPolicy,
+    LogReader,
+    LogWriter,
+    list_segments,
+)
 
 
 def _write(directory: Path, payloads: list[bytes], segment_bytes: int = 4096, mode: str = "batch") -> None:

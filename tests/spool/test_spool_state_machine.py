@@ -31,7 +31,12 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 from tests.support.strength import examples
 from tiled_writer_sidecar.spool import record, segment
 from tiled_writer_sidecar.spool.record import FILE_HEADER_SIZE, HEADER_SIZE
-from tiled_writer_sidecar.spool.segment import Damage, FsyncPolicy, LogReader, LogWriter
+from tiled_writer_sidecar.spool.segment import (
+    Damage,
+    FsyncPolicy,
+    LogReader,
+    LogWriter,
+)
 
 SEGMENT_BYTES = 2048
 READ_CHUNK = 1024  # small, so records cross read chunks all the time

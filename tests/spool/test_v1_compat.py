@@ -21,7 +21,12 @@ import pytest
 from tiled_writer_sidecar.spool.check import verify_spool
 from tiled_writer_sidecar.spool.codec import unpack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogReader, LogWriter, list_segments
+from tiled_writer_sidecar.spool.segment import (
+    FsyncPolicy,
+    LogReader,
+    LogWriter,
+    list_segments,
+)
 
 DATA = Path(__file__).parent / "data"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((DATA / "v1_expected.json").read_text())

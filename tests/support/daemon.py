@@ -16,7 +16,12 @@ from typing import Any, Protocol
 
 import httpx
 
-from tiled_writer_sidecar.testing import Acquisition, TiledContainer, TiledServer, ZmqProxy
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    TiledContainer,
+    TiledServer,
+    ZmqProxy,
+)
 from tiled_writer_sidecar.testing.acquisition import Document, expected_rows
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
 from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream

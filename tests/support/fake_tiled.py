@@ -1,7 +1,7 @@
 """Tiled faked for the fast unit layer, over a real spool written by the real `RunSpooler`.
 
 `FakeTiled` holds each run's tables as lists of ``seq_num`` and stands in for
-`TiledRun` and the `tiled_client` requests `run_upload` makes; `http_error` and
+`TiledRun` and the `tiled_calls` requests `run_upload` makes; `http_error` and
 `transport` build errors the way httpx raises them.
 """
 
@@ -15,13 +15,13 @@ import httpx
 import pytest
 from event_model import compose_run
 
-from tiled_writer_sidecar import run_upload
 from tiled_writer_sidecar.config import Config, SpoolConfig, TiledConfig
+from tiled_writer_sidecar.receive.counters import ReceiverStats
+from tiled_writer_sidecar.receive.spooler import RunSpooler, SpooledRun
 from tiled_writer_sidecar.spool.codec import pack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Received, RunView, Uploaded
-from tiled_writer_sidecar.spooler import RunSpooler, SpooledRun
-from tiled_writer_sidecar.stats import ReceiverStats
+from tiled_writer_sidecar.spool.state_files import Received, RunView, Uploaded
+from tiled_writer_sidecar.upload import run_upload
 
 Doc = tuple[str, dict[str, Any]]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tiled_writer_sidecar.spool.codec import pack_document
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.spool.index import Received
 from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter
+from tiled_writer_sidecar.spool.state_files import Received
 from tiled_writer_sidecar.testing.acquisition import Document
 
 

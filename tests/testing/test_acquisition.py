@@ -9,7 +9,12 @@ import pytest
 import zmq
 from ophyd.sim import det, motor
 
-from tiled_writer_sidecar.testing import Acquisition, expected_rows, is_probe, run_uids
+from tiled_writer_sidecar.testing import (
+    Acquisition,
+    expected_rows,
+    is_probe,
+    run_uids,
+)
 
 
 def test_run_records_deep_copies_and_wall_time(acquisition: Acquisition) -> None:

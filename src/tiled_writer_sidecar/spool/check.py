@@ -16,10 +16,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SpoolLockedError
-from . import record
-from .directory import SpoolDir
-from .segment import (
+from tiled_writer_sidecar.errors import SpoolLockedError
+from tiled_writer_sidecar.spool import record
+from tiled_writer_sidecar.spool.directory import SpoolDir
+from tiled_writer_sidecar.spool.segment import (
     NotRegularFile,
     detect_format,
     list_segments,

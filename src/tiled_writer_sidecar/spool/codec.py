@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.format import descr_to_dtype, dtype_to_descr
 
-from ..errors import DecodeError
+from tiled_writer_sidecar.errors import DecodeError
 
 __all__ = ["FORMAT_VERSION", "pack_document", "unpack_document"]
 

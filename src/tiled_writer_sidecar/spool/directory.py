@@ -38,10 +38,16 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import SpoolError, SpoolLockedError, UnsafeName
-from ..text import ascii_text
-from .index import UPLOADED, Received, RunView, Uploaded, UploadState
-from .segment import list_segments, log_bytes
+from tiled_writer_sidecar.errors import SpoolError, SpoolLockedError, UnsafeName
+from tiled_writer_sidecar.spool.segment import list_segments, log_bytes
+from tiled_writer_sidecar.spool.state_files import (
+    UPLOADED,
+    Received,
+    RunView,
+    Uploaded,
+    UploadState,
+)
+from tiled_writer_sidecar.text import ascii_text
 
 HISTORY_RUNS = 200
 QUARANTINE_MAX_FILES = 1000

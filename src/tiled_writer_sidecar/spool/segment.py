@@ -33,8 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import record
-from .record import FILE_HEADER_SIZE, HEADER_SIZE
+from tiled_writer_sidecar.spool import record
+from tiled_writer_sidecar.spool.record import FILE_HEADER_SIZE, HEADER_SIZE
 
 SUFFIX = ".seg"
 READ_CHUNK = record.READ_CHUNK

@@ -10,17 +10,22 @@ a checkout need (PostgreSQL-backed Tiled, hostile pickles, a monitor in a
 tmux pane) is in ``tests/support/``, not here.
 """
 
-from .acquisition import (
+from tiled_writer_sidecar.testing.acquisition import (
     Acquisition,
     DocumentRecorder,
     as_python,
     expected_rows,
     run_uids,
 )
-from .ports import free_port, wait_until
-from .proxy import PROBE_PREFIX, ZmqProxy, is_probe, probe_message
-from .tiled_readback import frame_rows, read_stream, tree_summary
-from .tiled_server import TiledContainer, TiledServer
+from tiled_writer_sidecar.testing.ports import free_port, wait_until
+from tiled_writer_sidecar.testing.proxy import (
+    PROBE_PREFIX,
+    ZmqProxy,
+    is_probe,
+    probe_message,
+)
+from tiled_writer_sidecar.testing.tiled_readback import frame_rows, read_stream, tree_summary
+from tiled_writer_sidecar.testing.tiled_server import TiledContainer, TiledServer
 
 __all__ = [
     "PROBE_PREFIX",

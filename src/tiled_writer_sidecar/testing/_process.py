@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .ports import LOCALHOST, free_port, wait_until
+from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
 
 _LIVE: set[ManagedProcess] = set()
 

@@ -46,9 +46,9 @@ from bluesky.callbacks.zmq import Publisher
 from bluesky.run_engine import RunEngineResult
 from event_model import unpack_event_page
 
-from ..publisher import DEFAULT_QUEUE_MESSAGES, deepen
-from .ports import wait_until
-from .proxy import PROBE_PREFIX, ZmqProxy, probe_message
+from tiled_writer_sidecar.publisher import DEFAULT_QUEUE_MESSAGES, deepen
+from tiled_writer_sidecar.testing.ports import wait_until
+from tiled_writer_sidecar.testing.proxy import PROBE_PREFIX, ZmqProxy, probe_message
 
 Document = tuple[str, dict[str, Any]]
 Plan = Generator[Any, Any, Any]

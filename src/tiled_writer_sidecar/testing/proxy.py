@@ -37,8 +37,8 @@ import httpx
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ._process import ManagedProcess, Service
-from .ports import LOCALHOST, free_port, wait_until
+from tiled_writer_sidecar.testing._process import ManagedProcess, Service
+from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
 
 #: First space-separated field of every probe frame (a Publisher "prefix").
 PROBE_PREFIX = b"tiled-writer-sidecar-probe"

@@ -21,8 +21,8 @@ from typing import Any, Self
 
 import httpx
 
-from ._process import ManagedProcess
-from .ports import LOCALHOST, free_port, wait_until
+from tiled_writer_sidecar.testing._process import ManagedProcess
+from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
 
 
 def sidecar_command() -> list[str]:
@@ -180,10 +180,10 @@ def _to_toml(sections: dict[str, dict[str, Any]]) -> str:
 
 def spool_documents(spool_dir: Path, documents: list[tuple[str, dict[str, Any]]]) -> None:
     """Spool documents through the receiver's own code path (`Ingest`: validation, routing, log), no 0MQ."""
-    from ..config import SpoolConfig
-    from ..ingest import Ingest
-    from ..spool.directory import SpoolDir
-    from ..stats import ReceiverStats
+    from tiled_writer_sidecar.config import SpoolConfig
+    from tiled_writer_sidecar.receive.counters import ReceiverStats
+    from tiled_writer_sidecar.receive.ingest import Ingest
+    from tiled_writer_sidecar.spool.directory import SpoolDir
 
     ingest = Ingest(SpoolConfig(dir=str(spool_dir)), SpoolDir(spool_dir), ReceiverStats())
     for name, doc in documents:

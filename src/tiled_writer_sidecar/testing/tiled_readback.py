@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas
 
-from .acquisition import as_python
+from tiled_writer_sidecar.testing.acquisition import as_python
 
 _SPLIT_TABLE = re.compile(r"internal_(\d+)")
 

@@ -32,8 +32,8 @@ from typing import Any, Self
 
 import httpx
 
-from ._process import LocalServer
-from .ports import LOCALHOST
+from tiled_writer_sidecar.testing._process import LocalServer
+from tiled_writer_sidecar.testing.ports import LOCALHOST
 
 #: How long a cold start may take (tiled imports dask, pandas, numba, ...:
 #: 8-16 s measured on an idle 2-core machine, over 120 s on one with a load
@@ -458,7 +458,7 @@ class LiveSubscriber:
 
     def _resync(self, key: tuple[str, str]) -> None:
         """Read the table over HTTP and add the rows missed live."""
-        from .tiled_readback import read_stream
+        from tiled_writer_sidecar.testing.tiled_readback import read_stream
 
         frame = read_stream(self.container, key[0], key[1], arrays=False)
         arrived = time.time()

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from tiled_writer_sidecar.spool.codec import pack_document
-from tiled_writer_sidecar.spool.index import Received
 from tiled_writer_sidecar.spool.segment import FsyncPolicy, LogWriter, list_segments
+from tiled_writer_sidecar.spool.state_files import Received
 
 root = Path(sys.argv[1])
 runs = root / "runs"
