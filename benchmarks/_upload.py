@@ -114,6 +114,7 @@ def sidecar_upload(
     batch_rows: int = 10_000,
     batch_seconds: float = 1.0,
     runs_in_flight: int = 1,
+    close_streams: str = "always",
     threads: int = 1,
     profile: str | None = None,
     api_key: str | None = None,
@@ -139,7 +140,11 @@ def sidecar_upload(
     for part in parts:
         config = Config(
             tiled=TiledConfig(
-                uri=uri, batch_rows=batch_rows, batch_seconds=batch_seconds, runs_in_flight=runs_in_flight
+                uri=uri,
+                batch_rows=batch_rows,
+                batch_seconds=batch_seconds,
+                runs_in_flight=runs_in_flight,
+                close_streams=close_streams,
             ),
             spool=SpoolConfig(dir=str(part)),
         )

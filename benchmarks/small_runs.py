@@ -199,8 +199,11 @@ def _uploaded_count(spool: Path) -> Callable[[], str]:
 # ------------------------------------------------------------------ one drain per side
 
 
-#: The sidecar's setting for a backlog of many short runs (the default, 1, keeps strict acquisition order).
+#: The sidecar's settings for a backlog of many short runs: 4 runs in flight (the default, 1, keeps
+#: strict acquisition order) and close_stream requests only where they can matter (the default sends
+#: them always, as in-process TiledWriter does).
 RUNS_IN_FLIGHT = 4
+CLOSE_STREAMS = "auto"
 
 
 def _sidecar_settings(runs_in_flight: int = RUNS_IN_FLIGHT) -> dict[str, Any]:
@@ -211,6 +214,7 @@ def _sidecar_settings(runs_in_flight: int = RUNS_IN_FLIGHT) -> dict[str, Any]:
         "batch_rows": defaults.batch_rows,
         "batch_seconds": defaults.batch_seconds,
         "runs_in_flight": runs_in_flight,
+        "close_streams": CLOSE_STREAMS,
     }
 
 
@@ -824,8 +828,8 @@ def analysis(c: dict[str, Any], _all: dict[str, Any]) -> list[str]:
         out.append(
             f"  Tiled's own CPU per run: sidecar {cpu['sidecar']:.0f} ms, in-process {cpu['inprocess']:.0f} ms "
             f"({sc['http']['requests_per_run']:.1f} and {ip['http']['requests_per_run']:.1f} requests: the sidecar "
-            "sends no close_stream to a Tiled without streaming cache or webhooks, in-process TiledWriter "
-            "sends three). Tiled spends about the same CPU on any of these requests (FastAPI's dependency "
+            'with close_streams = "auto" sends no close_stream to a Tiled without streaming cache or '
+            "webhooks, in-process TiledWriter sends three). Tiled spends about the same CPU on any of these requests (FastAPI's dependency "
             "solving and the node lookup dominate), so its CPU per run follows the request count. With "
             "several runs in flight the sidecar keeps the server busy, and each request waits longer "
             "(above): the drain is bounded by Tiled's CPU per run on a core it shares with the other "

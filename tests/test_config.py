@@ -48,6 +48,7 @@ NON_DEFAULTS: dict[str, dict[str, Any]] = {
         "backoff_initial_seconds": 0.1,
         "backoff_max_seconds": 9.0,
         "runs_in_flight": 2,
+        "close_streams": "auto",
     },
     "spool": {
         "dir": "/data/spool",

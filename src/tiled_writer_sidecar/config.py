@@ -27,6 +27,8 @@ from tiled_writer_sidecar.logs import register_secret
 DEFAULT_CONFIG_PATHS = (Path("/etc/tiled-writer-sidecar/tiled-writer-sidecar.toml"),)
 API_KEY_ENV = "TILED_API_KEY"
 FSYNC_POLICIES = ("always", "batch", "never")
+#: `[tiled] close_streams`: send TiledWriter's close_stream requests always, or only when they can matter.
+CLOSE_STREAMS = ("always", "auto")
 SERIALIZERS = ("auto", "pickle", "msgpack", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -55,6 +57,7 @@ class TiledConfig:
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
     runs_in_flight: int = 1  # 1: runs are created and finished strictly oldest first (docs/design.md)
+    close_streams: str = "always"  # "auto": skipped where Tiled has no streaming cache nor webhooks
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ class Config:
 CHOICES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("zmq", "serializer", SERIALIZERS),
     ("spool", "fsync", FSYNC_POLICIES),
+    ("tiled", "close_streams", CLOSE_STREAMS),
     ("log", "level", LOG_LEVELS),
     ("log", "format", LOG_FORMATS),
 )

@@ -164,15 +164,15 @@ class _Node:
 
 
 @pytest.mark.parametrize("matters", [True, False])
-def test_close_stream_requests_are_sent_only_when_tiled_does_something_with_them(
+def test_with_close_streams_auto_close_stream_requests_are_sent_only_when_tiled_does_something_with_them(
     monkeypatch: pytest.MonkeyPatch, matters: bool
 ) -> None:
-    """TiledWriter's end of a run closes every node (leaves first) unless Tiled has neither streaming nor
-    webhooks (`close_stream_matters`, asked about the node runs are written into)."""
+    """``close_streams = "auto"``: TiledWriter's end of a run closes every node (leaves first) unless Tiled
+    has neither streaming nor webhooks (`close_stream_matters`, asked about the node runs are written into)."""
     asked: list[object] = []
     monkeypatch.setattr(run_writer, "close_stream_matters", lambda node: asked.append(node) or matters)
     base = _Node("http://tiled/api/v1/metadata/beamline")
-    writer = SidecarRunWriter(base, 100, _NoWait())
+    writer = SidecarRunWriter(base, 100, _NoWait(), close_streams="auto")
     run, stream, table = (_Node(f"{base.uri}/run"), _Node(f"{base.uri}/run/primary"), _Node("t"))
     writer.root_node, writer._desc_nodes["primary"], writer._internal_tables["primary"] = run, stream, table
     writer._close_stream_tree()
@@ -180,6 +180,17 @@ def test_close_stream_requests_are_sent_only_when_tiled_does_something_with_them
     assert (table.closed + stream.closed + run.closed) == (
         [table.uri, stream.uri, run.uri] if matters else []
     )
+
+
+def test_by_default_every_node_is_closed_and_tiled_is_never_probed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``close_streams = "always"`` (the default): the closes in-process TiledWriter sends, no probe."""
+    monkeypatch.setattr(run_writer, "close_stream_matters", lambda node: pytest.fail("probed"))
+    base = _Node("http://tiled/api/v1/metadata/beamline")
+    writer = SidecarRunWriter(base, 100, _NoWait())
+    run, stream, table = (_Node(f"{base.uri}/run"), _Node(f"{base.uri}/run/primary"), _Node("t"))
+    writer.root_node, writer._desc_nodes["primary"], writer._internal_tables["primary"] = run, stream, table
+    writer._close_stream_tree()
+    assert table.closed + stream.closed + run.closed == [table.uri, stream.uri, run.uri]
 
 
 def test_a_table_create_tiled_refused_unapplied_is_sent_again_in_place() -> None:

@@ -222,7 +222,10 @@ class RunUpload:
                 context.status.note_rewrite()
         retry = InPlaceRetry(context.link)
         serial = context.tables_lock.lane(live=not view.received.closed)  # the live lane goes first
-        tiled = TiledRun(client, context.config.tiled.batch_rows, retry, serial=serial)
+        tiled_config = context.config.tiled
+        tiled = TiledRun(
+            client, tiled_config.batch_rows, retry, serial=serial, close_streams=tiled_config.close_streams
+        )
         return cls(view, tiled, context, retry)
 
     def _create(self, doc: dict[str, Any]) -> None:

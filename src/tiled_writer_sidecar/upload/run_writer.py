@@ -32,8 +32,9 @@ so what lands in Tiled is what an in-process `TiledWriter` writes, except:
   Tiled rolls the node back when its storage fails) or that never reached
   it is sent again in place (`RetryPolicy`), not failing the whole run.
 - ``close_stream`` requests (TiledWriter's end of a run: one per table,
-  stream and run) are sent only when they can matter: a Tiled with a
-  streaming cache or webhooks (`tiled_calls.close_stream_matters`).
+  stream and run) are sent always, as in-process TiledWriter does; with
+  ``[tiled] close_streams = "auto"`` only when they can matter: a Tiled with
+  a streaming cache or webhooks (`tiled_calls.close_stream_matters`).
 - Each stream table is created with the data-source parameter
   ``order_by_args = [{"column": "seq_num", "direction": "asc"}]``
   (`SeqNumOrderedNode`), so Tiled reads it back in seq_num order; a table
@@ -348,10 +349,17 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
     Tiled reads back in ``seq_num`` order, and whose column types widen (see the module docstring)."""
 
     def __init__(
-        self, client: BaseClient, batch_size: int, retry: RetryPolicy, serial: Serial = None
+        self,
+        client: BaseClient,
+        batch_size: int,
+        retry: RetryPolicy,
+        serial: Serial = None,
+        *,
+        close_streams: str = "always",
     ) -> None:
         super().__init__(client, batch_size=batch_size, max_array_size=MAX_ARRAY_SIZE)
         self.retry = retry
+        self.close_streams = close_streams  # `[tiled] close_streams`: "always", or "auto" (module docstring)
         self.serial = serial  # held around each append to or read of a table (module docstring)
         self.table_rows: dict[str, int] = {}  # rows each internal table holds, by its URI
         self.table_schemas: dict[str, pyarrow.Schema] = {}  # stream/key -> the types its rows so far infer
@@ -375,7 +383,11 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
 
     def _close_stream_tree(self) -> None:
         """TiledWriter's ``close_stream`` of every node of the run, unless Tiled does nothing with it."""
-        if self.root_node is not None and not close_stream_matters(self.client):
+        if (
+            self.close_streams == "auto"
+            and self.root_node is not None
+            and not close_stream_matters(self.client)
+        ):
             return
         super()._close_stream_tree()
 
@@ -559,9 +571,15 @@ class TiledRun:
     """Feeds one run's documents into Tiled through TiledWriter's machinery."""
 
     def __init__(
-        self, client: BaseClient, batch_rows: int, retry: RetryPolicy, serial: Serial = None
+        self,
+        client: BaseClient,
+        batch_rows: int,
+        retry: RetryPolicy,
+        serial: Serial = None,
+        *,
+        close_streams: str = "always",
     ) -> None:
-        self.writer = SidecarRunWriter(client, batch_rows, retry, serial)
+        self.writer = SidecarRunWriter(client, batch_rows, retry, serial, close_streams=close_streams)
         self.normalizer = FastRunNormalizer()
         self.normalizer.subscribe(self.writer)
         self.streams: dict[str, str] = {}

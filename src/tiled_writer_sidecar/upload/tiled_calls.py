@@ -190,7 +190,7 @@ def read_table(table: Any) -> pyarrow.Table:
 
 #: How long a finding about ``close_stream`` holds (a Tiled restarted with a streaming cache or a webhook
 #: registered meanwhile is seen within this time).
-CLOSE_STREAM_RECHECK_S = 10.0
+CLOSE_STREAM_RECHECK_S = 60.0
 #: Tiled server versions (``[low, high)``) whose ``close_stream`` informs only a streaming cache and webhooks.
 CLOSE_STREAM_READ = ("0.2.20", "0.3")
 
