@@ -21,6 +21,7 @@ from tiled_writer_sidecar.spool.state_files import (
     Received,
     Uploaded,
     UploaderStatus,
+    UploadState,
     atomic_write_json,
     read_json,
 )
@@ -211,3 +212,37 @@ def test_uploader_status_changes_through_its_methods(tmp_path: Path) -> None:
     assert sorted(raw) == sorted(f.name for f in fields(UploaderStatus))
     loaded = UploaderStatus.load(tmp_path)
     assert loaded is not None and loaded.rewrites == 1 and loaded.tiled == "down"
+
+
+def test_uploaded_changes_through_its_methods_and_reads_back(tmp_path: Path) -> None:
+    """A run's upload record: creating before the create, a new attempt from nothing, progress, a wait
+    with its reason, the end with rows per stream, quarantine; what is saved is what loads back."""
+    uploaded = Uploaded(documents=9, damage=["seg 0 at 12"], reason="attempt 1 failed")
+    uploaded.note_creating(True)
+    assert uploaded.creating and not uploaded.created
+    uploaded.start_attempt()
+    assert (uploaded.state, uploaded.created, uploaded.creating, uploaded.attempts) == (
+        UploadState.UPLOADING,
+        True,
+        False,
+        1,
+    )
+    assert (uploaded.documents, uploaded.damage, uploaded.reason) == (0, [], None)
+    uploaded.note_documents(40)
+    uploaded.note_waiting("attempt 1 failed, retried in 2 s: boom")
+    uploaded.save(tmp_path)
+    loaded = Uploaded.load(tmp_path)
+    assert (loaded.documents, loaded.reason, loaded.created) == (
+        40,
+        "attempt 1 failed, retried in 2 s: boom",
+        True,
+    )
+    loaded.finish(55, {"primary": 50})
+    loaded.save(tmp_path)
+    done = Uploaded.load(tmp_path)
+    assert (done.state, done.documents, done.rows) == (UploadState.UPLOADED, 55, {"primary": 50})
+    done.quarantine("a document not of this run")
+    assert (done.state, done.reason) == (UploadState.QUARANTINED, "a document not of this run")
+    assert sorted(json.loads((tmp_path / state_files.UPLOADED).read_text())) == sorted(
+        f.name for f in fields(Uploaded)
+    )

@@ -120,7 +120,9 @@ class FakeTiled:
         )
         return self
 
-    def __call__(self, client: Any, batch_rows: int, retry: Any, serial: Any = None) -> FakeRunWriter:
+    def __call__(
+        self, client: Any, batch_rows: int, retry: Any, serial: Any = None, *, close_streams: str = "always"
+    ) -> FakeRunWriter:
         return FakeRunWriter(self, batch_rows)
 
     def close_run_in_tiled(self, client: Any, uid: str) -> int:

@@ -463,6 +463,40 @@ class Uploaded(_IndexFile):
         self.updated = time.time()
         super().save(run_dir)
 
+    # ----------------------- changes, each one method (run_upload and the scheduler call them)
+    def note_creating(self, creating: bool) -> None:
+        """The request that creates the run in Tiled is about to be sent (True), or did not land (False)."""
+        self.creating = creating
+
+    def start_attempt(self) -> None:
+        """This spool created the run in Tiled (or rewrote it): a new attempt starts from nothing."""
+        self.state = UploadState.UPLOADING
+        self.created = True
+        self.creating = False
+        self.attempts += 1
+        self.documents = 0
+        self.damage = []
+        self.reason = None
+
+    def note_documents(self, documents: int) -> None:
+        """Tiled holds the run's first `documents` documents."""
+        self.documents = documents
+
+    def note_waiting(self, reason: str) -> None:
+        """The attempt failed and the run waits to be tried again, for `reason` (shown by ``status``)."""
+        self.reason = reason
+
+    def finish(self, documents: int, rows: dict[str, int]) -> None:
+        """Tiled holds the whole run, verified: `rows` per stream."""
+        self.state = UploadState.UPLOADED
+        self.documents = documents
+        self.rows = rows
+
+    def quarantine(self, reason: str) -> None:
+        """The run can never be uploaded as it is, for `reason`."""
+        self.state = UploadState.QUARANTINED
+        self.reason = reason
+
 
 @dataclass
 class UploaderStatus(_IndexFile):

@@ -62,7 +62,6 @@ from tiled_writer_sidecar.spool.state_files import (
     Received,
     RunView,
     UploaderStatus,
-    UploadState,
 )
 from tiled_writer_sidecar.text import clean
 from tiled_writer_sidecar.upload.connection import InPlaceRetry, TiledLink
@@ -233,7 +232,7 @@ class RunUpload:
         uploaded = self.view.uploaded
         client = self.context.link.client
         if not uploaded.created:
-            uploaded.creating = True
+            uploaded.note_creating(True)
             uploaded.save(self.view.directory)
         try:
             self.tiled.feed("start", doc)  # creates the run in Tiled: atomic against other writers
@@ -267,19 +266,13 @@ class RunUpload:
         unless an earlier, cut create may have landed (then only a 409 on another start clears it)."""
         uploaded = self.view.uploaded
         if uploaded.creating and (foreign or not self.cut_while_creating):
-            uploaded.creating = False
+            uploaded.note_creating(False)
             uploaded.save(self.view.directory)
 
     def _created(self) -> None:
         """The start is in Tiled, created by this spool: record ``uploading`` (one write)."""
         uploaded = self.view.uploaded
-        uploaded.state = UploadState.UPLOADING
-        uploaded.created = True
-        uploaded.creating = False
-        uploaded.attempts += 1
-        uploaded.documents = 0
-        uploaded.damage = []
-        uploaded.reason = None
+        uploaded.start_attempt()
         uploaded.save(self.view.directory)
         self.last_progress_save = time.monotonic()
         log.info("run %s: upload started (attempt %d)", self.uid, uploaded.attempts)
@@ -375,7 +368,7 @@ class RunUpload:
 
     def _save_progress(self) -> None:
         """Record how many documents Tiled holds (everything fed, once flushed)."""
-        self.view.uploaded.documents = self.fed
+        self.view.uploaded.note_documents(self.fed)
         self.view.uploaded.save(self.view.directory)
         self.last_progress_save = time.monotonic()
 
@@ -423,9 +416,7 @@ class RunUpload:
             self.tiled.finish_without_stop()
         rows = self.verify()
         uploaded = self.view.uploaded
-        uploaded.state = UploadState.UPLOADED
-        uploaded.documents = self.fed
-        uploaded.rows = rows
+        uploaded.finish(self.fed, rows)
         uploaded.save(self.view.directory)
         self.phase = Phase.DONE
         with context.lock:
@@ -494,8 +485,7 @@ def quarantine(view: RunView, reason: str, status: UploaderStatus) -> None:
     The caller holds `UploadContext.lock` if workers may be running."""
     uid = view.directory.name
     uploaded = view.uploaded
-    uploaded.state = UploadState.QUARANTINED
-    uploaded.reason = reason
+    uploaded.quarantine(reason)
     status.note_quarantined(f"run {clean(uid, 80)} quarantined: {reason}")
     log.error("run %s quarantined: %s", clean(uid, 80), reason)
     try:

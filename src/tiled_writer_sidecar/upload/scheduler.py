@@ -372,7 +372,9 @@ class Uploader:
                 return
         delay = retry.backoff.next_delay()
         uploaded = Uploaded.load(view.directory)  # status shows why it waits (the next start clears it)
-        uploaded.reason = f"attempt {uploaded.attempts} failed, retried in {delay:.0f} s: {one_line(err)}"
+        uploaded.note_waiting(
+            f"attempt {uploaded.attempts} failed, retried in {delay:.0f} s: {one_line(err)}"
+        )
         try:
             uploaded.save(view.directory)
         except OSError:
