@@ -84,30 +84,37 @@ RECEIVING = (
 NOT_OF_A_MESSAGE = {"orphan-log"}
 
 
-def _literal_reasons() -> set[str]:
+def _reasons() -> tuple[set[str], set[str]]:
     """The first argument of every ``DecodeError(...)``, ``ValidationError(...)``, ``RejectedMessage(...)``
-    in the receiving modules that is a string literal."""
-    found = set()
+    in the receiving modules: the string literals, and the names of the ``Rejection.X`` members."""
+    literals, members = set(), set()
     for name in RECEIVING:
         for node in ast.walk(ast.parse((SRC / name).read_text())):
-            if (
+            if not (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Name)
                 and node.func.id in ("DecodeError", "ValidationError", "RejectedMessage")
                 and node.args
-                and isinstance(node.args[0], ast.Constant)
-                and isinstance(node.args[0].value, str)
             ):
-                found.add(node.args[0].value)
-    return found - NOT_OF_A_MESSAGE
+                continue
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                literals.add(first.value)
+            elif (
+                isinstance(first, ast.Attribute)
+                and isinstance(first.value, ast.Name)
+                and first.value.id == "Rejection"
+            ):
+                members.add(first.attr)
+    return literals - NOT_OF_A_MESSAGE, members
 
 
 def test_every_reason_the_receiving_path_rejects_with_is_a_rejection() -> None:
-    """A new reason string in wire, validation, tracker, ingest or the receiver fails here until it is in
-    `Rejection` (so /metrics exports it at 0 and the monitor knows its category)."""
-    literals = _literal_reasons()
-    assert len(literals) > 15
-    assert literals <= {str(r) for r in Rejection}, literals - {str(r) for r in Rejection}
+    """wire, validation, tracker, ingest and the receiver name every reason as a `Rejection` member, never
+    as a bare string (so /metrics exports each at 0 and the monitor knows its category)."""
+    literals, members = _reasons()
+    assert not literals, literals
+    assert len(members) > 15 and members <= {r.name for r in Rejection}
 
 
 @pytest.mark.parametrize("name", ["descriptor", "resource", "stream_resource", "stop"])

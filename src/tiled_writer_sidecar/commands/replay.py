@@ -41,6 +41,7 @@ from tiled_writer_sidecar.receive.counters import ReceiverStats
 from tiled_writer_sidecar.receive.ingest import Ingest
 from tiled_writer_sidecar.spool.directory import SpoolDir
 from tiled_writer_sidecar.spool.state_files import RunView, Uploaded, UploadState
+from tiled_writer_sidecar.states import Rejection
 from tiled_writer_sidecar.text import clean
 from tiled_writer_sidecar.upload.policy import one_line
 from tiled_writer_sidecar.upload.scheduler import Uploader
@@ -401,7 +402,7 @@ def _entry(item: Any) -> Entry:
         return item
     if isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("doc"), dict):
         return item["name"], item["doc"]
-    return RejectedMessage("not-a-document", "not {'name': ..., 'doc': {...}}")
+    return RejectedMessage(Rejection.NOT_A_DOCUMENT, "not {'name': ..., 'doc': {...}}")
 
 
 def import_file(

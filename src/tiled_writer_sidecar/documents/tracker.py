@@ -89,11 +89,11 @@ ORPHAN_STREAM = "(descriptor unknown)"  # stream name of the events of a descrip
 
 
 def seq_num(value: object) -> int:
-    """A seq_num as a plain int in 1..2**53, or ``ValidationError("bad-seq-num")``."""
+    """A seq_num as a plain int in 1..2**53, or ``ValidationError(Rejection.BAD_SEQ_NUM)``."""
     number = as_int(value, 1, MAX_SEQ_NUM)
     if number is None:
         what = "out of range" if isinstance(value, int) else f"a {type(value).__name__}"
-        raise ValidationError("bad-seq-num", f"seq_num must be an integer in 1..2**53, not {what}")
+        raise ValidationError(Rejection.BAD_SEQ_NUM, f"seq_num must be an integer in 1..2**53, not {what}")
     return number
 
 
@@ -180,7 +180,7 @@ class RunTracker(DocumentRouter, Generic[R]):
                     return run
         method = self._routes.get(name)
         if method is None:
-            raise ValidationError("unknown-document", name[:40])
+            raise ValidationError(Rejection.UNKNOWN_DOCUMENT, name[:40])
         self._run = None
         method(doc)
         run = self._run
@@ -192,10 +192,12 @@ class RunTracker(DocumentRouter, Generic[R]):
         uid = doc["uid"]
         if not (is_safe_uid(uid) if self.safe_uids else isinstance(uid, str)):
             raise ValidationError(
-                "unsafe-uid", repr(uid)[:80] if isinstance(uid, str) else type(uid).__name__
+                Rejection.UNSAFE_UID, repr(uid)[:80] if isinstance(uid, str) else type(uid).__name__
             )
         if uid in self.runs or uid in self.closed_runs:
-            raise ValidationError("repeated-start", uid)  # an orphan keyed by it stays: the caller adopts it
+            raise ValidationError(
+                Rejection.REPEATED_START, uid
+            )  # an orphan keyed by it stays: the caller adopts it
         return self.run_type(received_from_start(doc))
 
     def open(self, run: R) -> R:
@@ -227,7 +229,7 @@ class RunTracker(DocumentRouter, Generic[R]):
                 if n == 0 and name == "start" and doc.get("uid") == run.uid:
                     continue
                 if name == "start":
-                    raise ValidationError("repeated-start", f"record {n + 1} of run {run.uid}")
+                    raise ValidationError(Rejection.REPEATED_START, f"record {n + 1} of run {run.uid}")
                 self.route(name, doc)
         finally:
             self.may_orphan = gate
@@ -241,7 +243,7 @@ class RunTracker(DocumentRouter, Generic[R]):
         try:
             run = self._orphan(kind, received.uid)
             if run is None:
-                raise ValidationError("unsafe-uid", received.uid[:80])
+                raise ValidationError(Rejection.UNSAFE_UID, received.uid[:80])
             run.received = received
             self.may_orphan = None
             for name, doc in documents:
@@ -311,13 +313,15 @@ class RunTracker(DocumentRouter, Generic[R]):
         self._check_claim("descriptor", uid, run, self.run_of_descriptor, but=waiting)
         if self.reject_duplicates and uid in run.streams:  # a copy (e.g. a proxy's replay): spooled once
             raise ValidationError(
-                "duplicate-descriptor", f"descriptor {str(uid)[:80]} of run {run.uid} again"
+                Rejection.DUPLICATE_DESCRIPTOR, f"descriptor {str(uid)[:80]} of run {run.uid} again"
             )
         if uid not in run.streams and len(run.streams) >= MAX_DESCRIPTORS_PER_RUN:
-            raise ValidationError("too-many-descriptors", f"run {run.uid} has {MAX_DESCRIPTORS_PER_RUN}")
+            raise ValidationError(
+                Rejection.TOO_MANY_DESCRIPTORS, f"run {run.uid} has {MAX_DESCRIPTORS_PER_RUN}"
+            )
         held = len(self.run_of_descriptor) - (waiting is not None)  # the orphan's claim is this one's
         if uid not in run.streams and held >= MAX_DESCRIPTORS_OPEN:
-            raise ValidationError("too-many-descriptors", f"open runs hold {MAX_DESCRIPTORS_OPEN}")
+            raise ValidationError(Rejection.TOO_MANY_DESCRIPTORS, f"open runs hold {MAX_DESCRIPTORS_OPEN}")
         if waiting is not None:
             self.release_orphan(waiting)  # accepted: the caller adopts what it holds
         run.streams[uid] = as_text(doc.get("name", "primary"), MAX_NAME) or "primary"
@@ -379,7 +383,7 @@ class RunTracker(DocumentRouter, Generic[R]):
                 if name != "stop" and isinstance(declared, str):  # so its events are after-stop too
                     self.closed_owner.setdefault(declared, uid)
                     _trim(self.closed_owner, CLOSED_UID_MEMORY)
-                raise ValidationError("after-stop", f"run {uid[:80]}")
+                raise ValidationError(Rejection.AFTER_STOP, f"run {uid[:80]}")
             if run is None:
                 raise ValidationError(Rejection.for_unknown_run(name), f"run {str(uid)[:80]}" if uid else "")
         self._run = run
@@ -390,7 +394,7 @@ class RunTracker(DocumentRouter, Generic[R]):
         run = self.run_of_descriptor.get(descriptor)
         if run is None:
             if descriptor in self.closed_owner:
-                raise ValidationError("after-stop", f"run {self.closed_owner[descriptor]}")
+                raise ValidationError(Rejection.AFTER_STOP, f"run {self.closed_owner[descriptor]}")
             run = self._orphan("descriptor", descriptor)
             if run is None:
                 raise ValidationError(Rejection.before_descriptor(name), f"descriptor {str(descriptor)[:80]}")
@@ -417,8 +421,8 @@ class RunTracker(DocumentRouter, Generic[R]):
         run = self.run_of_resource.get(resource)
         if run is None:
             if resource in self.closed_owner:
-                raise ValidationError("after-stop", f"run {self.closed_owner[resource]}")
-            raise ValidationError("datum-before-resource", f"resource {str(resource)[:80]}")
+                raise ValidationError(Rejection.AFTER_STOP, f"run {self.closed_owner[resource]}")
+            raise ValidationError(Rejection.DATUM_BEFORE_RESOURCE, f"resource {str(resource)[:80]}")
         self._run = run
         return run
 
@@ -434,9 +438,9 @@ class RunTracker(DocumentRouter, Generic[R]):
         if self.run_of_resource.get(uid) is run:
             return
         if len(run.resources) >= MAX_RESOURCES_PER_RUN:
-            raise ValidationError("too-many-resources", f"run {run.uid} has {MAX_RESOURCES_PER_RUN}")
+            raise ValidationError(Rejection.TOO_MANY_RESOURCES, f"run {run.uid} has {MAX_RESOURCES_PER_RUN}")
         if len(self.run_of_resource) >= MAX_RESOURCES_OPEN:
-            raise ValidationError("too-many-resources", f"open runs hold {MAX_RESOURCES_OPEN}")
+            raise ValidationError(Rejection.TOO_MANY_RESOURCES, f"open runs hold {MAX_RESOURCES_OPEN}")
         run.resources.append(uid)
         self.run_of_resource[uid] = run
         self.closed_owner.pop(uid, None)  # claimed anew: no longer a closed run's
@@ -452,7 +456,9 @@ class RunTracker(DocumentRouter, Generic[R]):
                 if seq in seen or (seq <= last and _hole_at(holes, seq) is None):
                     if self.on_repeat is not None:
                         self.on_repeat(run, stream, seq)
-                    raise ValidationError("duplicate-seq-num", f"seq_num {seq} of stream {stream!r} again")
+                    raise ValidationError(
+                        Rejection.DUPLICATE_SEQ_NUM, f"seq_num {seq} of stream {stream!r} again"
+                    )
                 seen.add(seq)
         received = run.received
         counted = 0

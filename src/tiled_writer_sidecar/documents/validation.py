@@ -1,7 +1,7 @@
 """event-model schema validation at receiver speed, with event-model's verdicts.
 
 `validate_document(name, doc)` returns if event-model accepts the document
-and otherwise raises ``ValidationError("schema", "<kind> <JSON path>:
+and otherwise raises ``ValidationError(Rejection.SCHEMA, "<kind> <JSON path>:
 <message>")``: at most 200 characters of document content, printable ASCII
 (escapes for the rest). Nothing else leaves it, whatever the document holds:
 a check that fails unexpectedly (memory, recursion, a numpy comparison) is a
@@ -38,6 +38,7 @@ import jsonschema.exceptions  # type: ignore[import-untyped]
 from event_model import DocumentNames, schema_validators, schemas
 
 from tiled_writer_sidecar.errors import ValidationError
+from tiled_writer_sidecar.states import Rejection
 from tiled_writer_sidecar.text import ascii_text
 
 __all__ = ["validate_document"]
@@ -302,7 +303,7 @@ def _compile(name: str) -> _Check:
     try:
         kind = DocumentNames(name)
     except ValueError:
-        raise ValidationError("schema", f"unknown document kind {name[:40]!r}") from None
+        raise ValidationError(Rejection.SCHEMA, f"unknown document kind {name[:40]!r}") from None
     schema = copy.deepcopy(schemas[kind])
     try:
         check = _compile_fast(schema)
@@ -372,7 +373,7 @@ def _explain_retrying(name: str, doc: dict[str, Any]) -> str | None:
 
 
 def validate_document(name: str, doc: dict[str, Any]) -> None:
-    """Raise ``ValidationError("schema", ...)`` unless `doc` is a valid `name` document.
+    """Raise ``ValidationError(Rejection.SCHEMA, ...)`` unless `doc` is a valid `name` document.
 
     Whatever `doc` holds, nothing but a ``ValidationError`` leaves: a check
     that fails in an unexpected way (a numpy value compared, memory,
@@ -387,11 +388,11 @@ def validate_document(name: str, doc: dict[str, Any]) -> None:
         raise
     except Exception as exc:  # noqa: BLE001  # a schema we cannot compile rejects, never crashes
         raise ValidationError(
-            "schema", f"{ascii_text(name, 40)}: cannot be checked ({type(exc).__name__})"
+            Rejection.SCHEMA, f"{ascii_text(name, 40)}: cannot be checked ({type(exc).__name__})"
         ) from None
     try:
         check(doc)
     except Exception:  # noqa: BLE001  # fast path says no (or choked): event-model decides
         problem = _explain_retrying(name, doc)
         if problem is not None:
-            raise ValidationError("schema", problem) from None
+            raise ValidationError(Rejection.SCHEMA, problem) from None

@@ -199,7 +199,7 @@ def _scan_pickle(data: bytes, budget: int = 2**62) -> None:
         i = match(data, i).end()  # type: ignore[union-attr]  # `*+` always matches
         spans.append((start, i))
         if i >= end:
-            raise DecodeError("truncated", "pickle without STOP")
+            raise DecodeError(Rejection.TRUNCATED, "pickle without STOP")
         op = data[i]
         if op == 0x2E:  # STOP
             if estimate:
@@ -213,32 +213,32 @@ def _scan_pickle(data: bytes, budget: int = 2**62) -> None:
             size = int.from_bytes(data[i + 1 : i + 1 + width], "little", signed=signed)
             i += 1 + width + size
             if size < 0 or i > end:
-                raise DecodeError("truncated", f"pickle opcode {op:#04x} runs past the end")
+                raise DecodeError(Rejection.TRUNCATED, f"pickle opcode {op:#04x} runs past the end")
             strings += _OBJECT_COST + size * (4 if op in _TEXT_LENGTH_OPS else 1)
         elif op == 0x72:  # LONG_BINPUT
             if i + 5 > end:
-                raise DecodeError("truncated", "pickle LONG_BINPUT cut off")
+                raise DecodeError(Rejection.TRUNCATED, "pickle LONG_BINPUT cut off")
             index = int.from_bytes(data[i + 1 : i + 5], "little")
             if index > limit:
-                raise DecodeError("too-complex", f"pickle memo index {index} for {end} bytes")
+                raise DecodeError(Rejection.TOO_COMPLEX, f"pickle memo index {index} for {end} bytes")
             i += 5
         elif op == 0x70:  # PUT
             newline = data.find(b"\n", i)
             if newline < 0:
-                raise DecodeError("truncated", "pickle PUT without newline")
+                raise DecodeError(Rejection.TRUNCATED, "pickle PUT without newline")
             try:
                 index = int(data[i + 1 : newline])
             except ValueError:
-                raise DecodeError("garbage", "pickle PUT with a bad index") from None
+                raise DecodeError(Rejection.GARBAGE, "pickle PUT with a bad index") from None
             if not 0 <= index <= limit:
-                raise DecodeError("too-complex", f"pickle memo index {index} for {end} bytes")
+                raise DecodeError(Rejection.TOO_COMPLEX, f"pickle memo index {index} for {end} bytes")
             i = newline + 1
         elif op in _SET_OPS:
-            raise DecodeError("unsupported-type", "a set (pickle EMPTY_SET/FROZENSET)")
+            raise DecodeError(Rejection.UNSUPPORTED_TYPE, "a set (pickle EMPTY_SET/FROZENSET)")
         elif op in _PICKLE_ARGUMENT_OPS:
-            raise DecodeError("truncated", f"pickle opcode {op:#04x} cut off")
+            raise DecodeError(Rejection.TRUNCATED, f"pickle opcode {op:#04x} cut off")
         else:
-            raise DecodeError("garbage", f"unknown pickle opcode {op:#04x}")
+            raise DecodeError(Rejection.GARBAGE, f"unknown pickle opcode {op:#04x}")
 
 
 #: Nesting the scan lets through: the walk's `_MAX_DEPTH` for the document, plus what numpy's
@@ -318,7 +318,7 @@ _NEST_ACTIONS, _NEST_SKIP = _nesting_tables()
 
 
 def _too_deep() -> DecodeError:
-    return DecodeError("too-complex", f"pickle nests deeper than {_MAX_HEIGHT}")
+    return DecodeError(Rejection.TOO_COMPLEX, f"pickle nests deeper than {_MAX_HEIGHT}")
 
 
 def _pickle_nesting(data: bytes, stop: int) -> None:  # one tight loop
@@ -407,7 +407,7 @@ def _pickle_nesting(data: bytes, stop: int) -> None:  # one tight loop
                     if target is not leaf:
                         if target[1]:
                             raise DecodeError(
-                                "too-complex", "pickle changes an object inside another (a cycle)"
+                                Rejection.TOO_COMPLEX, "pickle changes an object inside another (a cycle)"
                             )
                         if height > target[0]:
                             target[0] = height
@@ -432,7 +432,9 @@ def _pickle_estimate(data: bytes, spans: list[tuple[int, int]], strings: int, bu
     containers = sum(len(data[start:stop].translate(None, _NOT_CONTAINER)) for start, stop in spans)
     cost = _CONTAINER_COST * containers + _BYTE_COST * (structure - containers) + strings
     if cost > budget:
-        raise DecodeError("too-complex", f"pickle would allocate up to {cost} bytes > budget {budget}")
+        raise DecodeError(
+            Rejection.TOO_COMPLEX, f"pickle would allocate up to {cost} bytes > budget {budget}"
+        )
 
 
 # ------------------------------------------------------------ pickle: globals
@@ -456,7 +458,9 @@ class _Load:
     def charge(self, nbytes: int) -> None:
         self.cost += nbytes
         if self.cost > self.budget:
-            raise DecodeError("too-complex", f"pickle builds more than its budget of {self.budget} bytes")
+            raise DecodeError(
+                Rejection.TOO_COMPLEX, f"pickle builds more than its budget of {self.budget} bytes"
+            )
 
 
 class _Sealed:
@@ -465,7 +469,7 @@ class _Sealed:
     __slots__ = ()
 
     def __setstate__(self, state: object) -> None:
-        raise DecodeError("pickle-forbidden-global", f"BUILD on {type(self).__name__.lstrip('_')}")
+        raise DecodeError(Rejection.PICKLE_FORBIDDEN_GLOBAL, f"BUILD on {type(self).__name__.lstrip('_')}")
 
     def __reduce__(self) -> Any:  # pragma: no cover - only ever made while unpickling
         raise TypeError(f"{type(self).__name__} cannot be pickled")
@@ -519,27 +523,27 @@ class _DtypeSpec(_Sealed):
 
     def __setstate__(self, state: object) -> None:
         if self.dtype is not None:
-            raise DecodeError("garbage", "numpy dtype state set twice")
+            raise DecodeError(Rejection.GARBAGE, "numpy dtype state set twice")
         self.dtype = _dtype_from_state(self.typecode, state, 0)
 
 
 def _new_dtype(load: _Load, typecode: object, align: object = False, copy: object = False) -> _DtypeSpec:
     if type(typecode) is not str or not _TYPECODE.match(typecode):
-        raise DecodeError("garbage", _short(f"numpy dtype {typecode!r}"))
+        raise DecodeError(Rejection.GARBAGE, _short(f"numpy dtype {typecode!r}"))
     return _DtypeSpec(typecode)
 
 
 def _dtype_of(spec: object, depth: int = 0) -> np.dtype[Any]:
     """The real dtype a `_DtypeSpec` (already BUILD) stands for."""
     if type(spec) is not _DtypeSpec or spec.dtype is None:
-        raise DecodeError("garbage", "numpy dtype expected")
+        raise DecodeError(Rejection.GARBAGE, "numpy dtype expected")
     return spec.dtype
 
 
 def _dtype_from_state(typecode: str, state: object, depth: int) -> np.dtype[Any]:
     """A dtype from numpy's pickled ``(typecode, state)``, or DecodeError. Cached when plain."""
     if type(state) is not tuple or len(state) not in (8, 9):
-        raise DecodeError("garbage", "numpy dtype state is not numpy's")
+        raise DecodeError(Rejection.GARBAGE, "numpy dtype state is not numpy's")
     plain = _plain_state(state)
     cached = _dtype_cache.get((typecode, state)) if plain else None
     if cached is not None:
@@ -549,7 +553,7 @@ def _dtype_from_state(typecode: str, state: object, depth: int) -> np.dtype[Any]
     except DecodeError:
         raise
     except (ValueError, TypeError, OverflowError, KeyError, IndexError) as exc:
-        raise DecodeError("garbage", _short(f"numpy dtype: {type(exc).__name__}")) from None
+        raise DecodeError(Rejection.GARBAGE, _short(f"numpy dtype: {type(exc).__name__}")) from None
     if plain:
         if len(_dtype_cache) >= _DTYPE_CACHE_SIZE:
             _dtype_cache.clear()
@@ -592,7 +596,7 @@ def _build_dtype(typecode: str, state: tuple[Any, ...], depth: int) -> np.dtype[
     ):
         raise ValueError("dtype state fields")
     if depth > _MAX_DTYPE_DEPTH:
-        raise DecodeError("too-complex", "numpy dtype nested too deep")
+        raise DecodeError(Rejection.TOO_COMPLEX, "numpy dtype nested too deep")
     kind = typecode[0]
     size = int(typecode[1:] or 0)
     if subarray is not None:
@@ -600,7 +604,7 @@ def _build_dtype(typecode: str, state: tuple[Any, ...], depth: int) -> np.dtype[
             raise ValueError("subarray dtype")
         base, shape = _dtype_of(subarray[0]), _shape_tuple(subarray[1])
         if base.hasobject:
-            raise DecodeError("unsupported-type", "numpy subarray of Python objects")
+            raise DecodeError(Rejection.UNSUPPORTED_TYPE, "numpy subarray of Python objects")
         if base.itemsize * math.prod(shape) != size:
             raise ValueError("subarray size")
         return np.dtype((base, shape))
@@ -637,7 +641,7 @@ def _structured(kind: str, size: int, names: object, fields: object, flags: int)
     if kind != "V" or type(names) is not tuple or type(fields) is not dict:
         raise ValueError("structured dtype")
     if len(names) > _MAX_FIELDS or len(fields) > 2 * _MAX_FIELDS:
-        raise DecodeError("too-complex", "numpy dtype with too many fields")
+        raise DecodeError(Rejection.TOO_COMPLEX, "numpy dtype with too many fields")
     formats: list[np.dtype[Any]] = []
     offsets: list[int] = []
     titles: list[str | None] = []
@@ -648,9 +652,9 @@ def _structured(kind: str, size: int, names: object, fields: object, flags: int)
         sub, offset = _dtype_of(entry[0]), entry[1]
         title = entry[2] if len(entry) == 3 else None
         if sub.hasobject:
-            raise DecodeError("unsupported-type", "numpy structured dtype holding Python objects")
+            raise DecodeError(Rejection.UNSUPPORTED_TYPE, "numpy structured dtype holding Python objects")
         if type(offset) is not int or offset < 0 or offset + sub.itemsize > size:
-            raise DecodeError("garbage", "numpy dtype field outside its item size")
+            raise DecodeError(Rejection.GARBAGE, "numpy dtype field outside its item size")
         if title is not None and (type(title) is not str or title in names):
             raise ValueError("structured dtype title")
         formats.append(sub)
@@ -667,10 +671,10 @@ def _structured(kind: str, size: int, names: object, fields: object, flags: int)
 
 def _shape_tuple(value: object) -> tuple[int, ...]:
     if type(value) is not tuple or len(value) > _MAX_NDIM:
-        raise DecodeError("garbage", "numpy shape is not a tuple of sizes")
+        raise DecodeError(Rejection.GARBAGE, "numpy shape is not a tuple of sizes")
     for n in value:
         if type(n) is not int or not 0 <= n < 2**62:
-            raise DecodeError("garbage", "numpy shape is not a tuple of sizes")
+            raise DecodeError(Rejection.GARBAGE, "numpy shape is not a tuple of sizes")
     return value
 
 
@@ -696,26 +700,26 @@ class _ArraySpec(_Sealed):
 
     def __setstate__(self, state: object) -> None:
         if self.array is not None:
-            raise DecodeError("garbage", "numpy array state set twice")
+            raise DecodeError(Rejection.GARBAGE, "numpy array state set twice")
         self.array = _array_from_state(self.load, state)
 
 
 def _array_from_state(load: _Load, state: object) -> npt.NDArray[Any]:
     """numpy's ``ndarray.__setstate__``, from checked parts only (a copy that owns its memory)."""
     if type(state) is not tuple or len(state) not in (4, 5):
-        raise DecodeError("garbage", "numpy array state is not numpy's")
+        raise DecodeError(Rejection.GARBAGE, "numpy array state is not numpy's")
     if len(state) == 5 and state[0] != 1:
-        raise DecodeError("garbage", "numpy array state version")
+        raise DecodeError(Rejection.GARBAGE, "numpy array state version")
     shape_, spec, fortran, raw = state[-4:]
     shape, dtype = _shape_tuple(shape_), _dtype_of(spec)
     if type(fortran) not in (bool, int):
-        raise DecodeError("garbage", "numpy array order flag")
+        raise DecodeError(Rejection.GARBAGE, "numpy array order flag")
     order = "F" if fortran else "C"
     load.charge(_array_cost(shape, dtype.itemsize, dtype.hasobject))
     if dtype.hasobject:
         return _object_array(shape, dtype, order, raw)
     if type(raw) is not bytes or len(raw) != math.prod(shape) * dtype.itemsize:
-        raise DecodeError("garbage", "numpy array bytes do not match its shape and dtype")
+        raise DecodeError(Rejection.GARBAGE, "numpy array bytes do not match its shape and dtype")
     if dtype.names is None and dtype.byteorder in ("=", "|") and dtype.itemsize:  # the usual case
         return np.frombuffer(raw, dtype).reshape(shape, order=order).copy(order=order)  # type: ignore[call-overload,no-any-return]
     out: npt.NDArray[Any] = np.empty(shape, dtype=dtype, order=order)  # type: ignore[call-overload]
@@ -728,9 +732,9 @@ def _array_from_state(load: _Load, state: object) -> npt.NDArray[Any]:
 
 def _object_array(shape: tuple[int, ...], dtype: np.dtype[Any], order: str, raw: object) -> npt.NDArray[Any]:
     if dtype != np.dtype(object):
-        raise DecodeError("unsupported-type", "structured array holding Python objects")
+        raise DecodeError(Rejection.UNSUPPORTED_TYPE, "structured array holding Python objects")
     if type(raw) is not list or len(raw) != math.prod(shape):
-        raise DecodeError("garbage", "numpy object array items do not match its shape")
+        raise DecodeError(Rejection.GARBAGE, "numpy object array items do not match its shape")
     out: npt.NDArray[Any] = np.empty(shape, dtype=dtype, order=order)  # type: ignore[call-overload]
     flat = out.reshape(-1, order="A")
     for index, item in enumerate(raw):
@@ -742,14 +746,16 @@ def _object_array(shape: tuple[int, ...], dtype: np.dtype[Any], order: str, raw:
 
 def _built(spec: _ArraySpec) -> npt.NDArray[Any]:
     if spec.array is None:
-        raise DecodeError("garbage", "numpy _reconstruct without its state")
+        raise DecodeError(Rejection.GARBAGE, "numpy _reconstruct without its state")
     return spec.array
 
 
 def _reconstruct(load: _Load, subtype: object, shape: object, typecode: object) -> _ArraySpec:
     """numpy's ``_reconstruct``, for plain ndarrays only: a placeholder that BUILD fills."""
     if type(subtype) is not _NdarrayMarker:
-        raise DecodeError("pickle-forbidden-global", "numpy _reconstruct of something else than ndarray")
+        raise DecodeError(
+            Rejection.PICKLE_FORBIDDEN_GLOBAL, "numpy _reconstruct of something else than ndarray"
+        )
     load.arrays += 1
     return _ArraySpec(load)
 
@@ -758,9 +764,9 @@ def _scalar(load: _Load, spec: object, data: object = None) -> Any:
     """numpy's ``scalar``, from its bytes (numpy always pickles them), no Python objects."""
     dtype = _dtype_of(spec)
     if dtype.hasobject:
-        raise DecodeError("unsupported-type", "numpy scalar holding Python objects")
+        raise DecodeError(Rejection.UNSUPPORTED_TYPE, "numpy scalar holding Python objects")
     if type(data) is not bytes or len(data) != dtype.itemsize:
-        raise DecodeError("garbage", "numpy scalar without exactly its bytes")
+        raise DecodeError(Rejection.GARBAGE, "numpy scalar without exactly its bytes")
     load.charge(dtype.itemsize)
     return _np_scalar(dtype, data)
 
@@ -771,17 +777,17 @@ def _frombuffer(
     """numpy's protocol-5 ``_frombuffer``: a view of bytes the pickle carried."""
     dtype, dims = _dtype_of(spec), _shape_tuple(shape)
     if not isinstance(buf, (bytes, bytearray)) or dtype.hasobject or type(order) is not str:
-        raise DecodeError("garbage", "numpy _frombuffer with bad arguments")
+        raise DecodeError(Rejection.GARBAGE, "numpy _frombuffer with bad arguments")
     if order not in ("C", "F", "K"):
-        raise DecodeError("garbage", "numpy _frombuffer with bad arguments")
+        raise DecodeError(Rejection.GARBAGE, "numpy _frombuffer with bad arguments")
     if len(buf) != math.prod(dims) * dtype.itemsize:
-        raise DecodeError("garbage", "numpy _frombuffer bytes do not match shape and dtype")
+        raise DecodeError(Rejection.GARBAGE, "numpy _frombuffer bytes do not match shape and dtype")
     load.charge(_array_cost(dims, 0, False))
     array = np.frombuffer(buf, dtype=dtype)
     if order == "K" and axis_order is not None:
         axes = _shape_tuple(axis_order)
         if sorted(axes) != list(range(len(dims))):
-            raise DecodeError("garbage", "numpy _frombuffer with a bad axis order")
+            raise DecodeError(Rejection.GARBAGE, "numpy _frombuffer with a bad axis order")
         return array.reshape(dims, order="C").transpose(axes)
     return array.reshape(dims, order="C" if order == "K" else order)  # type: ignore[call-overload,no-any-return]
 
@@ -789,9 +795,9 @@ def _frombuffer(
 def _codecs_encode(load: _Load, text: object, encoding: object = "utf-8", errors: object = "strict") -> bytes:
     """Protocol 2 pickles bytes as ``_codecs.encode(str, "latin1")``; nothing else."""
     if type(text) is not str or type(encoding) is not str or type(errors) is not str:
-        raise DecodeError("pickle-forbidden-global", "_codecs.encode other than latin-1 text")
+        raise DecodeError(Rejection.PICKLE_FORBIDDEN_GLOBAL, "_codecs.encode other than latin-1 text")
     if encoding not in ("latin1", "latin-1") or errors != "strict":
-        raise DecodeError("pickle-forbidden-global", "_codecs.encode other than latin-1 text")
+        raise DecodeError(Rejection.PICKLE_FORBIDDEN_GLOBAL, "_codecs.encode other than latin-1 text")
     load.charge(len(text))
     return text.encode("latin-1")
 
@@ -799,13 +805,13 @@ def _codecs_encode(load: _Load, text: object, encoding: object = "utf-8", errors
 def _empty_bytes(load: _Load, *args: object) -> bytes:
     """Protocols 0-2 pickle ``b""`` as ``bytes()``; ``bytes(10**12)`` would allocate a terabyte."""
     if args:
-        raise DecodeError("pickle-forbidden-global", "bytes() with arguments")
+        raise DecodeError(Rejection.PICKLE_FORBIDDEN_GLOBAL, "bytes() with arguments")
     return b""
 
 
 def _complex(load: _Load, *args: object) -> complex:
     if not 1 <= len(args) <= 2 or any(type(part) not in (float, int) for part in args):
-        raise DecodeError("pickle-forbidden-global", "complex() of anything but numbers")
+        raise DecodeError(Rejection.PICKLE_FORBIDDEN_GLOBAL, "complex() of anything but numbers")
     real, imag = (*args, 0.0)[:2]
     return complex(float(real), float(imag))  # type: ignore[arg-type]
 
@@ -813,7 +819,7 @@ def _complex(load: _Load, *args: object) -> complex:
 def _ordered_dict(load: _Load, *args: object) -> dict[Any, Any]:
     """``collections.OrderedDict`` as a plain dict; its items come by SETITEM(S)."""
     if args and (len(args) != 1 or type(args[0]) not in (tuple, list) or args[0]):
-        raise DecodeError("pickle-forbidden-global", "OrderedDict() with arguments")
+        raise DecodeError(Rejection.PICKLE_FORBIDDEN_GLOBAL, "OrderedDict() with arguments")
     return {}
 
 
@@ -859,7 +865,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             try:
                 found = _Global(_PICKLE_GLOBALS[key], self.state)
             except (KeyError, TypeError):
-                raise DecodeError("pickle-forbidden-global", _short(f"{module}.{name}")) from None
+                raise DecodeError(Rejection.PICKLE_FORBIDDEN_GLOBAL, _short(f"{module}.{name}")) from None
         self.state.globals[key] = found
         return found
 
@@ -914,7 +920,7 @@ def _swap_arrays(obj: Any, done: dict[int, Any], depth: int) -> Any:
     if seen is not None:
         return seen
     if depth > _MAX_DEPTH:
-        raise DecodeError("too-complex", f"nested deeper than {_MAX_DEPTH}")
+        raise DecodeError(Rejection.TOO_COMPLEX, f"nested deeper than {_MAX_DEPTH}")
     done[id(obj)] = obj
     if kind is dict:
         for key, value in obj.items():
@@ -942,11 +948,11 @@ def _unpickle(payload: bytes, loads: Callable[[bytes], Any] = _restricted_loads)
         reason = "truncated" if isinstance(exc, EOFError) or "truncated" in str(exc) else "garbage"
         raise DecodeError(reason, _short(f"pickle: {exc}")) from None
     except MemoryError:
-        raise DecodeError("too-complex", "pickle: out of memory") from None
+        raise DecodeError(Rejection.TOO_COMPLEX, "pickle: out of memory") from None
     except RecursionError:
-        raise DecodeError("too-complex", "pickle: nested too deep") from None
+        raise DecodeError(Rejection.TOO_COMPLEX, "pickle: nested too deep") from None
     except Exception as exc:  # noqa: BLE001  # any failure of hostile bytes is a rejection
-        raise DecodeError("garbage", _short(f"pickle: {type(exc).__name__}: {exc}")) from None
+        raise DecodeError(Rejection.GARBAGE, _short(f"pickle: {type(exc).__name__}: {exc}")) from None
 
 
 # -------------------------------------------------------------------- msgpack
@@ -1009,7 +1015,7 @@ def _msgpack_numpy(obj: dict[Any, Any], nd: object) -> Any:
     if nd is True and keys in _ARRAY_KEYS:
         kind = fields.get("kind", b"")
         if kind in (b"O", "O"):
-            raise DecodeError("msgpack-object-array", "msgpack_numpy object arrays are pickles")
+            raise DecodeError(Rejection.MSGPACK_OBJECT_ARRAY, "msgpack_numpy object arrays are pickles")
         try:
             if kind not in (b"", "", b"V", "V"):
                 raise ValueError(f"unknown kind {kind!r}")
@@ -1022,7 +1028,7 @@ def _msgpack_numpy(obj: dict[Any, Any], nd: object) -> Any:
                 raise ValueError("array data does not match shape and dtype")
             return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
         except (ValueError, TypeError) as exc:
-            raise DecodeError("garbage", _short(f"msgpack_numpy array: {exc}")) from None
+            raise DecodeError(Rejection.GARBAGE, _short(f"msgpack_numpy array: {exc}")) from None
     if nd is False and keys == _SCALAR_KEYS:
         try:
             dtype = _msgpack_dtype(fields["type"])
@@ -1031,7 +1037,7 @@ def _msgpack_numpy(obj: dict[Any, Any], nd: object) -> Any:
                 raise ValueError("bad scalar data")
             return np.frombuffer(data, dtype=dtype)[0]
         except (ValueError, TypeError) as exc:
-            raise DecodeError("garbage", _short(f"msgpack_numpy scalar: {exc}")) from None
+            raise DecodeError(Rejection.GARBAGE, _short(f"msgpack_numpy scalar: {exc}")) from None
     return obj
 
 
@@ -1048,12 +1054,12 @@ def _msgpack_hook(obj: dict[Any, Any]) -> Any:
             try:
                 return complex(_text(data))
             except ValueError as exc:
-                raise DecodeError("garbage", _short(f"msgpack_numpy complex: {exc}")) from None
+                raise DecodeError(Rejection.GARBAGE, _short(f"msgpack_numpy complex: {exc}")) from None
     return obj
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
-    raise DecodeError("unsupported-type", f"msgpack extension type {code}")
+    raise DecodeError(Rejection.UNSUPPORTED_TYPE, f"msgpack extension type {code}")
 
 
 #: msgpack first bytes -> (header width, kind): kinds "a" array, "m" map, "s" str, "b" bin/ext, "" scalar.
@@ -1130,7 +1136,9 @@ def _msgpack_estimate(data: bytes, budget: int) -> None:
                 i += length if kind else 0
                 cost += _OBJECT_COST + (4 * length if kind == "s" else length if kind else _BYTE_COST * skip)
         if cost > budget:
-            raise DecodeError("too-complex", f"msgpack would allocate more than its budget of {budget} bytes")
+            raise DecodeError(
+                Rejection.TOO_COMPLEX, f"msgpack would allocate more than its budget of {budget} bytes"
+            )
 
 
 def _loads_msgpack(payload: bytes, budget: int = 2**62) -> Any:
@@ -1146,17 +1154,17 @@ def _loads_msgpack(payload: bytes, budget: int = 2**62) -> Any:
     except DecodeError:
         raise
     except msgpack.StackError:
-        raise DecodeError("too-complex", "msgpack nested too deep") from None
+        raise DecodeError(Rejection.TOO_COMPLEX, "msgpack nested too deep") from None
     except (msgpack.ExtraData, msgpack.FormatError) as exc:
-        raise DecodeError("garbage", _short(f"msgpack: {type(exc).__name__}")) from None
+        raise DecodeError(Rejection.GARBAGE, _short(f"msgpack: {type(exc).__name__}")) from None
     except MemoryError:
-        raise DecodeError("too-complex", "msgpack: out of memory") from None
+        raise DecodeError(Rejection.TOO_COMPLEX, "msgpack: out of memory") from None
     except ValueError as exc:
         text = str(exc)
         reason = "truncated" if "incomplete" in text or "exceeds max" in text else "garbage"
         raise DecodeError(reason, _short(f"msgpack: {text}")) from None
     except Exception as exc:  # noqa: BLE001  # unhashable keys, bad UTF-8, ...
-        raise DecodeError("garbage", _short(f"msgpack: {type(exc).__name__}: {exc}")) from None
+        raise DecodeError(Rejection.GARBAGE, _short(f"msgpack: {type(exc).__name__}: {exc}")) from None
 
 
 # ----------------------------------------------------------------------- json
@@ -1174,7 +1182,7 @@ def _json_estimate(payload: bytes, budget: int) -> None:
         + 48 * payload.count(b'"')
     )
     if cost > budget:
-        raise DecodeError("too-complex", f"JSON could allocate {cost} bytes > budget {budget}")
+        raise DecodeError(Rejection.TOO_COMPLEX, f"JSON could allocate {cost} bytes > budget {budget}")
 
 
 def _loads_json(payload: bytes, budget: int = 2**62) -> Any:
@@ -1184,11 +1192,11 @@ def _loads_json(payload: bytes, budget: int = 2**62) -> Any:
         return json.loads(payload)
     except json.JSONDecodeError as exc:
         cut = exc.pos >= len(exc.doc.rstrip()) or exc.msg.startswith("Unterminated string")
-        raise DecodeError("truncated" if cut else "garbage", _short(f"json: {exc}")) from None
+        raise DecodeError(Rejection.TRUNCATED if cut else "garbage", _short(f"json: {exc}")) from None
     except (RecursionError, MemoryError):
-        raise DecodeError("too-complex", "json nested too deep or too large") from None
+        raise DecodeError(Rejection.TOO_COMPLEX, "json nested too deep or too large") from None
     except Exception as exc:  # noqa: BLE001  # bad UTF-8, too many digits, ...
-        raise DecodeError("garbage", _short(f"json: {type(exc).__name__}: {exc}")) from None
+        raise DecodeError(Rejection.GARBAGE, _short(f"json: {type(exc).__name__}: {exc}")) from None
 
 
 def _loads_pickle(payload: bytes, budget: int = 2**62) -> Any:
@@ -1214,7 +1222,7 @@ def _detect(payload: bytes) -> _Loader:
         return _loads_json
     if first in (0x28, 0x7D):  # MARK / EMPTY_DICT: pickle protocol 0 / 1
         return _loads_pickle
-    raise DecodeError("garbage", f"payload starts with {payload[:8]!r}, no known format")
+    raise DecodeError(Rejection.GARBAGE, f"payload starts with {payload[:8]!r}, no known format")
 
 
 _LOADERS: Final[dict[str, _Loader]] = {
@@ -1255,7 +1263,7 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> bool:
     while stack:
         obj, depth = pop()
         if depth > _MAX_DEPTH:
-            raise DecodeError("too-complex", f"nested deeper than {_MAX_DEPTH}")
+            raise DecodeError(Rejection.TOO_COMPLEX, f"nested deeper than {_MAX_DEPTH}")
         kind = type(obj)
         if kind is dict:
             cost += _CONTAINER_COST + 48 * len(obj)
@@ -1289,7 +1297,7 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> bool:
                 cost += _array_cost(obj.shape, obj.dtype.itemsize, obj.dtype.hasobject)
             if obj.dtype.hasobject:
                 if obj.dtype != object:
-                    raise DecodeError("unsupported-type", "structured array holding Python objects")
+                    raise DecodeError(Rejection.UNSUPPORTED_TYPE, "structured array holding Python objects")
                 for value in obj.flat:
                     push((value, depth + 1))
         elif kind is _ArraySpec:  # in a tuple
@@ -1298,15 +1306,15 @@ def _check_tree(doc: dict[Any, Any], budget: int) -> bool:
         elif isinstance(obj, np.generic):
             cost += _OBJECT_COST + obj.nbytes
             if obj.dtype.hasobject:
-                raise DecodeError("unsupported-type", "numpy scalar holding Python objects")
+                raise DecodeError(Rejection.UNSUPPORTED_TYPE, "numpy scalar holding Python objects")
         elif kind in texts:
             cost += len(obj)
         elif kind not in leaves:
             raise DecodeError(
-                "unsupported-type", _short(f"value of type {kind.__module__}.{kind.__qualname__}")
+                Rejection.UNSUPPORTED_TYPE, _short(f"value of type {kind.__module__}.{kind.__qualname__}")
             )
         if cost > budget:
-            raise DecodeError("too-complex", f"document expands beyond {budget} bytes")
+            raise DecodeError(Rejection.TOO_COMPLEX, f"document expands beyond {budget} bytes")
     return in_tuple
 
 
@@ -1453,7 +1461,7 @@ def _pickle_document(payload: bytes, budget: int) -> dict[Any, Any]:
 
 def _top_dict(doc: object) -> dict[Any, Any]:
     if type(doc) is not dict:
-        raise DecodeError("not-a-document", f"top level is {type(doc).__name__}, not dict")
+        raise DecodeError(Rejection.NOT_A_DOCUMENT, f"top level is {type(doc).__name__}, not dict")
     return doc
 
 
@@ -1480,9 +1488,9 @@ def loads_json_checked(raw: bytes) -> Any:
     except DecodeError:
         raise
     except (MemoryError, RecursionError) as exc:
-        raise DecodeError("too-complex", type(exc).__name__) from None
+        raise DecodeError(Rejection.TOO_COMPLEX, type(exc).__name__) from None
     except Exception as exc:  # noqa: BLE001  # as decode_message: only DecodeError leaves
-        raise DecodeError("garbage", _short(f"{type(exc).__name__}: {exc}")) from None
+        raise DecodeError(Rejection.GARBAGE, _short(f"{type(exc).__name__}: {exc}")) from None
 
 
 def decode_message(
@@ -1506,34 +1514,34 @@ def decode_message(
     except DecodeError:
         raise
     except (MemoryError, RecursionError) as exc:
-        raise DecodeError("too-complex", type(exc).__name__) from None
+        raise DecodeError(Rejection.TOO_COMPLEX, type(exc).__name__) from None
     except Exception as exc:  # noqa: BLE001  # the promise: hostile bytes only ever give a DecodeError
-        raise DecodeError("garbage", _short(f"{type(exc).__name__}: {exc}")) from None
+        raise DecodeError(Rejection.GARBAGE, _short(f"{type(exc).__name__}: {exc}")) from None
 
 
 def _decode(
     frames: list[bytes], serializer: str, prefix: bytes, max_bytes: int
 ) -> tuple[str, dict[str, Any]]:
     if len(frames) != 1:
-        raise DecodeError("frame-count", f"{len(frames)} frames, expected 1")
+        raise DecodeError(Rejection.FRAME_COUNT, f"{len(frames)} frames, expected 1")
     message = frames[0]
     if type(message) is not bytes:
         if not isinstance(message, (bytes, bytearray, memoryview)):
-            raise DecodeError("garbage", f"frame of type {type(message).__name__}")
+            raise DecodeError(Rejection.GARBAGE, f"frame of type {type(message).__name__}")
         message = bytes(message)
     if len(message) > max_bytes:
-        raise DecodeError("oversized", f"{len(message)} bytes > max_bytes {max_bytes}")
+        raise DecodeError(Rejection.OVERSIZED, f"{len(message)} bytes > max_bytes {max_bytes}")
     parts = message.split(b" ", 2)
     if len(parts) != 3:
-        raise DecodeError("envelope", "expected `prefix name payload` separated by spaces")
+        raise DecodeError(Rejection.ENVELOPE, "expected `prefix name payload` separated by spaces")
     their_prefix, raw_name, payload = parts
     if prefix and their_prefix != prefix:
-        raise DecodeError("prefix-mismatch", _short(their_prefix))
+        raise DecodeError(Rejection.PREFIX_MISMATCH, _short(their_prefix))
     name = _NAMES_BY_BYTES.get(raw_name)
     if name is None:
-        raise DecodeError("unknown-document", _short(raw_name))
+        raise DecodeError(Rejection.UNKNOWN_DOCUMENT, _short(raw_name))
     if not payload:
-        raise DecodeError("truncated", "empty payload")
+        raise DecodeError(Rejection.TRUNCATED, "empty payload")
     loads = _detect(payload) if serializer == "auto" else _LOADERS[serializer]
     budget = min(_SLACK + _EXPANSION * len(payload), _MAX_DECODED)
     if loads is _loads_pickle:

@@ -249,7 +249,7 @@ class Ingest:
         uid = run.uid
         if self.spool.run_dir(uid).exists():
             self._closed_in_spool(uid)
-            raise ValidationError("repeated-start", uid)
+            raise ValidationError(Rejection.REPEATED_START, uid)
         try:
             run.log = spooled = self.spooler.open(run.received)
         except OSError as err:
@@ -340,7 +340,7 @@ class Ingest:
 
     def _stage_orphan(self, run: OpenRun, name: str, payload: bytes) -> None:
         if self.stats.orphan_bytes + len(payload) > ORPHAN_MAX_BYTES:
-            raise ValidationError("orphans-full", f"orphans hold {ORPHAN_MAX_BYTES} bytes")
+            raise ValidationError(Rejection.ORPHANS_FULL, f"orphans hold {ORPHAN_MAX_BYTES} bytes")
         spooled = run.log
         if spooled is None:
             assert run.orphan is not None

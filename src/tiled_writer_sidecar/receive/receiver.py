@@ -27,7 +27,7 @@ from tiled_writer_sidecar.receive.ingest import Ingest, OpenRun, internal_error
 from tiled_writer_sidecar.receive.spooler import RunSpooler
 from tiled_writer_sidecar.receive.subscription import Subscription
 from tiled_writer_sidecar.spool.directory import SpoolDir
-from tiled_writer_sidecar.states import counted
+from tiled_writer_sidecar.states import Rejection, counted
 from tiled_writer_sidecar.text import one_line
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Receiver:
         self._count([head], size)
         queued = self.subscription.queued_bytes
         detail = f"{size} bytes (the first {len(head)} kept); {queued} bytes wait to be handled already"
-        self._reject(RejectedMessage("queue-full", detail), [head])
+        self._reject(RejectedMessage(Rejection.QUEUE_FULL, detail), [head])
 
     def handle(self, frames: list[bytes]) -> None:
         """Decode, validate, route and spool one message; whatever is wrong with it stays with it."""
