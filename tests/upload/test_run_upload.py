@@ -32,16 +32,6 @@ from tiled_writer_sidecar.upload.run_upload import (
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool")
-
-
-@pytest.fixture
-def tiled(monkeypatch: pytest.MonkeyPatch) -> FakeTiled:
-    return FakeTiled().install(monkeypatch)
-
-
-@pytest.fixture
 def context(spool: Spool, tiled: FakeTiled) -> UploadContext:
     status = UploaderStatus()
     link = TiledLink(spool.config, status, stop=__import__("threading").Event(), report=lambda: None)

@@ -223,16 +223,6 @@ def scheduler(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> Uploader:
     return uploader
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool")
-
-
-@pytest.fixture
-def tiled(monkeypatch: pytest.MonkeyPatch) -> FakeTiled:
-    return FakeTiled().install(monkeypatch)
-
-
 def test_at_most_max_active_runs_with_a_backlog_oldest_first(
     spool: Spool, tiled: FakeTiled, monkeypatch: pytest.MonkeyPatch
 ) -> None:
