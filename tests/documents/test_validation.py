@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from bluesky import RunEngine
-from bluesky import plans as bp
 from event_model import DocumentNames, StreamRange, compose_run, schema_validators
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ophyd.sim import SynSignal, hw
 
+from tests.support.run_engine import Document, simulated_runs
 from tests.support.strength import examples
 from tiled_writer_sidecar.documents import validation
 from tiled_writer_sidecar.documents.validation import validate_document
 from tiled_writer_sidecar.errors import ValidationError
-
-Document = tuple[str, dict[str, Any]]
 
 
 def event_model_accepts(name: str, doc: Any) -> bool:
@@ -44,23 +39,11 @@ def we_accept(name: str, doc: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def run_engine_documents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Document]]:
-    """count, scan, an image + int32 waveform detector, and a resource/datum detector."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    devices = hw(save_path=str(tmp_path_factory.mktemp("sim")))
-    waveform = SynSignal(func=lambda: np.arange(6, dtype=np.int32).reshape(2, 3), name="waveform")
-    documents: list[Document] = []
-    engine.subscribe(lambda name, doc: documents.append((name, copy.deepcopy(doc))))
-    try:
-        engine(bp.count([devices.det], num=3), sample="Si", operator={"name": "x", "id": 7})
-        engine(bp.scan([devices.det1, devices.det2], devices.motor, -1, 1, 3))
-        engine(bp.count([devices.direct_img, waveform], num=2))
-        engine(bp.count([devices.img], num=2))
+    """count (with start metadata), scan, an image + int32 waveform detector, and a resource/datum detector."""
+    with simulated_runs(
+        tmp_path_factory.mktemp("sim"), sample="Si", operator={"name": "x", "id": 7}
+    ) as documents:
         yield documents
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        engine._th.join(timeout=10)
-        loop.close()
 
 
 def composed_documents() -> list[Document]:

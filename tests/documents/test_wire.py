@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import copy
 import json
 import math
 import os
@@ -22,14 +20,12 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 import pytest
-from bluesky import RunEngine
-from bluesky import plans as bp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from ophyd.sim import SynSignal, hw
 
 from tests.support.framing import CapturingPublisher, json_serializer, jsonable
+from tests.support.run_engine import Document, simulated_runs
 from tests.support.strength import examples
 from tiled_writer_sidecar.documents import wire
 from tiled_writer_sidecar.documents.wire import (
@@ -41,7 +37,6 @@ from tiled_writer_sidecar.documents.wire import (
 from tiled_writer_sidecar.errors import DecodeError
 from tiled_writer_sidecar.spool.codec import pack_document
 
-Document = tuple[str, dict[str, Any]]
 Serializer = Callable[[Any], bytes]
 
 # ------------------------------------------------------------------ helpers
@@ -62,10 +57,6 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, float):
         return type(b) is float and (a == b or (math.isnan(a) and math.isnan(b)))
     return type(a) is type(b) and a == b
-
-
-def _array_signal() -> SynSignal:
-    return SynSignal(func=lambda: np.arange(6, dtype=np.int32).reshape(2, 3), name="waveform")
 
 
 def _plain_msgpack(doc: Any) -> bytes:
@@ -94,26 +85,13 @@ class Acquired:
 @pytest.fixture(scope="module")
 def acquired(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Acquired]:
     """count, scan, an array detector (image + int32 waveform) and a resource/datum detector, once."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    devices = hw(save_path=str(tmp_path_factory.mktemp("sim")))
-    documents: list[Document] = []
-    engine.subscribe(lambda name, doc: documents.append((name, copy.deepcopy(doc))))
     publishers = {label: CapturingPublisher(*options) for label, options in PUBLISHERS.items()}
-    for publisher in publishers.values():
-        engine.subscribe(publisher)
     try:
-        engine(bp.count([devices.det], num=3))
-        engine(bp.scan([devices.det1, devices.det2], devices.motor, -1, 1, 3))
-        engine(bp.count([devices.direct_img, _array_signal()], num=2))
-        engine(bp.count([devices.img], num=2))
-        yield Acquired(documents, {label: p.sent for label, p in publishers.items()})
+        with simulated_runs(tmp_path_factory.mktemp("sim"), *publishers.values()) as documents:
+            yield Acquired(documents, {label: p.sent for label, p in publishers.items()})
     finally:
         for publisher in publishers.values():
             publisher.close()
-        loop.call_soon_threadsafe(loop.stop)
-        engine._th.join(timeout=10)
-        loop.close()
 
 
 def _payload(message: bytes) -> bytes:

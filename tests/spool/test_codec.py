@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import enum
 import struct
 from collections import OrderedDict
@@ -13,13 +11,11 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from bluesky import RunEngine
-from bluesky import plans as bp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from ophyd.sim import SynSignal, hw
 
+from tests.support.run_engine import simulated_runs
 from tests.support.strength import examples
 from tiled_writer_sidecar.errors import DecodeError
 from tiled_writer_sidecar.spool.codec import FORMAT_VERSION, pack_document, unpack_document
@@ -76,22 +72,8 @@ def run_engine_documents(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[list[tuple[str, dict[str, Any]]]]:
     """count, scan, an image + int32 waveform detector, and a resource/datum detector."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    devices = hw(save_path=str(tmp_path_factory.mktemp("sim")))
-    waveform = SynSignal(func=lambda: np.arange(6, dtype=np.int32).reshape(2, 3), name="waveform")
-    documents: list[tuple[str, dict[str, Any]]] = []
-    engine.subscribe(lambda name, doc: documents.append((name, copy.deepcopy(doc))))
-    try:
-        engine(bp.count([devices.det], num=3))
-        engine(bp.scan([devices.det1, devices.det2], devices.motor, -1, 1, 3))
-        engine(bp.count([devices.direct_img, waveform], num=2))
-        engine(bp.count([devices.img], num=2))
+    with simulated_runs(tmp_path_factory.mktemp("sim")) as documents:
         yield documents
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        engine._th.join(timeout=10)
-        loop.close()
 
 
 def test_every_real_run_engine_document_round_trips(run_engine_documents: list[tuple[str, Any]]) -> None:

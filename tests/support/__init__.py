@@ -10,6 +10,7 @@ shipped in the wheel; the harness that ``demo`` needs stays in
 - `hostile_pickles`: objects that pickle like numpy's, with states numpy never writes.
 - `daemon`: the running daemon as the e2e tests check it (``/metrics``, ``status``, Tiled rows).
 - `spool`: runs planted straight into a spool.
+- `run_engine`: real documents from a RunEngine with ophyd.sim devices, in the test process.
 - `monitor_pane`: ``monitor`` live in a tmux pane.
 - `postgres`: PostgreSQL, and Tiled (one server or a deployment of several) on it.
 """
