@@ -17,8 +17,8 @@
 - `failed` acts on a failure the scheduler decided (`policy.decide`): its
   outcome says whether to probe Tiled and which state to record.
 - `InPlaceRetry` is `run_writer`'s `RetryPolicy` for one run, made of
-  `wait_before_retry` and `recovered`: only the outcomes RETRY and TILED_DOWN
-  are retried in place, at most `IN_PLACE_ATTEMPTS` waits while Tiled answers
+  `wait_before_retry` and `recovered`: only `policy.retryable` failures (those
+  of the rows RETRY and TILED_DOWN that httpx raises) are retried in place, at most `IN_PLACE_ATTEMPTS` waits while Tiled answers
   (then the failure is the run's, which backs off on its own); while Tiled
   does not answer it waits as everyone does.
 """
@@ -45,8 +45,8 @@ from tiled_writer_sidecar.upload.policy import (
     Rule,
     Stopping,
     TiledDown,
-    decide,
     one_line,
+    retryable,
 )
 from tiled_writer_sidecar.upload.tiled_calls import connect
 
@@ -281,7 +281,7 @@ def _is_tiled(response: httpx.Response) -> bool:
 
 class InPlaceRetry:
     """`run_writer.RetryPolicy` for one run's failed request: the link's backoff and status, then the same
-    request. Only RETRY and TILED_DOWN failures are retried in place; beyond `IN_PLACE_ATTEMPTS` failures
+    request. Only `policy.retryable` failures are retried in place; beyond `IN_PLACE_ATTEMPTS` failures
     while Tiled answers, `err` is raised (the scheduler decides it: the run backs off)."""
 
     def __init__(self, link: TiledLink) -> None:
@@ -289,8 +289,8 @@ class InPlaceRetry:
         self.failures = 0
 
     def wait(self, err: Exception) -> None:
-        if decide(err).outcome not in (Outcome.RETRY, Outcome.TILED_DOWN):
-            raise err  # not for an in-place retry (the writer retries only `policy.retryable` failures)
+        if not retryable(err):
+            raise err  # not for an in-place retry: its callers check the same rule first
         self.failures += 1
         if self.failures > IN_PLACE_ATTEMPTS and self.link.reachable():
             raise err
