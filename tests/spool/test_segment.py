@@ -50,6 +50,29 @@ def test_reader_follows_a_live_log(tmp_path: Path) -> None:
     assert seen == PAYLOADS
 
 
+def test_has_unread_says_whether_the_writer_appended_since_the_last_read(tmp_path: Path) -> None:
+    """A reader that reached the end knows, from a stat and no read, whether records followed: in the
+    same segment, or in the next one the writer rolled to."""
+    writer = LogWriter(tmp_path, 1024, FsyncPolicy("never"))
+    reader = LogReader(tmp_path)
+    assert reader.has_unread()  # nothing read yet
+    writer.append(PAYLOADS[0])
+    assert list(reader.read()) == PAYLOADS[:1]
+    assert not reader.has_unread()
+    writer.append(PAYLOADS[1])
+    assert reader.has_unread()
+    assert list(reader.read()) == PAYLOADS[1:2] and not reader.has_unread()
+    segments = len(list_segments(tmp_path))
+    for p in PAYLOADS[2:]:
+        writer.append(p)
+        if len(list_segments(tmp_path)) > segments:
+            break
+    assert reader.has_unread()
+    read = list(reader.read())
+    assert read and not reader.has_unread()
+    writer.close()
+
+
 def test_reader_does_not_return_a_record_being_written(tmp_path: Path) -> None:
     """Half a record at the end of the last segment is not returned until it is whole."""
     _write(tmp_path, PAYLOADS[:3], segment_bytes=1 << 20)

@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.fake_tiled import FakeClient, FakeRunWriter, FakeTiled, Spool, scan
 from tiled_writer_sidecar.errors import BadRunDocument, UnsafeName
+from tiled_writer_sidecar.spool.codec import pack_document
 from tiled_writer_sidecar.spool.state_files import (
     Received,
     Uploaded,
@@ -264,6 +265,27 @@ def test_seq_nums_keep_duplicates_and_gaps_as_fed() -> None:
     """What a publisher sent (holes, repeats) is what Tiled must hold: no endless rewrite for it."""
     values: list[Any] = [1, 2, 2, 5, 6, 3]
     assert SeqNums.of(values).values() == values
+
+
+def test_a_waiting_run_has_news_as_soon_as_its_log_grows(spool: Spool, context: UploadContext) -> None:
+    """A run read to its end waits without passes, yet the next event appended to its log wakes it at
+    once: received.json, which the receiver saves about once a second, is not what it waits for."""
+    uid, docs, stop = scan(events=2)
+    open_run = spool.open(docs[:3])  # start, descriptor, one event
+    run = started(spool, context, uid)
+    run.pump()
+    run.pump()
+    assert run.waiting and not run.has_news()
+    state = (spool.dir.run_dir(uid) / "received.json").read_bytes()
+    for name, doc in docs[3:]:  # what the receiver does between two saves of received.json
+        spool.spooler.stage(open_run, name, pack_document(name, doc))
+    spool.spooler.flush(open_run)
+    assert (spool.dir.run_dir(uid) / "received.json").read_bytes() == state
+    assert run.has_news()
+    run.pump()
+    assert run.fed == 4
+    spool.close(open_run, stop)
+    assert run.has_news()
 
 
 def test_each_pass_sets_the_phase_from_what_it_read(

@@ -452,6 +452,7 @@ class LogReader:
         self.directory = directory
         self.position = position
         self.damage: list[Damage] = []
+        self._seen: tuple[int, int] | None = None  # (segment, size) the last read ended at
 
     def read(self, max_records: int | None = None) -> Iterator[bytes]:
         """Yield the payloads of complete records written since the last call.
@@ -502,6 +503,7 @@ class LogReader:
             finally:
                 os.close(fd)
             if not has_next:
+                self._seen = (self.position.segment, size)
                 return
             if self.position.offset < size:
                 self.damage.append(Damage(name, self.position.offset, size - self.position.offset))
@@ -509,6 +511,19 @@ class LogReader:
 
     def _next_segment(self) -> None:
         self.position = Position(self.position.segment + 1, 0)
+
+    def has_unread(self) -> bool:
+        """Whether the writer may have appended since the last `read` reached the end: the segment it
+        ended in changed size, or a next one exists (at most two stats, no read)."""
+        if self._seen is None or self._seen[0] != self.position.segment:
+            return True
+        try:
+            size = os.lstat(self.directory / segment_name(self.position.segment)).st_size
+        except FileNotFoundError:
+            size = -1
+        return size != self._seen[1] or os.path.lexists(
+            self.directory / segment_name(self.position.segment + 1)
+        )
 
     def unread_tail(self) -> Damage | None:
         """Bytes left after the last complete record: damage, once the log is closed."""

@@ -323,9 +323,10 @@ class RunUpload:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def has_news(self) -> bool:
-        """Whether a pass may do anything: not waiting, or its received.json changed (the receiver
-        rewrites it with every batch it appends, and when it closes the run)."""
-        return not self.waiting or self._received_stat() != self._received_key
+        """Whether a pass may do anything: not waiting, or its log grew (the receiver appends within a
+        few ms of receiving), or its received.json changed (saved about once a second, and when the
+        run closes)."""
+        return not self.waiting or self.reader.has_unread() or self._received_stat() != self._received_key
 
     def latest_received(self) -> Received:
         """The run's ``received.json``, read again only if the file changed (inode, mtime, size)."""
