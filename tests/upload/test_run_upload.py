@@ -7,6 +7,7 @@ faked (`FakeTiled`: each run's tables as lists of ``seq_num``, standing in for
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +287,34 @@ def test_a_waiting_run_has_news_as_soon_as_its_log_grows(spool: Spool, context: 
     assert run.fed == 4
     spool.close(open_run, stop)
     assert run.has_news()
+
+
+def test_a_live_run_paces_its_appends_only_while_a_backlog_drains(
+    spool: Spool, tiled: FakeTiled, context: UploadContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run being acquired writes its rows as soon as it reads them; while backlog runs use Tiled's tables
+    it appends at most every LIVE_PACE_S, its rows held (and coalesced) meanwhile, not lost."""
+    tiled_config = dataclasses.replace(context.config.tiled, batch_seconds=60.0)  # no batch falls due
+    monkeypatch.setattr(context, "config", dataclasses.replace(context.config, tiled=tiled_config))
+    uid, docs, stop = scan(events=3)
+    open_run = spool.open(docs[:3])  # start, descriptor, event 1
+    run = started(spool, context, uid)
+    run.pump()
+    assert tiled.runs[uid] == {"primary": [1]}  # the first row at once
+    with context.tables_lock.lane(live=False):
+        pass  # a backlog run just sent a table request
+    spool.append(open_run, docs[3:4])
+    run.pump()
+    assert tiled.runs[uid] == {"primary": [1]} and run.tiled.buffered_rows() == 1 and not run.waiting
+    run.last_flush -= run_upload.LIVE_PACE_S
+    run.pump()
+    assert tiled.runs[uid] == {"primary": [1, 2]}
+    monkeypatch.setattr(run_upload, "BACKLOG_RECENT_S", 0.0)  # the backlog is done
+    spool.append(open_run, docs[4:5])
+    run.pump()
+    assert tiled.runs[uid] == {"primary": [1, 2, 3]}
+    spool.close(open_run, stop)
+    pump_until_finished(run)
 
 
 def test_each_pass_sets_the_phase_from_what_it_read(

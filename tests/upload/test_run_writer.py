@@ -203,6 +203,46 @@ def test_a_table_create_tiled_refused_unapplied_is_sent_again_in_place() -> None
     assert node.created == ["internal"] and table.uri.endswith("/internal")
 
 
+class _LockedNode(_Node):
+    """A `_Node` that records whether the shared table lock was held at each create."""
+
+    def __init__(self, uri: str, lock: run_writer.TablesLock) -> None:
+        super().__init__(uri)
+        self.lock = lock
+        self.held: list[bool] = []
+
+    def new(self, family: object, sources: object, *, key: str, **kwargs: object) -> _Node:
+        self.held.append(self.lock.locked())
+        return super().new(family, sources, key=key, **kwargs)
+
+
+def test_a_table_create_holds_the_table_lock_only_while_a_live_run_is_around() -> None:
+    """Without a live run, backlog creates go unserialized (a drain of small runs is not capped at one
+    create at a time); once a live lane has taken the lock, every create holds it, the live run's
+    own first, so no create ever refuses a live append (Tiled would stream its rows, then the retry)."""
+    lock = run_writer.TablesLock()
+    schema = pyarrow.schema([("seq_num", pyarrow.int64())])
+
+    def create(live: bool) -> bool:
+        node = _LockedNode("http://tiled/api/v1/metadata/run/primary", lock)
+        run_writer.SeqNumOrderedNode(node, {}, _NoWait(), lock.lane(live=live)).create_appendable_table(
+            schema, key="internal"
+        )
+        assert not lock.locked()
+        return node.held[0]
+
+    assert not create(live=False)
+    assert not lock.recently(live=True, seconds=run_writer.LIVE_RECENT_S)
+    assert create(live=True)
+    assert lock.recently(live=True, seconds=run_writer.LIVE_RECENT_S)
+    assert create(live=False)
+    plain = _LockedNode("http://tiled/api/v1/metadata/run/primary", lock)
+    run_writer.SeqNumOrderedNode(plain, {}, _NoWait(), threading.Lock()).create_appendable_table(
+        schema, key="internal"
+    )
+    assert plain.held == [False]
+
+
 @pytest.mark.parametrize("code", [400, 409, 502])
 def test_a_table_create_refused_for_good_or_maybe_applied_is_not_retried(code: int) -> None:
     node = _Node("http://tiled/api/v1/metadata/run/primary", [http_error(code, "POST")])

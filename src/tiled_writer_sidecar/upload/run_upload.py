@@ -24,6 +24,7 @@
 - Runs are uploaded from several worker threads at once: the counters in
   `UploadContext.status` are changed under `UploadContext.lock`; runs send their
   appends one at a time (`UploadContext.tables_lock`), an open run's first (`TablesLock`);
+  while backlog runs drain, an open run appends at most every `LIVE_PACE_S`;
   ``uploaded.json`` is written at the start, at most every
   `PROGRESS_INTERVAL_S` while rows flow, and at the end.
 - A failure leaves ``uploaded.json`` at ``uploading``: the scheduler forgets
@@ -71,7 +72,7 @@ from tiled_writer_sidecar.upload.policy import (
     one_line,
     retryable,
 )
-from tiled_writer_sidecar.upload.run_writer import TablesLock, TiledRun
+from tiled_writer_sidecar.upload.run_writer import BACKLOG_RECENT_S, TablesLock, TiledRun
 from tiled_writer_sidecar.upload.tiled_calls import (
     check_key,
     check_uid,
@@ -84,6 +85,10 @@ log = logging.getLogger(__name__)
 
 RECORDS_PER_PUMP = 5000
 PROGRESS_INTERVAL_S = 1.0  # uploaded.json's document count, while nothing is buffered
+#: While backlog runs drain, a live run appends at most this often (rows coalesce meanwhile): each
+#: request costs Tiled about the same CPU whatever its rows, so ten appends a second from a 10 Hz
+#: scan would take a third of it from the drain. Without a backlog, rows go as soon as they can.
+LIVE_PACE_S = 0.3
 _UNSEEN = (-1, -1, -1)
 
 
@@ -165,6 +170,7 @@ class RunUpload:
         self.fed = 0
         self.rows_counted = 0
         self.first_buffered: float | None = None
+        self.last_flush = -LIVE_PACE_S  # time.monotonic() of its last flush
         self.last_progress_save = 0.0
         self.started = time.monotonic()
         self.phase = Phase.READING
@@ -296,7 +302,8 @@ class RunUpload:
             if self.first_buffered is None:
                 self.first_buffered = now
             caught_up = count < RECORDS_PER_PUMP
-            if self.tiled.ready_to_flush(caught_up=caught_up) or self._batch_due(now, caught_up=caught_up):
+            ready = self.tiled.ready_to_flush(caught_up=caught_up) and not self._yields(now)
+            if ready or self._batch_due(now, caught_up=caught_up):
                 self.flush()
         else:
             self.first_buffered = None
@@ -351,11 +358,19 @@ class RunUpload:
         age = self.tiled.buffered_age()
         return caught_up and age is not None and age >= seconds
 
+    def _yields(self, now: float) -> bool:
+        """A run being acquired yields to a draining backlog: its last append was less than
+        `LIVE_PACE_S` ago and backlog runs are using Tiled's tables."""
+        return now - self.last_flush < LIVE_PACE_S and self.context.tables_lock.recently(
+            live=False, seconds=BACKLOG_RECENT_S
+        )
+
     def flush(self) -> None:
         """Write the buffered rows to Tiled, count them and their lag, record the progress."""
         context = self.context
         rows = self.tiled.buffered_rows()
         lag = self.tiled.flush()
+        self.last_flush = time.monotonic()
         self.first_buffered = None
         self.rows_counted += rows
         with context.lock:

@@ -25,8 +25,13 @@ so what lands in Tiled is what an in-process `TiledWriter` writes, except:
   on SQLite answers two such requests at once with 500 "database is locked"
   (its tables store does not wait). The live lane (a run being acquired)
   goes first: backlog runs wait while a live run waits for the lock, so a
-  live append waits for at most one backlog request, never collides. Creating a table is not serialized (held there, the lock
-  capped a drain of small runs at one create + append round trip per run). `acknowledged_rows` tells the uploader when a read-back
+  live append waits for at most one backlog request, never collides. Creating
+  a table (it writes Tiled's tables store too) holds the lock only while a
+  live run is around (`LIVE_RECENT_S`): a collision would refuse a live
+  append, whose rows Tiled streams to subscribers anyway, so its retry
+  would deliver them twice. Without a live run creates are not serialized
+  (held, the lock capped a drain of small runs at one create + append round
+  trip per run). `acknowledged_rows` tells the uploader when a read-back
   cannot tell more than Tiled's answers did.
 - A table create Tiled answered 500/503/429 (SQLite's "database is locked":
   Tiled rolls the node back when its storage fails) or that never reached
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from typing import Any, Protocol
@@ -86,16 +92,27 @@ from tiled_writer_sidecar.upload.tiled_calls import (
 log = logging.getLogger(__name__)
 
 
+#: A live lane that took the table lock this recently means a run is being acquired (a scan slower than
+#: one append per this long loses the create serialization between its appends: module docstring).
+LIVE_RECENT_S = 10.0
+#: A backlog lane that took the table lock this recently means backlog runs are draining.
+BACKLOG_RECENT_S = 1.0
+
+
 class TablesLock:
     """One table request at a time across runs, the live lane first (module docstring).
 
     `lane` gives a run its side: a context manager held around each request.
+    `recently` says whether a lane took the lock in the last seconds: a live run
+    is around (creates hold the lock too), or a backlog drains (a live run paces
+    its appends, `run_upload.LIVE_PACE_S`).
     """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._held = False
         self._live_waiting = 0
+        self._last_taken = {True: -math.inf, False: -math.inf}  # by lane (live?): time.monotonic()
 
     def lane(self, *, live: bool) -> TablesLane:
         return TablesLane(self, live)
@@ -112,6 +129,11 @@ class TablesLock:
             finally:
                 self._live_waiting -= live
             self._held = True
+            self._last_taken[live] = time.monotonic()
+
+    def recently(self, *, live: bool, seconds: float) -> bool:
+        """Whether the `live` (or backlog) lane took the lock in the last `seconds`."""
+        return time.monotonic() - self._last_taken[live] < seconds
 
     def release(self) -> None:
         with self._changed:
@@ -128,6 +150,12 @@ class TablesLane:
 
     def locked(self) -> bool:
         return self.lock.locked()
+
+    def for_create(self) -> contextlib.AbstractContextManager[Any]:
+        """What a table create holds: this lane while a live run is around, else nothing."""
+        if self.live or self.lock.recently(live=True, seconds=LIVE_RECENT_S):
+            return self
+        return contextlib.nullcontext()
 
     def __enter__(self) -> None:
         self.lock.acquire(self.live)
@@ -261,11 +289,16 @@ class SeqNumOrderedNode:
     """
 
     def __init__(
-        self, node: Any, created: dict[str, dict[str, Any]] | None = None, retry: RetryPolicy | None = None
+        self,
+        node: Any,
+        created: dict[str, dict[str, Any]] | None = None,
+        retry: RetryPolicy | None = None,
+        serial: Serial = None,
     ) -> None:
         self._node = node
         self._created = created if created is not None else {}
         self._retry = retry
+        self._serial = serial
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._node, name)
@@ -293,14 +326,15 @@ class SeqNumOrderedNode:
         failed = False
         while True:
             try:
-                table = self._node.new(
-                    StructureFamily.table,
-                    [source],
-                    key=key,
-                    metadata=metadata or {},
-                    specs=specs or [],
-                    access_tags=access_tags,
-                )
+                with self._holding():
+                    table = self._node.new(
+                        StructureFamily.table,
+                        [source],
+                        key=key,
+                        metadata=metadata or {},
+                        specs=specs or [],
+                        access_tags=access_tags,
+                    )
                 break
             except (httpx.TransportError, httpx.HTTPStatusError) as err:
                 conflict = isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 409
@@ -316,6 +350,10 @@ class SeqNumOrderedNode:
             self._retry.recovered()
         self._created[f"{self._node.item['id']}/{table.item['id']}"] = metadata or {}
         return table
+
+    def _holding(self) -> contextlib.AbstractContextManager[Any]:
+        """Held around a create: a `TablesLane`'s choice (`for_create`); a plain lock or None, nothing."""
+        return self._serial.for_create() if isinstance(self._serial, TablesLane) else contextlib.nullcontext()
 
 
 class _WideTableDataKeys(dict[str, Any]):
@@ -392,7 +430,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         super()._close_stream_tree()
 
     def _write_internal_data(self, data_cache: list[dict[str, Any]], desc_node: Any) -> None:
-        node = SeqNumOrderedNode(desc_node, self.table_metadata, self.retry)
+        node = SeqNumOrderedNode(desc_node, self.table_metadata, self.retry, self.serial)
         desc_name = desc_node.item["id"]
         self.data_keys.part_columns = lambda: self._next_part_columns(data_cache, desc_name)
         try:
@@ -458,7 +496,9 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         try:
             df_client.close_stream()
             desc_node.delete_contents(key, external_only=False)
-            new = SeqNumOrderedNode(desc_node, self.table_metadata, self.retry).create_appendable_table(
+            new = SeqNumOrderedNode(
+                desc_node, self.table_metadata, self.retry, self.serial
+            ).create_appendable_table(
                 schema=stored,
                 key=key,
                 metadata=self.table_metadata.get(name, {}),
