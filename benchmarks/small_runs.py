@@ -27,6 +27,13 @@ most `MEMORY_SECONDS` (the queue stays ~1,000 long meanwhile).
 Options: ``--tiled postgresql`` serves both sides from PostgreSQL (catalog
 and tables, `tests.support.postgres`, as facilities run Tiled) instead of
 SQLite; those shapes are keyed ``RUNSxEVENTS@postgresql``.
+``--tiled-workers N`` serves both sides with N uvicorn worker processes
+each (`TiledServer` ``workers``: tiled's ``app_factory``, as facilities scale
+Tiled out; one worker, the default, is ``tiled serve``); those shapes are
+keyed ``...*Nw`` (``200x50@postgresql*2w``) and labelled "N Tiled workers",
+and a side's Tiled CPU is that of all its processes. With ``--smoke`` both
+sides share one SQLite server, unless ``--tiled postgresql`` or
+``--tiled-workers`` asks for servers of their own.
 ``--runs-in-flight N`` sets the sidecar's ``[tiled] runs_in_flight``
 (default `RUNS_IN_FLIGHT`); a shape measured with another value than the
 default is keyed ``...~N``.
@@ -62,7 +69,7 @@ from typing import Any
 from ._breakdown import INPROCESS_PHASES, SIDECAR_PHASES, Profiling
 from ._upload import inprocess_upload, read_documents, sidecar_upload
 from .backlog_drain import make_backlog
-from .common import Bench, cpu_seconds, fmt, fmt_summary, peak_rss_mib, rounded, rss_mib, summary
+from .common import Bench, fmt, fmt_summary, peak_rss_mib, rounded, rss_mib, summary, tree_cpu_seconds
 
 NAME = "small_runs"
 TITLE = "Many small runs: backlog drain, sidecar vs in-process TiledWriter"
@@ -82,16 +89,22 @@ RSS_BUDGET_MIB = 250.0
 MAX_REPS = 3  # under `make bench` (5 repetitions by default): 3 already take ~15 minutes
 
 
-def shape_key(runs: int, events: int, tiled: str = "sqlite", in_flight: int | None = None) -> str:
-    """``200x50``; ``200x50@postgresql`` on PostgreSQL; ``200x50~1`` with another runs_in_flight."""
+def shape_key(
+    runs: int, events: int, tiled: str = "sqlite", in_flight: int | None = None, workers: int = 1
+) -> str:
+    """``200x50``; ``200x50@postgresql`` on PostgreSQL; ``200x50*2w`` on Tiled with 2 workers;
+    ``200x50~1`` with another runs_in_flight."""
     key = f"{runs}x{events}"
     key += "" if tiled == "sqlite" else f"@{tiled}"
+    key += "" if workers == 1 else f"*{workers}w"
     return key + ("" if in_flight in (None, RUNS_IN_FLIGHT) else f"~{in_flight}")
 
 
 def key_of(s: dict[str, Any]) -> str:
     """A measured shape's key (`shape_key`), from its entry in the results."""
-    return shape_key(s["runs"], s["events"], s.get("tiled", "sqlite"), s.get("runs_in_flight"))
+    return shape_key(
+        s["runs"], s["events"], s.get("tiled", "sqlite"), s.get("runs_in_flight"), s.get("tiled_workers", 1)
+    )
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
@@ -115,10 +128,12 @@ def prepare(bench: Bench) -> None:
     """
     from tiled_writer_sidecar.testing import TiledServer
 
-    if bench.smoke:
+    if _shared_server(bench):
         return
+    options = bench.shared.get("small_runs_options", {})
+    workers = options.get("tiled_workers") or 1
     servers = {}
-    if bench.shared.get("small_runs_options", {}).get("tiled") == "postgresql":
+    if options.get("tiled") == "postgresql":
         from tests.support.postgres import PostgresServer, PostgresTiledServer
 
         names = [f"{kind}_{side}" for side in SIDES for kind in ("catalog", "tables")]
@@ -129,21 +144,31 @@ def prepare(bench: Bench) -> None:
                 postgres,
                 catalog_database=f"catalog_{side}",
                 tables_database=f"tables_{side}",
+                workers=workers,
             )
             bench._stack.callback(server.close)
             server.start(wait=False)
             servers[side] = server
     else:
         for side in SIDES:
-            server = TiledServer(bench.workdir / f"small-runs-tiled-{side}")
+            server = TiledServer(bench.workdir / f"small-runs-tiled-{side}", workers=workers)
             bench._stack.callback(server.close)
             server.start(wait=False)
             servers[side] = server
     bench.shared["small_runs_tiled"] = servers
 
 
+def _shared_server(bench: Bench) -> bool:
+    """With ``--smoke`` both sides use the shared server, unless the options ask for another Tiled."""
+    options = bench.shared.get("small_runs_options", {})
+    default_tiled = (options.get("tiled") or "sqlite") == "sqlite" and (
+        options.get("tiled_workers") or 1
+    ) == 1
+    return bench.smoke and default_tiled
+
+
 def _servers(bench: Bench) -> dict[str, Any]:
-    if bench.smoke:
+    if _shared_server(bench):
         return {side: bench.tiled() for side in SIDES}
     if "small_runs_tiled" not in bench.shared:
         prepare(bench)
@@ -230,7 +255,7 @@ def _drain_sidecar(
     spool = work / f"spool-{container}"
     shutil.copytree(source, spool)
     uri = _container(server, container)
-    server0 = cpu_seconds(server.pid) or 0.0
+    server0 = tree_cpu_seconds(server.pid)
     try:
         with _ticking(log, "sidecar draining", _uploaded_count(spool)):
             result = sidecar_upload(
@@ -240,7 +265,7 @@ def _drain_sidecar(
         shutil.rmtree(spool, ignore_errors=True)
     if not result["all_uploaded"]:
         raise RuntimeError(f"sidecar: not every run was uploaded: {result}")
-    result["server_cpu_seconds"] = (cpu_seconds(server.pid) or 0.0) - server0
+    result["server_cpu_seconds"] = tree_cpu_seconds(server.pid) - server0
     return result
 
 
@@ -251,14 +276,14 @@ def _drain_inprocess(
 
     documents = read_documents(source)
     client = from_uri(_container(server, container), api_key=server.api_key)
-    server0 = cpu_seconds(server.pid) or 0.0
+    server0 = tree_cpu_seconds(server.pid)
     try:
         with _ticking(log, "in-process writing", lambda: "(no progress count in-process)"):
             result = inprocess_upload(documents, client, **kw)
         result["runs_uploaded"] = len(client)
     finally:
         client.context.close()
-    result["server_cpu_seconds"] = (cpu_seconds(server.pid) or 0.0) - server0
+    result["server_cpu_seconds"] = tree_cpu_seconds(server.pid) - server0
     return result
 
 
@@ -306,8 +331,9 @@ def measure_shape(
     *,
     tiled: str = "sqlite",
     runs_in_flight: int = RUNS_IN_FLIGHT,
+    tiled_workers: int = 1,
 ) -> dict[str, Any]:
-    key = shape_key(runs, events, tiled, runs_in_flight)
+    key = shape_key(runs, events, tiled, runs_in_flight, tiled_workers)
     source = work / f"backlog-{key}"
     made = make_backlog(source, runs, events)
     log(f"  {key}: backlog of {runs} runs x {events} events spooled ({made['accept_rate']:,.0f} docs/s)")
@@ -343,6 +369,7 @@ def measure_shape(
         "events": events,
         "tiled": tiled,
         "runs_in_flight": runs_in_flight,
+        **({"tiled_workers": tiled_workers} if tiled_workers != 1 else {}),
         "rows": runs * events,
         "runs_per_s": {side: per("runs_per_s", side) for side in SIDES},
         "rows_per_s": {side: per("rows_per_s", side) for side in SIDES},
@@ -464,7 +491,8 @@ def run(bench: Bench) -> dict[str, Any]:
     work = bench.workdir / "small-runs"
     work.mkdir(parents=True, exist_ok=True)
     servers = _servers(bench)
-    tiled = "sqlite" if bench.smoke else options.get("tiled") or "sqlite"
+    tiled = "sqlite" if _shared_server(bench) else options.get("tiled") or "sqlite"
+    tiled_workers = 1 if _shared_server(bench) else options.get("tiled_workers") or 1
     in_flight = options.get("runs_in_flight") or RUNS_IN_FLIGHT
     results = []
     for runs, events, *own_reps in shapes:
@@ -478,6 +506,7 @@ def run(bench: Bench) -> dict[str, Any]:
                 bench.log,
                 tiled=tiled,
                 runs_in_flight=in_flight,
+                tiled_workers=tiled_workers,
             )
         )
     memory = (
@@ -493,6 +522,7 @@ def run(bench: Bench) -> dict[str, Any]:
             "reps": reps,
             "profile_runs": PROFILE_RUNS,
             "tiled": tiled,
+            "tiled_workers": tiled_workers,
             "sidecar_settings": _sidecar_settings(in_flight),
             "command": options.get("command", "python -m benchmarks.run --only small_runs"),
         },
@@ -551,6 +581,8 @@ def headline(c: dict[str, Any]) -> str:
 def _label(s: dict[str, Any]) -> str:
     """``200 x 50``, with the Tiled backend and the runs in flight when they are not the default's."""
     extra = [] if s.get("tiled", "sqlite") == "sqlite" else ["PostgreSQL Tiled"]
+    workers = s.get("tiled_workers", 1)
+    extra += [] if workers == 1 else [f"{workers} Tiled workers"]
     in_flight = s.get("runs_in_flight", RUNS_IN_FLIGHT)
     extra += [] if in_flight == RUNS_IN_FLIGHT else [f"{in_flight} in flight"]
     return f"{s['runs']} x {s['events']:,}" + (f" ({', '.join(extra)})" if extra else "")
@@ -580,7 +612,9 @@ def section(c: dict[str, Any]) -> list[str]:
     opts = c.get("options", {})
     out = [
         "Backlog of N runs x M events spooled first, then drained; in each repetition both sides, "
-        "alternating which goes first, each into its own Tiled server. Re-run every shape: "
+        "alternating which goes first, each into its own Tiled server (one `tiled serve` process; a shape "
+        'labelled "N Tiled workers": uvicorn with N worker processes on tiled\'s `app_factory`, both sides, '
+        "the Tiled CPU that of all of them). Re-run every shape: "
         "`python -m benchmarks.small_runs` (or `make bench`); measured here with "
         + "; ".join(
             f"`{cmd}`" for cmd in c.get("commands", [opts.get("command", "python -m benchmarks.small_runs")])
@@ -878,6 +912,12 @@ def main(argv: list[str] | None = None) -> int:
         help="both Tiled servers' catalog and tables: SQLite (default) or PostgreSQL",
     )
     parser.add_argument(
+        "--tiled-workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes of each Tiled server (default 1: `tiled serve`); shapes keyed ...*Nw",
+    )
+    parser.add_argument(
         "--runs-in-flight", type=int, help=f"the sidecar's [tiled] runs_in_flight (default {RUNS_IN_FLIGHT})"
     )
     parser.add_argument(
@@ -917,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "tiled": args.tiled,
         "runs_in_flight": args.runs_in_flight,
+        "tiled_workers": args.tiled_workers,
         "command": "python -m benchmarks.small_runs "
         + shlex.join(argv if argv is not None else sys.argv[1:]),
     }

@@ -62,7 +62,7 @@ from typing import Any, Self
 from tiled_writer_sidecar.testing._process import LocalServer, Service
 from tiled_writer_sidecar.testing.ports import LOCALHOST, wait_until
 from tiled_writer_sidecar.testing.tiled_server import DEFAULT_STARTUP_TIMEOUT as DEFAULT_TILED_STARTUP_TIMEOUT
-from tiled_writer_sidecar.testing.tiled_server import TiledServer, tiled_command
+from tiled_writer_sidecar.testing.tiled_server import TiledServer
 
 #: The account PostgreSQL runs as when we are root (Debian's package creates it).
 POSTGRES_ACCOUNT = "postgres"
@@ -391,6 +391,7 @@ class PostgresTiledServer(TiledServer):
     instance on the same `postgres` and databases, finds every run written
     before. The database password is in the command line and in Tiled's log
     (Tiled logs the catalog URI at start-up): fine for a throwaway cluster.
+    ``workers=N`` serves it with N uvicorn worker processes (`TiledServer`).
     """
 
     def __init__(
@@ -466,21 +467,7 @@ class PostgresTiledDeployment(Service):
 
     def init_catalog(self) -> None:
         """``tiled catalog init --if-not-exists`` once, so the servers' own ``--init`` finds it done."""
-        first = self.servers[0]
-        argv = [*tiled_command(), "catalog", "init", "--if-not-exists", first.catalog_uri]
-        first.directory.mkdir(parents=True, exist_ok=True)
-        log_path = first.directory / "catalog-init.log"
-        with log_path.open("ab") as log:
-            result = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=first.startup_timeout,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise RuntimeError(f"tiled catalog init failed ({result.returncode}); log {log_path}")
+        self.servers[0].init_catalog()
 
     def server_for(self, index: int) -> PostgresTiledServer:
         """The server client number `index` talks to (round robin, as a load balancer would)."""

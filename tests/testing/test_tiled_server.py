@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 import sqlite3
 import uuid
@@ -190,3 +191,28 @@ def test_taken_port_is_replaced_on_first_start(tmp_path: Path) -> None:
             assert httpx.get(f"{server.uri}/api/v1/", timeout=5).status_code == 200
         finally:
             server.close()
+
+
+def test_one_worker_keeps_tiled_serve_and_several_workers_refuse_a_memory_streaming_cache(
+    tmp_path: Path,
+) -> None:
+    """workers=1 is `tiled serve catalog` (API key on the command line); workers=2 is uvicorn on
+    app_factory with the API key in the config file, never initialising the catalog; a "memory"
+    streaming cache (one per worker) with workers=2 is a ValueError."""
+    one = TiledServer(tmp_path / "one")
+    assert one.command()[1:3] == ["serve", "catalog"]
+    assert one.command()[one.command().index("--api-key") + 1] == one.api_key
+
+    two = TiledServer(tmp_path / "two", workers=2, streaming_cache="redis://127.0.0.1:1")
+    argv = two.command()
+    assert argv[argv.index("--workers") + 1] == "2"
+    assert "tiled.server.app:app_factory" in argv and one.api_key not in argv and two.api_key not in argv
+    config = json.loads(two.config_text())
+    assert config["authentication"] == {"single_user_api_key": two.api_key}
+    assert config["catalog"]["init_if_not_exists"] is False
+    assert config["streaming_cache"] == {"uri": "redis://127.0.0.1:1"}
+
+    with pytest.raises(ValueError, match="memory"):
+        TiledServer(tmp_path / "three", workers=2, streaming_cache="memory")
+    with pytest.raises(ValueError, match="at least 1"):
+        TiledServer(tmp_path / "four", workers=0)

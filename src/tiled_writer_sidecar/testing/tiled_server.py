@@ -19,6 +19,20 @@ served from a config file, `DIR/config.yml`, with a ``streaming_cache:``
 section, so Tiled streams writes to WebSocket subscribers (``tiled serve
 catalog --cache`` fails in tiled 0.2.20 without ``--temp``). `RedisServer`
 is Debian's ``redis-server`` on a free port, all state in one directory.
+
+With ``workers`` > 1 the same catalog is served the way facilities scale
+Tiled out: ``uvicorn --factory tiled.server.app:app_factory --workers N``
+(one process group: the supervisor and its N worker processes, so `stop()`
+and `kill()` reach them all), with ``TILED_CONFIG=DIR/config.yml`` holding the
+API key (``authentication: single_user_api_key``, what ``tiled serve config
+--scalable`` requires) and the catalog; the workers log as ``tiled serve``
+does (``DIR/logging.json``, Tiled's own logging configuration). The catalog is
+initialised once (``tiled catalog init --if-not-exists``, `init_catalog`)
+before the workers start, and the workers do not initialise it (N workers
+would race creating its tables). Ready means every worker has started (its
+``Application startup complete.`` in the log) and the server answers. A
+``"memory"`` streaming cache is refused (each worker would stream only its
+own writes); a ``redis://`` one is shared and fine.
 """
 
 from __future__ import annotations
@@ -52,6 +66,14 @@ def tiled_command() -> list[str]:
     return [sys.executable, "-m", "tiled"]
 
 
+def uvicorn_command() -> list[str]:
+    """The `uvicorn` CLI of this interpreter's environment."""
+    executable = Path(sys.executable).parent / "uvicorn"
+    if executable.exists():
+        return [str(executable)]
+    return [sys.executable, "-m", "uvicorn"]
+
+
 class TiledServer(LocalServer):
     """A Tiled server process serving a writable catalog in `directory`."""
 
@@ -65,11 +87,17 @@ class TiledServer(LocalServer):
         api_key: str | None = None,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         streaming_cache: str | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__(port=port, startup_timeout=startup_timeout)
         self._directory = Path(directory).resolve()
         #: None (no streaming), "memory", or a redis:// URI.
         self.streaming_cache = streaming_cache
+        #: Server processes: 1 is ``tiled serve``; more is uvicorn's ``--workers`` on `app_factory`.
+        self.workers = workers
+        self._check_workers()
+        self._catalog_initialised = False
+        self._log_offset = 0
         self._api_key = api_key if api_key is not None else secrets.token_hex(16)
         self._clients: list[Any] = []
 
@@ -118,20 +146,47 @@ class TiledServer(LocalServer):
 
     @property
     def config_path(self) -> Path:
-        """Tiled's config file, written at each start when `streaming_cache` is set."""
+        """Tiled's config file, written at each start when `streaming_cache` is set or `workers` > 1."""
         return self._directory / "config.yml"
 
+    @property
+    def logging_config_path(self) -> Path:
+        """The workers' logging configuration (Tiled's own), written at each start when `workers` > 1."""
+        return self._directory / "logging.json"
+
+    @property
+    def _uses_config(self) -> bool:
+        return self.streaming_cache is not None or self.workers > 1
+
+    def _check_workers(self) -> None:
+        """The one rule on `workers`: at least one, and no per-process ("memory") streaming cache with more."""
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if self.workers > 1 and self.streaming_cache == "memory":
+            raise ValueError(
+                f'streaming_cache="memory" with {self.workers} workers: each worker would stream only its '
+                "own writes; use a redis:// streaming cache"
+            )
+
     def config_text(self) -> str:
-        """The `tiled serve config` file: this catalog plus the streaming cache."""
+        """The `tiled serve config` file: this catalog, plus the streaming cache and (workers > 1) API key.
+
+        With several workers the catalog is initialised once beforehand (`init_catalog`), not by each.
+        """
         import json
 
         catalog = {
             "uri": self.catalog_uri,
-            "init_if_not_exists": True,
+            "init_if_not_exists": self.workers == 1,
             "writable_storage": [str(self.data_path), self.tables_uri],
         }
+        config: dict[str, Any] = {"catalog": catalog}
+        if self.streaming_cache is not None:
+            config["streaming_cache"] = {"uri": self.streaming_cache}
+        if self.workers > 1:
+            config["authentication"] = {"single_user_api_key": self._api_key}
         # JSON is YAML: no YAML writer needed, and paths are quoted.
-        return json.dumps({"catalog": catalog, "streaming_cache": {"uri": self.streaming_cache}}, indent=2)
+        return json.dumps(config, indent=2)
 
     def command(self) -> list[str]:
         """The exact argv used to start the server: one launcher, with or without a config file.
@@ -139,8 +194,27 @@ class TiledServer(LocalServer):
         Without a streaming cache, ``tiled serve catalog CATALOG --init --write
         DATA --write TABLES``; with one, ``tiled serve config DIR/config.yml``,
         whose catalog section says the same (`config_text`). Either way on our
-        API key, host and port.
+        API key, host and port. With `workers` > 1, ``env TILED_CONFIG=DIR/config.yml
+        uvicorn --factory tiled.server.app:app_factory --workers N`` on our host
+        and port (the API key is in the config file).
         """
+        self._check_workers()
+        if self.workers > 1:
+            return [
+                "env",
+                f"TILED_CONFIG={self.config_path}",
+                *uvicorn_command(),
+                "--factory",
+                "tiled.server.app:app_factory",
+                "--workers",
+                str(self.workers),
+                "--log-config",
+                str(self.logging_config_path),
+                "--host",
+                LOCALHOST,
+                "--port",
+                str(self._port),
+            ]
         if self.streaming_cache is not None:
             source = ["config", str(self.config_path)]
         else:
@@ -169,15 +243,63 @@ class TiledServer(LocalServer):
         self._start_process(wait=wait, timeout=timeout)
         return self
 
+    def init_catalog(self) -> None:
+        """``tiled catalog init --if-not-exists CATALOG`` (log ``DIR/catalog-init.log``), once per instance.
+
+        Raises:
+            RuntimeError: it failed (the log names why).
+        """
+        if self._catalog_initialised:
+            return
+        import subprocess
+
+        self._directory.mkdir(parents=True, exist_ok=True)
+        argv = [*tiled_command(), "catalog", "init", "--if-not-exists", self.catalog_uri]
+        log_path = self._directory / "catalog-init.log"
+        with log_path.open("ab") as log:
+            result = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=self.startup_timeout,
+                check=False,
+            )
+        if result.returncode != 0:
+            raise RuntimeError(f"tiled catalog init failed ({result.returncode}); log {log_path}")
+        self._catalog_initialised = True
+
     def _spawn(self, cwd: Path | None = None) -> None:
         self.data_path.mkdir(parents=True, exist_ok=True)
-        if self.streaming_cache is not None:
+        if self._uses_config:
             self.config_path.write_text(self.config_text())
+            self.config_path.chmod(0o600)  # it may hold the API key
+        if self.workers > 1:
+            import json
+
+            from tiled.server.logging_config import LOGGING_CONFIG
+
+            self.init_catalog()
+            self.logging_config_path.write_text(json.dumps(LOGGING_CONFIG, indent=2))
+        try:
+            self._log_offset = self.log_path.stat().st_size
+        except FileNotFoundError:
+            self._log_offset = 0
         super()._spawn(cwd or self._directory)
+
+    def _workers_started(self) -> bool:
+        """Every worker logged ``Application startup complete.`` since this start (always, with one)."""
+        if self.workers == 1:
+            return True
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_offset)
+            return log.read().count(b"Application startup complete.") >= self.workers
 
     def _answers(self) -> bool:
         """`GET /api/v1/` is 200 and so is `GET /api/v1/metadata/` with our API key: a 200 from
-        some other server that holds the port does not count."""
+        some other server that holds the port does not count. With several workers, each has started."""
+        if not self._workers_started():
+            return False
         url = f"{self.uri}/api/v1/"
         headers = {"Authorization": f"Apikey {self._api_key}"}
         try:
