@@ -88,7 +88,7 @@ PROGRESS_INTERVAL_S = 1.0  # uploaded.json's document count, while nothing is bu
 #: While backlog runs drain, a live run appends at most this often (rows coalesce meanwhile): each
 #: request costs Tiled about the same CPU whatever its rows, so ten appends a second from a 10 Hz
 #: scan would take a third of it from the drain. Without a backlog, rows go as soon as they can.
-LIVE_PACE_S = 0.3
+LIVE_PACE_S = 0.5
 _UNSEEN = (-1, -1, -1)
 
 
