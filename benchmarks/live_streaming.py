@@ -36,7 +36,9 @@ same case and writer; sidecar rows only at the current default
 ``batch_seconds``) and regenerates RESULTS.md, as ``benchmarks.run --only``
 does.
 ``live_streaming_batch_seconds.json`` holds the sidecar's ``batch_seconds``
-sweep (0.5 vs 0.25) that chose the default 0.5.
+sweep (0.5 vs 0.25) that chose the default 0.5; ``live_streaming_live_lane.json``
+the sidecar's short cases again once a waiting run woke on its log's growth
+(before, on ``received.json``, saved once a second): merged last.
 """
 
 from __future__ import annotations
