@@ -568,7 +568,19 @@ def test_cell2_tiled_killed_mid_run(
         without = acquisition.last_duration
         drained(sidecar, [base_uid])
 
-        fault = Fault(20, tiled_server.kill)
+        def kill_mid_upload() -> None:
+            """The crash must hit an upload in flight: on a loaded machine the run may not be created in
+            Tiled by seq_num 20 yet, and a create that fails leaves no rewrite nor append retry to count)."""
+            wait_for(
+                lambda: any(
+                    r["uid"] != base_uid and r["state"] == "uploading" for r in sidecar.status()["runs"]
+                ),
+                60,
+                "the run's upload under way",
+            )
+            tiled_server.kill()
+
+        fault = Fault(20, kill_mid_upload)
         (uid,) = fault.run(acquisition, count(60))
         ratio = re_ratio(acquisition.last_duration, without)
         assert not tiled_server.running
