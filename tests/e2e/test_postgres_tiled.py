@@ -28,7 +28,7 @@ from bluesky_tiled_plugins import TiledWriter
 from ophyd.sim import det, motor
 
 from tests.support.daemon import assert_rows_in_tiled, make_sidecar, run_documents
-from tests.support.postgres import PostgresServer, PostgresTiledServer, postgres_unavailable
+from tests.support.postgres import PostgresServer, PostgresTiledServer
 from tiled_writer_sidecar.testing import Acquisition, ZmqProxy, wait_until
 from tiled_writer_sidecar.testing.acquisition import expected_rows, run_uids
 from tiled_writer_sidecar.testing.sidecar import SidecarProcess
@@ -42,16 +42,6 @@ Plan = Generator[Any, Any, Any]
 SETTINGS: dict[str, dict[str, Any]] = {
     "tiled": {"batch_seconds": 0.5, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 2.0}
 }
-
-
-@pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[PostgresServer]:
-    """A PostgreSQL cluster of its own with databases ``catalog`` and ``tables``."""
-    reason = postgres_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    with PostgresServer(tmp_path / "postgres", databases=("catalog", "tables")) as server:
-        yield server
 
 
 @pytest.fixture

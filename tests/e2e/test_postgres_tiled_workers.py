@@ -18,18 +18,8 @@ import pytest
 from bluesky_tiled_plugins import TiledWriter
 from ophyd.sim import det
 
-from tests.support.postgres import PostgresServer, PostgresTiledServer, postgres_unavailable
+from tests.support.postgres import PostgresServer, PostgresTiledServer
 from tiled_writer_sidecar.testing import Acquisition, expected_rows, frame_rows, read_stream, wait_until
-
-
-@pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[PostgresServer]:
-    """A PostgreSQL cluster of its own with databases ``catalog`` and ``tables``."""
-    reason = postgres_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    with PostgresServer(tmp_path / "postgres", databases=("catalog", "tables")) as server:
-        yield server
 
 
 @pytest.fixture
