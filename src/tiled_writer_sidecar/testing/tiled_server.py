@@ -37,8 +37,10 @@ own writes); a ``redis://`` one is shared and fine.
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,23 +57,12 @@ from tiled_writer_sidecar.testing.ports import LOCALHOST
 DEFAULT_STARTUP_TIMEOUT = 240.0
 
 
-def tiled_command() -> list[str]:
-    """The `tiled` CLI of this interpreter's environment."""
-    executable = Path(sys.executable).parent / "tiled"
+def console_script(name: str) -> list[str]:
+    """The `name` CLI of this interpreter's environment (``python -m name`` if it has no script)."""
+    executable = Path(sys.executable).parent / name
     if executable.exists():
         return [str(executable)]
-    found = shutil.which("tiled")
-    if found is not None and Path(found).parent == Path(sys.executable).parent:
-        return [found]
-    return [sys.executable, "-m", "tiled"]
-
-
-def uvicorn_command() -> list[str]:
-    """The `uvicorn` CLI of this interpreter's environment."""
-    executable = Path(sys.executable).parent / "uvicorn"
-    if executable.exists():
-        return [str(executable)]
-    return [sys.executable, "-m", "uvicorn"]
+    return [sys.executable, "-m", name]
 
 
 class TiledServer(LocalServer):
@@ -173,8 +164,6 @@ class TiledServer(LocalServer):
 
         With several workers the catalog is initialised once beforehand (`init_catalog`), not by each.
         """
-        import json
-
         catalog = {
             "uri": self.catalog_uri,
             "init_if_not_exists": self.workers == 1,
@@ -203,7 +192,7 @@ class TiledServer(LocalServer):
             return [
                 "env",
                 f"TILED_CONFIG={self.config_path}",
-                *uvicorn_command(),
+                *console_script("uvicorn"),
                 "--factory",
                 "tiled.server.app:app_factory",
                 "--workers",
@@ -221,7 +210,7 @@ class TiledServer(LocalServer):
             source = ["catalog", self.catalog_uri, "--init", "--write", str(self.data_path)]
             source += ["--write", self.tables_uri]
         return [
-            *tiled_command(),
+            *console_script("tiled"),
             "serve",
             *source,
             "--api-key",
@@ -251,10 +240,8 @@ class TiledServer(LocalServer):
         """
         if self._catalog_initialised:
             return
-        import subprocess
-
         self._directory.mkdir(parents=True, exist_ok=True)
-        argv = [*tiled_command(), "catalog", "init", "--if-not-exists", self.catalog_uri]
+        argv = [*console_script("tiled"), "catalog", "init", "--if-not-exists", self.catalog_uri]
         log_path = self._directory / "catalog-init.log"
         with log_path.open("ab") as log:
             result = subprocess.run(
@@ -275,8 +262,6 @@ class TiledServer(LocalServer):
             self.config_path.write_text(self.config_text())
             self.config_path.chmod(0o600)  # it may hold the API key
         if self.workers > 1:
-            import json
-
             from tiled.server.logging_config import LOGGING_CONFIG
 
             self.init_catalog()
