@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,15 @@ from typing import Self
 from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
 
 _LIVE: set[ManagedProcess] = set()
+
+
+def console_script(name: str, module: str | None = None) -> list[str]:
+    """The `name` CLI of this interpreter's environment, or ``python -m MODULE`` (default `name`) without
+    its script."""
+    executable = Path(sys.executable).parent / name
+    if executable.exists():
+        return [str(executable)]
+    return [sys.executable, "-m", module or name]
 
 
 def _kill_leftovers() -> None:

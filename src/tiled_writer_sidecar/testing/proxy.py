@@ -25,8 +25,6 @@ then readiness is a completed ZMTP handshake on both ports.
 from __future__ import annotations
 
 import secrets
-import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,8 +35,9 @@ import httpx
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tiled_writer_sidecar.testing._process import ManagedProcess, Service
+from tiled_writer_sidecar.testing._process import ManagedProcess, Service, console_script
 from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
+from tiled_writer_sidecar.testing.sidecar import sidecar_command
 
 #: First space-separated field of every probe frame (a Publisher "prefix").
 PROBE_PREFIX = b"tiled-writer-sidecar-probe"
@@ -62,21 +61,12 @@ def is_probe(message: bytes) -> bool:
 
 def proxy_command() -> list[str]:
     """The `bluesky-0MQ-proxy` CLI of this interpreter's environment."""
-    executable = Path(sys.executable).parent / "bluesky-0MQ-proxy"
-    if executable.exists():
-        return [str(executable)]
-    found = shutil.which("bluesky-0MQ-proxy")
-    if found is not None and Path(found).parent == Path(sys.executable).parent:
-        return [found]
-    return [sys.executable, "-m", "bluesky.commandline.zmq_proxy"]
+    return console_script("bluesky-0MQ-proxy", "bluesky.commandline.zmq_proxy")
 
 
 def sidecar_proxy_command() -> list[str]:
     """`tiled-writer-sidecar proxy` of this interpreter's environment."""
-    script = Path(sys.executable).parent / "tiled-writer-sidecar"
-    if script.exists():
-        return [str(script), "proxy"]
-    return [sys.executable, "-m", "tiled_writer_sidecar.cli", "proxy"]
+    return [*sidecar_command(), "proxy"]
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -14,22 +14,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
-from tiled_writer_sidecar.testing._process import ManagedProcess
+from tiled_writer_sidecar.testing._process import ManagedProcess, console_script
 from tiled_writer_sidecar.testing.ports import LOCALHOST, free_port, wait_until
 
 
 def sidecar_command() -> list[str]:
-    script = Path(sys.executable).parent / "tiled-writer-sidecar"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "tiled_writer_sidecar.cli"]
+    """The `tiled-writer-sidecar` CLI of this interpreter's environment."""
+    return console_script("tiled-writer-sidecar", "tiled_writer_sidecar.cli")
 
 
 class SidecarProcess:

@@ -41,28 +41,19 @@ import json
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Self
 
 import httpx
 
-from tiled_writer_sidecar.testing._process import LocalServer
+from tiled_writer_sidecar.testing._process import LocalServer, console_script
 from tiled_writer_sidecar.testing.ports import LOCALHOST
 
 #: How long a cold start may take (tiled imports dask, pandas, numba, ...:
 #: 8-16 s measured on an idle 2-core machine, over 120 s on one with a load
 #: average of 12).
 DEFAULT_STARTUP_TIMEOUT = 240.0
-
-
-def console_script(name: str) -> list[str]:
-    """The `name` CLI of this interpreter's environment (``python -m name`` if it has no script)."""
-    executable = Path(sys.executable).parent / name
-    if executable.exists():
-        return [str(executable)]
-    return [sys.executable, "-m", name]
 
 
 class TiledServer(LocalServer):
