@@ -26,7 +26,7 @@ so what lands in Tiled is what an in-process `TiledWriter` writes, except:
   (its tables store does not wait). The live lane (a run being acquired)
   goes first: backlog runs wait while a live run waits for the lock, so a
   live append waits for at most one backlog request, never collides. Creating
-  a table (it writes Tiled's tables store too) holds the lock only while a
+  or deleting a table (it writes Tiled's tables store too) holds the lock only while a
   live run is around (`LIVE_RECENT_S`): a collision would refuse a live
   append, whose rows Tiled streams to subscribers anyway, so its retry
   would deliver them twice. Without a live run creates are not serialized
@@ -152,7 +152,7 @@ class TablesLane:
         return self.lock.locked()
 
     def for_create(self) -> contextlib.AbstractContextManager[Any]:
-        """What a table create holds: this lane while a live run is around, else nothing."""
+        """What creating or deleting a table holds: this lane while a live run is around, else nothing."""
         if self.live or self.lock.recently(live=True, seconds=LIVE_RECENT_S):
             return self
         return contextlib.nullcontext()
@@ -166,6 +166,12 @@ class TablesLane:
 
 #: What a writer holds around a table request: a lane of the shared `TablesLock`, a plain lock, or None.
 Serial = contextlib.AbstractContextManager[Any] | None
+
+
+def schema_change(serial: Serial) -> contextlib.AbstractContextManager[Any]:
+    """Held around creating or deleting a table: a `TablesLane`'s choice (`for_create`); with a plain
+    lock or None, nothing."""
+    return serial.for_create() if isinstance(serial, TablesLane) else contextlib.nullcontext()
 
 
 class RetryPolicy(Protocol):
@@ -326,7 +332,7 @@ class SeqNumOrderedNode:
         failed = False
         while True:
             try:
-                with self._holding():
+                with schema_change(self._serial):
                     table = self._node.new(
                         StructureFamily.table,
                         [source],
@@ -350,10 +356,6 @@ class SeqNumOrderedNode:
             self._retry.recovered()
         self._created[f"{self._node.item['id']}/{table.item['id']}"] = metadata or {}
         return table
-
-    def _holding(self) -> contextlib.AbstractContextManager[Any]:
-        """Held around a create: a `TablesLane`'s choice (`for_create`); a plain lock or None, nothing."""
-        return self._serial.for_create() if isinstance(self._serial, TablesLane) else contextlib.nullcontext()
 
 
 class _WideTableDataKeys(dict[str, Any]):
@@ -495,7 +497,8 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         desc_node = self._desc_nodes[desc_name]
         try:
             df_client.close_stream()
-            desc_node.delete_contents(key, external_only=False)
+            with schema_change(self.serial):
+                desc_node.delete_contents(key, external_only=False)
             new = SeqNumOrderedNode(
                 desc_node, self.table_metadata, self.retry, self.serial
             ).create_appendable_table(
