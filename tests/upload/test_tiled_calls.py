@@ -9,6 +9,8 @@ that has the one attribute it reads (``item["links"]["self"]``).
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import unquote
@@ -295,3 +297,66 @@ def test_a_real_tiled_without_streaming_cache_needs_no_close_stream(tiled_contai
         assert tiled_calls.close_stream_matters(client) is False
     finally:
         client.context.close()
+
+
+@pytest.mark.process
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
+@pytest.mark.filterwarnings(  # tiled's own thread, ending after "closed" (docs/upstream.md)
+    "ignore:Exception in thread tiled-subscription-:pytest.PytestUnhandledThreadExceptionWarning"
+)
+@pytest.mark.parametrize("placeholder", [True, False], ids=["placeholder", "none"])
+def test_a_node_deleted_and_created_again_streams_afresh_only_behind_a_placeholder(
+    placeholder: bool, tmp_path: Path
+) -> None:
+    """On Tiled with SQLite and a streaming cache, a table closed, deleted and created again at the same path.
+
+    Behind `ids_not_reused` the new table has an id of its own: a subscriber
+    replaying it from the start gets its rows only, Tiled's sequence numbers
+    from 1, and no end of stream. Without it (what the sidecar did before) the
+    new table takes the deleted one's id and, with it, the deleted one's
+    records: the old rows, then "closed", and nothing of the new table. The
+    second case documents tiled 0.2.20 (docs/upstream.md): when it fails,
+    Tiled stopped reusing ids and the placeholder can go.
+    """
+    import pyarrow
+
+    from tiled_writer_sidecar.testing import TiledServer, wait_until
+    from tiled_writer_sidecar.upload.tiled_calls import ids_not_reused
+
+    schema = pyarrow.schema([("seq_num", pyarrow.int64())])
+    with TiledServer(tmp_path / "tiled", streaming_cache="memory") as tiled:
+        client = tiled.client()
+        run = client.create_container("run")
+        table = run.create_appendable_table(schema, key="internal")
+        for n in (1, 2, 3):
+            table.append_partition(0, pyarrow.table({"seq_num": [n]}))
+        guard = ids_not_reused(run, "internal") if placeholder else contextlib.nullcontext()
+        with guard:
+            table.close_stream()
+            run.delete_contents("internal", external_only=False)
+            table = run.create_appendable_table(schema, key="internal")
+        assert list(run) == ["internal"]  # the placeholder is gone
+        rows: list[tuple[int, list[int]]] = []
+        closed: list[bool] = []
+
+        def on_rows(update: Any) -> None:
+            rows.append((update.sequence, update.data()["seq_num"].tolist()))
+
+        def on_closed(_: Any) -> None:
+            closed.append(True)
+
+        subscription = table.subscribe()
+        subscription.new_data.add_callback(on_rows)
+        subscription.stream_closed.add_callback(on_closed)
+        subscription.start_in_thread(0)
+        try:
+            for n in (10, 11):
+                table.append_partition(0, pyarrow.table({"seq_num": [n]}))
+            if placeholder:
+                wait_until(lambda: len(rows) >= 2, 60, what="the new table's rows")
+                assert rows == [(1, [10]), (2, [11])] and not closed
+            else:
+                wait_until(lambda: closed, 60, what="the inherited end of stream")
+                assert rows == [(1, [1]), (2, [2]), (3, [3])]
+        finally:
+            subscription.disconnect(wait=False)

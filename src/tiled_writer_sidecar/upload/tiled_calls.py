@@ -28,6 +28,15 @@ Only a server of a version whose ``close_stream`` was read
 (`CLOSE_STREAM_READ`), a 500 to the subscription and no webhook make it
 "does nothing"; any other answer, or an error, keeps the requests.
 
+`ids_not_reused` keeps the nodes created again after a delete (a rewrite,
+a table widened) from taking the deleted nodes' ids: Tiled on SQLite gives a
+new node the id of the last one deleted (its nodes table has no
+AUTOINCREMENT) and its streaming cache keeps a node's records by that id, so
+the new node would inherit the deleted one's stream, end of stream included:
+a subscriber replaying it from the start gets the old rows, then "closed",
+and nothing of the new node. A placeholder container created before the
+delete holds the highest id until the first new node exists.
+
 Names are untrusted (they come from documents read back from the spool):
 `check_uid` and `check_key` refuse, before any request, a uid, stream name
 or data key that could address another node (a separator, a dot segment,
@@ -37,14 +46,17 @@ module puts into a URL is percent-quoted.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pyarrow.ipc
 from tiled.client import from_uri
 from tiled.client.context import USER_AGENT as TILED_USER_AGENT
@@ -56,7 +68,7 @@ from tiled_writer_sidecar.errors import UnsafeName
 from tiled_writer_sidecar.spool.directory import (
     check_uid as check_uid,  # the one rule, re-exported for its callers here
 )
-from tiled_writer_sidecar.text import ascii_text
+from tiled_writer_sidecar.text import ascii_text, one_line
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +122,50 @@ def run_exists(client: Any, uid: str) -> bool:
 
 def delete_run(client: Any, uid: str) -> None:
     client.delete_contents(check_uid(uid), recursive=True, external_only=False)
+
+
+#: Key of `ids_not_reused`'s placeholder, before the name of what it stands for.
+PLACEHOLDER_PREFIX = "tiled-writer-sidecar-placeholder-"
+
+
+@contextlib.contextmanager
+def ids_not_reused(parent: Any, name: str) -> Iterator[None]:
+    """While open, a placeholder container in `parent` holds Tiled's highest node id (module docstring).
+
+    Open it before deleting nodes and close it once the first node that
+    replaces them is created. A placeholder left by an uploader killed while
+    holding it is replaced. Best effort: if Tiled refuses the placeholder
+    (4xx), the caller goes on without it; an outage raises.
+    """
+    key = PLACEHOLDER_PREFIX + name
+    held = _hold_placeholder(parent, key)
+    try:
+        yield
+    finally:
+        if held:
+            try:
+                parent.delete_contents(key, recursive=True, external_only=False)
+            except httpx.HTTPError as err:
+                log.warning("placeholder %s could not be deleted: %s", key, one_line(err))
+
+
+def _hold_placeholder(parent: Any, key: str) -> bool:
+    """Create the placeholder `key` in `parent` (again, if an old one is there); False if Tiled refuses it."""
+    for replacing in (False, True):
+        try:
+            if replacing:  # left by an uploader killed while holding it: its id is too low
+                parent.delete_contents(key, recursive=True, external_only=False)
+            parent.create_container(
+                key, metadata={"tiled_writer_sidecar": "placeholder, deleted right after"}
+            )
+            return True
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code == 409 and not replacing:
+                continue
+            if err.response.status_code >= 500:
+                raise
+            log.warning("placeholder %s refused, deleted nodes' ids may be reused: %s", key, one_line(err))
+    return False
 
 
 def _table_url(node: Any, *path: str) -> str:
