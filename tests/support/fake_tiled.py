@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,7 @@ class FakeRunWriter:
                 raise http_error(409, "POST", "http://127.0.0.1:8000/api/v1/metadata/")
             self.tiled.runs[self.uid] = {}
             self.tiled.starts[self.uid] = doc
+            self.tiled.created.append(self.uid)
         elif name == "descriptor":
             self.streams[doc["uid"]] = doc["name"]
             self.tiled.runs[self.uid].setdefault(doc["name"], [])
@@ -107,11 +110,15 @@ class FakeTiled:
         self.runs: dict[str, dict[str, list[int]]] = {}
         self.deleted: list[str] = []
         self.starts: dict[str, dict[str, Any]] = {}  # run uid -> the start it was created from
+        self.created: list[str] = []  # run uids, in the order their starts were fed
+        #: each placeholder held: its name, the runs deleted and the runs created meanwhile
+        self.placeholders: list[tuple[str, list[str], list[str]]] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeTiled:
         monkeypatch.setattr(run_upload, "TiledRun", self)
         monkeypatch.setattr(run_upload, "run_exists", lambda client, uid: uid in self.runs)
         monkeypatch.setattr(run_upload, "delete_run", self.delete_run)
+        monkeypatch.setattr(run_upload, "ids_not_reused", self.ids_not_reused)
         monkeypatch.setattr(
             run_upload, "_holds_start", lambda client, doc: self.starts.get(doc["uid"]) == doc
         )
@@ -127,6 +134,13 @@ class FakeTiled:
 
     def close_run_in_tiled(self, client: Any, uid: str) -> int:
         return 0
+
+    @contextlib.contextmanager
+    def ids_not_reused(self, parent: Any, name: str) -> Iterator[None]:
+        """Record each placeholder held, and what was deleted and created while it was."""
+        deleted, created = len(self.deleted), len(self.created)
+        yield
+        self.placeholders.append((name, self.deleted[deleted:], self.created[created:]))
 
     def delete_run(self, client: Any, uid: str) -> None:
         self.deleted.append(uid)

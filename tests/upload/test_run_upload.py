@@ -129,9 +129,10 @@ def test_rows_tiled_acknowledged_as_fed_are_not_read_back_and_a_shortfall_is(
 def test_start_rewrites_a_partial_upload_it_created_and_never_touches_a_run_it_did_not(
     spool: Spool, tiled: FakeTiled, context: UploadContext
 ) -> None:
-    """``uploading`` + created here + in Tiled: deleted, then written again. Not created here + in Tiled:
-    the create answers 409 -> ForeignRun (quarantined by the scheduler); nothing deleted, not even
-    for a run recorded ``uploading`` (an older import-backup) or ``quarantined``."""
+    """``uploading`` + created here + in Tiled: deleted just before its start is fed again, both while a
+    placeholder holds Tiled's highest node id. Not created here + in Tiled: the create answers 409 ->
+    ForeignRun (quarantined by the scheduler); nothing deleted, not even for a run recorded
+    ``uploading`` (an older import-backup) or ``quarantined``."""
     ours, foreign, imported = spool.closed_run(), spool.closed_run(), spool.closed_run()
     Uploaded(state=UploadState.UPLOADING, created=True).save(spool.dir.run_dir(ours))
     Uploaded(state=UploadState.QUARANTINED, created=False).save(spool.dir.run_dir(imported))
@@ -139,8 +140,10 @@ def test_start_rewrites_a_partial_upload_it_created_and_never_touches_a_run_it_d
     tiled.runs[foreign] = {"primary": [7]}
     tiled.runs[imported] = {"primary": [8]}
     run = started(spool, context, ours)
-    assert tiled.deleted == [ours] and context.status.rewrites == 1
+    assert tiled.deleted == [] and context.status.rewrites == 0  # nothing until its start is fed
     pump_until_finished(run)
+    assert tiled.deleted == [ours] and context.status.rewrites == 1
+    assert tiled.placeholders == [(ours, [ours], [ours])]
     assert tiled.runs[ours] == {"primary": [1, 2, 3]}
     for uid in (foreign, imported, foreign):  # the second try (a replay) finds the same: foreign
         with pytest.raises(ForeignRun, match="already in Tiled and this spool did not create it"):
@@ -175,6 +178,7 @@ def test_an_upload_cut_between_create_and_record_is_rewritten_not_quarantined(
     assert not Uploaded.load(spool.dir.run_dir(ours)).created
     pump_until_finished(started(spool, context, ours))
     assert tiled.deleted == [ours] and tiled.runs[ours] == {"primary": [1, 2, 3]}
+    assert tiled.placeholders == [(ours, [ours], [ours])]  # deleted and created again under it
     assert Uploaded.load(spool.dir.run_dir(ours)).state == UploadState.UPLOADED
 
     Uploaded(state=UploadState.PENDING, creating=True).save(spool.dir.run_dir(other))

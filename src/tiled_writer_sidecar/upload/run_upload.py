@@ -1,8 +1,11 @@
 """One run's upload: its log read back, fed to TiledWriter, flushed, verified, finished.
 
-- `RunUpload.start` deletes a partial upload of the run in Tiled first, only
-  if this spool created it (``uploaded.created``) or `UploadContext.overwrite_foreign`
-  says so; it makes no request otherwise. Feeding the start creates the run
+- A partial upload of the run in Tiled is deleted (closed for subscribers
+  first) just before the start is fed again, only if this spool created it
+  (``uploaded.created``) or `UploadContext.overwrite_foreign` says so
+  (`RunUpload.start` asks Tiled; no request otherwise), with a placeholder
+  holding Tiled's highest node id meanwhile (`tiled_calls.ids_not_reused`).
+  Feeding the start creates the run
   in Tiled: ``uploaded.json`` records ``creating`` first; Tiled answers 409
   if another writer has the run (`ForeignRun`: the run is quarantined, nothing
   deleted); once created, ``uploaded.json`` records ``uploading`` and
@@ -77,6 +80,7 @@ from tiled_writer_sidecar.upload.tiled_calls import (
     check_key,
     check_uid,
     delete_run,
+    ids_not_reused,
     read_seq_nums,
     run_exists,
 )
@@ -177,6 +181,7 @@ class RunUpload:
         self.last_read = time.monotonic()  # when its last pass read a document
         # An upload before this one was cut between creating the run and recording it.
         self.cut_while_creating = view.uploaded.creating and not view.uploaded.created
+        self.replace = False  # the run in Tiled is deleted before its start is fed (`start`)
         self.streams: dict[str, str] = {}  # descriptor uid -> stream name, as fed
         self.seq_nums: dict[str, SeqNums] = {}  # stream -> seq_num fed, in order
 
@@ -210,28 +215,26 @@ class RunUpload:
     # ------------------------------------------------------------- start
     @classmethod
     def start(cls, view: RunView, context: UploadContext) -> RunUpload:
-        """Make the run ready to feed: a partial upload this spool created is deleted (module docstring)."""
+        """Make the run ready to feed: a partial upload this spool created is replaced (module docstring)."""
         client = context.link.client
         uid = check_uid(view.directory.name)
         if view.received.uid != uid:
             raise BadRunDocument(f"received.json names run {clean(view.received.uid, 80)!r}, not {uid}")
         uploaded = view.uploaded
-        if (uploaded.created or context.overwrite_foreign) and run_exists(client, uid):
-            if uploaded.created:
-                log.info("run %s: deleting the partial upload before rewriting it", uid)
-            else:
-                log.warning("run %s: deleting a run this spool did not create (--overwrite-foreign)", uid)
-            _close_for_subscribers(client, uid)
-            delete_run(client, uid)
-            with context.lock:
-                context.status.note_rewrite()
+        replace = bool((uploaded.created or context.overwrite_foreign) and run_exists(client, uid))
+        if replace and uploaded.created:
+            log.info("run %s: deleting the partial upload before rewriting it", uid)
+        elif replace:
+            log.warning("run %s: deleting a run this spool did not create (--overwrite-foreign)", uid)
         retry = InPlaceRetry(context.link)
         serial = context.tables_lock.lane(live=not view.received.closed)  # the live lane goes first
         tiled_config = context.config.tiled
         tiled = TiledRun(
             client, tiled_config.batch_rows, retry, serial=serial, close_streams=tiled_config.close_streams
         )
-        return cls(view, tiled, context, retry)
+        upload = cls(view, tiled, context, retry)
+        upload.replace = replace
+        return upload
 
     def _create(self, doc: dict[str, Any]) -> None:
         """Feed the start, which creates the run in Tiled, recording ``creating`` first (module docstring)."""
@@ -241,7 +244,10 @@ class RunUpload:
             uploaded.note_creating(True)
             uploaded.save(self.view.directory)
         try:
-            self.tiled.feed("start", doc)  # creates the run in Tiled: atomic against other writers
+            if self.replace:
+                self._create_again(doc)
+            else:
+                self.tiled.feed("start", doc)  # creates the run in Tiled: atomic against other writers
         except httpx.HTTPStatusError as err:
             ours = err.response.status_code == 409 and self.cut_while_creating and _holds_start(client, doc)
             if not ours:
@@ -257,15 +263,22 @@ class RunUpload:
                 "run %s: an upload cut before recording its create left the run in Tiled; rewriting it",
                 self.uid,
             )
+            self._create_again(doc)
+        except httpx.ConnectError:
+            self._not_created(foreign=False)
+            raise
+        self._created()
+
+    def _create_again(self, doc: dict[str, Any]) -> None:
+        """Close and delete the run in Tiled, then feed its start: the new run's nodes get ids of their own."""
+        client = self.context.link.client
+        with ids_not_reused(client, self.uid):
             _close_for_subscribers(client, self.uid)
             delete_run(client, self.uid)
             with self.context.lock:
                 self.context.status.note_rewrite()
             self.tiled.feed("start", doc)
-        except httpx.ConnectError:
-            self._not_created(foreign=False)
-            raise
-        self._created()
+        self.replace = False
 
     def _not_created(self, *, foreign: bool) -> None:
         """Tiled answered (or was never reached): this create did not land, so ``creating`` is cleared,

@@ -15,7 +15,8 @@ so what lands in Tiled is what an in-process `TiledWriter` writes, except:
   reads the table's ``seq_num`` column (a split part without it: its row
   count) back; the rows are there -> done; they
   are not and Tiled finished the request (500/503/429, or it never left this
-  host) -> append again; anything else (a timeout, a 502/504, the table
+  host) or the connection closed without an answer (a Tiled stopping or
+  killed) -> append again; anything else (a timeout, a 502/504, the table
   changed some other way) -> `AppendAmbiguous`, and the uploader rewrites the
   run. Waiting between attempts is the uploader's (`RetryPolicy`).
 - `FastRunNormalizer` validates with the sidecar's compiled validators and
@@ -85,6 +86,7 @@ from tiled_writer_sidecar.upload.policy import AppendAmbiguous, retryable
 from tiled_writer_sidecar.upload.tiled_calls import (
     INTERNAL_TABLE,
     close_stream_matters,
+    ids_not_reused,
     read_table,
     read_table_column,
 )
@@ -223,6 +225,20 @@ def check_tiledwriter_api() -> None:
 
 
 _MISSING = object()
+
+
+def dropped_unanswered(err: BaseException) -> bool:
+    """Whether the connection closed before Tiled answered (reset, or closed with no response).
+
+    What a client sees when Tiled stops (a keep-alive connection it closes
+    as the request arrives) or is killed. A Tiled that stops finishes the
+    requests it is serving first, and a killed one applies nothing more, so
+    rows not in the table once it answers again never will be. The one
+    exception, a proxy between that keeps the request and forwards it
+    later, is caught at the end: the stream is read back (``unsure``), sees
+    the rows twice, and the run is rewritten.
+    """
+    return isinstance(err, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
 
 
 def finished_unapplied(err: BaseException) -> bool:
@@ -484,8 +500,9 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
 
         Read back, closed for live subscribers (they get ``stream_closed``, then the
         new table announced with every row), deleted, created with the same key,
-        metadata and parameters, then one append. A failure half way leaves the
-        table unknown: `AppendAmbiguous`, and the run is rewritten.
+        metadata and parameters and an id of its own (`ids_not_reused`), then one
+        append. A failure half way leaves the table unknown: `AppendAmbiguous`,
+        and the run is rewritten.
         """
         key = df_client.item["id"]
         name = f"{desc_name}/{key}"
@@ -496,17 +513,18 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         rows = pyarrow.concat_tables([before, conform(table, stored)])
         desc_node = self._desc_nodes[desc_name]
         try:
-            df_client.close_stream()
-            with schema_change(self.serial):
-                desc_node.delete_contents(key, external_only=False)
-            new = SeqNumOrderedNode(
-                desc_node, self.table_metadata, self.retry, self.serial
-            ).create_appendable_table(
-                schema=stored,
-                key=key,
-                metadata=self.table_metadata.get(name, {}),
-                access_tags=self.access_tags,
-            )
+            with ids_not_reused(desc_node, key):  # else the new table inherits the closed stream
+                df_client.close_stream()
+                with schema_change(self.serial):
+                    desc_node.delete_contents(key, external_only=False)
+                new = SeqNumOrderedNode(
+                    desc_node, self.table_metadata, self.retry, self.serial
+                ).create_appendable_table(
+                    schema=stored,
+                    key=key,
+                    metadata=self.table_metadata.get(name, {}),
+                    access_tags=self.access_tags,
+                )
         except (httpx.TransportError, httpx.HTTPStatusError) as err:
             raise AppendAmbiguous(
                 f"stream {desc_name!r}: rewriting {key} with wider types failed: {err}"
@@ -571,7 +589,7 @@ class SidecarRunWriter(_RunWriter):  # type: ignore[misc]
         appended = table[column].to_pylist()
         if len(held) == before + len(appended) and (column != "seq_num" or set(appended) <= set(held)):
             return True
-        if len(held) == before and finished_unapplied(err):
+        if len(held) == before and (finished_unapplied(err) or dropped_unanswered(err)):
             return False
         raise AppendAmbiguous(
             f"stream {desc_name!r}: appending {len(appended)} rows failed ({type(err).__name__}: "
