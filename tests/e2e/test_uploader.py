@@ -11,6 +11,11 @@ n-th append (``PATCH .../table/partition/...``) of the test's choosing:
   the table while the uploader appends causes); the rows did not land.
 - ``lost``: forwarded, applied by Tiled, and its answer replaced by a 500:
   the rows landed but the uploader cannot know it without looking.
+- ``dropped``: not forwarded, the connection closed without an answer (a
+  Tiled stopping as the request arrives): the rows are not in Tiled, and no
+  Tiled holds the request any more.
+- ``dropped_applied``: forwarded, applied, then the connection closed
+  without an answer (a Tiled killed right after its commit).
 - ``proxy_timeout``: not forwarded, answered 504 as by a proxy that gave
   up waiting: the rows are not in Tiled, but for all the uploader knows
   Tiled may still be applying them, so it cannot decide and rewrites that
@@ -110,7 +115,7 @@ def _container(server: TiledServer, tmp_path: Path) -> str:
     return tmp_path.name
 
 
-@pytest.mark.parametrize("action", ["locked", "lost"])
+@pytest.mark.parametrize("action", ["locked", "lost", "dropped", "dropped_applied"])
 def test_failed_append_is_retried_in_place(
     action: str,
     faulty_tiled: FaultyTiled,
@@ -118,7 +123,7 @@ def test_failed_append_is_retried_in_place(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A 500 on an append (rows not applied, or applied with the answer lost): no rewrite, no duplicate."""
+    """A 500 or a connection closed unanswered on an append (rows applied or not): no rewrite, no duplicate."""
     container = _container(shared_tiled_server, tmp_path)
     runs = _runs(1000)
     spool_documents(tmp_path / "spool", [d for run in runs for d in run])

@@ -3,8 +3,11 @@
 Actions: ``locked`` (Tiled itself answers 500 "database is locked": the
 proxy holds an exclusive lock on its SQLite tables while forwarding),
 ``lost`` (applied, answer replaced by a 500), ``proxy_timeout`` (not
-forwarded, 504) and ``refuse`` (not forwarded, 500: a Tiled that fails
-that run's appends while it answers everything else).
+forwarded, 504), ``refuse`` (not forwarded, 500: a Tiled that fails
+that run's appends while it answers everything else), ``dropped`` (not
+forwarded, the connection closed without an answer: a Tiled stopping as
+the request arrives) and ``dropped_applied`` (forwarded and applied, then
+the connection closed without an answer: a Tiled killed after its commit).
 """
 
 from __future__ import annotations
@@ -55,7 +58,11 @@ class FaultyTiled:
 
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status, headers, content = proxy.handle(self.command, self.path, dict(self.headers), body)
+                answer = proxy.handle(self.command, self.path, dict(self.headers), body)
+                if answer is None:  # dropped: close the connection without a response
+                    self.close_connection = True
+                    return
+                status, headers, content = answer
                 self.send_response(status)
                 for key, value in headers:
                     self.send_header(key, value)
@@ -88,9 +95,12 @@ class FaultyTiled:
 
     def handle(
         self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
+    ) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """The answer to send, or None to close the connection without one."""
         fault = self._fault_for(method, path)
         forward = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+        if fault is not None and fault.action == "dropped":
+            return None
         if fault is not None and fault.action == "proxy_timeout":
             return 504, [("Content-Type", "text/plain")], b"Gateway Timeout"
         if fault is not None and fault.action == "refuse":
@@ -105,6 +115,8 @@ class FaultyTiled:
             response = self._http.request(method, path, headers=forward, content=body)
         if fault is not None and fault.action == "lost":
             return 500, [("Content-Type", "text/plain")], b"Internal Server Error"
+        if fault is not None and fault.action == "dropped_applied":
+            return None
         kept = [(k, v) for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP]
         return response.status_code, kept, response.content
 
