@@ -10,6 +10,7 @@ records what it delivers, with Tiled's per-node sequence numbers).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -22,7 +23,7 @@ import bluesky.plan_stubs as bps
 import bluesky.plans as bp
 import bluesky.preprocessors as bpp
 import pytest
-from ophyd.sim import det
+from ophyd.sim import SynSignal, det
 
 from tiled_writer_sidecar.config import TiledConfig
 from tiled_writer_sidecar.testing import (
@@ -80,6 +81,22 @@ def _sidecar(tmp_path: Path, proxy: ZmqProxy, tiled: TiledServer, **tiled_settin
         api_key=tiled.api_key,
         settings=settings,
     )
+
+
+@contextlib.contextmanager
+def _logs_on_failure(
+    sidecar: SidecarProcess, tiled: TiledServer, subscriber: LiveSubscriber
+) -> Iterator[None]:
+    """If the block fails, print what the subscriber saw and the ends of the sidecar's and Tiled's logs."""
+    try:
+        yield
+    except BaseException:
+        print(
+            f"subscriber: rewrites {subscriber.rewrites}, resyncs {subscriber.resyncs},"
+            f" closed {subscriber.closed}\n---- sidecar log ----\n{sidecar.log_tail(120)}"
+            f"\n---- tiled log ----\n{tiled.log_tail(120)}"
+        )
+        raise
 
 
 def _wait_rows(subscriber: LiveSubscriber, uid: str, n: int, timeout: float = 120.0) -> None:
@@ -188,10 +205,12 @@ def test_a_rewritten_run_is_announced_again_and_ends_with_the_run(
             assert killed.is_set()
             sidecar.wait_drained([uid], timeout=300)
             wait_until(lambda: subscriber.rewrites.get(uid, 0) >= 1, 120, what="the rewrite announced")
+            _wait_rows(subscriber, uid, 30)  # it followed the rewritten run's new nodes
             reconnected = LiveSubscriber(streaming_tiled.client())
             _wait_rows(reconnected, uid, 30)
-        # Keyed by seq_num it holds exactly the run's rows. (Tiled's stream history for the table's
+        # Keyed by seq_num each holds exactly the run's rows. (Tiled's stream history for the table's
         # path still holds the deleted upload's records, so a reconnect may be sent rows twice.)
+        assert subscriber.seq_nums(uid) == list(range(1, 31))
         assert reconnected.seq_nums(uid) == list(range(1, 31))
     finally:
         subscriber.disconnect()
@@ -204,15 +223,21 @@ def uid_of(acquisition: Acquisition) -> str:
     return [doc["uid"] for name, doc in acquisition.documents if name == "start"][-1]
 
 
-def _until(flag: threading.Event) -> Any:
-    """A run of `det` readings at 10 Hz until `flag` is set."""
+def _rows_held(subscriber: LiveSubscriber, acquisition: Acquisition) -> int:
+    """Rows the subscriber holds of the last run started (0 before its start)."""
+    starts = [doc["uid"] for name, doc in acquisition.documents if name == "start"]
+    return len(subscriber.seq_nums(starts[-1])) if starts else 0
+
+
+def _until(flag: threading.Event, device: Any = det) -> Any:
+    """A run of `device` readings at 10 Hz until `flag` is set."""
 
     def inner() -> Any:
         while not flag.is_set():
-            yield from bps.trigger_and_read([det])
+            yield from bps.trigger_and_read([device])
             yield from bps.sleep(0.1)
 
-    return bpp.run_wrapper(bpp.stage_wrapper(inner(), [det]), md={"plan_name": "until"})
+    return bpp.run_wrapper(bpp.stage_wrapper(inner(), [device]), md={"plan_name": "until"})
 
 
 @pytest.mark.timeout(1200)
@@ -232,7 +257,7 @@ def test_tiled_restart_mid_run(cache: str, proxy: ZmqProxy, acquisition: Acquisi
     done = threading.Event()
     restarted = threading.Event()
     try:
-        with _sidecar(tmp_path, proxy, tiled) as sidecar:
+        with _sidecar(tmp_path, proxy, tiled) as sidecar, _logs_on_failure(sidecar, tiled, subscriber):
             acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
             sidecar.wait_uploader_connected()
 
@@ -267,3 +292,64 @@ def test_tiled_restart_mid_run(cache: str, proxy: ZmqProxy, acquisition: Acquisi
     finally:
         subscriber.disconnect()
         tiled_gen.close()
+
+
+#: Rows of `counter` read as integers before it turns to floats (the table is widened then).
+INT_ROWS = 5
+#: Rows that must reach the subscriber after the widening, while the scan still runs.
+ROWS_AFTER_WIDENING = 10
+
+
+@pytest.mark.timeout(900)
+def test_rows_after_a_column_widens_mid_run_still_stream_live(
+    streaming_tiled: TiledServer, proxy: ZmqProxy, acquisition: Acquisition, tmp_path: Path
+) -> None:
+    """A counter that reads integers and then floats: the table is rewritten wider, and rows go on streaming.
+
+    The sidecar replaces the int64 table with a float64 one (same path, a new
+    node). The subscriber sees the old table closed and follows the new one:
+    the rows after the widening reach it while the scan still runs, and it
+    ends with every row once. On a Tiled whose SQLite catalog hands a deleted
+    node's id to the next node, the new table must not inherit the old one's
+    closed stream (docs/upstream.md).
+    """
+    readings = iter(range(1, 1_000_000))
+
+    def counter_value() -> float:
+        n = next(readings)
+        return n if n <= INT_ROWS else n + 0.5
+
+    counter = SynSignal(func=counter_value, name="counter")
+    subscriber = LiveSubscriber(streaming_tiled.client())
+    enough = threading.Event()
+    try:
+        with (
+            _sidecar(tmp_path, proxy, streaming_tiled) as sidecar,
+            _logs_on_failure(sidecar, streaming_tiled, subscriber),
+        ):
+            acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
+            sidecar.wait_uploader_connected()
+
+            def watch() -> None:
+                try:
+                    wait_until(
+                        lambda: _rows_held(subscriber, acquisition) >= INT_ROWS + ROWS_AFTER_WIDENING,
+                        240,
+                        what="rows after the widening at the subscriber",
+                    )
+                finally:
+                    enough.set()
+
+            thread = threading.Thread(target=watch)
+            thread.start()
+            (uid,) = acquisition.run(_until(enough, counter))
+            thread.join()
+            live = subscriber.seq_nums(uid)
+            n = max(doc["seq_num"] for name, doc in acquisition.documents if name == "event")
+            sidecar.wait_drained([uid], timeout=300)
+            _wait_rows(subscriber, uid, n)
+        assert len(live) >= INT_ROWS + ROWS_AFTER_WIDENING, f"only {len(live)} rows live of {n}"
+        assert subscriber.seq_nums(uid) == list(range(1, n + 1))
+        assert streaming_tiled.client()[uid]["primary"]["counter"].read().dtype == "float64"
+    finally:
+        subscriber.disconnect()
