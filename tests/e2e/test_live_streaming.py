@@ -218,15 +218,27 @@ def test_a_rewritten_run_is_announced_again_and_ends_with_the_run(
             reconnected.disconnect()
 
 
-def uid_of(acquisition: Acquisition) -> str:
-    """The uid of the last run started."""
-    return [doc["uid"] for name, doc in acquisition.documents if name == "start"][-1]
-
-
 def _rows_held(subscriber: LiveSubscriber, acquisition: Acquisition) -> int:
     """Rows the subscriber holds of the last run started (0 before its start)."""
     starts = [doc["uid"] for name, doc in acquisition.documents if name == "start"]
     return len(subscriber.seq_nums(starts[-1])) if starts else 0
+
+
+def _scan_while(acquisition: Acquisition, wait: Any, device: Any = det) -> tuple[str, int]:
+    """Scan `device` at 10 Hz until `wait()`, run in a thread, returns or fails; the run's uid and events."""
+    done = threading.Event()
+
+    def watch() -> None:
+        try:
+            wait()
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    (uid,) = acquisition.run(_until(done, device))
+    thread.join()
+    return uid, max(doc["seq_num"] for name, doc in acquisition.documents if name == "event")
 
 
 def _until(flag: threading.Event, device: Any = det) -> Any:
@@ -254,7 +266,6 @@ def test_tiled_restart_mid_run(cache: str, proxy: ZmqProxy, acquisition: Acquisi
     tiled_gen = _tiled(tmp_path / "tiled", cache, tmp_path / "redis")
     tiled = next(tiled_gen)
     subscriber = LiveSubscriber(tiled.client())
-    done = threading.Event()
     restarted = threading.Event()
     try:
         with _sidecar(tmp_path, proxy, tiled) as sidecar, _logs_on_failure(sidecar, tiled, subscriber):
@@ -262,28 +273,21 @@ def test_tiled_restart_mid_run(cache: str, proxy: ZmqProxy, acquisition: Acquisi
             sidecar.wait_uploader_connected()
 
             def outage() -> None:
-                try:
-                    wait_until(lambda: any(subscriber.rows), 120, what="first live rows")
-                    tiled.stop()
-                    tiled.start()
-                    restarted.set()
-                    # The scan goes on until the subscriber's connection is back (it retries with
-                    # a backoff of up to 45 s) and rows flow to it again.
-                    held = len(subscriber.seq_nums(uid_of(acquisition)))
-                    wait_until(
-                        lambda: len(subscriber.seq_nums(uid_of(acquisition))) >= held + 10,
-                        240,
-                        what="rows reaching the subscriber after the restart",
-                    )
-                finally:
-                    done.set()
+                wait_until(lambda: _rows_held(subscriber, acquisition) > 0, 120, what="first live rows")
+                tiled.stop()
+                tiled.start()
+                restarted.set()
+                # The scan goes on until the subscriber's connection is back (it retries with
+                # a backoff of up to 45 s) and rows flow to it again.
+                held = _rows_held(subscriber, acquisition)
+                wait_until(
+                    lambda: _rows_held(subscriber, acquisition) >= held + 10,
+                    240,
+                    what="rows reaching the subscriber after the restart",
+                )
 
-            thread = threading.Thread(target=outage)
-            thread.start()
-            (uid,) = acquisition.run(_until(done))
-            thread.join()
+            uid, n = _scan_while(acquisition, outage)
             assert restarted.is_set()
-            n = max(doc["seq_num"] for name, doc in acquisition.documents if name == "event")
             sidecar.wait_drained([uid], timeout=300)
             _wait_rows(subscriber, uid, n, timeout=180)
         assert subscriber.seq_nums(uid) == list(range(1, n + 1))
@@ -321,7 +325,6 @@ def test_rows_after_a_column_widens_mid_run_still_stream_live(
 
     counter = SynSignal(func=counter_value, name="counter")
     subscriber = LiveSubscriber(streaming_tiled.client())
-    enough = threading.Event()
     try:
         with (
             _sidecar(tmp_path, proxy, streaming_tiled) as sidecar,
@@ -330,22 +333,15 @@ def test_rows_after_a_column_widens_mid_run_still_stream_live(
             acquisition.wait_subscribers(lambda: sidecar.messages_seen() > 0)
             sidecar.wait_uploader_connected()
 
-            def watch() -> None:
-                try:
-                    wait_until(
-                        lambda: _rows_held(subscriber, acquisition) >= INT_ROWS + ROWS_AFTER_WIDENING,
-                        240,
-                        what="rows after the widening at the subscriber",
-                    )
-                finally:
-                    enough.set()
+            def widened_and_streaming() -> None:
+                wait_until(
+                    lambda: _rows_held(subscriber, acquisition) >= INT_ROWS + ROWS_AFTER_WIDENING,
+                    240,
+                    what="rows after the widening at the subscriber",
+                )
 
-            thread = threading.Thread(target=watch)
-            thread.start()
-            (uid,) = acquisition.run(_until(enough, counter))
-            thread.join()
+            uid, n = _scan_while(acquisition, widened_and_streaming, counter)
             live = subscriber.seq_nums(uid)
-            n = max(doc["seq_num"] for name, doc in acquisition.documents if name == "event")
             sidecar.wait_drained([uid], timeout=300)
             _wait_rows(subscriber, uid, n)
         assert len(live) >= INT_ROWS + ROWS_AFTER_WIDENING, f"only {len(live)} rows live of {n}"
