@@ -178,11 +178,12 @@ def test_a_rewritten_run_is_announced_again_and_ends_with_the_run(
     """The uploader is killed mid-run, so the run is deleted and rewritten from its first row.
 
     The live subscriber sees the run created a second time (a rewrite, not
-    new data) and drops what it held of it. bluesky-tiled-plugins 2.0.12's
-    `subscribe_to_streams` does not follow the rewritten nodes by itself
-    (it never releases a closed subscription: docs/upstream.md), so the
-    subscriber reconnects, as docs/operations.md says, and then ends with
-    exactly the run's 30 rows, each once.
+    new data), drops what it held of it and follows the new nodes (it
+    releases closed subscriptions, which bluesky-tiled-plugins 2.0.12's
+    `subscribe_to_streams` does not: docs/upstream.md). The new nodes have
+    ids of their own, so they stream afresh. It ends with exactly the run's
+    30 rows, and so does a subscriber that connects afterwards, as
+    docs/operations.md tells a stock subscriber to do.
     """
     subscriber = LiveSubscriber(streaming_tiled.client())
     reconnected: LiveSubscriber | None = None
