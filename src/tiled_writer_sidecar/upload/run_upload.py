@@ -162,7 +162,13 @@ class RunUpload:
     """One run in flight; see the module docstring."""
 
     def __init__(
-        self, view: RunView, tiled: TiledRun, context: UploadContext, retry: InPlaceRetry | None = None
+        self,
+        view: RunView,
+        tiled: TiledRun,
+        context: UploadContext,
+        retry: InPlaceRetry | None = None,
+        *,
+        replace: bool = False,
     ) -> None:
         self.view = view
         self.tiled = tiled
@@ -181,7 +187,7 @@ class RunUpload:
         self.last_read = time.monotonic()  # when its last pass read a document
         # An upload before this one was cut between creating the run and recording it.
         self.cut_while_creating = view.uploaded.creating and not view.uploaded.created
-        self.replace = False  # the run in Tiled is deleted before its start is fed (`start`)
+        self.replace = replace  # the run in Tiled is deleted before its start is fed (`start`)
         self.streams: dict[str, str] = {}  # descriptor uid -> stream name, as fed
         self.seq_nums: dict[str, SeqNums] = {}  # stream -> seq_num fed, in order
 
@@ -232,9 +238,7 @@ class RunUpload:
         tiled = TiledRun(
             client, tiled_config.batch_rows, retry, serial=serial, close_streams=tiled_config.close_streams
         )
-        upload = cls(view, tiled, context, retry)
-        upload.replace = replace
-        return upload
+        return cls(view, tiled, context, retry, replace=replace)
 
     def _create(self, doc: dict[str, Any]) -> None:
         """Feed the start, which creates the run in Tiled, recording ``creating`` first (module docstring)."""
@@ -278,7 +282,6 @@ class RunUpload:
             with self.context.lock:
                 self.context.status.note_rewrite()
             self.tiled.feed("start", doc)
-        self.replace = False
 
     def _not_created(self, *, foreign: bool) -> None:
         """Tiled answered (or was never reached): this create did not land, so ``creating`` is cleared,

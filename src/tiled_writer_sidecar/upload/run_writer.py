@@ -246,8 +246,9 @@ def finished_unapplied(err: BaseException) -> bool:
 
     True when Tiled itself answered with an error (500, 503, 429) or the
     request never reached it (connection refused or timed out). Not after a
-    read/write timeout, a dropped connection or a proxy's 502/504: Tiled may
-    still be applying it.
+    read/write timeout or a proxy's 502/504: Tiled may still be applying it.
+    A connection closed unanswered is `dropped_unanswered`, which only an
+    append also takes as final (`SidecarRunWriter._landed`).
     """
     if isinstance(err, httpx.HTTPStatusError):
         return err.response.status_code in (500, 503, 429)
